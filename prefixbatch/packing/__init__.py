@@ -1,0 +1,1 @@
+"""Packing: fitting tree segments and decode tokens into per-step token budgets. Never imports torch."""
