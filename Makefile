@@ -1,0 +1,30 @@
+# Two commands on a fresh clone: `make demo` and `make test`.
+# The venv is made once; torch comes first so a CPU machine gets the CPU build (2.13.0)
+# instead of pip pulling a multi-GB CUDA build for the bare `torch` requirement.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install torch; \
+	else \
+		$(PY) -m pip install torch==2.13.0; \
+	fi
+	$(PY) -m pip install -e ".[test,s3]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/prefixbatch demo demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache

@@ -1,0 +1,46 @@
+"""The `model` and `executor` sections of a job spec: what to load and how to run it.
+
+Plain pydantic, no torch: validating a spec never imports an executor.
+"""
+
+from typing import Literal
+
+from pydantic import Field
+
+from prefixbatch.config import StrictModel
+
+
+class ModelSpec(StrictModel):
+    """The Hugging Face model folder to run."""
+
+    path: str
+    """Folder of a Hugging Face checkpoint (config.json, safetensors weights, tokenizer files).
+    A relative path is resolved against the spec file's folder."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and activations dtype. `auto`: float32 on CPU, bfloat16 on CUDA."""
+
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    """`auto`: messages rows go through the tokenizer's chat template, prompt rows are used as
+    raw text. `always`: prompt rows are also wrapped as one user message and templated.
+    `never`: no template (only valid with `input.prompt_column`)."""
+
+    trust_remote_code: bool = False
+    """Allow code shipped inside the model folder to run. Off unless you trust the folder."""
+
+
+class ExecutorSpec(StrictModel):
+    """Which engine generates, on which device, in batches of what size."""
+
+    kind: Literal["hf"] = "hf"
+    """`hf`: Hugging Face transformers `generate` in padded batches (the reference executor)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` picks CUDA when a GPU is visible, else the CPU."""
+
+    max_batch_size: int = Field(32, ge=1)
+    """Most requests decoded together in one batch."""
+
+    max_batch_tokens: int = Field(16384, ge=1)
+    """Most padded tokens (batch size × (longest prompt + its max_tokens)) in one batch.
+    A single request larger than this still runs, alone."""

@@ -1,0 +1,197 @@
+"""The `hf` executor: transformers `generate` on left-padded batches, the reference engine.
+
+It is the oracle the native engine is tested against and the baseline it is benchmarked
+against, so it stays plain transformers: `AutoModelForCausalLM.generate` with
+`do_sample=False`, one logits processor (`SeededSampler`: per-row seeded sampling, greedy
+rows untouched) and one stopping criterion (`RowStopper`: per-row max_tokens, stop ids,
+stop strings). Greedy rows are therefore exactly transformers' greedy decoding.
+
+Batches: requests sorted by prompt length (stable), cut by `max_batch_size` and
+`max_batch_tokens` (padded size × (longest prompt + largest max_tokens)); a request over the
+token limit runs alone. Each batch is left-padded with the tokenizer's pad id and masked.
+
+The checkpoint's generation config keeps only its special ids (bos, eos, pad): its sampling
+defaults (temperature, top_p, repetition_penalty, ...) never apply; the job's
+`SamplingParams` decide.
+
+in → out: requests (token ids + sampling) → one `Completion` per request, batch by batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+)
+
+from prefixbatch.errors import ModelError
+from prefixbatch.executors.config import ExecutorSpec, ModelSpec
+from prefixbatch.executors.device import resolve_device, resolve_dtype
+from prefixbatch.executors.sampling import SeededSampler
+from prefixbatch.executors.stopping import RowFinish, RowStopper, StopRule, cut_at_stop
+from prefixbatch.types import Completion, Request
+
+__all__ = ["HfExecutor", "check_model_folder", "plan_batches"]
+
+T = TypeVar("T")
+
+
+class HfExecutor:
+    """Loads a Hugging Face checkpoint once; `generate` completes requests batch by batch."""
+
+    def __init__(self, model: ModelSpec, executor: ExecutorSpec) -> None:
+        self.spec = executor
+        self.device = resolve_device(executor.device)
+        self.dtype = resolve_dtype(model.dtype, self.device)
+        folder = check_model_folder(model.path)
+        remote = model.trust_remote_code
+        self.tokenizer = _load(
+            "tokenizer", folder, lambda: AutoTokenizer.from_pretrained(folder, trust_remote_code=remote)
+        )
+        self.model = _load(
+            "model",
+            folder,
+            lambda: AutoModelForCausalLM.from_pretrained(
+                folder, dtype=self.dtype, use_safetensors=True, trust_remote_code=remote
+            ),
+        )
+        self.model.to(self.device).eval()
+        self.eos_token_ids = _eos_token_ids(self.model.generation_config, self.tokenizer)
+        self.pad_token_id = _pad_token_id(self.model.generation_config, self.tokenizer, self.eos_token_ids)
+        self.special_ids = dict(
+            bos_token_id=self.model.generation_config.bos_token_id,
+            eos_token_id=list(self.eos_token_ids) or None,
+            pad_token_id=self.pad_token_id,
+        )
+        # generate() fills every unset field from the model's config: keep nothing else there.
+        self.model.generation_config = GenerationConfig(**self.special_ids, do_sample=False)
+
+    def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
+        """One completion per request, in batch order (row_index identifies each)."""
+        empty = [r for r in requests if r.sampling.max_tokens < 1]
+        for request in empty:
+            yield Completion(request.row_index, (), "", "length", request.num_prompt_tokens)
+        runnable = [r for r in requests if r.sampling.max_tokens >= 1]
+        for batch in plan_batches(
+            runnable, max_batch_size=self.spec.max_batch_size, max_batch_tokens=self.spec.max_batch_tokens
+        ):
+            yield from self._run_batch(batch)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def _run_batch(self, batch: list[Request]) -> list[Completion]:
+        input_ids, attention_mask = self._left_pad([r.token_ids for r in batch])  # [B, P]
+        prompt_len = input_ids.shape[1]
+        params = [r.sampling for r in batch]
+        rules = [StopRule.of(p, self.eos_token_ids) for p in params]
+        stopper = RowStopper(rules, prompt_len, self.decode)
+        config = GenerationConfig(
+            **self.special_ids, do_sample=False, max_new_tokens=max(p.max_tokens for p in params)
+        )
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=config,
+                logits_processor=LogitsProcessorList([SeededSampler(params, self.device)]),
+                stopping_criteria=StoppingCriteriaList([stopper]),
+            )  # [B, P + num_steps]
+        generated = output[:, prompt_len:].tolist()
+        completions = []
+        for request, rule, row_ids, finish in zip(batch, rules, generated, stopper.finishes):
+            # Every row ends by its rule before generate stops; the fallback is defensive.
+            finish = finish or RowFinish(min(len(row_ids), rule.max_tokens), "length")
+            token_ids = tuple(row_ids[: finish.num_tokens])
+            completions.append(
+                Completion(
+                    row_index=request.row_index,
+                    token_ids=token_ids,
+                    text=cut_at_stop(self.decode(token_ids), rule.stop),
+                    finish_reason=finish.reason,
+                    num_prompt_tokens=request.num_prompt_tokens,
+                )
+            )
+        return completions
+
+    def _left_pad(self, prompts: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+        longest = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[row, longest - len(prompt) :] = 1
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+
+def plan_batches(
+    requests: Iterable[Request], *, max_batch_size: int, max_batch_tokens: int
+) -> Iterator[list[Request]]:
+    """Requests sorted by prompt length (stable), cut so that each batch holds at most
+    `max_batch_size` requests and `size × (longest prompt + largest max_tokens)` padded tokens
+    at most `max_batch_tokens`; a request over the token limit gets a batch of its own."""
+    batch: list[Request] = []
+    longest_prompt = largest_max_tokens = 0
+    for request in sorted(requests, key=lambda r: r.num_prompt_tokens):
+        prompt = max(longest_prompt, request.num_prompt_tokens)
+        max_tokens = max(largest_max_tokens, request.sampling.max_tokens)
+        size = len(batch) + 1
+        if batch and (size > max_batch_size or size * (prompt + max_tokens) > max_batch_tokens):
+            yield batch
+            batch = []
+            prompt, max_tokens = request.num_prompt_tokens, request.sampling.max_tokens
+        batch.append(request)
+        longest_prompt, largest_max_tokens = prompt, max_tokens
+    if batch:
+        yield batch
+
+
+def check_model_folder(path: str) -> Path:
+    """The model folder, if it looks like a Hugging Face checkpoint; else a `ModelError` saying why."""
+    folder = Path(path)
+    if not folder.exists():
+        raise ModelError(f"model folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ModelError(f"model.path {folder} is not a folder")
+    if not (folder / "config.json").is_file():
+        msg = f"no config.json in {folder}: model.path must be a Hugging Face checkpoint folder"
+        raise ModelError(msg)
+    if not any(folder.glob("*.safetensors")):
+        msg = f"no *.safetensors weights in {folder}: the hf executor loads safetensors checkpoints only"
+        raise ModelError(msg)
+    return folder
+
+
+def _load(what: str, folder: Path, load: Callable[[], T]) -> T:
+    # Whatever the folder holds is the user's to fix: a message, not a traceback.
+    try:
+        return load()
+    except Exception as exc:
+        raise ModelError(f"cannot load the {what} from {folder}: {exc}") from exc
+
+
+def _eos_token_ids(generation_config: GenerationConfig, tokenizer: object) -> tuple[int, ...]:
+    eos = generation_config.eos_token_id
+    if eos is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+
+
+def _pad_token_id(
+    generation_config: GenerationConfig, tokenizer: object, eos_token_ids: tuple[int, ...]
+) -> int:
+    # Padded positions are masked out: any valid id will do when the checkpoint names none.
+    for candidate in (getattr(tokenizer, "pad_token_id", None), generation_config.pad_token_id):
+        if candidate is not None:
+            return candidate
+    return eos_token_ids[0] if eos_token_ids else 0

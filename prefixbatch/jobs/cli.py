@@ -1,0 +1,148 @@
+"""The `prefixbatch` command: run, validate, plan, make-test-model, demo.
+
+Exit codes: 0 success; 2 a user's mistake (one message, no traceback; `--debug` shows it);
+1 an internal error. Verbs are thin: each calls one function of `jobs/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+
+from prefixbatch.errors import UserError
+
+
+def _add_spec_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", help="job spec file (.yaml, .yml, .toml or .json)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a spec field, e.g. --set sampling.max_tokens=64 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prefixbatch",
+        description="Offline batch LLM inference over Parquet that computes each shared prefix once.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for every error")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    run = verbs.add_parser("run", help="run a job: Parquet prompts in, Parquet completions out")
+    _add_spec_args(run)
+    run.add_argument("--overwrite", action="store_true", help="same as --set output.mode=overwrite")
+    run.add_argument("--resume", action="store_true", help="same as --set output.mode=resume")
+    run.add_argument("--no-progress", action="store_true", help="plain log lines instead of a live bar")
+    run.set_defaults(func=cmd_run)
+
+    validate = verbs.add_parser("validate", help="check the spec, input files and model folder; load no weights")
+    _add_spec_args(validate)
+    validate.set_defaults(func=cmd_validate)
+
+    plan = verbs.add_parser("plan", help="read and tokenize the input and report its size; load no weights")
+    _add_spec_args(plan)
+    plan.add_argument("--json", action="store_true", help="print the report as JSON")
+    plan.set_defaults(func=cmd_plan)
+
+    make_model = verbs.add_parser("make-test-model", help="write a small random-weight Hugging Face model folder")
+    make_model.add_argument("dir", help="folder to write the checkpoint into")
+    make_model.add_argument("--arch", choices=["llama", "qwen2", "qwen3"], default="llama")
+    make_model.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    make_model.add_argument("--seed", type=int, default=0)
+    make_model.set_defaults(func=cmd_make_test_model)
+
+    demo = verbs.add_parser("demo", help="make a tiny model and sample prompts, run a job, show the output")
+    demo.add_argument("dir", nargs="?", default="demo", help="working folder (default: ./demo)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _load(args: argparse.Namespace, extra: Sequence[str] = ()):
+    from prefixbatch.jobs.spec import load_spec
+
+    return load_spec(args.spec, [*args.overrides, *extra])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from prefixbatch.jobs.run import run_job
+
+    if args.overwrite and args.resume:
+        raise UserError("--overwrite and --resume cannot be used together")
+    mode = ["output.mode=overwrite"] if args.overwrite else ["output.mode=resume"] if args.resume else []
+    spec = _load(args, mode)
+    summary = run_job(spec, live_progress=False if args.no_progress else None, log=_info)
+    _info(
+        f"done: {summary.rows} rows ({summary.error_rows} errors), {summary.output_tokens} output tokens, "
+        f"{summary.output_tokens_per_s:.1f} tok/s, {summary.wall_s:.1f}s → {summary.output_path}"
+    )
+    if summary.errors_by_code:
+        _info("error rows by code: " + ", ".join(f"{k}={v}" for k, v in summary.errors_by_code.items()))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from prefixbatch.jobs.run import check_job
+
+    spec = _load(args)
+    report = check_job(spec)
+    print(f"{args.spec}: OK — {report}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from prefixbatch.jobs.plan import plan_report
+
+    spec = _load(args)
+    report = plan_report(spec)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for key, value in report.items():
+            print(f"{key.replace('_', ' ')}: {value}")
+    return 0
+
+
+def cmd_make_test_model(args: argparse.Namespace) -> int:
+    from prefixbatch.executors.test_model import make_test_model
+
+    folder = make_test_model(args.dir, arch=args.arch, size=args.size, seed=args.seed)
+    print(f"wrote a {args.size} {args.arch} test model to {folder}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from prefixbatch.jobs.demo import run_demo
+
+    run_demo(args.dir, log=_info)
+    return 0
+
+
+def _info(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"internal error: {type(exc).__name__}: {exc}\n(run with --debug for the traceback)", file=sys.stderr)
+        return 1

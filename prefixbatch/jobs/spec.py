@@ -1,0 +1,174 @@
+"""The job spec: one file (YAML, TOML or JSON) that says what to read, run and write.
+
+`load_spec(file, overrides)` is the only way in: it parses the file, applies `--set
+section.field=value` overrides, resolves relative local paths against the file's folder and
+validates. Every problem becomes one `SpecError` whose message names the file and the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError, model_validator
+
+from prefixbatch.config import StrictModel
+from prefixbatch.errors import SpecError
+from prefixbatch.executors.config import ExecutorSpec, ModelSpec
+from prefixbatch.pipeline.config import InputSpec, OutputSpec, SamplingSpec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class JobSpec(StrictModel):
+    """A whole job: input rows, the model, decoding defaults, the executor, the output folder."""
+
+    name: str
+    """Job name, recorded in the output's metadata and summary."""
+
+    input: InputSpec
+    output: OutputSpec
+    model: ModelSpec
+    sampling: SamplingSpec = SamplingSpec()
+    executor: ExecutorSpec = ExecutorSpec()
+
+    @model_validator(mode="after")
+    def _template_for_messages(self) -> JobSpec:
+        if self.input.messages_column is not None and self.model.chat_template == "never":
+            msg = "model.chat_template is 'never', but input.messages_column needs a chat template"
+            raise ValueError(msg)
+        return self
+
+
+SPEC_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
+
+
+def load_spec(file: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Read, override, resolve and validate a spec file."""
+    path = Path(file)
+    raw = _parse_file(path)
+    for override in overrides:
+        _apply_override(raw, override)
+    return spec_from_dict(raw, base_dir=path.resolve().parent, source=str(path))
+
+
+def spec_from_dict(raw: dict[str, Any], *, base_dir: Path, source: str) -> JobSpec:
+    """Validate a parsed spec; relative local paths are taken relative to `base_dir`."""
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, source)) from exc
+    return resolve_paths(spec, base_dir)
+
+
+def _parse_file(path: Path) -> dict[str, Any]:
+    kind = SPEC_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        msg = f"{path}: spec files must end in one of {sorted(SPEC_SUFFIXES)}, got {path.suffix!r}"
+        raise SpecError(msg)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: spec file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read spec file: {exc}") from None
+    try:
+        data = _PARSERS[kind](text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise SpecError(f"{path}: not valid {kind.upper()}: {exc}") from None
+    if not isinstance(data, dict):
+        msg = f"{path}: a spec must be a mapping of sections (name, input, output, model, ...), got {type(data).__name__}"
+        raise SpecError(msg)
+    return data
+
+
+_PARSERS = {"yaml": yaml.safe_load, "toml": tomllib.loads, "json": json.loads}
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    """`section.field=value`; the value is read as a YAML scalar/flow (so `32` is an int, `[a, b]` a list)."""
+    key, sep, value_text = override.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set {override!r}: expected section.field=value")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        value = value_text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {override!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem: `file: field.path: what is wrong (got ...)`."""
+    lines = [f"{source}: invalid job spec"]
+    for error in exc.errors():
+        lines.append(f"  {_describe(error)}")
+    return "\n".join(lines)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_fields(error["loc"])
+        guess = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1)
+        hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+        return f"{loc}: unknown field{hint}; allowed here: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{loc}: required field is missing"
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    return f"{loc}: {message} (got {error.get('input')!r})"
+
+
+def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:
+    model: type[StrictModel] = JobSpec
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, StrictModel)):
+            break
+        model = annotation
+    return list(model.model_fields)
+
+
+def is_local_path(path: str) -> bool:
+    return "://" not in path
+
+
+def _resolve(path: str, base_dir: Path) -> str:
+    if not is_local_path(path):
+        return path
+    expanded = Path(path).expanduser()
+    return str(expanded if expanded.is_absolute() else base_dir / expanded)
+
+
+def resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:
+    """Relative local paths in input, output and model become absolute, against `base_dir`."""
+    input_path = spec.input.path
+    resolved_input = (
+        _resolve(input_path, base_dir)
+        if isinstance(input_path, str)
+        else tuple(_resolve(p, base_dir) for p in input_path)
+    )
+    return spec.model_copy(
+        update={
+            "input": spec.input.model_copy(update={"path": resolved_input}),
+            "output": spec.output.model_copy(update={"path": _resolve(spec.output.path, base_dir)}),
+            "model": spec.model.model_copy(update={"path": _resolve(spec.model.path, base_dir)}),
+        }
+    )

@@ -1,0 +1,106 @@
+"""The `input`, `output` and `sampling` sections of a job spec.
+
+`sampling` holds the job's defaults; an input column of the same name overrides a field
+per row (see `pipeline.requests`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from prefixbatch.config import StrictModel
+
+# Per-row override columns: an input column with one of these names overrides the default.
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids")
+
+
+class InputSpec(StrictModel):
+    """Where the prompts are and which columns hold what."""
+
+    path: str | tuple[str, ...]
+    """Parquet input: a local path, a glob (`data/*.parquet`) or an fsspec URL
+    (`s3://bucket/prompts/*.parquet`, `memory://x.parquet`), or a list of them. A relative
+    local path is resolved against the spec file's folder."""
+
+    id_column: str = "id"
+    """Column that identifies each row (string or integer, unique, never null). Copied to the output."""
+
+    prompt_column: str | None = None
+    """Column of prompt strings. Exactly one of `prompt_column` and `messages_column` is set."""
+
+    messages_column: str | None = None
+    """Column of chat conversations: a list of `{role, content}` structs per row, rendered
+    with the model's chat template."""
+
+    carry_columns: tuple[str, ...] = ()
+    """Input columns copied unchanged to the output rows."""
+
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """Passed to fsspec for the input filesystem (e.g. `{endpoint_url: ..., key: ..., secret: ...}` for S3)."""
+
+    @model_validator(mode="after")
+    def _one_text_column(self) -> InputSpec:
+        if (self.prompt_column is None) == (self.messages_column is None):
+            msg = "exactly one of `prompt_column` and `messages_column` must be set"
+            raise ValueError(msg)
+        return self
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self.path,) if isinstance(self.path, str) else self.path
+
+    @property
+    def text_column(self) -> str:
+        return self.prompt_column or self.messages_column  # type: ignore[return-value]
+
+
+class OutputSpec(StrictModel):
+    """Where the completions go."""
+
+    path: str
+    """Output folder: a local path or an fsspec URL (`s3://bucket/run1/`). Part files
+    `part-*.parquet` and `summary.json` are written inside it."""
+
+    mode: Literal["error", "overwrite", "resume"] = "error"
+    """`error`: refuse a folder that is not empty. `overwrite`: delete what is there first.
+    `resume`: continue an interrupted job (not supported yet)."""
+
+    rows_per_part: int = Field(10_000, ge=1)
+    """Rows per output part file."""
+
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """Passed to fsspec for the output filesystem."""
+
+
+class SamplingSpec(StrictModel):
+    """Decoding defaults; an input column of the same name overrides a field per row."""
+
+    max_tokens: int = Field(256, ge=1)
+    """Most tokens generated per row (clamped so prompt + output fits the model's context)."""
+
+    temperature: float = Field(0.0, ge=0.0)
+    """0 is greedy; larger is more random."""
+
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling: keep the smallest set of tokens whose probability adds up to this."""
+
+    top_k: int | None = Field(None, ge=1)
+    """Keep only the k most likely tokens (null: no cut)."""
+
+    seed: int = 0
+    """Job seed. Each row's generator is seeded from it and the row's id, so a row's sample does
+    not depend on its batch mates, sharding or resumes. A `seed` column sets it per row."""
+
+    stop: tuple[str, ...] = ()
+    """Stop strings: the output is cut before the first one that appears."""
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, value: Any) -> Any:
+        # `stop: "\n"` is what people write for a single stop string.
+        return (value,) if isinstance(value, str) else value
+
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end generation (besides the model's end-of-sequence tokens)."""

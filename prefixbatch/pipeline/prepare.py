@@ -1,0 +1,116 @@
+"""Input files → requests: read the needed columns batch by batch, tokenize, apply per-row settings.
+
+Every input row ends up either as a `Request` or as an error `Completion`, never dropped:
+`len(requests) + len(errors) == num_rows`. Ids and carried columns are kept (as Arrow,
+indexed by row index) for writing the output rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from prefixbatch.pipeline.config import SAMPLING_FIELDS, InputSpec, SamplingSpec
+from prefixbatch.pipeline.reader import InputBatch, InputColumns, InputFile, iter_input_batches
+from prefixbatch.pipeline.requests import make_request, row_sampling
+from prefixbatch.pipeline.tokenize import PromptTokenizer, RowError
+from prefixbatch.types import Completion, Request, error_completion
+
+
+@dataclass
+class PreparedInput:
+    """Everything generation and output writing need from the input, by global row index."""
+
+    requests: list[Request]
+    errors: list[Completion]  # rows that never reach an executor
+    ids: pa.ChunkedArray  # id of row i at index i
+    carry: pa.Table  # carried columns of row i at index i (no columns if none carried)
+    num_clamped: int  # rows whose max_tokens was cut to fit the model's context
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.ids)
+
+
+def input_columns(spec: InputSpec) -> InputColumns:
+    return InputColumns(
+        id_column=spec.id_column,
+        prompt_column=spec.prompt_column,
+        messages_column=spec.messages_column,
+        carry_columns=spec.carry_columns,
+        override_columns=SAMPLING_FIELDS,
+    )
+
+
+def prepare_input(
+    files: Sequence[InputFile],
+    spec: InputSpec,
+    sampling: SamplingSpec,
+    tokenizer: PromptTokenizer,
+    *,
+    on_batch: Callable[[int], None] | None = None,
+) -> PreparedInput:
+    """Stream every file once; `on_batch(num_rows)` after each batch (for progress)."""
+    columns = input_columns(spec)
+    requests: list[Request] = []
+    errors: list[Completion] = []
+    id_chunks: list[pa.Array] = []
+    carry_chunks: list[pa.Table] = []
+    num_clamped = 0
+    for batch in iter_input_batches(files, columns, storage_options=spec.storage_options):
+        table = batch.table
+        id_chunks.extend(table.column(spec.id_column).chunks)
+        carry_chunks.append(table.select(list(spec.carry_columns)))
+        for item in _batch_requests(batch, spec, sampling, tokenizer):
+            if isinstance(item, Completion):
+                errors.append(item)
+            else:
+                request, clamped = item
+                requests.append(request)
+                num_clamped += clamped
+        if on_batch:
+            on_batch(table.num_rows)
+    return PreparedInput(
+        requests=requests,
+        errors=errors,
+        ids=pa.chunked_array(id_chunks, type=id_chunks[0].type if id_chunks else pa.string()),
+        carry=pa.concat_tables(carry_chunks) if carry_chunks else pa.table({}),
+        num_clamped=num_clamped,
+    )
+
+
+def _batch_requests(
+    batch: InputBatch, spec: InputSpec, sampling: SamplingSpec, tokenizer: PromptTokenizer
+) -> Iterator[Completion | tuple[Request, bool]]:
+    """Each row as an error row, or as (request, whether its max_tokens was clamped)."""
+    table = batch.table
+    ids = table.column(spec.id_column).to_pylist()
+    encoded = tokenizer.encode(table.column(spec.text_column).to_pylist())
+    overrides = {name: table.column(name).to_pylist() for name in SAMPLING_FIELDS if name in table.column_names}
+    for offset, (row_id, token_ids) in enumerate(zip(ids, encoded)):
+        row_index = batch.first_row_index + offset
+        row = {name: values[offset] for name, values in overrides.items()}
+        settings = token_ids if isinstance(token_ids, RowError) else row_sampling(sampling, row)
+        if isinstance(settings, RowError):
+            yield _error_row(row_index, settings, token_ids)
+            continue
+        request = make_request(
+            row_index,
+            row_id,
+            token_ids,  # type: ignore[arg-type]
+            settings,
+            job_seed=sampling.seed,
+            has_row_seed=row.get("seed") is not None,
+            context_length=tokenizer.context_length,
+        )
+        if isinstance(request, RowError):
+            yield _error_row(row_index, request, token_ids)
+        else:
+            yield (request, request.sampling.max_tokens < settings.max_tokens)
+
+
+def _error_row(row_index: int, error: RowError, token_ids) -> Completion:
+    num_tokens = 0 if isinstance(token_ids, RowError) else len(token_ids)
+    return error_completion(row_index, error.code, error.message, num_prompt_tokens=num_tokens)

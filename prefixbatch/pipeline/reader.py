@@ -1,0 +1,469 @@
+"""Reading the job's input: Parquet files through fsspec, checked before any model work.
+
+Owns expanding the input paths (globs, folders, lists), the job-level checks on every
+file's footer (a readable Parquet file, the needed columns present with accepted types, one
+type per column across files), streaming the needed columns batch by batch, and the id
+checks (no nulls, no duplicates across all files).
+
+Invariants:
+- Files are read in sorted, de-duplicated expansion order. A row's global index is its
+  position in that order, so the same input always numbers its rows the same way.
+- Only the needed columns are read, one row group at a time (`iter_batches`); no file is
+  held whole in memory.
+- Every batch of a job has one schema, `InputScan.schema`: ids are string or int64, prompts
+  string, messages list<struct<role: string, content: string>> (other fields dropped),
+  sampling override columns in the canonical types of `OVERRIDE_TYPES` (null-filled where a
+  file lacks them), carried columns as stored, dictionaries decoded, promoted to one type
+  across files.
+- Every job-level problem is one `InputError` that lists every bad file.
+
+in: paths / globs + `InputColumns` -> `InputScan` -> stream of `InputBatch`; ids -> checked.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from prefixbatch.errors import InputError, SpecError
+from prefixbatch.pipeline.storage import modified_tag, open_fs, to_url
+
+# ---------------------------------------------------------------------------------------
+# Accepted column types: one rule per column role, so every check reads from one table.
+
+
+def _decoded(t: pa.DataType) -> pa.DataType:
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(_decoded(t)) or pa.types.is_large_string(_decoded(t))
+
+
+def _is_integer(t: pa.DataType) -> bool:
+    return pa.types.is_integer(_decoded(t))
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return _is_integer(t) or pa.types.is_floating(_decoded(t))
+
+
+def _is_list_of(accepts_item: Callable[[pa.DataType], bool]) -> Callable[[pa.DataType], bool]:
+    def accepts(t: pa.DataType) -> bool:
+        is_list = pa.types.is_list(t) or pa.types.is_large_list(t)
+        return is_list and accepts_item(t.value_type)
+
+    return accepts
+
+
+def _is_message(t: pa.DataType) -> bool:
+    if not pa.types.is_struct(t):
+        return False
+    names = [t.field(i).name for i in range(t.num_fields)]
+    return all(n in names and _is_string(t.field(n).type) for n in ("role", "content"))
+
+
+def _always(target: pa.DataType) -> Callable[[pa.DataType], pa.DataType]:
+    return lambda _stored: target
+
+
+@dataclass(frozen=True)
+class ColumnRule:
+    """What a column must hold, and the type it has in every batch."""
+
+    expected: str  # completes "column 'x' in FILE must be ..."
+    accepts: Callable[[pa.DataType], bool]
+    batch_type: Callable[[pa.DataType], pa.DataType]  # stored type -> type in batches
+
+
+MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+ID_RULE = ColumnRule(
+    "a string or an integer",
+    lambda t: _is_string(t) or _is_integer(t),
+    lambda t: pa.string() if _is_string(t) else pa.int64(),
+)
+PROMPT_RULE = ColumnRule("a string", _is_string, _always(pa.string()))
+MESSAGES_RULE = ColumnRule(
+    "a list of structs with string fields 'role' and 'content'",
+    _is_list_of(_is_message),
+    _always(MESSAGES_TYPE),
+)
+CARRY_RULE = ColumnRule("any type", lambda t: True, _decoded)
+
+# Per-row sampling overrides: read where a file has them, null elsewhere.
+OVERRIDE_TYPES: dict[str, pa.DataType] = {
+    "max_tokens": pa.int64(),
+    "temperature": pa.float64(),
+    "top_p": pa.float64(),
+    "top_k": pa.int64(),
+    "seed": pa.int64(),
+    "stop": pa.list_(pa.string()),  # a plain string becomes a one-element list
+    "stop_token_ids": pa.list_(pa.int64()),
+}
+_INTEGER = ("an integer", _is_integer)
+_NUMBER = ("a float or an integer", _is_number)
+OVERRIDE_RULES: dict[str, ColumnRule] = {
+    name: ColumnRule(*accepted, _always(OVERRIDE_TYPES[name]))
+    for name, accepted in {
+        "max_tokens": _INTEGER,
+        "temperature": _NUMBER,
+        "top_p": _NUMBER,
+        "top_k": _INTEGER,
+        "seed": _INTEGER,
+        "stop": ("a string or a list of strings", lambda t: _is_string(t) or _is_list_of(_is_string)(t)),
+        "stop_token_ids": ("a list of integers", _is_list_of(_is_integer)),
+    }.items()
+}
+SAMPLING_OVERRIDE_COLUMNS: tuple[str, ...] = tuple(OVERRIDE_RULES)
+
+# ---------------------------------------------------------------------------------------
+# Plain data
+
+
+@dataclass(frozen=True)
+class InputColumns:
+    """Which input columns the job reads, and in which role."""
+
+    id_column: str
+    prompt_column: str | None = None  # exactly one of prompt_column / messages_column is set
+    messages_column: str | None = None
+    carry_columns: tuple[str, ...] = ()  # copied to the output as they are
+    override_columns: tuple[str, ...] = ()  # per-row sampling columns, read where present
+
+    def __post_init__(self) -> None:
+        if (self.prompt_column is None) == (self.messages_column is None):
+            msg = "exactly one of prompt_column and messages_column must be set, got " + (
+                f"both ({self.prompt_column!r}, {self.messages_column!r})" if self.prompt_column else "neither"
+            )
+            raise SpecError(msg)
+        unknown = [c for c in self.override_columns if c not in OVERRIDE_RULES]
+        if unknown:
+            msg = f"override columns must be among {list(OVERRIDE_RULES)}, got {unknown}"
+            raise SpecError(msg)
+        if self.id_column in self.carry_columns:
+            msg = f"carry_columns must not name the id column {self.id_column!r}: it is always written"
+            raise SpecError(msg)
+
+    @property
+    def text_column(self) -> str:
+        return self.prompt_column or self.messages_column  # type: ignore[return-value]
+
+    def rules(self) -> dict[str, tuple[ColumnRule, bool]]:
+        """Column name -> (rule, required), in batch column order; a name's first role wins."""
+        text_rule = PROMPT_RULE if self.prompt_column else MESSAGES_RULE
+        roles = [(self.id_column, ID_RULE, True), (self.text_column, text_rule, True)]
+        roles += [(c, OVERRIDE_RULES.get(c, CARRY_RULE), True) for c in self.carry_columns]
+        roles += [(c, OVERRIDE_RULES[c], False) for c in self.override_columns]
+        rules: dict[str, tuple[ColumnRule, bool]] = {}
+        for name, rule, required in roles:
+            rules.setdefault(name, (rule, required))
+        return rules
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input Parquet file, as scanned."""
+
+    url: str  # the expanded path / URL as the user would write it (protocol kept)
+    size: int | None
+    modified: str | None  # ETag or mtime where the filesystem gives one: for the job fingerprint
+    num_rows: int
+    first_row_index: int  # global index of this file's first row across the job
+
+
+@dataclass(frozen=True)
+class InputScan:
+    """The checked input of a job: its files in read order and the schema of every batch."""
+
+    files: tuple[InputFile, ...]
+    columns: InputColumns
+    schema: pa.Schema  # needed columns only, in `InputColumns.rules()` order
+
+    @property
+    def num_rows(self) -> int:
+        return sum(f.num_rows for f in self.files)
+
+
+@dataclass(frozen=True)
+class InputBatch:
+    """A slice of one file's rows, needed columns only."""
+
+    file: InputFile
+    first_row_index: int  # global row index of the batch's first row
+    first_file_row: int  # 0-based row number within the file of the batch's first row
+    table: pa.Table  # conforms to `InputScan.schema`
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+
+# ---------------------------------------------------------------------------------------
+# Scanning
+
+
+def scan_inputs(
+    paths: str | Sequence[str], columns: InputColumns, *, storage_options: dict[str, Any] | None = None
+) -> InputScan:
+    """Expand the paths and check every file's footer; raise one `InputError` for all problems."""
+    found = _expand([paths] if isinstance(paths, str) else list(paths), storage_options)
+    problems: list[str] = []
+    types: dict[str, dict[str, pa.DataType]] = {}  # url -> column -> batch type
+    files: list[InputFile] = []
+    next_row = 0
+    for url, (fs, path, info) in found:
+        footer = _read_footer(fs, path, url)
+        if isinstance(footer, str):
+            problems.append(footer)
+            continue
+        num_rows, schema = footer
+        file_problems, types[url] = _check_columns(url, schema, columns)
+        problems += file_problems
+        files.append(InputFile(url, info.get("size"), modified_tag(info), num_rows, next_row))
+        next_row += num_rows
+    if problems:
+        raise InputError(_listing(f"{len(problems)} problem(s) in the input files:", problems))
+    return InputScan(tuple(files), columns, _unify(types, columns))
+
+
+def _expand(paths: list[str], storage_options: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    """[(url, (fs, path, info))] for every data file the paths name, sorted by url, no repeats."""
+    if not paths:
+        raise InputError("no input paths given")
+    found: dict[str, tuple[fsspec.AbstractFileSystem, str, dict]] = {}
+    missing: list[str] = []
+    for given in paths:
+        fs, path = open_fs(given, storage_options)
+        try:
+            matches = _matches(fs, path)
+        except OSError as e:  # permissions, a missing bucket, bad credentials
+            missing.append(f"{given}: cannot be listed ({e})")
+            continue
+        if not matches:
+            missing.append(f"{given}: matches no files")
+        for match, info in matches.items():
+            found.setdefault(to_url(fs, match, like=given), (fs, match, info))
+    if missing:
+        raise InputError(_listing("input paths that name no readable files:", missing))
+    return sorted(found.items())
+
+
+def _matches(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, dict]:
+    """The files a path names: a glob's matches, a folder's files, or the file itself."""
+    if any(c in path for c in "*?["):
+        return {p: i for p, i in fs.glob(path, detail=True).items() if _is_data_file(p, i)}
+    if not fs.exists(path):
+        return {}
+    info = fs.info(path)
+    if info["type"] == "directory":
+        return {p: i for p, i in fs.find(path, detail=True).items() if _is_data_file(p, i)}
+    return {path: info}
+
+
+def _is_data_file(path: str, info: dict) -> bool:
+    # Like pyarrow datasets and Spark: "_SUCCESS", ".crc" and friends are not data.
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return info.get("type") == "file" and not name.startswith(("_", "."))
+
+
+def _read_footer(fs: fsspec.AbstractFileSystem, path: str, url: str) -> tuple[int, pa.Schema] | str:
+    """(num_rows, Arrow schema) from the footer alone, or the problem with the file."""
+    try:
+        with _open(fs, path) as f:
+            parquet = pq.ParquetFile(f)
+            num_rows, schema = parquet.metadata.num_rows, parquet.schema_arrow
+    except (pa.ArrowException, OSError, ValueError) as e:
+        return f"file {url} is not a readable Parquet file ({e})"
+    if not schema.names:
+        return f"file {url} has no columns"
+    return num_rows, schema
+
+
+def _open(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    # No read-ahead: Parquet reads the footer and the chosen column chunks by range, and a
+    # read-ahead cache would fetch the columns we skip.
+    return fs.open(path, "rb", cache_type="none")
+
+
+def _check_columns(
+    url: str, schema: pa.Schema, columns: InputColumns
+) -> tuple[list[str], dict[str, pa.DataType]]:
+    """(problems, column -> batch type) for the needed columns this file has."""
+    problems, types = [], {}
+    for name, (rule, required) in columns.rules().items():
+        count = len(schema.get_all_field_indices(name))
+        if count == 0:
+            if required:
+                problems.append(f"file {url} has no column {name!r} (columns: {_names(schema)})")
+        elif count > 1:
+            problems.append(f"file {url} has {count} columns named {name!r}")
+        elif not rule.accepts(stored := schema.field(name).type):
+            problems.append(f"column {name!r} in {url} must be {rule.expected}, found {stored}")
+        else:
+            types[name] = rule.batch_type(stored)
+    return problems, types
+
+
+def _unify(types: dict[str, dict[str, pa.DataType]], columns: InputColumns) -> pa.Schema:
+    """The one batch schema: each column's types across files promoted to one, or an error."""
+    fields, conflicts = [], []
+    for name, (rule, _required) in columns.rules().items():
+        by_file = {url: t[name] for url, t in types.items() if name in t}
+        if not by_file:  # an override column no file has: all null
+            fields.append(pa.field(name, OVERRIDE_TYPES[name]))
+            continue
+        try:
+            single = [pa.schema([pa.field(name, t)]) for t in by_file.values()]
+            fields.append(pa.unify_schemas(single, promote_options="permissive").field(name))
+        except (pa.ArrowException, TypeError):
+            first_url: dict[pa.DataType, str] = {}
+            for url, t in by_file.items():
+                first_url.setdefault(t, url)
+            seen = ", ".join(f"{t} in {url}" for t, url in first_url.items())
+            conflicts.append(f"column {name!r} has different types across input files: {seen}")
+    if conflicts:
+        raise InputError(_listing("input files disagree on column types:", conflicts))
+    return pa.schema(fields)
+
+
+def _names(schema: pa.Schema, limit: int = 20) -> str:
+    names = schema.names
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _listing(header: str, lines: Sequence[str]) -> str:
+    return "\n  - ".join([header, *lines])
+
+
+# ---------------------------------------------------------------------------------------
+# Streaming
+
+
+def iter_input_batches(
+    scan: InputScan, *, storage_options: dict[str, Any] | None = None, batch_rows: int = 8192
+) -> Iterator[InputBatch]:
+    """Every row of the job in global row order, at most `batch_rows` rows per batch."""
+    for file in scan.files:
+        yield from _iter_file(file, scan.schema, storage_options, batch_rows)
+
+
+def _iter_file(
+    file: InputFile, schema: pa.Schema, storage_options: dict[str, Any] | None, batch_rows: int
+) -> Iterator[InputBatch]:
+    fs, path = open_fs(file.url, storage_options)
+    with _open(fs, path) as f:
+        parquet = pq.ParquetFile(f)
+        if parquet.metadata.num_rows != file.num_rows:  # row indices would shift under us
+            msg = f"file {file.url} changed since it was scanned ({file.num_rows} rows, now {parquet.metadata.num_rows})"
+            raise InputError(msg)
+        present = [n for n in schema.names if n in parquet.schema_arrow.names]
+        file_row = 0
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=present):
+            table = _conform(batch, schema, file.url)
+            yield InputBatch(file, file.first_row_index + file_row, file_row, table)
+            file_row += batch.num_rows
+
+
+def _conform(batch: pa.RecordBatch, schema: pa.Schema, url: str) -> pa.Table:
+    """The batch in the job's batch schema; columns the file lacks are all null."""
+    arrays = []
+    for field in schema:
+        if field.name not in batch.schema.names:
+            arrays.append(pa.nulls(batch.num_rows, field.type))
+            continue
+        try:
+            arrays.append(_to_type(batch.column(field.name), field.type))
+        except pa.ArrowException as e:  # e.g. a uint64 seed beyond int64
+            msg = f"column {field.name!r} in {url} cannot be read as {field.type}: {e}"
+            raise InputError(msg) from None
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _to_type(array: pa.Array, target: pa.DataType) -> pa.Array:
+    if pa.types.is_list(target) and _is_string(array.type):  # stop: "x" -> ["x"]
+        array = _one_element_lists(array.cast(pa.string()))
+    return array.cast(target)  # a safe cast: out-of-range values raise rather than wrap
+
+
+def _one_element_lists(strings: pa.Array) -> pa.Array:
+    is_valid = pc.is_valid(strings)
+    ends = pc.cumulative_sum(pc.cast(is_valid, pa.int32()))
+    offsets = pa.concat_arrays([pa.array([0], pa.int32()), ends])
+    return pa.ListArray.from_arrays(offsets, strings.drop_null(), mask=pc.invert(is_valid))
+
+
+# ---------------------------------------------------------------------------------------
+# Ids
+
+
+def read_ids(
+    scan: InputScan, *, storage_options: dict[str, Any] | None = None, batch_rows: int = 65536
+) -> pa.ChunkedArray:
+    """The id column of every file, in global row order (a pass that reads nothing else)."""
+    id_field = scan.schema.field(scan.columns.id_column)
+    id_schema = pa.schema([id_field])
+    chunks = [
+        batch.table.column(0)
+        for file in scan.files
+        for batch in _iter_file(file, id_schema, storage_options, batch_rows)
+    ]
+    return pa.chunked_array([c for chunk in chunks for c in chunk.chunks], type=id_field.type)
+
+
+def check_ids(ids: pa.Array | pa.ChunkedArray, scan: InputScan, *, limit: int = 5) -> None:
+    """Raise one `InputError` if any id is null or appears twice, with the first `limit` of each."""
+    ids = ids if isinstance(ids, pa.ChunkedArray) else pa.chunked_array([ids])
+    null_rows = pc.indices_nonzero(pc.is_null(ids)).to_pylist()
+    counts = pc.value_counts(ids)
+    is_duplicate = pc.and_(pc.greater(counts.field("counts"), 1), pc.is_valid(counts.field("values")))
+    duplicates = pc.array_filter(counts.field("values"), is_duplicate)
+    if not null_rows and not len(duplicates):
+        return
+    lines = [f"null id at {_locate(row, scan.files)}" for row in null_rows[:limit]]
+    if len(null_rows) > limit:
+        lines.append(f"... and {len(null_rows) - limit} more null ids")
+    # The first duplicated values in row order, with every row each one is on.
+    first = pc.unique(ids.filter(pc.is_in(ids, value_set=duplicates))).slice(0, limit)
+    for value in first.to_pylist():
+        rows = pc.indices_nonzero(pc.equal(ids, pa.scalar(value, ids.type))).to_pylist()
+        where = ", ".join(_locate(row, scan.files) for row in rows[:limit])
+        lines.append(f"id {value!r} at {where}" + (f" and {len(rows) - limit} more rows" if len(rows) > limit else ""))
+    if len(duplicates) > limit:
+        lines.append(f"... and {len(duplicates) - limit} more duplicated ids")
+    header = (
+        f"column {scan.columns.id_column!r} must hold a unique, non-null id on every row across all"
+        f" input files; found {len(null_rows)} null ids and {len(duplicates)} duplicated ids"
+        " (rows count from 0):"
+    )
+    raise InputError(_listing(header, lines))
+
+
+def _locate(row: int, files: Sequence[InputFile]) -> str:
+    """'FILE row N' for a global row index."""
+    starts = [f.first_row_index for f in files]
+    file = files[bisect.bisect_right(starts, row) - 1]
+    return f"{file.url} row {row - file.first_row_index}"
+
+
+__all__ = [
+    "MESSAGES_TYPE",
+    "OVERRIDE_TYPES",
+    "SAMPLING_OVERRIDE_COLUMNS",
+    "InputBatch",
+    "InputColumns",
+    "InputFile",
+    "InputScan",
+    "check_ids",
+    "iter_input_batches",
+    "read_ids",
+    "scan_inputs",
+]

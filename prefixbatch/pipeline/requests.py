@@ -1,0 +1,74 @@
+"""Per-row sampling settings and the `Request`s handed to executors.
+
+A row's settings are the spec's `sampling` defaults, overridden by any non-null value in an
+input column of the same name, validated by the same pydantic model as the spec, so a bad
+per-row value gets the same message a bad spec value would, as an error row.
+
+Seeds: a row without its own `seed` gets one derived from the job seed and the row's id,
+so its sample depends on neither its batch mates nor the order rows run in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from pydantic import ValidationError
+
+from prefixbatch.pipeline.config import SAMPLING_FIELDS, SamplingSpec
+from prefixbatch.pipeline.tokenize import RowError
+from prefixbatch.types import Request, SamplingParams
+
+
+def row_seed(job_seed: int, row_id: Any) -> int:
+    """A 63-bit seed from the job seed and the row id, stable across runs and machines."""
+    digest = hashlib.blake2b(f"{job_seed}\x00{row_id!r}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def row_sampling(defaults: SamplingSpec, overrides: dict[str, Any]) -> SamplingSpec | RowError:
+    """The defaults with the row's non-null override values, validated."""
+    given = {name: value for name, value in overrides.items() if value is not None}
+    if not given:
+        return defaults
+    try:
+        return SamplingSpec.model_validate({**defaults.model_dump(), **given})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+            for e in exc.errors()
+        )
+        return RowError("invalid_sampling", problems)
+
+
+def make_request(
+    row_index: int,
+    row_id: Any,
+    token_ids: list[int],
+    sampling: SamplingSpec,
+    *,
+    job_seed: int,
+    has_row_seed: bool,
+    context_length: int | None,
+) -> Request | RowError:
+    """A request, with `max_tokens` clamped so prompt + output fits the model's context."""
+    max_tokens = sampling.max_tokens
+    if context_length is not None:
+        room = context_length - len(token_ids)
+        if room < 1:
+            msg = f"the prompt has {len(token_ids)} tokens; the model's context is {context_length}"
+            return RowError("prompt_too_long", msg)
+        max_tokens = min(max_tokens, room)
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        seed=sampling.seed if has_row_seed else row_seed(job_seed, row_id),
+        stop=sampling.stop,
+        stop_token_ids=sampling.stop_token_ids,
+    )
+    return Request(row_index=row_index, token_ids=tuple(token_ids), sampling=params)
+
+
+__all__ = ["SAMPLING_FIELDS", "make_request", "row_sampling", "row_seed"]
