@@ -124,7 +124,7 @@ def _describe(error: dict[str, Any]) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         allowed = _allowed_fields(error["loc"])
-        guess = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1)
+        guess = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1, cutoff=0.8)
         hint = f" (did you mean {guess[0]!r}?)" if guess else ""
         return f"{loc}: unknown field{hint}; allowed here: {', '.join(allowed)}"
     if kind == "missing":

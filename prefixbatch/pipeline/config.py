@@ -61,7 +61,7 @@ class OutputSpec(StrictModel):
 
     path: str
     """Output folder: a local path or an fsspec URL (`s3://bucket/run1/`). Part files
-    `part-*.parquet` and `summary.json` are written inside it."""
+    `part-*.parquet` and `_summary.json` are written inside it."""
 
     mode: Literal["error", "overwrite", "resume"] = "error"
     """`error`: refuse a folder that is not empty. `overwrite`: delete what is there first.

@@ -10,14 +10,14 @@ Invariants:
   position in that order, so the same input always numbers its rows the same way.
 - Only the needed columns are read, one row group at a time (`iter_batches`); no file is
   held whole in memory.
-- Every batch of a job has one schema, `InputScan.schema`: ids are string or int64, prompts
-  string, messages list<struct<role: string, content: string>> (other fields dropped),
-  sampling override columns in the canonical types of `OVERRIDE_TYPES` (null-filled where a
-  file lacks them), carried columns as stored, dictionaries decoded, promoted to one type
-  across files.
+- Every batch of a job has one schema, `batch_schema(files, columns)`: ids string or int64,
+  prompts string, messages list<struct<role: string, content: string>> (other struct fields
+  dropped), sampling override columns in the types of `OVERRIDE_TYPES` (all null where a
+  file lacks them), carried columns as stored with dictionaries decoded, each column
+  promoted to one type across files.
 - Every job-level problem is one `InputError` that lists every bad file.
 
-in: paths / globs + `InputColumns` -> `InputScan` -> stream of `InputBatch`; ids -> checked.
+in: paths / globs + `InputColumns` -> [`InputFile`] -> checked ids, stream of `InputBatch`.
 """
 
 from __future__ import annotations
@@ -177,19 +177,7 @@ class InputFile:
     modified: str | None  # ETag or mtime where the filesystem gives one: for the job fingerprint
     num_rows: int
     first_row_index: int  # global index of this file's first row across the job
-
-
-@dataclass(frozen=True)
-class InputScan:
-    """The checked input of a job: its files in read order and the schema of every batch."""
-
-    files: tuple[InputFile, ...]
-    columns: InputColumns
-    schema: pa.Schema  # needed columns only, in `InputColumns.rules()` order
-
-    @property
-    def num_rows(self) -> int:
-        return sum(f.num_rows for f in self.files)
+    schema: pa.Schema  # the needed columns this file has, as stored (override columns may lack)
 
 
 @dataclass(frozen=True)
@@ -199,7 +187,7 @@ class InputBatch:
     file: InputFile
     first_row_index: int  # global row index of the batch's first row
     first_file_row: int  # 0-based row number within the file of the batch's first row
-    table: pa.Table  # conforms to `InputScan.schema`
+    table: pa.Table  # conforms to `batch_schema(files, columns)`
 
     @property
     def num_rows(self) -> int:
@@ -211,27 +199,29 @@ class InputBatch:
 
 
 def scan_inputs(
-    paths: str | Sequence[str], columns: InputColumns, *, storage_options: dict[str, Any] | None = None
-) -> InputScan:
-    """Expand the paths and check every file's footer; raise one `InputError` for all problems."""
+    paths: str | Sequence[str],
+    columns: InputColumns,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> list[InputFile]:
+    """Expand the paths and check every file's footer; one `InputError` lists every problem."""
     found = _expand([paths] if isinstance(paths, str) else list(paths), storage_options)
     problems: list[str] = []
-    types: dict[str, dict[str, pa.DataType]] = {}  # url -> column -> batch type
     files: list[InputFile] = []
-    next_row = 0
     for url, (fs, path, info) in found:
         footer = _read_footer(fs, path, url)
         if isinstance(footer, str):
             problems.append(footer)
             continue
         num_rows, schema = footer
-        file_problems, types[url] = _check_columns(url, schema, columns)
-        problems += file_problems
-        files.append(InputFile(url, info.get("size"), modified_tag(info), num_rows, next_row))
-        next_row += num_rows
+        problems += _column_problems(url, schema, columns)
+        needed = pa.schema([f for f in schema if f.name in columns.rules()])
+        first_row = files[-1].first_row_index + files[-1].num_rows if files else 0
+        files.append(InputFile(url, info.get("size"), modified_tag(info), num_rows, first_row, needed))
     if problems:
         raise InputError(_listing(f"{len(problems)} problem(s) in the input files:", problems))
-    return InputScan(tuple(files), columns, _unify(types, columns))
+    batch_schema(files, columns)  # raises if files disagree on a column's type
+    return files
 
 
 def _expand(paths: list[str], storage_options: dict[str, Any] | None) -> list[tuple[str, Any]]:
@@ -293,32 +283,30 @@ def _open(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     return fs.open(path, "rb", cache_type="none")
 
 
-def _check_columns(
-    url: str, schema: pa.Schema, columns: InputColumns
-) -> tuple[list[str], dict[str, pa.DataType]]:
-    """(problems, column -> batch type) for the needed columns this file has."""
-    problems, types = [], {}
+def _column_problems(url: str, schema: pa.Schema, columns: InputColumns) -> list[str]:
+    problems = []
     for name, (rule, required) in columns.rules().items():
         count = len(schema.get_all_field_indices(name))
-        if count == 0:
-            if required:
-                problems.append(f"file {url} has no column {name!r} (columns: {_names(schema)})")
+        if count == 0 and required:
+            problems.append(f"file {url} has no column {name!r} (columns: {_names(schema)})")
         elif count > 1:
             problems.append(f"file {url} has {count} columns named {name!r}")
-        elif not rule.accepts(stored := schema.field(name).type):
+        elif count == 1 and not rule.accepts(stored := schema.field(name).type):
             problems.append(f"column {name!r} in {url} must be {rule.expected}, found {stored}")
-        else:
-            types[name] = rule.batch_type(stored)
-    return problems, types
+    return problems
 
 
-def _unify(types: dict[str, dict[str, pa.DataType]], columns: InputColumns) -> pa.Schema:
-    """The one batch schema: each column's types across files promoted to one, or an error."""
+def batch_schema(files: Sequence[InputFile], columns: InputColumns) -> pa.Schema:
+    """The schema of every batch of these files: each column's types promoted to one.
+
+    No I/O. Raises `InputError` where files disagree beyond promotion (int32 and int64 become
+    int64, int and float become float, an all-null column takes the other files' type).
+    """
     fields, conflicts = [], []
     for name, (rule, _required) in columns.rules().items():
-        by_file = {url: t[name] for url, t in types.items() if name in t}
-        if not by_file:  # an override column no file has: all null
-            fields.append(pa.field(name, OVERRIDE_TYPES[name]))
+        by_file = {f.url: rule.batch_type(f.schema.field(name).type) for f in files if name in f.schema.names}
+        if not by_file:  # an override column no file has, or no files at all
+            fields.append(pa.field(name, OVERRIDE_TYPES.get(name) or rule.batch_type(pa.null())))
             continue
         try:
             single = [pa.schema([pa.field(name, t)]) for t in by_file.values()]
@@ -327,8 +315,8 @@ def _unify(types: dict[str, dict[str, pa.DataType]], columns: InputColumns) -> p
             first_url: dict[pa.DataType, str] = {}
             for url, t in by_file.items():
                 first_url.setdefault(t, url)
-            seen = ", ".join(f"{t} in {url}" for t, url in first_url.items())
-            conflicts.append(f"column {name!r} has different types across input files: {seen}")
+            found = ", ".join(f"{t} in {url}" for t, url in first_url.items())
+            conflicts.append(f"column {name!r} has different types across input files: {found}")
     if conflicts:
         raise InputError(_listing("input files disagree on column types:", conflicts))
     return pa.schema(fields)
@@ -349,11 +337,16 @@ def _listing(header: str, lines: Sequence[str]) -> str:
 
 
 def iter_input_batches(
-    scan: InputScan, *, storage_options: dict[str, Any] | None = None, batch_rows: int = 8192
+    files: Sequence[InputFile],
+    columns: InputColumns,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    batch_rows: int = 8192,
 ) -> Iterator[InputBatch]:
     """Every row of the job in global row order, at most `batch_rows` rows per batch."""
-    for file in scan.files:
-        yield from _iter_file(file, scan.schema, storage_options, batch_rows)
+    schema = batch_schema(files, columns)
+    for file in files:
+        yield from _iter_file(file, schema, storage_options, batch_rows)
 
 
 def _iter_file(
@@ -363,9 +356,10 @@ def _iter_file(
     with _open(fs, path) as f:
         parquet = pq.ParquetFile(f)
         if parquet.metadata.num_rows != file.num_rows:  # row indices would shift under us
-            msg = f"file {file.url} changed since it was scanned ({file.num_rows} rows, now {parquet.metadata.num_rows})"
+            num_rows = parquet.metadata.num_rows
+            msg = f"file {file.url} changed since it was scanned ({file.num_rows} rows, now {num_rows})"
             raise InputError(msg)
-        present = [n for n in schema.names if n in parquet.schema_arrow.names]
+        present = [n for n in schema.names if n in file.schema.names]
         file_row = 0
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=present):
             table = _conform(batch, schema, file.url)
@@ -405,46 +399,53 @@ def _one_element_lists(strings: pa.Array) -> pa.Array:
 # Ids
 
 
-def read_ids(
-    scan: InputScan, *, storage_options: dict[str, Any] | None = None, batch_rows: int = 65536
+def check_ids(
+    files: Sequence[InputFile],
+    columns: InputColumns,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    limit: int = 5,
 ) -> pa.ChunkedArray:
-    """The id column of every file, in global row order (a pass that reads nothing else)."""
-    id_field = scan.schema.field(scan.columns.id_column)
-    id_schema = pa.schema([id_field])
+    """Read the id column alone; raise one `InputError` if any id is null or repeated.
+
+    Returns the ids in global row order (id of row i at index i).
+    """
+    id_schema = pa.schema([batch_schema(files, columns).field(columns.id_column)])
     chunks = [
-        batch.table.column(0)
-        for file in scan.files
-        for batch in _iter_file(file, id_schema, storage_options, batch_rows)
+        chunk
+        for file in files
+        for batch in _iter_file(file, id_schema, storage_options, batch_rows=65536)
+        for chunk in batch.table.column(0).chunks
     ]
-    return pa.chunked_array([c for chunk in chunks for c in chunk.chunks], type=id_field.type)
+    ids = pa.chunked_array(chunks, type=id_schema.field(0).type)
+    problems = _null_ids(ids, files, limit) + _duplicate_ids(ids, files, limit)
+    if problems:
+        header = (
+            f"column {columns.id_column!r} must hold a unique, non-null id on every row across"
+            " all input files (rows count from 0):"
+        )
+        raise InputError(_listing(header, problems))
+    return ids
 
 
-def check_ids(ids: pa.Array | pa.ChunkedArray, scan: InputScan, *, limit: int = 5) -> None:
-    """Raise one `InputError` if any id is null or appears twice, with the first `limit` of each."""
-    ids = ids if isinstance(ids, pa.ChunkedArray) else pa.chunked_array([ids])
-    null_rows = pc.indices_nonzero(pc.is_null(ids)).to_pylist()
+def _null_ids(ids: pa.ChunkedArray, files: Sequence[InputFile], limit: int) -> list[str]:
+    rows = pc.indices_nonzero(pc.is_null(ids)).to_pylist()
+    lines = [f"null id at {_locate(row, files)}" for row in rows[:limit]]
+    return lines + ([f"{len(rows)} null ids in all"] if len(rows) > limit else [])
+
+
+def _duplicate_ids(ids: pa.ChunkedArray, files: Sequence[InputFile], limit: int) -> list[str]:
     counts = pc.value_counts(ids)
-    is_duplicate = pc.and_(pc.greater(counts.field("counts"), 1), pc.is_valid(counts.field("values")))
-    duplicates = pc.array_filter(counts.field("values"), is_duplicate)
-    if not null_rows and not len(duplicates):
-        return
-    lines = [f"null id at {_locate(row, scan.files)}" for row in null_rows[:limit]]
-    if len(null_rows) > limit:
-        lines.append(f"... and {len(null_rows) - limit} more null ids")
-    # The first duplicated values in row order, with every row each one is on.
-    first = pc.unique(ids.filter(pc.is_in(ids, value_set=duplicates))).slice(0, limit)
+    repeated = pc.and_(pc.greater(counts.field("counts"), 1), pc.is_valid(counts.field("values")))
+    values = pc.array_filter(counts.field("values"), repeated)
+    # The first repeated ids in row order, each with the rows it is on.
+    first = pc.unique(ids.filter(pc.is_in(ids, value_set=values))).slice(0, limit)
+    lines = []
     for value in first.to_pylist():
         rows = pc.indices_nonzero(pc.equal(ids, pa.scalar(value, ids.type))).to_pylist()
-        where = ", ".join(_locate(row, scan.files) for row in rows[:limit])
-        lines.append(f"id {value!r} at {where}" + (f" and {len(rows) - limit} more rows" if len(rows) > limit else ""))
-    if len(duplicates) > limit:
-        lines.append(f"... and {len(duplicates) - limit} more duplicated ids")
-    header = (
-        f"column {scan.columns.id_column!r} must hold a unique, non-null id on every row across all"
-        f" input files; found {len(null_rows)} null ids and {len(duplicates)} duplicated ids"
-        " (rows count from 0):"
-    )
-    raise InputError(_listing(header, lines))
+        more = f" and {len(rows) - limit} more rows" if len(rows) > limit else ""
+        lines.append(f"id {value!r} at {', '.join(_locate(r, files) for r in rows[:limit])}{more}")
+    return lines + ([f"{len(values)} repeated ids in all"] if len(values) > limit else [])
 
 
 def _locate(row: int, files: Sequence[InputFile]) -> str:
@@ -461,9 +462,8 @@ __all__ = [
     "InputBatch",
     "InputColumns",
     "InputFile",
-    "InputScan",
+    "batch_schema",
     "check_ids",
     "iter_input_batches",
-    "read_ids",
     "scan_inputs",
 ]
