@@ -33,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Offline batch LLM inference over Parquet that computes each shared prefix once.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for every error")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    # `--debug` is accepted after the verb too; SUPPRESS keeps a sub-parser from resetting it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_sub_parser(common))
 
     run = verbs.add_parser("run", help="run a job: Parquet prompts in, Parquet completions out")
     _add_spec_args(run)
@@ -62,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("dir", nargs="?", default="demo", help="working folder (default: ./demo)")
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def _sub_parser(common: argparse.ArgumentParser) -> type[argparse.ArgumentParser]:
+    class SubParser(argparse.ArgumentParser):
+        def __init__(self, **kwargs):
+            super().__init__(parents=[common], **kwargs)
+
+    return SubParser
 
 
 def _load(args: argparse.Namespace, extra: Sequence[str] = ()):

@@ -118,7 +118,7 @@ class PartWriter:
         self.rows_per_part = spec.output.rows_per_part
         self.metadata = output_metadata(spec)
         carry_fields = list(prepared.carry.schema)
-        self.schema = output_schema(prepared.ids.type, carry_fields)
+        self.schema = output_schema(prepared.ids.type, carry_fields, id_column=spec.input.id_column)
         self.buffer: list[Completion] = []
         self.parts: list[str] = []
         self.counts: Counter[str] = Counter()

@@ -98,29 +98,26 @@ MESSAGES_RULE = ColumnRule(
 )
 CARRY_RULE = ColumnRule("any type", lambda t: True, _decoded)
 
-# Per-row sampling overrides: read where a file has them, null elsewhere.
-OVERRIDE_TYPES: dict[str, pa.DataType] = {
-    "max_tokens": pa.int64(),
-    "temperature": pa.float64(),
-    "top_p": pa.float64(),
-    "top_k": pa.int64(),
-    "seed": pa.int64(),
-    "stop": pa.list_(pa.string()),  # a plain string becomes a one-element list
-    "stop_token_ids": pa.list_(pa.int64()),
-}
 _INTEGER = ("an integer", _is_integer)
 _NUMBER = ("a float or an integer", _is_number)
+_STOP = ("a string or a list of strings", lambda t: _is_string(t) or _is_list_of(_is_string)(t))
+_INTEGERS = ("a list of integers", _is_list_of(_is_integer))
+
+# Per-row sampling overrides: name -> (expected, accepts, type in batches). Read where a
+# file has the column, all null where it does not.
+_OVERRIDES = {
+    "max_tokens": (*_INTEGER, pa.int64()),
+    "temperature": (*_NUMBER, pa.float64()),
+    "top_p": (*_NUMBER, pa.float64()),
+    "top_k": (*_INTEGER, pa.int64()),
+    "seed": (*_INTEGER, pa.int64()),
+    "stop": (*_STOP, pa.list_(pa.string())),  # a plain string becomes a one-element list
+    "stop_token_ids": (*_INTEGERS, pa.list_(pa.int64())),
+}
+OVERRIDE_TYPES: dict[str, pa.DataType] = {name: t for name, (*_, t) in _OVERRIDES.items()}
 OVERRIDE_RULES: dict[str, ColumnRule] = {
-    name: ColumnRule(*accepted, _always(OVERRIDE_TYPES[name]))
-    for name, accepted in {
-        "max_tokens": _INTEGER,
-        "temperature": _NUMBER,
-        "top_p": _NUMBER,
-        "top_k": _INTEGER,
-        "seed": _INTEGER,
-        "stop": ("a string or a list of strings", lambda t: _is_string(t) or _is_list_of(_is_string)(t)),
-        "stop_token_ids": ("a list of integers", _is_list_of(_is_integer)),
-    }.items()
+    name: ColumnRule(expected, accepts, _always(t))
+    for name, (expected, accepts, t) in _OVERRIDES.items()
 }
 SAMPLING_OVERRIDE_COLUMNS: tuple[str, ...] = tuple(OVERRIDE_RULES)
 
@@ -140,16 +137,15 @@ class InputColumns:
 
     def __post_init__(self) -> None:
         if (self.prompt_column is None) == (self.messages_column is None):
-            msg = "exactly one of prompt_column and messages_column must be set, got " + (
-                f"both ({self.prompt_column!r}, {self.messages_column!r})" if self.prompt_column else "neither"
-            )
+            given = "neither" if self.prompt_column is None else "both"
+            msg = f"exactly one of prompt_column and messages_column must be set, got {given}"
             raise SpecError(msg)
         unknown = [c for c in self.override_columns if c not in OVERRIDE_RULES]
         if unknown:
             msg = f"override columns must be among {list(OVERRIDE_RULES)}, got {unknown}"
             raise SpecError(msg)
         if self.id_column in self.carry_columns:
-            msg = f"carry_columns must not name the id column {self.id_column!r}: it is always written"
+            msg = f"carry_columns must not name the id column {self.id_column!r} (always written)"
             raise SpecError(msg)
 
     @property
@@ -206,44 +202,47 @@ def scan_inputs(
 ) -> list[InputFile]:
     """Expand the paths and check every file's footer; one `InputError` lists every problem."""
     found = _expand([paths] if isinstance(paths, str) else list(paths), storage_options)
+    needed = columns.rules()
     problems: list[str] = []
     files: list[InputFile] = []
-    for url, (fs, path, info) in found:
+    for url, fs, path, info in found:
         footer = _read_footer(fs, path, url)
         if isinstance(footer, str):
             problems.append(footer)
             continue
         num_rows, schema = footer
         problems += _column_problems(url, schema, columns)
-        needed = pa.schema([f for f in schema if f.name in columns.rules()])
         first_row = files[-1].first_row_index + files[-1].num_rows if files else 0
-        files.append(InputFile(url, info.get("size"), modified_tag(info), num_rows, first_row, needed))
+        size, modified = info.get("size"), modified_tag(info)
+        needed_schema = pa.schema([f for f in schema if f.name in needed])
+        files.append(InputFile(url, size, modified, num_rows, first_row, needed_schema))
     if problems:
         raise InputError(_listing(f"{len(problems)} problem(s) in the input files:", problems))
     batch_schema(files, columns)  # raises if files disagree on a column's type
     return files
 
 
-def _expand(paths: list[str], storage_options: dict[str, Any] | None) -> list[tuple[str, Any]]:
-    """[(url, (fs, path, info))] for every data file the paths name, sorted by url, no repeats."""
+def _expand(paths: list[str], storage_options: dict[str, Any] | None) -> list[tuple]:
+    """[(url, fs, path, info)] for every data file the paths name: sorted, each file once."""
     if not paths:
         raise InputError("no input paths given")
-    found: dict[str, tuple[fsspec.AbstractFileSystem, str, dict]] = {}
+    found: dict[str, tuple] = {}  # full URL (one spelling per file) -> (url as given, ...)
     missing: list[str] = []
     for given in paths:
-        fs, path = open_fs(given, storage_options)
         try:
+            fs, path = open_fs(given, storage_options)
             matches = _matches(fs, path)
-        except OSError as e:  # permissions, a missing bucket, bad credentials
+        except (OSError, ValueError, ImportError) as e:  # permissions, credentials, protocol
             missing.append(f"{given}: cannot be listed ({e})")
             continue
         if not matches:
             missing.append(f"{given}: matches no files")
         for match, info in matches.items():
-            found.setdefault(to_url(fs, match, like=given), (fs, match, info))
+            url = to_url(fs, match, like=given)
+            found.setdefault(fs.unstrip_protocol(match), (url, fs, match, info))
     if missing:
         raise InputError(_listing("input paths that name no readable files:", missing))
-    return sorted(found.items())
+    return [found[key] for key in sorted(found)]
 
 
 def _matches(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, dict]:
@@ -304,7 +303,11 @@ def batch_schema(files: Sequence[InputFile], columns: InputColumns) -> pa.Schema
     """
     fields, conflicts = [], []
     for name, (rule, _required) in columns.rules().items():
-        by_file = {f.url: rule.batch_type(f.schema.field(name).type) for f in files if name in f.schema.names}
+        by_file = {
+            f.url: rule.batch_type(f.schema.field(name).type)
+            for f in files
+            if name in f.schema.names
+        }
         if not by_file:  # an override column no file has, or no files at all
             fields.append(pa.field(name, OVERRIDE_TYPES.get(name) or rule.batch_type(pa.null())))
             continue
@@ -356,15 +359,18 @@ def _iter_file(
     with _open(fs, path) as f:
         parquet = pq.ParquetFile(f)
         if parquet.metadata.num_rows != file.num_rows:  # row indices would shift under us
-            num_rows = parquet.metadata.num_rows
-            msg = f"file {file.url} changed since it was scanned ({file.num_rows} rows, now {num_rows})"
+            now = parquet.metadata.num_rows
+            msg = f"file {file.url} changed since it was scanned ({file.num_rows} rows, now {now})"
             raise InputError(msg)
         present = [n for n in schema.names if n in file.schema.names]
         file_row = 0
-        for batch in parquet.iter_batches(batch_size=batch_rows, columns=present):
-            table = _conform(batch, schema, file.url)
-            yield InputBatch(file, file.first_row_index + file_row, file_row, table)
-            file_row += batch.num_rows
+        # Row group by row group, so a batch never spans two and memory holds one at most.
+        for row_group in range(parquet.num_row_groups):
+            batches = parquet.iter_batches(batch_rows, row_groups=[row_group], columns=present)
+            for batch in batches:
+                table = _conform(batch, schema, file.url)
+                yield InputBatch(file, file.first_row_index + file_row, file_row, table)
+                file_row += batch.num_rows
 
 
 def _conform(batch: pa.RecordBatch, schema: pa.Schema, url: str) -> pa.Table:

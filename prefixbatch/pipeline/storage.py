@@ -15,7 +15,9 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 
-def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def open_fs(
+    url: str, storage_options: dict[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem for `url` (built with `storage_options`) and the path inside it."""
     return url_to_fs(url, **(storage_options or {}))
 
