@@ -23,7 +23,7 @@ in: paths / globs + `InputColumns` -> [`InputFile`] -> checked ids, stream of `I
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,93 +33,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from prefixbatch.errors import InputError, SpecError
+from prefixbatch.pipeline.columns import (
+    CARRY_RULE,
+    ID_RULE,
+    MESSAGES_RULE,
+    MESSAGES_TYPE,
+    OVERRIDE_RULES,
+    OVERRIDE_TYPES,
+    PROMPT_RULE,
+    SAMPLING_OVERRIDE_COLUMNS,
+    ColumnRule,
+    is_string,
+)
 from prefixbatch.pipeline.storage import modified_tag, open_fs, to_url
-
-# ---------------------------------------------------------------------------------------
-# Accepted column types: one rule per column role, so every check reads from one table.
-
-
-def _decoded(t: pa.DataType) -> pa.DataType:
-    return t.value_type if pa.types.is_dictionary(t) else t
-
-
-def _is_string(t: pa.DataType) -> bool:
-    return pa.types.is_string(_decoded(t)) or pa.types.is_large_string(_decoded(t))
-
-
-def _is_integer(t: pa.DataType) -> bool:
-    return pa.types.is_integer(_decoded(t))
-
-
-def _is_number(t: pa.DataType) -> bool:
-    return _is_integer(t) or pa.types.is_floating(_decoded(t))
-
-
-def _is_list_of(accepts_item: Callable[[pa.DataType], bool]) -> Callable[[pa.DataType], bool]:
-    def accepts(t: pa.DataType) -> bool:
-        is_list = pa.types.is_list(t) or pa.types.is_large_list(t)
-        return is_list and accepts_item(t.value_type)
-
-    return accepts
-
-
-def _is_message(t: pa.DataType) -> bool:
-    if not pa.types.is_struct(t):
-        return False
-    names = [t.field(i).name for i in range(t.num_fields)]
-    return all(n in names and _is_string(t.field(n).type) for n in ("role", "content"))
-
-
-def _always(target: pa.DataType) -> Callable[[pa.DataType], pa.DataType]:
-    return lambda _stored: target
-
-
-@dataclass(frozen=True)
-class ColumnRule:
-    """What a column must hold, and the type it has in every batch."""
-
-    expected: str  # completes "column 'x' in FILE must be ..."
-    accepts: Callable[[pa.DataType], bool]
-    batch_type: Callable[[pa.DataType], pa.DataType]  # stored type -> type in batches
-
-
-MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-
-ID_RULE = ColumnRule(
-    "a string or an integer",
-    lambda t: _is_string(t) or _is_integer(t),
-    lambda t: pa.string() if _is_string(t) else pa.int64(),
-)
-PROMPT_RULE = ColumnRule("a string", _is_string, _always(pa.string()))
-MESSAGES_RULE = ColumnRule(
-    "a list of structs with string fields 'role' and 'content'",
-    _is_list_of(_is_message),
-    _always(MESSAGES_TYPE),
-)
-CARRY_RULE = ColumnRule("any type", lambda t: True, _decoded)
-
-_INTEGER = ("an integer", _is_integer)
-_NUMBER = ("a float or an integer", _is_number)
-_STOP = ("a string or a list of strings", lambda t: _is_string(t) or _is_list_of(_is_string)(t))
-_INTEGERS = ("a list of integers", _is_list_of(_is_integer))
-
-# Per-row sampling overrides: name -> (expected, accepts, type in batches). Read where a
-# file has the column, all null where it does not.
-_OVERRIDES = {
-    "max_tokens": (*_INTEGER, pa.int64()),
-    "temperature": (*_NUMBER, pa.float64()),
-    "top_p": (*_NUMBER, pa.float64()),
-    "top_k": (*_INTEGER, pa.int64()),
-    "seed": (*_INTEGER, pa.int64()),
-    "stop": (*_STOP, pa.list_(pa.string())),  # a plain string becomes a one-element list
-    "stop_token_ids": (*_INTEGERS, pa.list_(pa.int64())),
-}
-OVERRIDE_TYPES: dict[str, pa.DataType] = {name: t for name, (*_, t) in _OVERRIDES.items()}
-OVERRIDE_RULES: dict[str, ColumnRule] = {
-    name: ColumnRule(expected, accepts, _always(t))
-    for name, (expected, accepts, t) in _OVERRIDES.items()
-}
-SAMPLING_OVERRIDE_COLUMNS: tuple[str, ...] = tuple(OVERRIDE_RULES)
 
 # ---------------------------------------------------------------------------------------
 # Plain data
@@ -389,7 +315,7 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema, url: str) -> pa.Table:
 
 
 def _to_type(array: pa.Array, target: pa.DataType) -> pa.Array:
-    if pa.types.is_list(target) and _is_string(array.type):  # stop: "x" -> ["x"]
+    if pa.types.is_list(target) and is_string(array.type):  # stop: "x" -> ["x"]
         array = _one_element_lists(array.cast(pa.string()))
     return array.cast(target)  # a safe cast: out-of-range values raise rather than wrap
 
@@ -399,6 +325,7 @@ def _one_element_lists(strings: pa.Array) -> pa.Array:
     ends = pc.cumulative_sum(pc.cast(is_valid, pa.int32()))
     offsets = pa.concat_arrays([pa.array([0], pa.int32()), ends])
     return pa.ListArray.from_arrays(offsets, strings.drop_null(), mask=pc.invert(is_valid))
+
 
 
 # ---------------------------------------------------------------------------------------
