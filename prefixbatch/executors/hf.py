@@ -35,11 +35,12 @@ from transformers import (
 from prefixbatch.errors import ModelError
 from prefixbatch.executors.config import ExecutorSpec, ModelSpec
 from prefixbatch.executors.device import resolve_device, resolve_dtype
+from prefixbatch.executors.model_folder import check_model_folder
 from prefixbatch.executors.sampling import SeededSampler
 from prefixbatch.executors.stopping import RowFinish, RowStopper, StopRule, cut_at_stop
 from prefixbatch.types import Completion, Request
 
-__all__ = ["HfExecutor", "check_model_folder", "plan_batches"]
+__all__ = ["HfExecutor", "plan_batches"]
 
 T = TypeVar("T")
 
@@ -51,10 +52,13 @@ class HfExecutor:
         self.spec = executor
         self.device = resolve_device(executor.device)
         self.dtype = resolve_dtype(model.dtype, self.device)
-        folder = check_model_folder(model.path)
+        check_model_folder(model.path)  # a missing folder, config or weights: a clear ModelError
+        folder = Path(model.path)
         remote = model.trust_remote_code
         self.tokenizer = _load(
-            "tokenizer", folder, lambda: AutoTokenizer.from_pretrained(folder, trust_remote_code=remote)
+            "tokenizer",
+            folder,
+            lambda: AutoTokenizer.from_pretrained(folder, trust_remote_code=remote),
         )
         self.model = _load(
             "model",
@@ -64,10 +68,11 @@ class HfExecutor:
             ),
         )
         self.model.to(self.device).eval()
-        self.eos_token_ids = _eos_token_ids(self.model.generation_config, self.tokenizer)
-        self.pad_token_id = _pad_token_id(self.model.generation_config, self.tokenizer, self.eos_token_ids)
+        checkpoint_config = self.model.generation_config
+        self.eos_token_ids = _eos_token_ids(checkpoint_config, self.tokenizer)
+        self.pad_token_id = _pad_token_id(checkpoint_config, self.tokenizer, self.eos_token_ids)
         self.special_ids = dict(
-            bos_token_id=self.model.generation_config.bos_token_id,
+            bos_token_id=checkpoint_config.bos_token_id,
             eos_token_id=list(self.eos_token_ids) or None,
             pad_token_id=self.pad_token_id,
         )
@@ -79,10 +84,12 @@ class HfExecutor:
         empty = [r for r in requests if r.sampling.max_tokens < 1]
         for request in empty:
             yield Completion(request.row_index, (), "", "length", request.num_prompt_tokens)
-        runnable = [r for r in requests if r.sampling.max_tokens >= 1]
-        for batch in plan_batches(
-            runnable, max_batch_size=self.spec.max_batch_size, max_batch_tokens=self.spec.max_batch_tokens
-        ):
+        batches = plan_batches(
+            [r for r in requests if r.sampling.max_tokens >= 1],
+            max_batch_size=self.spec.max_batch_size,
+            max_batch_tokens=self.spec.max_batch_tokens,
+        )
+        for batch in batches:
             yield from self._run_batch(batch)
 
     def decode(self, token_ids: Sequence[int]) -> str:
@@ -105,22 +112,25 @@ class HfExecutor:
                 logits_processor=LogitsProcessorList([SeededSampler(params, self.device)]),
                 stopping_criteria=StoppingCriteriaList([stopper]),
             )  # [B, P + num_steps]
-        generated = output[:, prompt_len:].tolist()
-        completions = []
-        for request, rule, row_ids, finish in zip(batch, rules, generated, stopper.finishes):
-            # Every row ends by its rule before generate stops; the fallback is defensive.
-            finish = finish or RowFinish(min(len(row_ids), rule.max_tokens), "length")
-            token_ids = tuple(row_ids[: finish.num_tokens])
-            completions.append(
-                Completion(
-                    row_index=request.row_index,
-                    token_ids=token_ids,
-                    text=cut_at_stop(self.decode(token_ids), rule.stop),
-                    finish_reason=finish.reason,
-                    num_prompt_tokens=request.num_prompt_tokens,
-                )
-            )
-        return completions
+        generated = output[:, prompt_len:].tolist()  # finished rows continue with pad ids
+        return [
+            self._completion(request, rule, row_ids, finish)
+            for request, rule, row_ids, finish in zip(batch, rules, generated, stopper.finishes)
+        ]
+
+    def _completion(
+        self, request: Request, rule: StopRule, row_ids: list[int], finish: RowFinish | None
+    ) -> Completion:
+        # Every row ends by its rule before generate stops; the fallback is defensive.
+        finish = finish or RowFinish(min(len(row_ids), rule.max_tokens), "length")
+        token_ids = tuple(row_ids[: finish.num_tokens])
+        return Completion(
+            row_index=request.row_index,
+            token_ids=token_ids,
+            text=cut_at_stop(self.decode(token_ids), rule.stop),
+            finish_reason=finish.reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+        )
 
     def _left_pad(self, prompts: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
         longest = max(len(p) for p in prompts)
@@ -152,22 +162,6 @@ def plan_batches(
         longest_prompt, largest_max_tokens = prompt, max_tokens
     if batch:
         yield batch
-
-
-def check_model_folder(path: str) -> Path:
-    """The model folder, if it looks like a Hugging Face checkpoint; else a `ModelError` saying why."""
-    folder = Path(path)
-    if not folder.exists():
-        raise ModelError(f"model folder {folder} does not exist")
-    if not folder.is_dir():
-        raise ModelError(f"model.path {folder} is not a folder")
-    if not (folder / "config.json").is_file():
-        msg = f"no config.json in {folder}: model.path must be a Hugging Face checkpoint folder"
-        raise ModelError(msg)
-    if not any(folder.glob("*.safetensors")):
-        msg = f"no *.safetensors weights in {folder}: the hf executor loads safetensors checkpoints only"
-        raise ModelError(msg)
-    return folder
 
 
 def _load(what: str, folder: Path, load: Callable[[], T]) -> T:

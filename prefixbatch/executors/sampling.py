@@ -42,7 +42,8 @@ class SeededSampler(LogitsProcessor):
             return scores
         rows = torch.tensor(self.rows, device=scores.device)
         top_k = torch.where(self.top_k > 0, self.top_k, scores.shape[-1])
-        logits = filter_logits(scores[rows] / self.temperature[:, None], top_k, self.top_p)  # [S, V]
+        scaled = scores[rows] / self.temperature[:, None]  # [S, V]
+        logits = filter_logits(scaled, top_k, self.top_p)  # [S, V]
         probs = torch.softmax(logits, dim=-1)
         drawn = torch.cat(
             [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)]
@@ -54,7 +55,7 @@ class SeededSampler(LogitsProcessor):
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Sets to -inf what each row's top-k, then top-p, cut removes. logits: [S, V]; top_k, top_p: [S]."""
+    """-inf where each row's top-k, then top-p, cut removes. logits: [S, V]; top_k, top_p: [S]."""
     # Stable descending sort: among equal logits the lower id ranks first, as argmax picks it.
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)  # [S, V]
     ranks = torch.arange(logits.shape[-1], device=logits.device)

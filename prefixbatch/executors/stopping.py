@@ -58,7 +58,9 @@ class RowStopper(StoppingCriteria):
         self.decode = decode
         self.finishes: list[RowFinish | None] = [None] * len(rules)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: object, **kwargs: object) -> torch.BoolTensor:
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: object, **kwargs: object
+    ) -> torch.BoolTensor:
         # input_ids: [B, prompt_len + num_generated]
         num_generated = input_ids.shape[1] - self.prompt_len
         last = input_ids[:, -1].tolist()

@@ -14,7 +14,11 @@ Invariants:
   flip the argmax). Every parameter is non-trivial (biases non-zero, norm weights not all
   one), so an implementation that drops one of them cannot agree with the oracle by luck.
 - The tokenizer is a byte-level BPE trained offline on the stdlib's `pydoc_data` topics,
-  which every Python installation ships; the model's vocabulary is exactly the tokenizer's.
+  which every Python installation ships; the model's vocabulary is exactly the tokenizer's,
+  and AutoTokenizer loads the same tokenizer for every arch.
+- Special tokens, ids 0..4: <|bos|> <|eos|> <|pad|> <|im_start|> <|im_end|>. Encoding with
+  special tokens prepends <|bos|>; the chat template starts with <|bos|> itself. Generation
+  stops at <|eos|> or <|im_end|> (generation_config.eos_token_id is both).
 
 in → out: (directory, arch, size, seed) → the directory, holding a loadable checkpoint.
 """
@@ -26,7 +30,16 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
@@ -36,8 +49,11 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+from transformers.models.qwen2.tokenization_qwen2 import (
+    PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX,
+)
 
-__all__ = ["Arch", "Size", "make_test_model", "BOS", "EOS", "PAD", "IM_START", "IM_END"]
+__all__ = ["BOS", "EOS", "IM_END", "IM_START", "PAD", "Arch", "Size", "make_test_model"]
 
 Arch = Literal["llama", "qwen2", "qwen3"]
 Size = Literal["tiny", "small"]
@@ -61,26 +77,26 @@ CHAT_TEMPLATE = (
 # Shapes shared by every arch of one size. head_dim is explicit so that Qwen3 (which
 # requires it) and the others agree.
 SIZES: dict[str, dict[str, int]] = {
-    "tiny": dict(
-        vocab_size=4096,
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        intermediate_size=384,
-        max_position_embeddings=2048,
-    ),
-    "small": dict(
-        vocab_size=8192,
-        hidden_size=512,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=64,
-        intermediate_size=1408,
-        max_position_embeddings=4096,
-    ),
+    "tiny": {
+        "vocab_size": 4096,
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "intermediate_size": 384,
+        "max_position_embeddings": 2048,
+    },
+    "small": {
+        "vocab_size": 8192,
+        "hidden_size": 512,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 64,
+        "intermediate_size": 1408,
+        "max_position_embeddings": 4096,
+    },
 }
 
 CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
@@ -93,10 +109,11 @@ CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
 # embedding. Covering both keeps the loaders of the executors honest.
 TIE_WORD_EMBEDDINGS = {"llama": False, "qwen2": True, "qwen3": True}
 
-# Init scales (see `randomize_parameters`). Chosen by measurement, see the tests.
-LOGIT_STD = 4.0  # std of an untied lm_head's logits on a unit-RMS hidden state
-QK_GAIN = 2.0  # sharper attention than fan-in init, so outputs depend on the context
-OUT_GAIN = 1.0  # per-layer residual updates about as large as the embedding
+# Init scales, chosen by measuring greedy decoding on 20 prompts x 32 steps for every arch
+# (see `randomize_parameters` for why each one exists).
+LOGIT_STD = 8.0  # std of a logit on a unit-RMS final hidden state
+QK_GAIN = 2.0  # attention scores of std ~QK_GAIN**2: sharp, so outputs depend on context
+OUT_GAIN = 3.0  # o_proj / down_proj: residual updates outgrow the (tied) embedding
 BIAS_STD = 0.5
 NORM_WEIGHT_RANGE = (0.5, 1.5)
 
@@ -110,7 +127,10 @@ def make_test_model(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = train_tokenizer(vocab_size=SIZES[size]["vocab_size"])
+    shape = SIZES[size]
+    tokenizer = train_tokenizer(
+        vocab_size=shape["vocab_size"], model_max_length=shape["max_position_embeddings"]
+    )
     config = build_config(arch, size, tokenizer)
     model = build_model(config, seed=seed)
     model.generation_config = build_generation_config(tokenizer)
@@ -127,13 +147,12 @@ def _check_choice(name: str, value: str, choices: object) -> None:
         raise ValueError(msg)
 
 
-def train_tokenizer(*, vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(*, vocab_size: int, model_max_length: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on the stdlib's documentation topics, with a chat template."""
     from pydoc_data.topics import topics
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
+    _set_qwen2_pipeline(bpe)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
@@ -153,9 +172,31 @@ def train_tokenizer(*, vocab_size: int) -> PreTrainedTokenizerFast:
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
-        additional_special_tokens=[IM_START, IM_END],
+        # Saved as an explicit null: otherwise Qwen2Tokenizer adds its default unk
+        # <|endoftext|>, one token past the model's vocabulary.
+        unk_token=None,
+        extra_special_tokens=[IM_START, IM_END],
         chat_template=CHAT_TEMPLATE,
+        model_max_length=model_max_length,
     )
+
+
+def _set_qwen2_pipeline(bpe: Tokenizer) -> None:
+    """Normaliser, pre-tokenizer and decoder exactly as transformers' Qwen2Tokenizer builds them.
+
+    AutoTokenizer loads any `model_type: qwen2` folder as Qwen2Tokenizer, which keeps the
+    vocabulary, merges and post-processor of tokenizer.json but rebuilds this pipeline. Using
+    the same pipeline for every arch makes all three load to identical tokenizers (a
+    GPT-4-style split then byte-level BPE, as Llama 3 and Qwen use).
+    """
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    bpe.decoder = decoders.ByteLevel()
 
 
 def build_config(arch: str, size: str, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
@@ -193,28 +234,41 @@ def build_model(config: PretrainedConfig, *, seed: int) -> torch.nn.Module:
 
 @torch.no_grad()
 def randomize_parameters(model: torch.nn.Module, config: PretrainedConfig) -> None:
-    """Overwrites every parameter, from the global RNG, with scales an oracle can use.
+    """Overwrites every parameter, from the global RNG, with scales an exact oracle can use.
 
-    Linear layers get fan-in init (std gain/sqrt(fan_in)) so activations stay O(1) through
-    the layers (no fp16 overflow), the embedding gets std 1, and an untied lm_head gives
-    logits of std LOGIT_STD: wide enough that the top two logits rarely tie. A tied lm_head
-    is the std-1 embedding, giving logits of std sqrt(hidden_size).
+    - Linear weights: fan-in init (std gain/sqrt(fan_in)), so activations stay O(1) through
+      the layers and nothing overflows in float16.
+    - Embedding and lm_head: std LOGIT_STD/sqrt(hidden), so logits have std LOGIT_STD.
+      The default 0.02 init gives logits of std ~0.2, where the top two are near ties.
+    - q/k projections (Qwen3: q/k norm weights) get QK_GAIN: sharp attention, so the next
+      token depends on the whole context and not only on the last token.
+    - o_proj/down_proj get OUT_GAIN: with a tied lm_head, a residual stream dominated by
+      the input embedding makes each token predict itself, and greedy output repeats one
+      token forever; larger layer outputs drown that self-match out.
+    - Biases and norm weights are random, not 0 and 1, so an implementation that drops a
+      bias or a norm weight cannot agree with the oracle by luck.
     """
-    # named_parameters lists a tied weight once and always in the same order.
+    # named_parameters lists a tied weight once, always in the same order.
     for name, param in model.named_parameters():
-        param.copy_(_random_like(name, param, config))
+        param.copy_(_random_like(name, param, config.hidden_size))
 
 
-def _random_like(name: str, param: torch.Tensor, config: PretrainedConfig) -> torch.Tensor:
+def _random_like(name: str, param: torch.Tensor, hidden_size: int) -> torch.Tensor:
     if name.endswith("norm.weight"):
         low, high = NORM_WEIGHT_RANGE
-        return torch.empty_like(param).uniform_(low, high)
+        gain = QK_GAIN if name.endswith(("q_norm.weight", "k_norm.weight")) else 1.0
+        return torch.empty_like(param).uniform_(low * gain, high * gain)
     if name.endswith(".bias"):
         return torch.randn_like(param) * BIAS_STD
     if "embed_tokens" in name or name.startswith("lm_head"):
-        return torch.randn_like(param) * (LOGIT_STD / math.sqrt(config.hidden_size))
-    gain = QK_GAIN if name.endswith(("q_proj.weight", "k_proj.weight")) else 1.0
+        return torch.randn_like(param) * (LOGIT_STD / math.sqrt(hidden_size))
+    return torch.randn_like(param) * (_linear_gain(name) / math.sqrt(param.shape[1]))
+
+
+def _linear_gain(name: str) -> float:
+    # nn.Linear weights are [out_features, in_features]; the caller divides by sqrt(in).
+    if name.endswith(("q_proj.weight", "k_proj.weight")):
+        return QK_GAIN
     if name.endswith(("o_proj.weight", "down_proj.weight")):
-        gain = OUT_GAIN
-    fan_in = param.shape[1]  # nn.Linear weight: [out_features, in_features]
-    return torch.randn_like(param) * (gain / math.sqrt(fan_in))
+        return OUT_GAIN
+    return 1.0

@@ -1,0 +1,38 @@
+"""Session-wide fixtures: tiny real checkpoints, built once per test session.
+
+Each fixture returns a folder that `AutoTokenizer.from_pretrained` and
+`AutoModelForCausalLM.from_pretrained` load as they would a downloaded model (see
+`prefixbatch.executors.test_model`). Tests must not write into these folders; copy one
+first (`shutil.copytree`) to make a broken variant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def _make(tmp_path_factory: pytest.TempPathFactory, arch: str) -> Path:
+    # Imported here so that collecting tests that need no model never imports torch.
+    from prefixbatch.executors.test_model import make_test_model
+
+    return make_test_model(tmp_path_factory.mktemp(f"tiny_{arch}"), arch=arch, size="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Llama, GQA (4 heads, 2 kv heads), untied lm_head, ~1.8 M parameters."""
+    return _make(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen2, q/k/v biases, lm_head tied to the embedding, ~1.3 M parameters."""
+    return _make(tmp_path_factory, "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen3, q/k RMSNorm, explicit head_dim, lm_head tied, ~1.3 M parameters."""
+    return _make(tmp_path_factory, "qwen3")

@@ -1,0 +1,117 @@
+"""The CLI's answers to a user's mistakes: exit code 2, one message, no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from prefixbatch.jobs.cli import main
+
+
+@pytest.fixture
+def job(tmp_path, tiny_llama) -> dict:
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["hello there", "general kenobi"]}), tmp_path / "in.parquet")
+    return {
+        "name": "cli",
+        "input": {"path": "in.parquet", "prompt_column": "prompt"},
+        "output": {"path": "out"},
+        "model": {"path": str(tiny_llama)},
+        "sampling": {"max_tokens": 4},
+    }
+
+
+def spec_file(folder: Path, spec: dict) -> Path:
+    path = folder / "job.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_unknown_field(tmp_path, job, capsys):
+    spec = spec_file(tmp_path, {**job, "sampling": {"max_tokens": 4, "temprature": 0.5}})
+    code, err = run_cli(capsys, "run", str(spec))
+    assert code == 2
+    assert f"error: {spec}: invalid job spec" in err
+    assert "sampling.temprature: unknown field (did you mean 'temperature'?)" in err
+
+
+def test_wrong_type(tmp_path, job, capsys):
+    spec = spec_file(tmp_path, {**job, "sampling": {"max_tokens": "lots"}})
+    code, err = run_cli(capsys, "validate", str(spec))
+    assert code == 2
+    assert "sampling.max_tokens: Input should be a valid integer" in err and "'lots'" in err
+
+
+def test_missing_input_file(tmp_path, job, capsys):
+    spec = spec_file(tmp_path, {**job, "input": {"path": "nope.parquet", "prompt_column": "prompt"}})
+    code, err = run_cli(capsys, "run", str(spec))
+    assert code == 2
+    assert str(tmp_path / "nope.parquet") in err
+    assert not (tmp_path / "out").exists()  # nothing written for a job that cannot start
+
+
+def test_missing_column(tmp_path, job, capsys):
+    spec = spec_file(tmp_path, {**job, "input": {"path": "in.parquet", "prompt_column": "question"}})
+    code, err = run_cli(capsys, "run", str(spec))
+    assert code == 2
+    assert str(tmp_path / "in.parquet") in err and "'question'" in err
+
+
+def test_missing_model_folder(tmp_path, job, capsys):
+    spec = spec_file(tmp_path, {**job, "model": {"path": "no-such-model"}})
+    code, err = run_cli(capsys, "run", str(spec))
+    assert code == 2
+    assert f"model.path {tmp_path / 'no-such-model'}: no such folder" in err
+
+
+def test_model_folder_without_safetensors(tmp_path, job, capsys):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"")
+    spec = spec_file(tmp_path, {**job, "model": {"path": "m"}})
+    code, err = run_cli(capsys, "run", str(spec))
+    assert code == 2
+    assert "no *.safetensors weights" in err and "pytorch_model.bin" in err
+
+
+def test_non_empty_output_is_refused_then_overwritten(tmp_path, job, capsys):
+    spec = spec_file(tmp_path, job)
+    assert run_cli(capsys, "run", str(spec), "--no-progress")[0] == 0
+    code, err = run_cli(capsys, "run", str(spec), "--no-progress")
+    assert code == 2 and str(tmp_path / "out") in err and "overwrite" in err
+    assert run_cli(capsys, "run", str(spec), "--no-progress", "--overwrite")[0] == 0
+
+
+def test_validate_and_plan_load_no_weights(tmp_path, job, capsys):
+    spec = spec_file(tmp_path, job)
+    assert main(["validate", str(spec)]) == 0
+    assert "2 rows" in capsys.readouterr().out
+    assert main(["plan", str(spec), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rows"] == 2 and report["prompt_tokens"] > 0 and report["longest_prompt_tokens"] > 0
+
+
+def test_the_installed_command_exits_2_without_traceback(tmp_path, job):
+    spec = spec_file(tmp_path, {**job, "bogus": 1})
+    result = subprocess.run(
+        [sys.executable, "-m", "prefixbatch", "run", str(spec)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert "bogus: unknown field" in result.stderr and "Traceback" not in result.stderr
+    debug = subprocess.run(
+        [sys.executable, "-m", "prefixbatch", "--debug", "run", str(spec)], capture_output=True, text=True, timeout=120
+    )
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
