@@ -36,3 +36,12 @@ def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Qwen3, q/k RMSNorm, explicit head_dim, lm_head tied, ~1.3 M parameters."""
     return _make(tmp_path_factory, "qwen3")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto) on 127.0.0.1; `create_bucket()` gives a test its own bucket."""
+    from tests.s3server import running_s3_server
+
+    with running_s3_server() as server:
+        yield server
