@@ -8,7 +8,12 @@ first (`shutil.copytree`) to make a broken variant.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Tiny models gain nothing from a second thread, and on a shared 2-core machine torch's
+# thread pool contending with other processes makes each step tens of times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 

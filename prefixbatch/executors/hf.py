@@ -31,6 +31,7 @@ from transformers import (
     LogitsProcessorList,
     StoppingCriteriaList,
 )
+from transformers.utils import logging as hf_logging
 
 from prefixbatch.errors import ModelError
 from prefixbatch.executors.config import ExecutorSpec, ModelSpec
@@ -53,6 +54,7 @@ class HfExecutor:
         self.device = resolve_device(executor.device)
         self.dtype = resolve_dtype(model.dtype, self.device)
         check_model_folder(model.path)  # a missing folder, config or weights: a clear ModelError
+        hf_logging.disable_progress_bar()  # our own progress bar is the one the user reads
         folder = Path(model.path)
         remote = model.trust_remote_code
         self.tokenizer = _load(

@@ -52,6 +52,7 @@ from transformers import (
 from transformers.models.qwen2.tokenization_qwen2 import (
     PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX,
 )
+from transformers.utils import logging as hf_logging
 
 __all__ = ["BOS", "EOS", "IM_END", "IM_START", "PAD", "Arch", "Size", "make_test_model"]
 
@@ -135,6 +136,7 @@ def make_test_model(
     model = build_model(config, seed=seed)
     model.generation_config = build_generation_config(tokenizer)
 
+    hf_logging.disable_progress_bar()  # a test model is written in a second: no bar needed
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
