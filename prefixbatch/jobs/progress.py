@@ -24,8 +24,18 @@ from rich.progress import (
 class JobProgress:
     """`with JobProgress(total_rows) as p: p.advance(rows, output_tokens)`."""
 
-    def __init__(self, total_rows: int, *, live: bool | None = None, stream: TextIO | None = None,
-                 log_every_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        total_rows: int,
+        *,
+        label: str = "generating",
+        count_tokens: bool = True,
+        live: bool | None = None,
+        stream: TextIO | None = None,
+        log_every_s: float = 10.0,
+    ) -> None:
+        self.label = label
+        self.count_tokens = count_tokens
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live
         self.total_rows = total_rows
@@ -40,11 +50,12 @@ class JobProgress:
     def __enter__(self) -> JobProgress:
         self._start = self._last_log = time.monotonic()
         if self.live:
+            rate = " · {task.fields[tps]:.1f} output tok/s" if self.count_tokens else ""
             self._bar = Progress(
-                TextColumn("[bold]generating"),
+                TextColumn(f"[bold]{self.label}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("rows · {task.fields[tps]:.1f} output tok/s"),
+                TextColumn("rows" + rate),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
                 console=Console(file=self.stream),
@@ -77,9 +88,13 @@ class JobProgress:
 
     def _log(self) -> None:
         self._last_log = time.monotonic()
+        tokens = (
+            f", {self.output_tokens} output tokens, {self.tokens_per_s:.1f} tok/s"
+            if self.count_tokens
+            else ""
+        )
         print(
-            f"[prefixbatch] {self.rows}/{self.total_rows} rows, {self.output_tokens} output tokens, "
-            f"{self.tokens_per_s:.1f} tok/s, {self.elapsed_s:.0f}s",
+            f"[prefixbatch] {self.label}: {self.rows}/{self.total_rows} rows{tokens}, {self.elapsed_s:.0f}s",
             file=self.stream,
             flush=True,
         )

@@ -65,13 +65,21 @@ def prompt_tokenizer(spec: JobSpec) -> PromptTokenizer:
     )
 
 
-def read_job_input(spec: JobSpec, *, on_batch: Callable[[int], None] | None = None) -> PreparedInput:
+def read_job_input(
+    spec: JobSpec, *, show_progress: bool = False, live_progress: bool | None = None
+) -> PreparedInput:
     """Job-level input checks, then every row as a request or an error row. No weights loaded."""
     columns = input_columns(spec.input)
     files = scan_inputs(spec.input.paths, columns, storage_options=spec.input.storage_options)
     check_ids(files, columns, storage_options=spec.input.storage_options)
     tokenizer = prompt_tokenizer(spec)
-    return prepare_input(files, spec.input, spec.sampling, tokenizer, on_batch=on_batch)
+    if not show_progress:
+        return prepare_input(files, spec.input, spec.sampling, tokenizer)
+    total = sum(f.num_rows for f in files)
+    with JobProgress(total, label="tokenizing", count_tokens=False, live=live_progress) as progress:
+        return prepare_input(
+            files, spec.input, spec.sampling, tokenizer, on_batch=lambda rows: progress.advance(rows, 0)
+        )
 
 
 def check_job(spec: JobSpec) -> str:
@@ -88,7 +96,7 @@ def check_job(spec: JobSpec) -> str:
 def run_job(spec: JobSpec, *, live_progress: bool | None = None, log: Callable[[str], None] = print) -> RunSummary:
     start = time.monotonic()
     check_model_folder(spec.model.path)
-    prepared = read_job_input(spec)
+    prepared = read_job_input(spec, show_progress=True, live_progress=live_progress)
     log(f"read {prepared.num_rows} rows: {len(prepared.requests)} to generate, {len(prepared.errors)} error rows")
     output = OutputFolder(spec.output.path, mode=spec.output.mode, storage_options=spec.output.storage_options)
     output.prepare()

@@ -236,19 +236,19 @@ class _WindowReader:
         agree = np.empty(len(a), np.int64)
         tok_a = np.empty(len(a), np.int64)
         tok_b = np.empty(len(a), np.int64)
-        cols = np.arange(self.window)
         for lo in range(0, len(a), _CHUNK_ROWS):
             hi = min(lo + _CHUNK_ROWS, len(a))
             rows_a = self.rows(a[lo:hi])  # [rows, window]
             rows_b = self.rows(b[lo:hi])
-            stop = (rows_a != rows_b) | (cols >= limit[lo:hi, None])
-            first = stop.argmax(axis=1)
-            found = stop[np.arange(hi - lo), first]
-            first = np.where(found, first, self.window)
-            agree[lo:hi] = first
-            at = np.minimum(first, self.window - 1)
-            tok_a[lo:hi] = rows_a[np.arange(hi - lo), at]
-            tok_b[lo:hi] = rows_b[np.arange(hi - lo), at]
+            neq = rows_a != rows_b
+            first = neq.argmax(axis=1)
+            every = np.arange(hi - lo)
+            first = np.where(neq[every, first], first, self.window)
+            # Tokens past a prompt's end may match by chance: the limit cuts them off.
+            agree[lo:hi] = np.minimum(first, limit[lo:hi])
+            at = np.minimum(agree[lo:hi], self.window - 1)
+            tok_a[lo:hi] = rows_a[every, at]
+            tok_b[lo:hi] = rows_b[every, at]
         return agree, tok_a, tok_b
 
 
