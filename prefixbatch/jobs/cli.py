@@ -91,7 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run_job(spec, live_progress=False if args.no_progress else None, log=_info)
     _info(
         f"done: {summary.rows} rows ({summary.error_rows} errors), {summary.output_tokens} output tokens, "
-        f"{summary.output_tokens_per_s:.1f} tok/s, {summary.wall_s:.1f}s → {summary.output_path}"
+        f"{summary.output_tokens_per_s:.1f} tok/s while generating, {summary.wall_s:.1f}s in all "
+        f"→ {summary.output_path}"
     )
     if summary.errors_by_code:
         _info("error rows by code: " + ", ".join(f"{k}={v}" for k, v in summary.errors_by_code.items()))

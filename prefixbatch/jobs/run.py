@@ -40,8 +40,9 @@ class RunSummary:
     output_tokens: int
     cached_prompt_tokens: int
     rows_with_clamped_max_tokens: int
-    wall_s: float
-    output_tokens_per_s: float
+    wall_s: float  # the whole run: reading, loading the model, generating, writing
+    generate_s: float  # from the first request handed to the executor to the last part written
+    output_tokens_per_s: float  # output tokens / generate_s
     parts: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -107,7 +108,9 @@ def run_job(spec: JobSpec, *, live_progress: bool | None = None, log: Callable[[
             writer.add(completion)
             progress.advance(1, completion.num_output_tokens)
         writer.flush()
-    summary = summarize(spec, prepared, writer, wall_s=time.monotonic() - start)
+    summary = summarize(
+        spec, prepared, writer, wall_s=time.monotonic() - start, generate_s=progress.elapsed_s
+    )
     output.write_json("_summary.json", summary.to_dict())
     return summary
 
@@ -159,7 +162,9 @@ class PartWriter:
                 self.counts[c.error.split(":", 1)[0]] += 1
 
 
-def summarize(spec: JobSpec, prepared: PreparedInput, writer: PartWriter, *, wall_s: float) -> RunSummary:
+def summarize(
+    spec: JobSpec, prepared: PreparedInput, writer: PartWriter, *, wall_s: float, generate_s: float
+) -> RunSummary:
     totals = writer.totals
     return RunSummary(
         job=spec.name,
@@ -172,6 +177,7 @@ def summarize(spec: JobSpec, prepared: PreparedInput, writer: PartWriter, *, wal
         cached_prompt_tokens=totals["cached_prompt_tokens"],
         rows_with_clamped_max_tokens=prepared.num_clamped,
         wall_s=round(wall_s, 3),
-        output_tokens_per_s=round(totals["output_tokens"] / max(wall_s, 1e-9), 2),
+        generate_s=round(generate_s, 3),
+        output_tokens_per_s=round(totals["output_tokens"] / max(generate_s, 1e-9), 2),
         parts=writer.parts,
     )

@@ -240,16 +240,21 @@ class _WindowReader:
             hi = min(lo + _CHUNK_ROWS, len(a))
             rows_a = self.rows(a[lo:hi])  # [rows, window]
             rows_b = self.rows(b[lo:hi])
-            neq = rows_a != rows_b
-            first = neq.argmax(axis=1)
             every = np.arange(hi - lo)
-            first = np.where(neq[every, first], first, self.window)
+            first = _first_difference(rows_a, rows_b, every)
             # Tokens past a prompt's end may match by chance: the limit cuts them off.
             agree[lo:hi] = np.minimum(first, limit[lo:hi])
             at = np.minimum(agree[lo:hi], self.window - 1)
             tok_a[lo:hi] = rows_a[every, at]
             tok_b[lo:hi] = rows_b[every, at]
         return agree, tok_a, tok_b
+
+
+def _first_difference(rows_a: np.ndarray, rows_b: np.ndarray, every: np.ndarray) -> np.ndarray:
+    """First column where two [rows, window] int32 blocks differ (window if none)."""
+    neq = rows_a != rows_b
+    first = neq.argmax(axis=1)
+    return np.where(neq[every, first], first, rows_a.shape[1])
 
 
 def _block_view(tokens: np.ndarray, window: int) -> np.ndarray:
