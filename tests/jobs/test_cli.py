@@ -115,3 +115,25 @@ def test_the_installed_command_exits_2_without_traceback(tmp_path, job):
         [sys.executable, "-m", "prefixbatch", "--debug", "run", str(spec)], capture_output=True, text=True, timeout=120
     )
     assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_make_test_model_command_writes_a_loadable_checkpoint(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert main(["make-test-model", str(tmp_path / "m"), "--arch", "qwen2", "--seed", "3"]) == 0
+    assert "wrote a tiny qwen2 test model" in capsys.readouterr().out
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert model.config.model_type == "qwen2" and tokenizer.chat_template
+    outputs = []
+    for prompt in ("The library opens at nine.", "Bicycles need oil on the chain."):
+        ids = tokenizer(prompt, return_tensors="pt")
+        outputs.append(model.generate(**ids, do_sample=False, max_new_tokens=8)[0, ids["input_ids"].shape[1]:].tolist())
+    assert outputs[0] != outputs[1]
+
+
+def test_make_test_model_rejects_an_unknown_arch(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["make-test-model", str(tmp_path / "m"), "--arch", "gpt2"])
+    assert info.value.code == 2
+    assert "invalid choice: 'gpt2'" in capsys.readouterr().err
