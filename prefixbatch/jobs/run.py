@@ -100,9 +100,9 @@ def run_job(spec: JobSpec, *, live_progress: bool | None = None, log: Callable[[
     prepared = read_job_input(spec, show_progress=True, live_progress=live_progress)
     log(f"read {prepared.num_rows} rows: {len(prepared.requests)} to generate, {len(prepared.errors)} error rows")
     output = OutputFolder(spec.output.path, mode=spec.output.mode, storage_options=spec.output.storage_options)
+    writer = PartWriter(output, prepared, spec)  # checks the output columns before any model work
     output.prepare()
     executor = create_executor(spec.model, spec.executor)
-    writer = PartWriter(output, prepared, spec)
     with JobProgress(prepared.num_rows, live=live_progress) as progress:
         for completion in _all_completions(prepared, executor.generate(prepared.requests)):
             writer.add(completion)
