@@ -31,8 +31,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prefixbatch.prefix_tree.policies import OrderPolicy, SubtreeTotals, subtree_totals
-from prefixbatch.prefix_tree.policies import split_heavy_then_decode_ratio
+from prefixbatch.prefix_tree.policies import (
+    OrderPolicy,
+    SubtreeTotals,
+    split_heavy_then_decode_ratio,
+    subtree_totals,
+)
 from prefixbatch.prefix_tree.tree import PrefixTree, subtree_sum
 
 
@@ -42,7 +46,7 @@ class Schedule:
 
     kv_budget_tokens: int
     request_order: np.ndarray  # [n] request ids, depth-first
-    num_cached_tokens: np.ndarray  # [n] per position: prompt tokens shared with the previous request
+    num_cached_tokens: np.ndarray  # [n] per position: LCP with the previous request
     group_starts: np.ndarray  # [G+1] group g is request_order[group_starts[g]:group_starts[g+1]]
     group_kv_tokens: np.ndarray  # [G] peak KV: its nodes' tokens (pinned ones too) + max_tokens
     group_prefill_tokens: np.ndarray  # [G] prompt tokens first computed in this group
@@ -56,8 +60,13 @@ class Schedule:
         return len(self.group_starts) - 1
 
 
-def schedule_groups(tree: PrefixTree, max_tokens: np.ndarray, *, kv_budget_tokens: int,
-                    policy: OrderPolicy = split_heavy_then_decode_ratio) -> Schedule:
+def schedule_groups(
+    tree: PrefixTree,
+    max_tokens: np.ndarray,
+    *,
+    kv_budget_tokens: int,
+    policy: OrderPolicy = split_heavy_then_decode_ratio,
+) -> Schedule:
     """Depth-first order under `policy`, greedy groups under the budget, node lifetimes."""
     totals = subtree_totals(tree, max_tokens)
     if tree.num_requests == 0:
@@ -67,10 +76,21 @@ def schedule_groups(tree: PrefixTree, max_tokens: np.ndarray, *, kv_budget_token
     lengths = np.diff(tree.offsets)[request_order]
     decode = max_tokens[request_order]
     starts = greedy_group_starts(lengths + decode, lengths - cached + decode, kv_budget_tokens)
-    return _schedule(tree, kv_budget_tokens, request_order, cached, lengths, decode, starts, node_start, totals)
+    node_last = node_start + totals.num_requests - 1
+    return Schedule(
+        kv_budget_tokens=kv_budget_tokens,
+        request_order=request_order,
+        num_cached_tokens=cached,
+        group_starts=starts,
+        **_group_costs(starts, lengths, cached, decode, kv_budget_tokens),
+        node_first_group=_group_of(starts, node_start),
+        node_last_group=_group_of(starts, node_last),
+    )
 
 
-def depth_first_starts(tree: PrefixTree, keys: tuple[np.ndarray, ...], totals: SubtreeTotals) -> np.ndarray:
+def depth_first_starts(
+    tree: PrefixTree, keys: tuple[np.ndarray, ...], totals: SubtreeTotals
+) -> np.ndarray:
     """[m] first position of each node's subtree in the depth-first request order.
 
     A node's subtree starts after its parent's own requests and its earlier siblings'
@@ -84,7 +104,9 @@ def depth_first_starts(tree: PrefixTree, keys: tuple[np.ndarray, ...], totals: S
     sib = kids[np.lexsort(tuple(k[kids] for k in reversed(keys)) + (parent,))]
     sizes = totals.num_requests[sib]
     before = np.cumsum(sizes) - sizes  # requests before each child, over all parents
-    first_of_parent = np.flatnonzero(np.r_[True, tree.node_parent[sib][1:] != tree.node_parent[sib][:-1]])
+    first_of_parent = np.flatnonzero(
+        np.r_[True, tree.node_parent[sib][1:] != tree.node_parent[sib][:-1]]
+    )
     seg_base = np.repeat(before[first_of_parent], np.diff(np.r_[first_of_parent, len(sib)]))
     offset = np.zeros(m, np.int64)
     offset[sib] = tree.node_num_own_requests[tree.node_parent[sib]] + before - seg_base
@@ -131,34 +153,33 @@ def greedy_group_starts(full: np.ndarray, extra: np.ndarray, budget: int) -> np.
     return chain
 
 
-def _schedule(tree, budget, request_order, cached, lengths, decode, starts, node_start, totals) -> Schedule:
+def _group_costs(starts, lengths, cached, decode, budget) -> dict[str, np.ndarray]:
+    """Per group: peak KV (a prefix-sum difference, see step 2), prefill, decode, over budget."""
     first = starts[:-1]
-    if len(first):
-        cum = np.cumsum(lengths - cached + decode)
-        kv = lengths[first] + decode[first] + cum[starts[1:] - 1] - cum[first]
-        prefill = np.add.reduceat(lengths - cached, first)
-        decode_sum = np.add.reduceat(decode, first)
-    else:
-        kv = prefill = decode_sum = np.zeros(0, np.int64)
-    node_last = node_start + totals.num_requests - 1
-    return Schedule(
-        kv_budget_tokens=budget,
-        request_order=request_order,
-        num_cached_tokens=cached,
-        group_starts=starts,
-        group_kv_tokens=kv,
-        group_prefill_tokens=prefill,
-        group_decode_tokens=decode_sum,
-        group_over_budget=kv > budget,
-        node_first_group=_group_of(starts, node_start),
-        node_last_group=_group_of(starts, node_last),
-    )
+    cum = np.cumsum(lengths - cached + decode)
+    kv = lengths[first] + decode[first] + cum[starts[1:] - 1] - cum[first]
+    return {
+        "group_kv_tokens": kv,
+        "group_prefill_tokens": np.add.reduceat(lengths - cached, first),
+        "group_decode_tokens": np.add.reduceat(decode, first),
+        "group_over_budget": kv > budget,
+    }
 
 
 def _empty_schedule(budget: int, num_nodes: int) -> Schedule:
     none = np.zeros(0, np.int64)
-    return Schedule(budget, none, none, np.zeros(1, np.int64), none, none, none,
-                    np.zeros(0, bool), np.zeros(num_nodes, np.int64), np.full(num_nodes, -1, np.int64))
+    return Schedule(
+        budget,
+        none,
+        none,
+        np.zeros(1, np.int64),
+        none,
+        none,
+        none,
+        np.zeros(0, bool),
+        np.zeros(num_nodes, np.int64),
+        np.full(num_nodes, -1, np.int64),
+    )
 
 
 def _group_of(starts: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -166,7 +187,9 @@ def _group_of(starts: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return np.searchsorted(starts, pos, side="right") - 1
 
 
-def group_node_index(first_group: np.ndarray, last_group: np.ndarray, num_groups: int) -> tuple[np.ndarray, np.ndarray]:
+def group_node_index(
+    first_group: np.ndarray, last_group: np.ndarray, num_groups: int
+) -> tuple[np.ndarray, np.ndarray]:
     """CSR (starts [G+1], node ids) of the nodes each group needs, ascending (parents first).
 
     Node x is needed by groups first_group[x]..last_group[x]; expanding those ranges and
@@ -176,7 +199,7 @@ def group_node_index(first_group: np.ndarray, last_group: np.ndarray, num_groups
     node = np.repeat(np.arange(len(first_group)), span)
     ramp = np.arange(len(node)) - np.repeat(np.cumsum(span) - span, span)
     group = first_group[node] + ramp
-    order = np.lexsort((node, group))
+    order = np.argsort(group, kind="stable")  # nodes were ascending already
     counts = np.bincount(group, minlength=num_groups)
     starts = np.zeros(num_groups + 1, np.int64)
     np.cumsum(counts, out=starts[1:])

@@ -34,23 +34,41 @@ def check_prompts(tokens, offsets, max_tokens) -> Prompts:
     offsets = np.asarray(offsets)
     max_tokens = np.asarray(max_tokens)
     _require(tokens.ndim == 1 and _is_int(tokens), "tokens", "a 1-D integer array", tokens)
-    _require(offsets.ndim == 1 and len(offsets) >= 1 and _is_int(offsets),
-             "offsets", "a 1-D integer array of length n+1 >= 1", offsets)
+    _require(
+        offsets.ndim == 1 and len(offsets) >= 1 and _is_int(offsets),
+        "offsets",
+        "a 1-D integer array of length n+1 >= 1",
+        offsets,
+    )
     n = len(offsets) - 1
-    _require(max_tokens.ndim == 1 and len(max_tokens) == n and _is_int(max_tokens),
-             "max_tokens", f"a 1-D integer array of length {n} (one per request)", max_tokens)
+    _require(
+        max_tokens.ndim == 1 and len(max_tokens) == n and _is_int(max_tokens),
+        "max_tokens",
+        f"a 1-D integer array of length {n} (one per request)",
+        max_tokens,
+    )
     if tokens.dtype != np.int32:
-        if len(tokens) and (tokens.min() < np.iinfo(np.int32).min or tokens.max() > np.iinfo(np.int32).max):
-            raise PlanInputError(f"`tokens` must fit in int32, got values in [{tokens.min()}, {tokens.max()}]")
+        if len(tokens) and (
+            tokens.min() < np.iinfo(np.int32).min or tokens.max() > np.iinfo(np.int32).max
+        ):
+            raise PlanInputError(
+                f"`tokens` must fit in int32, got values in [{tokens.min()}, {tokens.max()}]"
+            )
         tokens = tokens.astype(np.int32)
     tokens = np.ascontiguousarray(tokens)
     offsets = offsets.astype(np.int64, copy=False)
     if offsets[0] < 0 or offsets[-1] > len(tokens):
-        msg = f"`offsets` must lie in [0, {len(tokens)}] (len(tokens)), got [{offsets[0]}, {offsets[-1]}]"
+        msg = (
+            f"`offsets` must lie in [0, {len(tokens)}] (len(tokens)), "
+            f"got [{offsets[0]}, {offsets[-1]}]"
+        )
         raise PlanInputError(msg)
     if n and (np.diff(offsets) < 0).any():
         bad = int(np.flatnonzero(np.diff(offsets) < 0)[0])
-        msg = f"`offsets` must be non-decreasing, got offsets[{bad}]={offsets[bad]} > offsets[{bad + 1}]={offsets[bad + 1]}"
+        msg = (
+            f"`offsets` must be non-decreasing, "
+            f"got offsets[{bad}]={offsets[bad]} > offsets[{bad + 1}]={offsets[bad + 1]}"
+        )
         raise PlanInputError(msg)
     max_tokens = max_tokens.astype(np.int64, copy=False)
     if n and max_tokens.min() < 0:
@@ -60,7 +78,10 @@ def check_prompts(tokens, offsets, max_tokens) -> Prompts:
 
 
 def prompts_from_arrow(token_ids) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, offsets) of a pyarrow (Large)ListArray or ChunkedArray of int token ids, zero-copy where possible."""
+    """(tokens, offsets) of a pyarrow list<int> (Large)ListArray or ChunkedArray.
+
+    Zero-copy for an unchunked array without nulls; a slice keeps its parent's offsets.
+    """
     import pyarrow as pa
 
     if isinstance(token_ids, pa.ChunkedArray):
@@ -80,4 +101,6 @@ def _is_int(a: np.ndarray) -> bool:
 
 def _require(ok: bool, name: str, expected: str, got: np.ndarray) -> None:
     if not ok:
-        raise PlanInputError(f"`{name}` must be {expected}, got shape {got.shape} dtype {got.dtype}")
+        raise PlanInputError(
+            f"`{name}` must be {expected}, got shape {got.shape} dtype {got.dtype}"
+        )

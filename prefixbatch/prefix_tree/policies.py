@@ -20,8 +20,8 @@ contiguous run of groups. Policies only choose among siblings:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -78,11 +78,14 @@ def decode_ratio_first(totals: SubtreeTotals, kv_budget_tokens: int) -> tuple[np
     return (-totals.decode_ratio,)
 
 
-def split_heavy_then_decode_ratio(totals: SubtreeTotals, kv_budget_tokens: int) -> tuple[np.ndarray, ...]:
+def split_heavy_then_decode_ratio(
+    totals: SubtreeTotals, kv_budget_tokens: int
+) -> tuple[np.ndarray, ...]:
     fits = totals.num_kv_tokens <= kv_budget_tokens
     heavy, saved = heaviest_first(totals, kv_budget_tokens)
     (ratio,) = decode_ratio_first(totals, kv_budget_tokens)
-    return (fits.astype(np.int8), np.where(fits, 0, heavy), np.where(fits, 0, saved), np.where(fits, ratio, 0.0))
+    # heavy = -num_requests <= -1 < 0, so the first key alone puts every split child first.
+    return (np.where(fits, 0, heavy), np.where(fits, 0, saved), np.where(fits, ratio, 0.0))
 
 
 def lexicographic(totals: SubtreeTotals, kv_budget_tokens: int) -> tuple[np.ndarray, ...]:

@@ -18,8 +18,8 @@ Definitions:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -61,16 +61,21 @@ class TreeStats:
     def from_dict(cls, data: dict) -> TreeStats:
         fields = dict(data)
         fields["top_prefixes"] = tuple(
-            SharedPrefix(**{**p, "token_span": tuple(p["token_span"])}) for p in data["top_prefixes"]
+            SharedPrefix(**{**p, "token_span": tuple(p["token_span"])})
+            for p in data["top_prefixes"]
         )
         for name in ("prompt_tokens_quantiles", "shared_tokens_quantiles", "levels_histogram"):
             fields[name] = tuple(data[name])
         return cls(**fields)
 
 
-def tree_stats(tree: PrefixTree, *, top_k: int = 10,
-               decode: Callable[[np.ndarray], str] | None = None,
-               snippet_tokens: int = 64) -> TreeStats:
+def tree_stats(
+    tree: PrefixTree,
+    *,
+    top_k: int = 10,
+    decode: Callable[[np.ndarray], str] | None = None,
+    snippet_tokens: int = 64,
+) -> TreeStats:
     """Statistics of `tree`; `decode` (token ids -> text) adds a snippet to each top prefix."""
     lengths = np.diff(tree.offsets)
     total = int(lengths.sum())
@@ -79,7 +84,9 @@ def tree_stats(tree: PrefixTree, *, top_k: int = 10,
     end_node = tree.request_node
     # Deepest node with 2+ requests on each path: the end node itself, or else its parent
     # (every non-root internal node holds 2+ requests), whose end is the leaf's start.
-    shared = np.where(counts[end_node] >= 2, tree.node_end_depth[end_node], tree.node_depth[end_node])
+    shared = np.where(
+        counts[end_node] >= 2, tree.node_end_depth[end_node], tree.node_depth[end_node]
+    )
     has_children = np.zeros(tree.num_nodes, bool)
     has_children[tree.node_parent[1:]] = True
     return TreeStats(
@@ -96,9 +103,12 @@ def tree_stats(tree: PrefixTree, *, top_k: int = 10,
     )
 
 
-def top_shared_prefixes(tree: PrefixTree, top_k: int,
-                        decode: Callable[[np.ndarray], str] | None = None,
-                        snippet_tokens: int = 64) -> tuple[SharedPrefix, ...]:
+def top_shared_prefixes(
+    tree: PrefixTree,
+    top_k: int,
+    decode: Callable[[np.ndarray], str] | None = None,
+    snippet_tokens: int = 64,
+) -> tuple[SharedPrefix, ...]:
     """The `top_k` nodes with 2+ requests whose own segment saves the most tokens."""
     if top_k <= 0:
         return ()
@@ -116,15 +126,17 @@ def top_shared_prefixes(tree: PrefixTree, top_k: int,
         text = None
         if decode is not None:
             text = decode(tree.segment(x)[:snippet_tokens])
-        out.append(SharedPrefix(
-            node_id=x,
-            num_tokens=int(tree.node_end_depth[x]),
-            num_segment_tokens=int(tree.node_num_tokens[x]),
-            num_requests=int(tree.node_num_requests[x]),
-            num_tokens_saved=int(saved[x]),
-            token_span=(start, start + int(tree.node_end_depth[x])),
-            text=text,
-        ))
+        out.append(
+            SharedPrefix(
+                node_id=x,
+                num_tokens=int(tree.node_end_depth[x]),
+                num_segment_tokens=int(tree.node_num_tokens[x]),
+                num_requests=int(tree.node_num_requests[x]),
+                num_tokens_saved=int(saved[x]),
+                token_span=(start, start + int(tree.node_end_depth[x])),
+                text=text,
+            )
+        )
     return tuple(out)
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 
@@ -136,77 +137,102 @@ class PrefixTree:
             more = " …" if len(seg) > max_tokens else ""
             own = self.node_num_own_requests[x]
             ends = f" ends={self.requests_at(x).tolist()}" if own else ""
-            lines.append(
+            head = (
                 f"{'  ' * int(self.node_level[x])}[{x}] +{self.node_num_tokens[x]} "
-                f"@{self.node_depth[x]} n={self.node_num_requests[x]}{ends}: {shown}{more}"
+                f"@{self.node_depth[x]} n={self.node_num_requests[x]}{ends}"
             )
+            lines.append(f"{head}: {shown}{more}" if shown else head)
         if self.num_nodes > max_nodes:
             lines.append(f"… {self.num_nodes - max_nodes} more nodes")
         return "\n".join(lines)
 
 
-def build_tree(tokens: np.ndarray, offsets: np.ndarray, *, window: int = DEFAULT_WINDOW) -> PrefixTree:
+def build_tree(
+    tokens: np.ndarray, offsets: np.ndarray, *, window: int = DEFAULT_WINDOW
+) -> PrefixTree:
     """The radix tree of the prompts `tokens[offsets[i]:offsets[i+1]]` (inputs already checked)."""
     return tree_from_lex_order(tokens, offsets, sort_prompts(tokens, offsets, window=window))
 
 
 def tree_from_lex_order(tokens: np.ndarray, offsets: np.ndarray, lex: LexOrder) -> PrefixTree:
     """Read the tree off the lexicographic order and neighbour LCPs (steps 2-4 above)."""
-    n = len(lex.order)
-    if n == 0:
+    if len(lex.order) == 0:
         return _root_only(tokens, offsets)
     lengths = np.diff(offsets)[lex.order]  # [n] by position
-    lcp = lex.lcp  # [n+1], -1 at both ends
-    bounds = np.arange(1, n)  # inner boundaries; boundary b sits between positions b-1 and b
-    left = previous_smaller(lcp)[bounds]  # the sentinels (-1) guarantee both exist
-    right = next_smaller(lcp)[bounds]
-    # Internal nodes: unique (left end, LCP); the root (0, 0) is always there.
-    value = lcp[bounds]
-    width = int(max(lengths.max(initial=0), 0)) + 1
-    keys = np.concatenate([[0], left * width + value])
-    uniq, first, node_of = np.unique(keys, return_index=True, return_inverse=True)
-    node_of_bound = np.zeros(n + 1, np.int64)  # boundary -> internal node (sentinels unused)
-    node_of_bound[bounds] = node_of[1:]
-    in_lo = uniq // width
-    in_end = uniq % width
-    in_hi = np.concatenate([[n], right])[first]
-    # Parent: the node of the enclosing boundary with the larger LCP; sentinels mean the root.
-    pick = np.where(lcp[in_lo] >= lcp[in_hi], in_lo, in_hi)
-    in_parent = np.where(lcp[pick] >= 0, node_of_bound[pick], 0)
-    in_parent[in_end == 0] = 0
+    internal, node_of_bound = _internal_nodes(lex.lcp, lengths)
+    nodes, ends_at = _with_leaves(internal, node_of_bound, lex.lcp, lengths)
+    return _in_preorder(tokens, offsets, lex.order, nodes, ends_at)
 
-    # Leaves: the part of a request below the deeper of its two neighbour LCPs.
+
+class _Nodes(NamedTuple):
+    """Nodes before numbering: positions [lo, hi) of `order`, end depth, parent (same ids)."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    end_depth: np.ndarray
+    parent: np.ndarray
+
+
+def _internal_nodes(lcp: np.ndarray, lengths: np.ndarray) -> tuple[_Nodes, np.ndarray]:
+    """The LCP intervals (root first), and the node of every inner boundary."""
+    n = len(lengths)
+    bounds = np.arange(1, n)  # boundary b sits between positions b-1 and b
+    left = previous_smaller(lcp)[bounds]  # the -1 sentinels at both ends guarantee both exist
+    right = next_smaller(lcp)[bounds]
+    # Boundaries of one node share (left end, LCP); the root (0, 0) is always there.
+    width = int(lengths.max()) + 1
+    keys = np.concatenate([[0], left * width + lcp[bounds]])
+    uniq, first, node_of = np.unique(keys, return_index=True, return_inverse=True)
+    node_of_bound = np.zeros(n + 1, np.int64)  # the two sentinel boundaries stay unused
+    node_of_bound[bounds] = node_of[1:]
+    lo, end_depth = uniq // width, uniq % width
+    hi = np.concatenate([[n], right])[first]
+    # Parent: the node of the enclosing boundary with the larger LCP; a sentinel: the root.
+    pick = np.where(lcp[lo] >= lcp[hi], lo, hi)
+    parent = np.where((lcp[pick] >= 0) & (end_depth > 0), node_of_bound[pick], 0)
+    return _Nodes(lo, hi, end_depth, parent), node_of_bound
+
+
+def _with_leaves(internal: _Nodes, node_of_bound, lcp, lengths) -> tuple[_Nodes, np.ndarray]:
+    """Add a leaf for each request longer than its LCP with both neighbours.
+
+    Returns all nodes and, per position, the node the request there ends at.
+    """
+    n = len(lengths)
     near = np.maximum(lcp[:-1], lcp[1:])  # [n] deepest LCP with a neighbour, -1 if none
     deeper = np.where(lcp[:-1] >= lcp[1:], np.arange(n), np.arange(1, n + 1))
-    inner_node = np.where(near > 0, node_of_bound[deeper], 0)  # deepest internal node holding q
-    is_leaf = lengths > np.maximum(near, 0)
-    leaf_q = np.flatnonzero(is_leaf)
-    num_in = len(uniq)
+    holder = np.where(near > 0, node_of_bound[deeper], 0)  # deepest internal node holding q
+    leaf_q = np.flatnonzero(lengths > np.maximum(near, 0))
+    ends_at = holder.copy()
+    ends_at[leaf_q] = len(internal.lo) + np.arange(len(leaf_q))
+    nodes = _Nodes(
+        np.concatenate([internal.lo, leaf_q]),
+        np.concatenate([internal.hi, leaf_q + 1]),
+        np.concatenate([internal.end_depth, lengths[leaf_q]]),
+        np.concatenate([internal.parent, holder[leaf_q]]),
+    )
+    return nodes, ends_at
 
-    lo = np.concatenate([in_lo, leaf_q])
-    hi = np.concatenate([in_hi, leaf_q + 1])
-    end_depth = np.concatenate([in_end, lengths[leaf_q]])
-    parent = np.concatenate([in_parent, inner_node[leaf_q]])
-    ends_at = inner_node.copy()
-    ends_at[leaf_q] = num_in + np.arange(len(leaf_q))
 
-    # Preorder: by first position, then shallower first (ancestors share a first position).
-    pre = np.argsort(lo * (int(end_depth.max(initial=0)) + 1) + end_depth, kind="stable")
+def _in_preorder(tokens, offsets, order, nodes: _Nodes, ends_at) -> PrefixTree:
+    """Number nodes in preorder: by first position, then shallower first (ancestors share it)."""
+    key = nodes.lo * (int(nodes.end_depth.max()) + 1) + nodes.end_depth
+    pre = np.argsort(key, kind="stable")
     rank = np.empty_like(pre)
     rank[pre] = np.arange(len(pre))
-    lo, hi, end_depth, parent = lo[pre], hi[pre], end_depth[pre], rank[parent[pre]]
+    lo, hi, end_depth = nodes.lo[pre], nodes.hi[pre], nodes.end_depth[pre]
+    parent = rank[nodes.parent[pre]]
     depth = end_depth[parent]
     depth[0] = 0
     node_end = np.searchsorted(lo, hi, side="left")
-    node_end[0] = len(lo)
-    request_node = np.empty(n, np.int64)
-    request_node[lex.order] = rank[ends_at]
+    request_node = np.empty(len(order), np.int64)
+    request_node[order] = rank[ends_at]
     return PrefixTree(
         tokens=tokens,
         offsets=offsets,
-        order=lex.order,
+        order=order,
         node_parent=parent,
-        node_token_start=offsets[:-1][lex.order[lo]] + depth,
+        node_token_start=offsets[:-1][order[lo]] + depth,
         node_num_tokens=end_depth - depth,
         node_depth=depth,
         node_level=subtree_sum((np.arange(len(lo)) > 0).astype(np.int64), node_end),
@@ -220,9 +246,17 @@ def tree_from_lex_order(tokens: np.ndarray, offsets: np.ndarray, lex: LexOrder) 
 def _root_only(tokens: np.ndarray, offsets: np.ndarray) -> PrefixTree:
     zero = np.zeros(1, np.int64)
     return PrefixTree(
-        tokens=tokens, offsets=offsets, order=np.zeros(0, np.int64), node_parent=zero,
-        node_token_start=zero, node_num_tokens=zero, node_depth=zero, node_level=zero,
-        node_lo=zero, node_hi=zero, node_end=np.ones(1, np.int64),
+        tokens=tokens,
+        offsets=offsets,
+        order=np.zeros(0, np.int64),
+        node_parent=zero,
+        node_token_start=zero,
+        node_num_tokens=zero,
+        node_depth=zero,
+        node_level=zero,
+        node_lo=zero,
+        node_hi=zero,
+        node_end=np.ones(1, np.int64),
         request_node=np.zeros(0, np.int64),
     )
 
@@ -246,8 +280,12 @@ def previous_smaller(values: np.ndarray) -> np.ndarray:
     The table is built over `values` with a front pad of the dtype's minimum, so a jump
     past the start needs no bounds check: it always lands on something smaller.
     """
-    dtype = np.int32 if len(values) and values.max() < 2**31 and values.min() >= -(2**31) + 1 else np.int64
-    levels = max(int(len(values)).bit_length(), 1)
+    dtype = (
+        np.int32
+        if len(values) and values.max() < 2**31 and values.min() >= -(2**31) + 1
+        else np.int64
+    )
+    levels = max(len(values).bit_length(), 1)
     pad = 1 << (levels - 1)
     padded = np.concatenate([np.full(pad, np.iinfo(dtype).min, dtype), values.astype(dtype)])
     mins = _range_min_table(padded)

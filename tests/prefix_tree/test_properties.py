@@ -1,0 +1,135 @@
+"""Property tests: random planted prompt sets against slow references."""
+
+from __future__ import annotations
+
+import json
+from itertools import pairwise
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prefixbatch.prefix_tree import Plan, build_plan, build_tree
+from prefixbatch.prefix_tree.lexsort import sort_prompts
+from tests.prefix_tree.naive import flat, naive_lex, naive_trie, planted_prompts
+
+WINDOWS = st.sampled_from([1, 2, 3, 5, 64])
+
+
+@settings(max_examples=300, deadline=None)
+@given(planted_prompts(), WINDOWS)
+def test_lexsort_matches_sorted(prompts, window):
+    tokens, offsets = flat(prompts)
+    lex = sort_prompts(tokens, offsets, window=window)
+    order, lcp = naive_lex(prompts)
+    assert [prompts[i] for i in lex.order] == [prompts[i] for i in order]
+    assert lex.lcp.tolist() == lcp
+
+
+@settings(max_examples=300, deadline=None)
+@given(planted_prompts(), WINDOWS)
+def test_tree_rebuilds_prompts_and_matches_naive_trie(prompts, window):
+    tokens, offsets = flat(prompts)
+    tree = build_tree(tokens, offsets, window=window)
+    for i, prompt in enumerate(prompts):
+        assert tree.path_tokens(i).tolist() == prompt
+    unique, compressed = naive_trie(prompts)
+    assert int(tree.node_num_tokens.sum()) == unique
+    assert tree.num_nodes - 1 == compressed
+    assert (tree.node_num_tokens[1:] > 0).all()
+    assert (tree.node_parent[1:] < np.arange(1, tree.num_nodes)).all()  # preorder
+    paths = [set(tree.path(i)) for i in range(len(prompts))]
+    for x in range(tree.num_nodes):
+        under = {i for i, p in enumerate(paths) if x in p}
+        assert set(tree.requests_under(x).tolist()) == under
+        assert set(tree.requests_at(x).tolist()) == {i for i in under if tree.path(i)[-1] == x}
+        assert tree.node_level[x] == tree.path(tree.requests_under(x)[0]).index(x)
+
+
+@settings(max_examples=200, deadline=None)
+@given(planted_prompts(), st.data())
+def test_plan_invariants(prompts, data):
+    n = len(prompts)
+    max_tokens = np.array(data.draw(st.lists(st.integers(0, 12), min_size=n, max_size=n)))
+    budget = data.draw(st.integers(1, 60))
+    num_shards = data.draw(st.integers(1, 4))
+    policy = data.draw(
+        st.sampled_from(
+            [
+                "split_heavy_then_decode_ratio",
+                "heaviest_first",
+                "decode_ratio_first",
+                "lexicographic",
+            ]
+        )
+    )
+    tokens, offsets = flat(prompts)
+    plan = build_plan(
+        tokens,
+        offsets,
+        max_tokens,
+        kv_budget_tokens=budget,
+        num_shards=num_shards,
+        policy=policy,
+        window=data.draw(WINDOWS),
+    )
+    tree = build_tree(tokens, offsets)
+    paths = [tree.path(i) for i in range(n)]  # same node numbering as the plan's
+    seg = tree.node_num_tokens
+    groups = list(plan.groups())
+
+    # Every request in exactly one group and one shard.
+    members = [r for g in groups for r in g.request_ids]
+    assert sorted(members) == list(range(n))
+    shard_members = [
+        r for s in plan.shards() for g in s.group_ids for r in plan.group(g).request_ids
+    ]
+    assert sorted(shard_members) == list(range(n))
+    assert plan.num_shards == num_shards
+
+    # Budgets: each group fits, or is one request over budget; its KV is exact.
+    for g in groups:
+        nodes = sorted({x for r in g.request_ids for x in paths[r]})
+        assert list(g.node_ids) == nodes
+        kv = int(seg[nodes].sum()) + int(max_tokens[list(g.request_ids)].sum())
+        assert g.num_kv_tokens == kv
+        assert kv <= budget or (len(g.request_ids) == 1 and g.is_over_budget)
+        assert g.is_over_budget == (kv > budget)
+    # Greedy: the next request would not have fitted.
+    for g, nxt in pairwise(groups):
+        grown_ids = list(g.request_ids + nxt.request_ids[:1])
+        nodes = {x for r in grown_ids for x in paths[r]}
+        grown = int(seg[sorted(nodes)].sum()) + int(max_tokens[grown_ids].sum())
+        assert grown > budget
+
+    # Depth-first: every subtree's requests are contiguous in execution order.
+    position = np.empty(n, np.int64)
+    position[plan.request_order] = np.arange(n)
+    for x in range(tree.num_nodes):
+        pos = np.sort(position[tree.requests_under(x)])
+        assert pos[-1] - pos[0] == len(pos) - 1
+
+    # KV lifetimes: the groups using a node are exactly [first, last].
+    for x in range(tree.num_nodes):
+        users = [g.group_id for g in groups if x in g.node_ids]
+        if users:
+            assert users == list(range(plan.node_first_group[x], plan.node_last_group[x] + 1))
+
+    # Costs: within a shard nothing is prefilled twice; cuts add exactly the shared path.
+    for s in plan.shards():
+        nodes = {x for g in s.group_ids for x in plan.group(g).node_ids}
+        unique = int(seg[sorted(nodes)].sum())
+        assert s.num_prefill_tokens == unique
+        assert s.num_prefill_tokens == sum(plan.group(g).num_prefill_tokens for g in s.group_ids)
+        new = [x for g in s.group_ids for x in plan.group(g).new_node_ids]
+        assert sorted(new) == sorted(nodes)
+    lengths = np.diff(offsets)[plan.request_order]
+    assert int((lengths - plan.request_num_cached_tokens).sum()) == int(
+        plan.shard_prefill_tokens.sum()
+    )
+    assert int(plan.shard_prefill_tokens.sum()) == plan.stats.num_unique_tokens + int(
+        plan.shard_duplicated_tokens.sum()
+    )
+
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    assert plan.explain()
