@@ -41,6 +41,10 @@ class ExecutorSpec(StrictModel):
     max_batch_size: int = Field(32, ge=1)
     """Most requests decoded together in one batch."""
 
+    kv_budget_tokens: int | None = Field(None, ge=1)
+    """Most KV-cache tokens held at once; the planner sizes groups to fit it. Null: 131072 on
+    the CPU (the native engine will size it from free device memory on CUDA)."""
+
     max_batch_tokens: int = Field(16384, ge=1)
     """Most padded tokens (batch size × (longest prompt + its max_tokens)) in one batch.
     A single request larger than this still runs, alone."""

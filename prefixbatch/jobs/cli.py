@@ -49,9 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(validate)
     validate.set_defaults(func=cmd_validate)
 
-    plan = verbs.add_parser("plan", help="read and tokenize the input and report its size; load no weights")
+    plan = verbs.add_parser(
+        "plan", help="tokenize, build the global prefix tree and the plan, report sharing; load no weights"
+    )
     _add_spec_args(plan)
     plan.add_argument("--json", action="store_true", help="print the report as JSON")
+    plan.add_argument("--shards", type=_positive, default=1, metavar="K", help="cut the plan into K shards")
+    plan.add_argument(
+        "--kv-budget", type=_positive, default=None, metavar="TOKENS",
+        help="KV tokens a group may hold (default: executor.kv_budget_tokens, else 131072)",
+    )
+    plan.add_argument("--report", metavar="FILE.html", help="write a picture of the prefix sharing (HTML)")
     plan.set_defaults(func=cmd_plan)
 
     make_model = verbs.add_parser("make-test-model", help="write a small random-weight Hugging Face model folder")
@@ -109,16 +117,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from prefixbatch.jobs.plan import plan_report
+    from prefixbatch.jobs.plan import plan_job, plan_report, plan_text, write_plan_report
 
     spec = _load(args)
-    report = plan_report(spec)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        for key, value in report.items():
-            print(f"{key.replace('_', ' ')}: {value}")
+    job = plan_job(spec, num_shards=args.shards, kv_budget_tokens=args.kv_budget)
+    report = plan_report(job, spec)
+    print(json.dumps(report, indent=2) if args.json else plan_text(job, report))
+    if args.report:
+        _info(f"wrote {write_plan_report(job, spec, args.report)}")
     return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def cmd_make_test_model(args: argparse.Namespace) -> int:

@@ -1,0 +1,14 @@
+"""The native engine's building blocks: our Llama-family model, KV storage by segment, and
+exact shared-prefix (tree) attention.
+
+- `config`: `ModelConfig` from a Hugging Face config.json; unsupported models refused.
+- `rope`, `model`: the transformer; attention over the cache is a callback (`AttentionFn`).
+- `weights`: safetensors (single or sharded) → `CausalLM`.
+- `attention`: `attend` over one KV segment → (out, lse); exact `merge`; `reference_attention`.
+- `attention_plan`: plain data saying which rows attend to which slots (`build_plan`).
+- `tree_attention`: runs a plan on tensors; `TreeAttention` is the model's callback.
+- `kv`: `KVStore`, per-layer K/V buffers with a contiguous slot range per segment.
+
+Layering inside: `attention_plan` imports nothing from torch; `tree_attention` joins
+`attention`, `attention_plan` and `kv`; the model knows none of them.
+"""

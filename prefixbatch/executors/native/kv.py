@@ -1,0 +1,173 @@
+"""KV storage by segment: one preallocated buffer per layer, a contiguous slot range per segment.
+
+Layout: `keys` and `values` are each `[num_layers, capacity_tokens, Hkv, D]`, allocated
+once. A segment (a tree node's shared tokens, or a sequence's own suffix + output) owns one
+contiguous range of slots, the same range in every layer, reserved whole when allocated.
+
+Why contiguous ranges rather than fixed-size blocks (paged KV):
+- A segment's keys are one slice, `keys[layer, start:stop]`, a view: the attention of all
+  queries under a node reads the node's KV in place with one matrix product, with no gather
+  per layer per step (blocks would need one, or a paged kernel).
+- The planner knows every segment's final length when it admits a group (shared segments
+  exactly; a sequence's own segment as suffix + max_tokens), so a segment never grows past
+  its reservation and nothing has to be moved.
+- The cost is external fragmentation: `allocate` can answer `None` while
+  `num_free_tokens` would suffice. Groups run in depth-first order and are freed whole, so
+  allocations are mostly nested (stack-like) and freed ranges coalesce. `largest_free_range`
+  lets the caller tell "wait for a free" from "can never fit".
+
+Memory is counted in tokens: `capacity_tokens` is the budget; `bytes_per_token` converts a
+memory budget into it. Slots are zero-initialised, so a bug that reads an unwritten slot
+gives wrong finite numbers that the tests catch, rather than nan.
+
+in → out: segment id + token count → `SlotRange` (or None: does not fit); k, v → slots.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+
+from prefixbatch.executors.native.config import ModelConfig
+
+__all__ = ["KVStore", "SlotRange"]
+
+
+@dataclass(frozen=True)
+class SlotRange:
+    """Slots [start, stop) of the store, the same in every layer."""
+
+    start: int
+    num_slots: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.num_slots
+
+
+class KVStore:
+    """Per-layer K/V buffers and a first-fit allocator of contiguous slot ranges by segment id."""
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity_tokens: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        if capacity_tokens < 1:
+            raise ValueError(f"`capacity_tokens` must be at least 1, got {capacity_tokens}")
+        shape = (num_layers, capacity_tokens, num_kv_heads, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [L, capacity, Hkv, D]
+        self.values = torch.zeros(shape, dtype=dtype, device=device)  # [L, capacity, Hkv, D]
+        self.capacity_tokens = capacity_tokens
+        self._free: list[SlotRange] = [SlotRange(0, capacity_tokens)]  # sorted by start, coalesced
+        self._segments: dict[int, SlotRange] = {}
+
+    @classmethod
+    def for_model(
+        cls,
+        config: ModelConfig,
+        *,
+        capacity_tokens: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> KVStore:
+        return cls(
+            num_layers=config.num_layers,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            capacity_tokens=capacity_tokens,
+            dtype=dtype,
+            device=device,
+        )
+
+    @staticmethod
+    def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+        """Memory one token's K and V take over all layers."""
+        element_size = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_layers * config.num_kv_heads * config.head_dim * element_size
+
+    @property
+    def num_used_tokens(self) -> int:
+        return sum(r.num_slots for r in self._segments.values())
+
+    @property
+    def num_free_tokens(self) -> int:
+        return self.capacity_tokens - self.num_used_tokens
+
+    @property
+    def largest_free_range(self) -> int:
+        """The most tokens one `allocate` can get now."""
+        return max((r.num_slots for r in self._free), default=0)
+
+    def __contains__(self, segment_id: int) -> bool:
+        return segment_id in self._segments
+
+    def allocate(self, segment_id: int, num_tokens: int) -> SlotRange | None:
+        """Reserves `num_tokens` contiguous slots for a new segment; None when no free range fits."""
+        if segment_id in self._segments:
+            raise ValueError(
+                f"segment {segment_id} already holds slots {self._segments[segment_id]}"
+            )
+        if num_tokens < 1:
+            raise ValueError(
+                f"`num_tokens` must be at least 1, got {num_tokens} for segment {segment_id}"
+            )
+        index = next((i for i, r in enumerate(self._free) if r.num_slots >= num_tokens), None)
+        if index is None:
+            return None
+        free = self._free[index]
+        taken = SlotRange(free.start, num_tokens)
+        if free.num_slots == num_tokens:
+            del self._free[index]
+        else:
+            self._free[index] = SlotRange(taken.stop, free.num_slots - num_tokens)
+        self._segments[segment_id] = taken
+        return taken
+
+    def free(self, segment_id: int) -> None:
+        """Returns a segment's slots to the free list, merged with free neighbours."""
+        released = self._segments.pop(segment_id, None)
+        if released is None:
+            raise KeyError(f"segment {segment_id} holds no slots")
+        index = bisect.bisect(self._free, released.start, key=lambda r: r.start)
+        self._free.insert(index, released)
+        # Merge with the right neighbour first, so `index` still points at `released`.
+        if index + 1 < len(self._free) and self._free[index + 1].start == released.stop:
+            right = self._free.pop(index + 1)
+            self._free[index] = SlotRange(released.start, released.num_slots + right.num_slots)
+        if index > 0 and self._free[index - 1].stop == self._free[index].start:
+            merged = self._free.pop(index)
+            left = self._free[index - 1]
+            self._free[index - 1] = SlotRange(left.start, left.num_slots + merged.num_slots)
+
+    def slots(self, segment_id: int) -> SlotRange:
+        """The slot range a segment holds."""
+        slot_range = self._segments.get(segment_id)
+        if slot_range is None:
+            raise KeyError(f"segment {segment_id} holds no slots")
+        return slot_range
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Stores k, v: [T, Hkv, D] at slots [T] (int64, on the store's device) of one layer."""
+        self.keys[layer].index_copy_(0, slots, k)
+        self.values[layer].index_copy_(0, slots, v)
+
+    def segment_kv(
+        self, layer: int, segment_id: int, num_tokens: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (k, v): [n, Hkv, D] of a segment's first n slots (all of them when None)."""
+        slot_range = self.slots(segment_id)
+        stop = slot_range.stop if num_tokens is None else slot_range.start + num_tokens
+        assert stop <= slot_range.stop, (
+            f"segment {segment_id} holds {slot_range.num_slots} slots, asked for {num_tokens}"
+        )
+        return self.keys[layer, slot_range.start : stop], self.values[
+            layer, slot_range.start : stop
+        ]

@@ -1,0 +1,208 @@
+"""The Llama-family transformer (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) as plain `nn.Module`s.
+
+The model computes everything *except* attention over the KV cache: per layer it hands the
+q, k, v of the batch's tokens to an attention callback (`AttentionFn`), which stores k and v
+wherever the engine keeps them and returns the attention output. That is what lets the
+engine lay KV out as a tree of shared segments (see `attention_plan`) while the model stays
+a straight stack of matmuls.
+
+Inputs are one flat, unpadded batch: `token_ids [T]` and their absolute `positions [T]`,
+for tokens of any number of sequences, prefill chunks and decode tokens mixed. Every
+operation but attention is per token, so the model never needs to know which token belongs
+to which sequence.
+
+Numerics follow the Hugging Face reference, op for op where it matters in bf16/fp16:
+RMSNorm in fp32 then cast back before the weight, rope in the activation dtype, residual
+adds in the activation dtype. q/k/v (and gate/up) are one fused matmul each; `weights.py`
+concatenates the checkpoint's separate matrices into them.
+
+Parameters are created uninitialised (`torch.empty`) on the target device and dtype:
+`weights.load_model` fills every one of them, and checks that it did.
+
+in → out: (token_ids [T], positions [T], attention) → logits [N, V] fp32 for the rows asked.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prefixbatch.executors.native.config import ModelConfig
+from prefixbatch.executors.native.rope import apply_rope, inverse_frequencies, rope_angles
+
+__all__ = ["AttentionFn", "CausalLM"]
+
+
+class AttentionFn(Protocol):
+    """The engine's side of attention, called once per layer per forward."""
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """q: [T, H, D], k, v: [T, Hkv, D] (after norms and rope) → out: [T, H, D].
+
+        Must store k, v for later steps and attend each query to its own context, including
+        the keys of this call's tokens that precede it (and itself)."""
+        ...
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x Wᵀ (+ b), with W: [out, in] as in the checkpoints; no init (the loader fills it)."""
+
+    def __init__(
+        self, num_in: int, num_out: int, *, bias: bool, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.weight = _empty(num_out, num_in, dtype=dtype, device=device)
+        self.bias = _empty(num_out, dtype=dtype, device=device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, *, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = _empty(dim, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32: a bf16 mean of squares over thousands of features is too coarse.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Projections, q/k norms and rope around the engine's attention callback."""
+
+    def __init__(
+        self, config: ModelConfig, layer: int, *, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split_sizes = [q_size, kv_size, kv_size]
+        kind = {"dtype": dtype, "device": device}
+        self.qkv_proj = Linear(
+            config.hidden_size, q_size + 2 * kv_size, bias=config.qkv_bias, **kind
+        )
+        self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias, **kind)
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, **kind)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, **kind)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # q: [T, H, D]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # k: [T, Hkv, D]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # v: [T, Hkv, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attention(self.layer, q, k, v)  # out: [T, H, D]
+        assert out.shape == q.shape, (
+            f"attention returned {tuple(out.shape)}, expected {tuple(q.shape)}"
+        )
+        return self.o_proj(out.reshape(num_tokens, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as one matmul."""
+
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        kind = {"bias": config.mlp_bias, "dtype": dtype, "device": device}
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, **kind)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, **kind)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self, config: ModelConfig, layer: int, *, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        kind = {"dtype": dtype, "device": device}
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kind)
+        self.self_attn = SelfAttention(config, layer, **kind)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kind)
+        self.mlp = MLP(config, **kind)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalLM(nn.Module):
+    """Embedding, decoder layers, final norm and lm_head (possibly tied to the embedding)."""
+
+    def __init__(
+        self, config: ModelConfig, *, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        super().__init__()
+        device = torch.device(device)
+        kind = {"dtype": dtype, "device": device}
+        self.config = config
+        self.embed_tokens = _empty(config.vocab_size, config.hidden_size, **kind)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, **kind) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kind)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, **kind)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens
+        # fp32 whatever the weights' dtype: angles at large positions need the precision.
+        self.register_buffer(
+            "inv_freq", inverse_frequencies(config.rope, config.head_dim, device), persistent=False
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attention: AttentionFn,
+        *,
+        logits_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [N, V] fp32 of the rows `logits_rows` (all T rows when None)."""
+        assert token_ids.ndim == 1 and positions.shape == token_ids.shape, (
+            token_ids.shape,
+            positions.shape,
+        )
+        hidden = F.embedding(token_ids, self.embed_tokens)  # [T, E]
+        cos, sin = rope_angles(positions, self.inv_freq)  # [T, D/2] each
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, attention)
+        if logits_rows is not None:
+            # Norm and lm_head are per token: only the rows that will be sampled pay for the
+            # vocabulary projection, the largest matmul of a decode step.
+            hidden = hidden[logits_rows]  # [N, E]
+        return self.lm_head(self.norm(hidden)).float()  # [N, V]

@@ -1,0 +1,114 @@
+"""Runs an `AttentionPlan` on tensors: shared-prefix (tree) attention for a whole flat batch.
+
+For each span of the plan, its rows' queries attend to its slot range with `attend` (one
+batched product however many sequences share the span), and the result is merged into
+running per-row accumulators (out in fp32, lse in fp32) with the exact log-sum-exp merge.
+Merging span by span, in the plan's fixed order, writes each row with plain indexing (no
+atomic adds), so the result is deterministic run to run, on CUDA too.
+
+`TreeAttention` is the model's attention callback (`model.AttentionFn`) over a `KVStore`:
+per layer it writes the step's k, v to their slots, then runs the plan on that layer.
+
+in → out: q [T, H, D] + the layer's store buffers + plan → out [T, H, D].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prefixbatch.executors.native.attention import attend, merge
+from prefixbatch.executors.native.attention_plan import AttentionPlan
+from prefixbatch.executors.native.kv import KVStore
+
+__all__ = ["DevicePlan", "DeviceSpan", "TreeAttention", "tree_attention"]
+
+Rows = slice | torch.Tensor
+
+
+@dataclass(frozen=True)
+class DeviceSpan:
+    rows: Rows  # a slice when the rows are consecutive: a view, no gather
+    key_start: int
+    key_stop: int
+    causal_offset: int | None
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """An `AttentionPlan` with its index lists as tensors on the device, built once per step."""
+
+    num_rows: int
+    spans: tuple[DeviceSpan, ...]
+    write_slots: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+
+    @classmethod
+    def of(cls, plan: AttentionPlan, device: torch.device | str) -> DevicePlan:
+        # One host→device copy for all index lists, then views: a step may have hundreds of spans.
+        gathered = [span.rows for span in plan.spans if not _is_consecutive(span.rows)]
+        flat = [row for rows in gathered for row in rows]
+        index = torch.tensor(
+            list(plan.write_slots) + list(plan.positions) + flat, dtype=torch.int64
+        )
+        index = index.to(device)
+        write_slots, positions, rest = index.split([plan.num_rows, plan.num_rows, len(flat)])
+        rest_parts = iter(rest.split([len(rows) for rows in gathered]))
+        spans = tuple(
+            DeviceSpan(
+                rows=_as_slice(span.rows) if _is_consecutive(span.rows) else next(rest_parts),
+                key_start=span.key_start,
+                key_stop=span.key_start + span.num_keys,
+                causal_offset=span.causal_offset,
+            )
+            for span in plan.spans
+        )
+        return cls(plan.num_rows, spans, write_slots, positions)
+
+
+def _is_consecutive(rows: tuple[int, ...]) -> bool:
+    return bool(rows) and rows[-1] - rows[0] == len(rows) - 1
+
+
+def _as_slice(rows: tuple[int, ...]) -> slice:
+    return slice(rows[0], rows[-1] + 1)
+
+
+def tree_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: DevicePlan, *, scale: float
+) -> torch.Tensor:
+    """q: [T, H, D], keys, values: [capacity, Hkv, D] (one layer's store) → out [T, H, D] fp32."""
+    assert q.shape[0] == plan.num_rows, (q.shape, plan.num_rows)
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # [T, H, D]
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)  # [T, H]
+    for span in plan.spans:
+        part = attend(
+            q[span.rows],
+            keys[span.key_start : span.key_stop],
+            values[span.key_start : span.key_stop],
+            scale=scale,
+            causal_offset=span.causal_offset,
+        )
+        # The accumulator starts at lse -inf, so a row's first part is taken as is.
+        out[span.rows], lse[span.rows] = merge([(out[span.rows], lse[span.rows]), part])
+    return out
+
+
+class TreeAttention:
+    """The model's attention callback for one step: store k, v at the plan's slots, attend by plan."""
+
+    def __init__(self, store: KVStore, plan: AttentionPlan | DevicePlan, *, scale: float) -> None:
+        self.store = store
+        self.plan = plan if isinstance(plan, DevicePlan) else DevicePlan.of(plan, store.keys.device)
+        self.scale = scale
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        # q: [T, H, D], k, v: [T, Hkv, D] → out: [T, H, D] in q's dtype
+        self.store.write(layer, self.plan.write_slots, k, v)
+        out = tree_attention(
+            q, self.store.keys[layer], self.store.values[layer], self.plan, scale=self.scale
+        )
+        return out.to(q.dtype)

@@ -1,0 +1,219 @@
+"""Tree (shared-prefix) attention over a `KVStore` equals plain full causal attention, fp32.
+
+Each case is a random segment tree (1..4 levels, GQA or MQA, odd and single-token
+segments) and a random step on it: prefill chunks, whole-segment prefills and decode tokens,
+in random row order. The truth is `reference_attention` over each run's materialised
+context (its ancestors' KV, then its own segment's), computed from the same random tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prefixbatch.executors.native.attention import reference_attention
+from prefixbatch.executors.native.attention_plan import KeySpan, QueryRun, SegmentKV, build_plan
+from prefixbatch.executors.native.kv import KVStore
+from prefixbatch.executors.native.tree_attention import TreeAttention
+
+TOL = 1e-5
+HEADS = [(4, 4), (4, 2), (4, 1), (6, 3), (2, 1)]
+HEAD_DIM = 8
+NUM_LAYERS = 2
+SCALE = HEAD_DIM**-0.5
+
+
+@dataclass(frozen=True)
+class Case:
+    parents: tuple[int | None, ...]  # segment i's parent (an earlier segment) or None
+    lengths: tuple[int, ...]  # full length of each segment
+    runs: tuple[tuple[int, int, int], ...]  # (segment, offset, num_tokens), in row order
+    heads: tuple[int, int]
+
+
+@st.composite
+def cases(draw) -> Case:
+    num_segments = draw(st.integers(1, 9))
+    parents: list[int | None] = []
+    depth: list[int] = []
+    for i in range(num_segments):
+        candidates = [j for j in range(i) if depth[j] < 4]  # at most 4 levels
+        parent = draw(st.none() | st.sampled_from(candidates)) if candidates else None
+        parents.append(parent)
+        depth.append(1 if parent is None else depth[parent] + 1)
+    lengths = [draw(st.integers(1, 9)) for _ in range(num_segments)]
+    with_runs = draw(st.sets(st.integers(0, num_segments - 1), min_size=1))
+    runs = []
+    for segment in sorted(with_runs):
+        offset = draw(st.integers(0, lengths[segment] - 1))
+        num_tokens = draw(st.integers(1, lengths[segment] - offset))
+        if _has_run_below(segment, with_runs, parents):
+            num_tokens = lengths[segment] - offset  # an ancestor must end complete this step
+        runs.append((segment, offset, num_tokens))
+    order = draw(st.permutations(runs))
+    return Case(tuple(parents), tuple(lengths), tuple(order), draw(st.sampled_from(HEADS)))
+
+
+def _has_run_below(segment: int, with_runs: set[int], parents: list[int | None]) -> bool:
+    return any(segment in _ancestors(other, parents) for other in with_runs)
+
+
+def _ancestors(segment: int, parents) -> list[int]:
+    chain = []
+    while parents[segment] is not None:
+        segment = parents[segment]
+        chain.append(segment)
+    return chain[::-1]
+
+
+def run_case(case: Case, *, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    num_heads, num_kv_heads = case.heads
+    # The true KV of every segment in every layer, and the step's queries.
+    truth_k = [
+        torch.randn(NUM_LAYERS, n, num_kv_heads, HEAD_DIM, generator=generator)
+        for n in case.lengths
+    ]
+    truth_v = [
+        torch.randn(NUM_LAYERS, n, num_kv_heads, HEAD_DIM, generator=generator)
+        for n in case.lengths
+    ]
+    num_rows = sum(n for _, _, n in case.runs)
+    q = 3 * torch.randn(NUM_LAYERS, num_rows, num_heads, HEAD_DIM, generator=generator)
+
+    store = KVStore(
+        num_layers=NUM_LAYERS,
+        num_kv_heads=num_kv_heads,
+        head_dim=HEAD_DIM,
+        capacity_tokens=sum(case.lengths) + 7,
+        dtype=torch.float32,
+        device="cpu",
+    )
+    store.allocate(-1, 3)  # keep segments off slot 0, so a slot mix-up cannot hide there
+    stored = _stored_lengths(case)
+    segments = []
+    for i, length in enumerate(case.lengths):
+        slots = store.allocate(i, length)
+        segments.append(SegmentKV(i, case.parents[i], slots.start, stored[i]))
+        # Garbage everywhere, then the truth where the store holds it before the step:
+        # the run's own tokens must come from this step's writes.
+        store.keys[:, slots.start : slots.stop] = 1e3
+        store.values[:, slots.start : slots.stop] = -1e3
+        before = stored[i] - sum(n for s, _, n in case.runs if s == i)
+        store.keys[:, slots.start : slots.start + before] = truth_k[i][:, :before]
+        store.values[:, slots.start : slots.start + before] = truth_v[i][:, :before]
+
+    runs, row = [], 0
+    for segment, offset, num_tokens in case.runs:
+        runs.append(QueryRun(segment, row, offset, num_tokens))
+        row += num_tokens
+    plan = build_plan(segments, runs)
+    attention = TreeAttention(store, plan, scale=SCALE)
+
+    for layer in range(NUM_LAYERS):
+        step_k = torch.cat([truth_k[s][layer, o : o + n] for s, o, n in case.runs])
+        step_v = torch.cat([truth_v[s][layer, o : o + n] for s, o, n in case.runs])
+        out = attention(layer, q[layer], step_k, step_v)
+        for run in runs:
+            rows = slice(run.first_row, run.first_row + run.num_tokens)
+            context = [*_ancestors(run.segment_id, case.parents), run.segment_id]
+            end = run.offset + run.num_tokens
+            k = torch.cat(
+                [
+                    truth_k[s][layer, : case.lengths[s] if s != run.segment_id else end]
+                    for s in context
+                ]
+            )
+            v = torch.cat(
+                [
+                    truth_v[s][layer, : case.lengths[s] if s != run.segment_id else end]
+                    for s in context
+                ]
+            )
+            before = k.shape[0] - end + run.offset  # ancestors' tokens, then the run's offset
+            expected = reference_attention(q[layer, rows], k, v, scale=SCALE, causal_offset=before)
+            torch.testing.assert_close(out[rows], expected, atol=TOL, rtol=0)
+            assert list(plan.positions[rows]) == list(range(before, before + run.num_tokens))
+
+
+def _stored_lengths(case: Case) -> list[int]:
+    """Tokens each segment holds after the step: its run's end, else all of it."""
+    stored = list(case.lengths)
+    for segment, offset, num_tokens in case.runs:
+        stored[segment] = offset + num_tokens
+    return stored
+
+
+@settings(max_examples=150, deadline=None)
+@given(cases())
+def test_tree_attention_equals_full_attention(case):
+    run_case(case)
+
+
+def test_decode_of_many_sequences_under_one_node_is_one_span():
+    # 12 samples of one 7-token prompt, each 3 tokens into its output, decoding together.
+    parents = (None, *[0] * 12)
+    lengths = (7, *[4] * 12)
+    runs = tuple((i, 3, 1) for i in range(1, 13))
+    case = Case(parents, lengths, runs, (4, 1))
+    run_case(case)
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    segments = [SegmentKV(i, p, s, n) for i, (p, s, n) in enumerate(zip(parents, starts, lengths))]
+    plan = build_plan(segments, [QueryRun(s, row, o, n) for row, (s, o, n) in enumerate(runs)])
+    assert plan.spans[0] == KeySpan(tuple(range(12)), 0, 7, None)  # all 12 queries, one product
+    assert len(plan.spans) == 13
+
+
+@pytest.mark.parametrize("heads", HEADS)
+def test_prefill_of_a_four_level_chain_with_single_token_segments(heads):
+    # Every level prefilled in the same step: children attend to keys written this step.
+    run_case(
+        Case((None, 0, 1, 2), (1, 3, 1, 5), ((0, 0, 1), (1, 0, 3), (2, 0, 1), (3, 0, 5)), heads)
+    )
+
+
+@pytest.mark.parametrize("heads", HEADS)
+def test_chunked_prefill_next_to_decodes_in_shuffled_rows(heads):
+    # Rows interleave two subtrees, so the root's rows are not consecutive (gathered).
+    parents = (None, 0, 0, None, 3, 1)
+    lengths = (5, 4, 6, 3, 9, 2)
+    runs = ((4, 2, 5), (2, 5, 1), (3, 0, 3), (5, 1, 1), (1, 0, 4))
+    run_case(Case(parents, lengths, runs, heads), seed=1)
+
+
+def test_plan_spans_positions_and_slots():
+    segments = [SegmentKV(10, None, 100, 4), SegmentKV(11, 10, 200, 3), SegmentKV(12, 10, 300, 1)]
+    runs = [QueryRun(11, 0, 1, 2), QueryRun(12, 2, 0, 1)]
+    plan = build_plan(segments, runs)
+    assert plan.spans == (
+        KeySpan((0, 1, 2), 100, 4, None),
+        KeySpan((0, 1), 200, 3, 1),
+        KeySpan((2,), 300, 1, 0),
+    )
+    assert plan.write_slots == (201, 202, 300)
+    assert plan.positions == (5, 6, 4)
+
+
+@pytest.mark.parametrize(
+    ("runs", "message"),
+    [
+        ([QueryRun(1, 0, 2, 2)], "within the 3 stored tokens"),
+        ([QueryRun(9, 0, 0, 1)], "segment 9, which is not among"),
+        ([QueryRun(1, 0, 0, 1), QueryRun(1, 0, 1, 1)], "belongs to two runs"),
+        ([QueryRun(1, 1, 0, 1)], "within the step's 1 rows"),
+    ],
+)
+def test_plan_rejects_inconsistent_runs(runs, message):
+    segments = [SegmentKV(0, None, 0, 4), SegmentKV(1, 0, 4, 3)]
+    with pytest.raises(ValueError, match=message):
+        build_plan(segments, runs)
+
+
+def test_plan_rejects_cycles():
+    segments = [SegmentKV(0, 1, 0, 4), SegmentKV(1, 0, 4, 3)]
+    with pytest.raises(ValueError, match="cycle"):
+        build_plan(segments, [QueryRun(1, 0, 0, 1)])

@@ -1,0 +1,73 @@
+"""`prefixbatch plan` on the demo job: statistics, shards, and the sharing picture."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pyarrow.parquet as pq
+
+from prefixbatch.jobs.cli import main
+from prefixbatch.jobs.demo import SPEC, SYSTEM_PROMPTS, demo_prompts
+
+
+def demo_job(tmp_path, model) -> str:
+    pq.write_table(demo_prompts(), tmp_path / "prompts.parquet")
+    (tmp_path / "job.yaml").write_text(SPEC.replace("path: model", f"path: {model}"))
+    return str(tmp_path / "job.yaml")
+
+
+def test_plan_prints_sharing_statistics(tmp_path, tiny_llama, capsys):
+    spec = demo_job(tmp_path, tiny_llama)
+    assert main(["plan", spec]) == 0
+    out = capsys.readouterr().out
+    assert "Job demo: 300 rows, 300 to generate, 0 error rows" in out
+    assert re.search(r"Prompt tokens: [\d,]+ total, [\d,]+ unique \(sharing ratio \d+\.\d%\)", out)
+    assert re.search(r"Prefill cost: [\d,]+ tokens with sharing vs [\d,]+ without", out)
+    assert re.search(r"Peak KV per group: [\d,]+ tokens with sharing vs [\d,]+ without", out)
+    assert "careful assistant for a public library" in out  # a top shared prefix, decoded
+
+
+def test_plan_json_has_costs_groups_and_shards(tmp_path, tiny_llama, capsys):
+    spec = demo_job(tmp_path, tiny_llama)
+    assert main(["plan", spec, "--json", "--shards", "3", "--kv-budget", "4000"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rows"] == 300 and report["requests"] == 300
+    prefill = report["prefill_tokens"]
+    assert prefill["with_sharing"] < prefill["without_sharing"] / 3
+    assert report["unique_prompt_tokens"] <= prefill["with_sharing"]
+    assert report["prompt_tokens"] == prefill["without_sharing"]
+    kv = report["peak_kv_tokens_per_group"]
+    assert kv["with_sharing"] <= 4000 < kv["without_sharing"] or report["groups_over_budget"]
+    assert len(report["shards"]) == 3
+    assert sum(s["requests"] for s in report["shards"]) == 300
+    # The three system prompts are the top shared prefixes, 100 requests each.
+    top = report["top_prefixes"][:3]
+    assert [p["requests"] for p in top] == [100, 100, 100]
+    for system in SYSTEM_PROMPTS:  # each segment is a system prompt's text after the shared head
+        assert sum(p["text"].strip()[:30] in system for p in top) == 1
+
+
+def test_report_shows_the_system_prompts_as_the_widest_blocks(tmp_path, tiny_llama, capsys):
+    spec = demo_job(tmp_path, tiny_llama)
+    report = tmp_path / "sharing.html"
+    assert main(["plan", spec, "--report", str(report)]) == 0
+    assert f"wrote {report}" in capsys.readouterr().err
+    page = report.read_text()
+    rects = [
+        (title, float(w), float(h), float(y))
+        for title, y, w, h in re.findall(
+            r'<title>([^<]*)</title><rect x="[\d.]+" y="([\d.]+)" width="([\d.]+)" height="([\d.]+)"', page
+        )
+    ]
+    assert rects
+    systems = [r for r in rects if "careful assistant" in r[0] or "bicycle shop" in r[0] or "cooking" in r[0]]
+    assert len(systems) == 3
+    total = max(r[1] for r in rects)  # the chat template's header spans every prompt
+    for _, width, height, _ in systems:
+        assert abs(width - total / 3) < 1.0  # each system prompt: a third of all prompts
+        assert height > 20  # and tall: dozens of shared tokens
+    # Apart from the template's few header tokens above them, no node is wider or larger.
+    below = [r for r in rects if r not in systems and r[3] >= max(s[3] for s in systems)]
+    assert all(r[1] <= total / 3 + 1e-6 for r in below)
+    assert max(r[1] * r[2] for r in rects if r not in systems) < min(s[1] * s[2] for s in systems)
