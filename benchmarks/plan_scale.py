@@ -12,6 +12,11 @@ about: <= 10 s and <= 3 GB peak RSS for 1,000,000 prompts on 2 cores.
 
     .venv/bin/python benchmarks/plan_scale.py                # 1,000,000 prompts
     .venv/bin/python benchmarks/plan_scale.py --prompts 10000
+
+It also times tokenization, the stage before planning, on text of the same size: a sample of
+the prompts is decoded with the `small` test model's tokenizer (vocabulary 8,192) and
+encoded again the way the pipeline does (`tokenizer(texts, add_special_tokens=False)`, a
+fast tokenizer on all cores); its tokens/s is set against the planner's.
 """
 
 from __future__ import annotations
@@ -118,6 +123,9 @@ def main() -> None:
     )
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tokenize-sample", type=int, default=20_000, help="prompts tokenized for the comparison (0: skip)"
+    )
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -154,8 +162,32 @@ def main() -> None:
     rate = len(tokens) / planning_s / 1e6
     print(f"planning total: {planning_s:.2f} s  ({rate:.0f} M prompt tokens/s)")
     print(f"peak RSS (whole process): {_peak_rss_gb():.2f} GB")
+    if args.tokenize_sample:
+        tokenize_rate = tokenization_rate(tokens, offsets, min(args.tokenize_sample, args.prompts))
+        print(
+            f"tokenization: {tokenize_rate / 1e6:.2f} M tokens/s -> the planner is "
+            f"{rate * 1e6 / tokenize_rate:.0f}x faster than tokenizing the same prompts"
+        )
     print()
     print(plan.explain())
+
+
+def tokenization_rate(tokens: np.ndarray, offsets: np.ndarray, num_prompts: int) -> float:
+    """Tokens/s of the pipeline's tokenizer call on text as long as `num_prompts` prompts."""
+    from prefixbatch.executors.test_model import SIZES, train_tokenizer
+
+    shape = SIZES["small"]
+    tokenizer = train_tokenizer(vocab_size=shape["vocab_size"], model_max_length=1 << 20)
+    vocab = shape["vocab_size"]
+    first_regular = len(tokenizer.all_special_ids)  # map ids into the regular vocabulary
+    texts = [
+        tokenizer.decode((tokens[offsets[i] : offsets[i + 1]] % (vocab - first_regular) + first_regular).tolist())
+        for i in range(num_prompts)
+    ]
+    start = time.perf_counter()
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    seconds = time.perf_counter() - start
+    return sum(len(ids) for ids in encoded) / seconds
 
 
 def _peak_rss_gb() -> float:

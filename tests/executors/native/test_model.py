@@ -30,10 +30,12 @@ from prefixbatch.executors.native.rope import inverse_frequencies
 from prefixbatch.executors.native.tree_attention import TreeAttention
 from prefixbatch.executors.native.weights import load_model
 from prefixbatch.executors.test_model import randomize_parameters
-from tests.executors.native.conftest import ContiguousKV, greedy
+from tests.executors.native.helpers import ContiguousKV, greedy
 
-# Logits have std ~8 (see test_model.LOGIT_STD); fp32 differences in op order stay ~1e-5.
-LOGITS_TOL = 1e-4
+# Logits have std ~8 and reach ~40 (test_model.LOGIT_STD). Measured: ours and transformers
+# each differ from a float64 run by up to ~1.5e-4, from each other by up to ~1e-4 (fp32
+# rounding in a different op order); the margin absorbs other BLAS builds.
+LOGITS_TOL = 2e-4
 ARCHS = ["tiny_llama", "tiny_qwen2", "tiny_qwen3"]
 TEXTS = [
     "def",
@@ -170,22 +172,17 @@ def test_config_variants_match_transformers(name, tmp_path):
     assert_matches_transformers(folder, prompt, num_steps=6)
 
 
-def test_variant_configs_are_read_as_intended(tmp_path):
+def test_variant_configs_are_read_as_intended():
     read = {name: model_config_from_hf(make().to_dict()) for name, make in CONFIGS.items()}
     assert read["llama3_rope"].rope.rope_type == "llama3"
     assert read["linear_rope"].rope.factor == 4.0
     assert read["llama_mqa"].num_kv_heads == 1
-    assert (
-        read["llama_biases"].qkv_bias,
-        read["llama_biases"].o_bias,
-        read["llama_biases"].mlp_bias,
-    ) == (True,) * 3
+    biases = read["llama_biases"]
+    assert biases.qkv_bias and biases.o_bias and biases.mlp_bias
     assert read["mistral"].max_context_tokens == 512  # the window (4096) is beyond the context
-    assert (
-        read["qwen2_mqa_derived_head_dim"].head_dim == 16
-        and read["qwen2_mqa_derived_head_dim"].qkv_bias
-    )
-    assert read["qwen3_head_dim_24_bias"].head_dim == 24 and read["qwen3_head_dim_24_bias"].qk_norm
+    qwen2, qwen3 = read["qwen2_mqa_derived_head_dim"], read["qwen3_head_dim_24_bias"]
+    assert qwen2.head_dim == 16 and qwen2.qkv_bias and not qwen2.o_bias
+    assert qwen3.head_dim == 24 and qwen3.qk_norm and qwen3.qkv_bias and qwen3.o_bias
 
 
 @pytest.mark.parametrize("name", ["llama3_rope", "linear_rope"])

@@ -70,20 +70,14 @@ def _ancestors(segment: int, parents) -> list[int]:
     return chain[::-1]
 
 
-def run_case(case: Case, *, seed: int = 0) -> None:
+def run_case(case: Case, *, seed: int = 0, device: str = "cpu", tol: float = TOL) -> None:
     generator = torch.Generator().manual_seed(seed)
     num_heads, num_kv_heads = case.heads
-    # The true KV of every segment in every layer, and the step's queries.
-    truth_k = [
-        torch.randn(NUM_LAYERS, n, num_kv_heads, HEAD_DIM, generator=generator)
-        for n in case.lengths
-    ]
-    truth_v = [
-        torch.randn(NUM_LAYERS, n, num_kv_heads, HEAD_DIM, generator=generator)
-        for n in case.lengths
-    ]
+    # The true KV of every segment ([layer, token, Hkv, D]), and the step's queries.
+    truth_k = [_randn(NUM_LAYERS, n, num_kv_heads, generator=generator) for n in case.lengths]
+    truth_v = [_randn(NUM_LAYERS, n, num_kv_heads, generator=generator) for n in case.lengths]
     num_rows = sum(n for _, _, n in case.runs)
-    q = 3 * torch.randn(NUM_LAYERS, num_rows, num_heads, HEAD_DIM, generator=generator)
+    q = 3 * _randn(NUM_LAYERS, num_rows, num_heads, generator=generator)
 
     store = KVStore(
         num_layers=NUM_LAYERS,
@@ -91,7 +85,7 @@ def run_case(case: Case, *, seed: int = 0) -> None:
         head_dim=HEAD_DIM,
         capacity_tokens=sum(case.lengths) + 7,
         dtype=torch.float32,
-        device="cpu",
+        device=device,
     )
     store.allocate(-1, 3)  # keep segments off slot 0, so a slot mix-up cannot hide there
     stored = _stored_lengths(case)
@@ -104,8 +98,8 @@ def run_case(case: Case, *, seed: int = 0) -> None:
         store.keys[:, slots.start : slots.stop] = 1e3
         store.values[:, slots.start : slots.stop] = -1e3
         before = stored[i] - sum(n for s, _, n in case.runs if s == i)
-        store.keys[:, slots.start : slots.start + before] = truth_k[i][:, :before]
-        store.values[:, slots.start : slots.start + before] = truth_v[i][:, :before]
+        store.keys[:, slots.start : slots.start + before] = truth_k[i][:, :before].to(device)
+        store.values[:, slots.start : slots.start + before] = truth_v[i][:, :before].to(device)
 
     runs, row = [], 0
     for segment, offset, num_tokens in case.runs:
@@ -117,27 +111,27 @@ def run_case(case: Case, *, seed: int = 0) -> None:
     for layer in range(NUM_LAYERS):
         step_k = torch.cat([truth_k[s][layer, o : o + n] for s, o, n in case.runs])
         step_v = torch.cat([truth_v[s][layer, o : o + n] for s, o, n in case.runs])
-        out = attention(layer, q[layer], step_k, step_v)
+        out = attention(layer, q[layer].to(device), step_k.to(device), step_v.to(device)).cpu()
         for run in runs:
             rows = slice(run.first_row, run.first_row + run.num_tokens)
-            context = [*_ancestors(run.segment_id, case.parents), run.segment_id]
-            end = run.offset + run.num_tokens
-            k = torch.cat(
-                [
-                    truth_k[s][layer, : case.lengths[s] if s != run.segment_id else end]
-                    for s in context
-                ]
-            )
-            v = torch.cat(
-                [
-                    truth_v[s][layer, : case.lengths[s] if s != run.segment_id else end]
-                    for s in context
-                ]
-            )
-            before = k.shape[0] - end + run.offset  # ancestors' tokens, then the run's offset
-            expected = reference_attention(q[layer, rows], k, v, scale=SCALE, causal_offset=before)
-            torch.testing.assert_close(out[rows], expected, atol=TOL, rtol=0)
-            assert list(plan.positions[rows]) == list(range(before, before + run.num_tokens))
+            k, v = _context(case, run, truth_k, layer), _context(case, run, truth_v, layer)
+            # The run's first token follows its ancestors' tokens and its offset.
+            first = k.shape[0] - run.num_tokens
+            expected = reference_attention(q[layer, rows], k, v, scale=SCALE, causal_offset=first)
+            torch.testing.assert_close(out[rows], expected, atol=tol, rtol=0)
+            assert list(plan.positions[rows]) == list(range(first, first + run.num_tokens))
+
+
+def _randn(*shape: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(*shape, HEAD_DIM, generator=generator)
+
+
+def _context(case: Case, run: QueryRun, truth: list[torch.Tensor], layer: int) -> torch.Tensor:
+    """The run's whole context of one layer: its ancestors, then its segment up to its end."""
+    ancestors = _ancestors(run.segment_id, case.parents)
+    parts = [truth[s][layer] for s in ancestors]
+    parts.append(truth[run.segment_id][layer, : run.offset + run.num_tokens])
+    return torch.cat(parts)
 
 
 def _stored_lengths(case: Case) -> list[int]:

@@ -1,4 +1,4 @@
-"""Helpers for the native model tests: a contiguous single-sequence KV, and greedy decoding."""
+"""Test helpers for the native model: a contiguous single-sequence KV, and greedy decoding."""
 
 from __future__ import annotations
 
@@ -35,12 +35,15 @@ def greedy(
 ) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
     """(prompt logits [P, V], generated ids, logits of each step [V]) with a contiguous KV."""
     kv = ContiguousKV(model.config.attention_scale)
-    prompt_logits = model(torch.tensor(prompt), torch.arange(len(prompt)), kv)
+    device = model.device
+    prompt_logits = model(
+        torch.tensor(prompt, device=device), torch.arange(len(prompt), device=device), kv
+    )
     logits, ids, step_logits = prompt_logits[-1], [], []
     for step in range(num_steps):
         step_logits.append(logits)
         ids.append(int(logits.argmax()))
         if step + 1 < num_steps:
-            position = torch.tensor([len(prompt) + step])
-            logits = model(torch.tensor(ids[-1:]), position, kv)[0]
+            position = torch.tensor([len(prompt) + step], device=device)
+            logits = model(torch.tensor(ids[-1:], device=device), position, kv)[0]
     return prompt_logits, ids, step_logits
