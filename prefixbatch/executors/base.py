@@ -20,11 +20,28 @@ class Executor(Protocol):
         ...
 
 
+def resolve_kind(model: ModelSpec, executor: ExecutorSpec) -> str:
+    """`native` or `hf`; `auto` is `native` when our engine implements the model's architecture."""
+    if executor.kind != "auto":
+        return executor.kind
+    from prefixbatch.errors import ModelError
+    from prefixbatch.executors.model_folder import read_config
+    from prefixbatch.executors.native.config import model_config_from_hf
+
+    try:
+        model_config_from_hf(read_config(model.path))
+    except ModelError:
+        return "hf"
+    return "native"
+
+
 def create_executor(model: ModelSpec, executor: ExecutorSpec) -> Executor:
     """Load the model for the chosen executor kind."""
-    if executor.kind == "hf":
-        from prefixbatch.executors.hf import HfExecutor
+    kind = resolve_kind(model, executor)
+    if kind == "native":
+        from prefixbatch.executors.native.executor import NativeExecutor
 
-        return HfExecutor(model, executor)
-    msg = f"executor.kind must be one of ['hf'], got {executor.kind!r}"  # unreachable: the spec validates it
-    raise ValueError(msg)
+        return NativeExecutor(model, executor)
+    from prefixbatch.executors.hf import HfExecutor
+
+    return HfExecutor(model, executor)

@@ -32,8 +32,11 @@ class ModelSpec(StrictModel):
 class ExecutorSpec(StrictModel):
     """Which engine generates, on which device, in batches of what size."""
 
-    kind: Literal["hf"] = "hf"
-    """`hf`: Hugging Face transformers `generate` in padded batches (the reference executor)."""
+    kind: Literal["auto", "native", "hf"] = "auto"
+    """`native`: our engine (prefix tree KV, each shared prefix computed once, shared-prefix
+    attention; Llama, Mistral, Qwen2, Qwen3). `hf`: Hugging Face transformers `generate` in
+    padded batches (the reference executor, any architecture). `auto`: `native` when it
+    supports the model, else `hf`."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` picks CUDA when a GPU is visible, else the CPU."""
@@ -46,5 +49,6 @@ class ExecutorSpec(StrictModel):
     the CPU (the native engine will size it from free device memory on CUDA)."""
 
     max_batch_tokens: int = Field(16384, ge=1)
-    """Most padded tokens (batch size × (longest prompt + its max_tokens)) in one batch.
-    A single request larger than this still runs, alone."""
+    """`hf`: most padded tokens (batch size × (longest prompt + its max_tokens)) in one
+    batch; a single request larger than this still runs, alone. `native`: most tokens in one
+    forward step (prefill segments are chunked to fit)."""

@@ -82,10 +82,13 @@ class HfExecutor:
         self.model.generation_config = GenerationConfig(**self.special_ids, do_sample=False)
 
     def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
-        """One completion per request, in batch order (row_index identifies each)."""
+        """One completion per request, in batch order; (row_index, sample_index) names each."""
         empty = [r for r in requests if r.sampling.max_tokens < 1]
         for request in empty:
-            yield Completion(request.row_index, (), "", "length", request.num_prompt_tokens)
+            yield Completion(
+                request.row_index, (), "", "length", request.num_prompt_tokens,
+                sample_index=request.sample_index,
+            )
         batches = plan_batches(
             [r for r in requests if r.sampling.max_tokens >= 1],
             max_batch_size=self.spec.max_batch_size,
@@ -132,6 +135,7 @@ class HfExecutor:
             text=cut_at_stop(self.decode(token_ids), rule.stop),
             finish_reason=finish.reason,
             num_prompt_tokens=request.num_prompt_tokens,
+            sample_index=request.sample_index,
         )
 
     def _left_pad(self, prompts: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,3 +45,18 @@ def check_model_folder(path: str) -> dict:
         found = f"; found only {', '.join(pickled)} (pickle, refused for safety)" if pickled else ""
         raise ModelError(f"model.path {path}: no *.safetensors weights in this folder{found}")
     return config
+
+
+def eos_token_ids(path: str) -> tuple[int, ...]:
+    """The ids that end generation: generation_config.json's eos (one id or a list), else config.json's."""
+    for name in ("generation_config.json", "config.json"):
+        file = Path(path) / name
+        if not file.is_file():
+            continue
+        try:
+            eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, ValueError):
+            continue
+        if eos is not None:
+            return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    return ()

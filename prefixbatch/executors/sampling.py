@@ -21,7 +21,7 @@ from transformers import LogitsProcessor
 
 from prefixbatch.types import SamplingParams
 
-__all__ = ["SeededSampler", "filter_logits"]
+__all__ = ["SeededSampler", "draw_tokens", "filter_logits"]
 
 
 class SeededSampler(LogitsProcessor):
@@ -41,17 +41,28 @@ class SeededSampler(LogitsProcessor):
         if not self.rows:
             return scores
         rows = torch.tensor(self.rows, device=scores.device)
-        top_k = torch.where(self.top_k > 0, self.top_k, scores.shape[-1])
-        scaled = scores[rows] / self.temperature[:, None]  # [S, V]
-        logits = filter_logits(scaled, top_k, self.top_p)  # [S, V]
-        probs = torch.softmax(logits, dim=-1)
-        drawn = torch.cat(
-            [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)]
+        drawn = draw_tokens(
+            scores[rows], self.temperature, self.top_k, self.top_p, self.generators
         )  # [S]
         out = scores.clone()
         out[rows] = float("-inf")
         out[rows, drawn] = 0.0
         return out
+
+
+def draw_tokens(
+    scores: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    generators: Sequence[torch.Generator],
+) -> torch.Tensor:
+    """One token per row, each from its own generator. scores: [S, V]; the rest: [S] (top_k 0:
+    no cut) → [S] token ids. Shared by `hf` and `native`, so both draw the same way."""
+    top_k = torch.where(top_k > 0, top_k, scores.shape[-1])
+    logits = filter_logits(scores / temperature[:, None], top_k, top_p)  # [S, V]
+    probs = torch.softmax(logits, dim=-1)
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

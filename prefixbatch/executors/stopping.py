@@ -21,7 +21,7 @@ from transformers import StoppingCriteria
 
 from prefixbatch.types import FinishReason, SamplingParams
 
-__all__ = ["RowFinish", "RowStopper", "StopRule", "cut_at_stop"]
+__all__ = ["RowFinish", "RowStopper", "StopRule", "cut_at_stop", "row_finish"]
 
 
 @dataclass(frozen=True)
@@ -70,12 +70,13 @@ class RowStopper(StoppingCriteria):
         for row in open_rows:
             rule = self.rules[row]
             text = self.decode(generated[row]) if rule.stop else ""
-            self.finishes[row] = _finish(rule, num_generated, last[row], text)
+            self.finishes[row] = row_finish(rule, num_generated, last[row], text)
         done = [finish is not None for finish in self.finishes]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-def _finish(rule: StopRule, num_generated: int, last_token: int, text: str) -> RowFinish | None:
+def row_finish(rule: StopRule, num_generated: int, last_token: int, text: str) -> RowFinish | None:
+    """How a row ends after `num_generated` tokens, the last being `last_token`; None: not yet."""
     if last_token in rule.stop_token_ids:
         return RowFinish(num_generated - 1, "stop")
     if any(stop in text for stop in rule.stop):

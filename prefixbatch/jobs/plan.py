@@ -26,6 +26,7 @@ from prefixbatch.prefix_tree import (
     schedule_groups,
     tree_stats,
 )
+from prefixbatch.prefix_tree.requests import prompt_arrays
 
 DEFAULT_CPU_KV_BUDGET = 131_072  # tokens; the native engine sizes it from device memory on CUDA
 
@@ -41,26 +42,16 @@ def plan_job(spec: JobSpec, *, num_shards: int = 1, kv_budget_tokens: int | None
     """Tokenize the job and plan it; request ids of the plan index `prepared.requests`."""
     prepared = read_job_input(spec)
     tokenizer = prompt_tokenizer(spec)
-    tokens, offsets, max_tokens = prompt_arrays(prepared)
+    tokens, offsets, max_tokens = prompt_arrays(prepared.requests)
     prompts = check_prompts(tokens, offsets, max_tokens)
     tree = build_tree(prompts.tokens, prompts.offsets)
     stats = tree_stats(tree, decode=lambda ids: tokenizer.decode(ids.tolist()))
     budget = kv_budget_tokens or spec.executor.kv_budget_tokens or DEFAULT_CPU_KV_BUDGET
-    schedule = schedule_groups(tree, prompts.max_tokens, kv_budget_tokens=budget)
+    schedule = schedule_groups(
+        tree, prompts.max_tokens, kv_budget_tokens=budget, num_shards=num_shards
+    )
     plan = assemble_plan(tree, stats, schedule, cut_shards(schedule, num_shards))
     return JobPlan(prepared, tree, plan)
-
-
-def prompt_arrays(prepared: PreparedInput) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The requests' prompts as one flat token array + offsets, and their max_tokens."""
-    lengths = np.fromiter((r.num_prompt_tokens for r in prepared.requests), np.int64, len(prepared.requests))
-    offsets = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    tokens = np.fromiter(
-        (t for r in prepared.requests for t in r.token_ids), np.int32, int(offsets[-1])
-    )
-    max_tokens = np.fromiter((r.sampling.max_tokens for r in prepared.requests), np.int32, len(lengths))
-    return tokens, offsets, max_tokens
 
 
 def peak_kv_without_sharing(job: JobPlan) -> int:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["attend", "causal_mask", "merge", "reference_attention"]
+__all__ = ["attend", "attend_gathered", "causal_mask", "merge", "reference_attention"]
 
 
 def attend(
@@ -66,6 +66,26 @@ def attend(
     out = out.view(num_kv_heads, group, num_queries, head_dim).permute(2, 0, 1, 3)
     lse = lse.permute(2, 0, 1)  # [Tq, Hkv, G]
     return out.reshape(num_queries, num_heads, head_dim), lse.reshape(num_queries, num_heads)
+
+
+def attend_gathered(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, *, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per row over that row's own gathered keys, all rows in one batched product.
+
+    q [R, H, D]; k, v [R, L, Hkv, D] (row r's keys, padded to L); valid [R, L] bool (False on
+    padding) → (out [R, H, D] in q's dtype, lse [R, H] fp32). The decode fast path: many
+    sequences each with a short key list of its own, instead of one `attend` call apiece.
+    """
+    num_rows, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_heads // num_kv_heads
+    q_grouped = q.view(num_rows, num_kv_heads, group, head_dim)  # [R, Hkv, G, D]
+    scores = torch.einsum("rkgd,rlkd->rkgl", q_grouped, k).float() * scale  # [R, Hkv, G, L]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs, lse = _softmax_with_lse(scores)  # [R, Hkv, G, L], [R, Hkv, G]
+    out = torch.einsum("rkgl,rlkd->rkgd", probs.to(v.dtype), v)  # [R, Hkv, G, D]
+    return out.reshape(num_rows, num_heads, head_dim), lse.reshape(num_rows, num_heads)
 
 
 def causal_mask(

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from prefixbatch.executors.native.attention import attend, merge
-from prefixbatch.executors.native.attention_plan import AttentionPlan
+from prefixbatch.executors.native.attention import attend, attend_gathered, merge
+from prefixbatch.executors.native.attention_plan import AttentionPlan, KeySpan
 from prefixbatch.executors.native.kv import KVStore
 
 __all__ = ["DevicePlan", "DeviceSpan", "TreeAttention", "tree_attention"]
@@ -36,18 +37,56 @@ class DeviceSpan:
 
 
 @dataclass(frozen=True)
+class Gathered:
+    """Single-row spans, batched: each such row against its own keys, gathered and padded.
+
+    In a decode step most spans hold one row (a sequence's own tokens, and the leaf node of a
+    prompt nobody else shares); one padded gather replaces hundreds of tiny products.
+    """
+
+    rows: torch.Tensor  # [R] int64, distinct rows
+    slots: torch.Tensor  # [R, L] int64, row r's visible key slots, padded
+    valid: torch.Tensor  # [R, L] bool, False on padding
+
+    @classmethod
+    def of(cls, spans: list[KeySpan], device: torch.device | str) -> Gathered | None:
+        keys_of: dict[int, list[range]] = {}
+        for span in spans:
+            visible = span.num_keys if span.causal_offset is None else min(span.num_keys, span.causal_offset + 1)
+            keys_of.setdefault(span.rows[0], []).append(range(span.key_start, span.key_start + visible))
+        if not keys_of:
+            return None
+        rows = sorted(keys_of)
+        slot_lists = [[slot for r in keys_of[row] for slot in r] for row in rows]
+        width = max(max((len(s) for s in slot_lists), default=1), 1)
+        slots = np.zeros((len(rows), width), np.int64)
+        valid = np.zeros((len(rows), width), bool)
+        for i, row_slots in enumerate(slot_lists):
+            slots[i, : len(row_slots)] = row_slots
+            valid[i, : len(row_slots)] = True
+        return cls(
+            torch.tensor(rows, dtype=torch.int64, device=device),
+            torch.from_numpy(slots).to(device),
+            torch.from_numpy(valid).to(device),
+        )
+
+
+@dataclass(frozen=True)
 class DevicePlan:
     """An `AttentionPlan` with its index lists as tensors on the device, built once per step."""
 
     num_rows: int
-    spans: tuple[DeviceSpan, ...]
+    spans: tuple[DeviceSpan, ...]  # spans of two or more rows
     write_slots: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
+    gathered: Gathered | None = None  # the single-row spans, batched
 
     @classmethod
     def of(cls, plan: AttentionPlan, device: torch.device | str) -> DevicePlan:
+        single = [span for span in plan.spans if len(span.rows) == 1]
+        multi = [span for span in plan.spans if len(span.rows) != 1]
         # One host→device copy for all index lists, then views: a step may have hundreds of spans.
-        gathered = [span.rows for span in plan.spans if not _is_consecutive(span.rows)]
+        gathered = [span.rows for span in multi if not _is_consecutive(span.rows)]
         flat = [row for rows in gathered for row in rows]
         index = torch.tensor(
             list(plan.write_slots) + list(plan.positions) + flat, dtype=torch.int64
@@ -62,9 +101,9 @@ class DevicePlan:
                 key_stop=span.key_start + span.num_keys,
                 causal_offset=span.causal_offset,
             )
-            for span in plan.spans
+            for span in multi
         )
-        return cls(plan.num_rows, spans, write_slots, positions)
+        return cls(plan.num_rows, spans, write_slots, positions, Gathered.of(single, device))
 
 
 def _is_consecutive(rows: tuple[int, ...]) -> bool:
@@ -92,6 +131,10 @@ def tree_attention(
         )
         # The accumulator starts at lse -inf, so a row's first part is taken as is.
         out[span.rows], lse[span.rows] = merge([(out[span.rows], lse[span.rows]), part])
+    if plan.gathered is not None:
+        g = plan.gathered
+        part = attend_gathered(q[g.rows], keys[g.slots], values[g.slots], g.valid, scale=scale)
+        out[g.rows], lse[g.rows] = merge([(out[g.rows], lse[g.rows]), part])
     return out
 
 
