@@ -145,7 +145,9 @@ def main() -> None:
     with timed(t, "statistics"):
         stats = tree_stats(tree)
     with timed(t, "groups + order"):
-        schedule = schedule_groups(tree, prompts.max_tokens, kv_budget_tokens=args.kv_budget_tokens)
+        schedule = schedule_groups(
+            tree, prompts.max_tokens, kv_budget_tokens=args.kv_budget_tokens, num_shards=args.shards
+        )
     with timed(t, "shards"):
         shards = cut_shards(schedule, args.shards)
     with timed(t, "plan"):

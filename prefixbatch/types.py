@@ -31,11 +31,16 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Request:
-    """One prompt to complete: its position in the job and its token ids."""
+    """One sample of one prompt to complete: its position in the job and its token ids.
+
+    A row with `n` samples is `n` requests with the same `row_index` and token ids, told
+    apart by `sample_index` (and each seeded on its own).
+    """
 
     row_index: int  # 0-based index of the input row across all input files, in read order
     token_ids: tuple[int, ...]
     sampling: SamplingParams
+    sample_index: int = 0  # which of the row's n samples, 0..n-1; unique with row_index
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -44,7 +49,11 @@ class Request:
 
 @dataclass(frozen=True)
 class Completion:
-    """The result for one request (or an error row that never reached an executor)."""
+    """The result for one request (or an error row that never reached an executor).
+
+    Executors copy `row_index` and `sample_index` from the request: together they name the
+    output row.
+    """
 
     row_index: int
     token_ids: tuple[int, ...]  # generated ids; eos / stop ids excluded
@@ -53,6 +62,7 @@ class Completion:
     num_prompt_tokens: int
     num_cached_prompt_tokens: int = 0  # prompt tokens whose KV was reused, not computed
     error: str | None = None  # "code: message" for error rows
+    sample_index: int = 0  # the request's sample_index; 0 for error rows (one per input row)
 
     @property
     def num_output_tokens(self) -> int:

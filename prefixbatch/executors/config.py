@@ -42,7 +42,7 @@ class ExecutorSpec(StrictModel):
     """`auto` picks CUDA when a GPU is visible, else the CPU."""
 
     max_batch_size: int = Field(32, ge=1)
-    """Most requests decoded together in one batch."""
+    """`hf`: most requests decoded together in one batch."""
 
     kv_budget_tokens: int | None = Field(None, ge=1)
     """Most KV-cache tokens held at once; the planner sizes groups to fit it. Null: 131072 on

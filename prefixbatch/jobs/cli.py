@@ -97,8 +97,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     mode = ["output.mode=overwrite"] if args.overwrite else ["output.mode=resume"] if args.resume else []
     spec = _load(args, mode)
     summary = run_job(spec, live_progress=False if args.no_progress else None, log=_info)
+    inputs = f" from {summary.input_rows} input rows" if summary.input_rows != summary.rows else ""
     _info(
-        f"done: {summary.rows} rows ({summary.error_rows} errors), {summary.output_tokens} output tokens, "
+        f"done: {summary.rows} rows{inputs} ({summary.error_rows} errors), "
+        f"{summary.output_tokens} output tokens, "
         f"{summary.output_tokens_per_s:.1f} tok/s while generating, {summary.wall_s:.1f}s in all "
         f"→ {summary.output_path}"
     )

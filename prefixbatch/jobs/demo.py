@@ -53,8 +53,7 @@ sampling:
   max_tokens: 24
   temperature: 0.0
 executor:
-  kind: hf
-  max_batch_size: 32
+  kind: native   # our engine; `hf` runs the same job with transformers generate
 """
 
 

@@ -3,7 +3,9 @@
 Order matters for the user: everything that can be wrong with the spec, the input files
 or the model folder is found before the model's weights are loaded, and the output folder
 is claimed before any generation, so a mistake costs seconds, not a run.
-Invariant: the output holds exactly one row per input row (error rows included).
+Invariant: the output holds exactly one row per sample of each input row (n rows for a row
+with `n` samples, `sample_index` 0..n-1) and one row per error row: every (id, sample_index)
+exactly once.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ class RunSummary:
 
     job: str
     output_path: str
-    rows: int
+    input_rows: int
+    rows: int  # output rows: one per sample (n per input row), one per error row
     error_rows: int
     errors_by_code: dict[str, int]
     prompt_tokens: int
@@ -103,7 +106,7 @@ def run_job(spec: JobSpec, *, live_progress: bool | None = None, log: Callable[[
     writer = PartWriter(output, prepared, spec)  # checks the output columns before any model work
     output.prepare()
     executor = create_executor(spec.model, spec.executor)
-    with JobProgress(prepared.num_rows, live=live_progress) as progress:
+    with JobProgress(prepared.num_output_rows, live=live_progress) as progress:
         for completion in _all_completions(prepared, executor.generate(prepared.requests)):
             writer.add(completion)
             progress.advance(1, completion.num_output_tokens)
@@ -121,7 +124,8 @@ def _all_completions(prepared: PreparedInput, generated: Iterable[Completion]) -
 
 
 class PartWriter:
-    """Buffers completions and writes a part file every `rows_per_part` rows, sorted by row."""
+    """Buffers completions and writes a part file every `rows_per_part` rows, sorted by
+    (row, sample); a row's id and carried values repeat on each of its samples."""
 
     def __init__(self, output: OutputFolder, prepared: PreparedInput, spec: JobSpec) -> None:
         self.output = output
@@ -143,7 +147,7 @@ class PartWriter:
     def flush(self) -> None:
         if not self.buffer:
             return
-        rows = sorted(self.buffer, key=lambda c: c.row_index)
+        rows = sorted(self.buffer, key=lambda c: (c.row_index, c.sample_index))
         self.buffer = []
         indices = pa.array([c.row_index for c in rows], type=pa.int64())
         table = completions_to_table(
@@ -169,6 +173,7 @@ def summarize(
     return RunSummary(
         job=spec.name,
         output_path=spec.output.path,
+        input_rows=prepared.num_rows,
         rows=totals["rows"],
         error_rows=sum(writer.counts.values()),
         errors_by_code=dict(sorted(writer.counts.items())),

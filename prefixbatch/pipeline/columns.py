@@ -88,6 +88,7 @@ _OVERRIDES = {
     "seed": (*_INTEGER, pa.int64()),
     "stop": (*_STOP, pa.list_(pa.string())),  # a plain string becomes a one-element list
     "stop_token_ids": (*_INTEGERS, pa.list_(pa.int64())),
+    "n": (*_INTEGER, pa.int64()),
 }
 OVERRIDE_TYPES: dict[str, pa.DataType] = {name: t for name, (*_, t) in _OVERRIDES.items()}
 OVERRIDE_RULES: dict[str, ColumnRule] = {

@@ -13,7 +13,9 @@ from pydantic import Field, field_validator, model_validator
 from prefixbatch.config import StrictModel
 
 # Per-row override columns: an input column with one of these names overrides the default.
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids")
+SAMPLING_FIELDS = (
+    "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "n"
+)
 
 
 class InputSpec(StrictModel):
@@ -91,7 +93,8 @@ class SamplingSpec(StrictModel):
 
     seed: int = 0
     """Job seed. Each row's generator is seeded from it and the row's id, so a row's sample does
-    not depend on its batch mates, sharding or resumes. A `seed` column sets it per row."""
+    not depend on its batch mates, sharding or resumes. A `seed` column sets it per row. With
+    `n > 1`, sample 0 uses the row's seed and sample k a seed derived from it and k."""
 
     stop: tuple[str, ...] = ()
     """Stop strings: the output is cut before the first one that appears."""
@@ -104,3 +107,7 @@ class SamplingSpec(StrictModel):
 
     stop_token_ids: tuple[int, ...] = ()
     """Token ids that end generation (besides the model's end-of-sequence tokens)."""
+
+    n: int = Field(1, ge=1)
+    """Completions per prompt: a row becomes n output rows (`sample_index` 0..n-1), each sampled
+    with its own seed. The samples share the prompt's KV in the native engine."""

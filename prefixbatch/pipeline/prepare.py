@@ -1,8 +1,9 @@
 """Input files → requests: read the needed columns batch by batch, tokenize, apply per-row settings.
 
-Every input row ends up either as a `Request` or as an error `Completion`, never dropped:
-`len(requests) + len(errors) == num_rows`. Ids and carried columns are kept (as Arrow,
-indexed by row index) for writing the output rows.
+Every input row ends up either as its `n` `Request`s (one per sample, `sample_index`
+0..n-1) or as one error `Completion`, never dropped: each row index appears in exactly one
+of `requests` and `errors`. Ids and carried columns are kept (as Arrow, indexed by row
+index) for writing the output rows.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pyarrow as pa
 
 from prefixbatch.pipeline.config import SAMPLING_FIELDS, InputSpec, SamplingSpec
 from prefixbatch.pipeline.reader import InputBatch, InputColumns, InputFile, iter_input_batches
-from prefixbatch.pipeline.requests import make_request, row_sampling
+from prefixbatch.pipeline.requests import make_requests, row_sampling
 from prefixbatch.pipeline.tokenize import PromptTokenizer, RowError
 from prefixbatch.types import Completion, Request, error_completion
 
@@ -23,15 +24,21 @@ from prefixbatch.types import Completion, Request, error_completion
 class PreparedInput:
     """Everything generation and output writing need from the input, by global row index."""
 
-    requests: list[Request]
-    errors: list[Completion]  # rows that never reach an executor
+    requests: list[Request]  # a row's n samples are adjacent, in sample order
+    errors: list[Completion]  # rows that never reach an executor, one per row
     ids: pa.ChunkedArray  # id of row i at index i
     carry: pa.Table  # carried columns of row i at index i (no columns if none carried)
-    num_clamped: int  # rows whose max_tokens was cut to fit the model's context
+    num_clamped: int  # input rows whose max_tokens was cut to fit the model's context
 
     @property
     def num_rows(self) -> int:
+        """Input rows."""
         return len(self.ids)
+
+    @property
+    def num_output_rows(self) -> int:
+        """One per request (sample) plus one per error row."""
+        return len(self.requests) + len(self.errors)
 
 
 def input_columns(spec: InputSpec) -> InputColumns:
@@ -67,8 +74,8 @@ def prepare_input(
             if isinstance(item, Completion):
                 errors.append(item)
             else:
-                request, clamped = item
-                requests.append(request)
+                row_requests, clamped = item
+                requests.extend(row_requests)
                 num_clamped += clamped
         if on_batch:
             on_batch(table.num_rows)
@@ -83,8 +90,8 @@ def prepare_input(
 
 def _batch_requests(
     batch: InputBatch, spec: InputSpec, sampling: SamplingSpec, tokenizer: PromptTokenizer
-) -> Iterator[Completion | tuple[Request, bool]]:
-    """Each row as an error row, or as (request, whether its max_tokens was clamped)."""
+) -> Iterator[Completion | tuple[list[Request], bool]]:
+    """Each row as an error row, or as (its requests, whether its max_tokens was clamped)."""
     table = batch.table
     ids = table.column(spec.id_column).to_pylist()
     encoded = tokenizer.encode(table.column(spec.text_column).to_pylist())
@@ -96,7 +103,7 @@ def _batch_requests(
         if isinstance(settings, RowError):
             yield _error_row(row_index, settings, token_ids)
             continue
-        request = make_request(
+        requests = make_requests(
             row_index,
             row_id,
             token_ids,  # type: ignore[arg-type]
@@ -105,10 +112,10 @@ def _batch_requests(
             has_row_seed=row.get("seed") is not None,
             context_length=tokenizer.context_length,
         )
-        if isinstance(request, RowError):
-            yield _error_row(row_index, request, token_ids)
+        if isinstance(requests, RowError):
+            yield _error_row(row_index, requests, token_ids)
         else:
-            yield (request, request.sampling.max_tokens < settings.max_tokens)
+            yield (requests, requests[0].sampling.max_tokens < settings.max_tokens)
 
 
 def _error_row(row_index: int, error: RowError, token_ids) -> Completion:

@@ -5,12 +5,16 @@ input column of the same name, validated by the same pydantic model as the spec,
 per-row value gets the same message a bad spec value would, as an error row.
 
 Seeds: a row without its own `seed` gets one derived from the job seed and the row's id,
-so its sample depends on neither its batch mates nor the order rows run in.
+so its sample depends on neither its batch mates nor the order rows run in. A row with
+`n > 1` becomes n requests (`sample_index` 0..n-1) with the same token ids: sample 0 keeps
+the row's seed, sample k > 0 gets `row_seed(row's seed, k)`, so the samples differ under
+temperature > 0 and a row's sample k is the same in every run.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -41,7 +45,13 @@ def row_sampling(defaults: SamplingSpec, overrides: dict[str, Any]) -> SamplingS
         return RowError("invalid_sampling", problems)
 
 
-def make_request(
+def sample_seed(base_seed: int, sample_index: int) -> int:
+    """Sample 0 keeps the row's seed (so n = 1 rows are seeded as before); sample k > 0 gets
+    one derived from the row's seed and k."""
+    return base_seed if sample_index == 0 else row_seed(base_seed, sample_index)
+
+
+def make_requests(
     row_index: int,
     row_id: Any,
     token_ids: list[int],
@@ -50,8 +60,9 @@ def make_request(
     job_seed: int,
     has_row_seed: bool,
     context_length: int | None,
-) -> Request | RowError:
-    """A request, with `max_tokens` clamped so prompt + output fits the model's context."""
+) -> list[Request] | RowError:
+    """The row's `sampling.n` requests, with `max_tokens` clamped so prompt + output fits the
+    model's context."""
     max_tokens = sampling.max_tokens
     if context_length is not None:
         room = context_length - len(token_ids)
@@ -59,16 +70,21 @@ def make_request(
             msg = f"the prompt has {len(token_ids)} tokens; the model's context is {context_length}"
             return RowError("prompt_too_long", msg)
         max_tokens = min(max_tokens, room)
+    seed = sampling.seed if has_row_seed else row_seed(job_seed, row_id)
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         top_k=sampling.top_k,
-        seed=sampling.seed if has_row_seed else row_seed(job_seed, row_id),
+        seed=seed,
         stop=sampling.stop,
         stop_token_ids=sampling.stop_token_ids,
     )
-    return Request(row_index=row_index, token_ids=tuple(token_ids), sampling=params)
+    prompt = tuple(token_ids)
+    return [
+        Request(row_index, prompt, replace(params, seed=sample_seed(seed, k)), sample_index=k)
+        for k in range(sampling.n)
+    ]
 
 
-__all__ = ["SAMPLING_FIELDS", "make_request", "row_sampling", "row_seed"]
+__all__ = ["SAMPLING_FIELDS", "make_requests", "row_sampling", "row_seed", "sample_seed"]

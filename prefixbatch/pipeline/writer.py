@@ -33,6 +33,7 @@ OutputMode = Literal["error", "overwrite", "resume"]
 
 # The columns prefixbatch writes after the id and the carried columns.
 RESULT_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("sample_index", pa.int32(), nullable=False),  # 0..n-1; 0 on error rows
     pa.field("output_text", pa.string()),  # null on error rows
     pa.field("output_token_ids", pa.list_(pa.int32())),  # null on error rows
     pa.field("finish_reason", pa.string(), nullable=False),  # "stop" | "length" | "error"
@@ -67,7 +68,8 @@ def completions_to_table(
     carry: pa.Table | None,
     schema: pa.Schema,
 ) -> pa.Table:
-    """One row per completion; `ids` and `carry` rows are aligned with `completions`."""
+    """One row per completion (per sample of a row); `ids` and `carry` rows are aligned with
+    `completions`, so a row's id and carried values repeat once per sample."""
     num_rows = len(completions)
     num_carry = num_rows if carry is None else carry.num_rows
     if len(ids) != num_rows or num_carry != num_rows:  # a caller bug, not a user mistake
@@ -91,6 +93,7 @@ def _result_columns(completions: Sequence[Completion]) -> dict[str, pa.Array]:
     texts = [None if c.finish_reason == "error" else c.text for c in completions]
     cached = [c.num_cached_prompt_tokens for c in completions]
     return {
+        "sample_index": pa.array([c.sample_index for c in completions], pa.int32()),
         "output_text": pa.array(texts, pa.string()),
         "output_token_ids": pa.ListArray.from_arrays(
             pa.array(offsets), values, mask=pa.array(is_error, pa.bool_())

@@ -7,7 +7,8 @@ Plain data only: never imports torch. Stages, each one module (in -> out):
     tree     order + LCPs                       -> PrefixTree (node arrays, preorder)
     stats    tree                               -> TreeStats (sharing, top prefixes)
     policies subtree totals                     -> sibling order keys
-    groups   tree + max_tokens + KV budget      -> Schedule (depth-first groups, KV lifetimes)
+    cuts     work per item + K                  -> K balanced contiguous parts (used by both below)
+    groups   tree + max_tokens + KV budget + K  -> Schedule (depth-first groups, KV lifetimes)
     shards   schedule + K                       -> Shards (contiguous, balanced)
     plan     all of the above                   -> Plan (serialisable, explain())
 

@@ -1,7 +1,7 @@
 """Groups and their order: which requests run together, and when each segment's KV lives.
 
-In: a `PrefixTree`, per-request `max_tokens`, a KV budget in tokens and a sibling-order
-policy (`policies.py`). Out: a `Schedule`.
+In: a `PrefixTree`, per-request `max_tokens`, a KV budget in tokens, a sibling-order policy
+(`policies.py`) and the number of shards K. Out: a `Schedule`.
 
 1. Order. Requests are laid out depth-first: a node's own requests, then each child's
    subtree in the policy's sibling order. Every subtree is then one contiguous run of
@@ -12,17 +12,23 @@ policy (`policies.py`). Out: a `Schedule`.
    segment once) plus every member's `max_tokens`. In depth-first order that union grows
    by `len - cached` per added request, so the cost of any run is a prefix-sum difference.
    This is the group's peak KV, pinned segments included.
-3. Groups. The run is cut greedily: each group takes as many following requests as fit the
-   budget (fewest groups for this order: the cost only grows as a run extends). A request
-   that alone exceeds the budget is its own group, marked over budget. A subtree too big for
-   one group is thereby split into pieces that each include the shared path.
-4. Lifetimes. A node is needed by the groups that hold some request below it: since its
+3. Shards. With K > 1 the order is first cut into K runs balanced by work (`len - cached +
+   max_tokens` per request), preferring shallow subtree boundaries (`cuts.py`). Cutting
+   before groups is what balances shards when the budget allows huge groups (one group
+   could otherwise hold the whole job), and lets a cut sit exactly between two subtrees.
+4. Groups. Each shard's run is cut greedily: each group takes as many following requests
+   as fit the budget (fewest groups for this order: the cost only grows as a run extends),
+   and never crosses a shard cut (at most K-1 groups more than one shard would need). A
+   request that alone exceeds the budget is its own group, marked over budget. A subtree
+   too big for one group is thereby split into pieces that each include the shared path.
+5. Lifetimes. A node is needed by the groups that hold some request below it: since its
    requests are contiguous, that is the range [node_first_group, node_last_group]. Its KV is
    computed in the first and freed after the last; nothing is computed twice within a shard.
 
 Invariants (tested): every request in exactly one group; groups are contiguous runs of a
-depth-first order; each group's KV <= budget unless it is one over-budget request; the sum
-of groups' prefill tokens equals the tree's unique tokens.
+depth-first order; each group's KV <= budget unless it is one over-budget request; a group
+ends only where the next request would not fit or a shard starts; the sum of groups'
+prefill tokens equals the tree's unique tokens.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from prefixbatch.prefix_tree.cuts import balanced_cuts
 from prefixbatch.prefix_tree.policies import (
     OrderPolicy,
     SubtreeTotals,
@@ -66,8 +73,13 @@ def schedule_groups(
     *,
     kv_budget_tokens: int,
     policy: OrderPolicy = split_heavy_then_decode_ratio,
+    num_shards: int = 1,
 ) -> Schedule:
-    """Depth-first order under `policy`, greedy groups under the budget, node lifetimes."""
+    """Depth-first order under `policy`, greedy groups under the budget, node lifetimes.
+
+    `num_shards`: the K the schedule will be cut into (`cut_shards(schedule, K)`); groups
+    then also start at the K balanced shard cuts.
+    """
     totals = subtree_totals(tree, max_tokens)
     if tree.num_requests == 0:
         return _empty_schedule(kv_budget_tokens, tree.num_nodes)
@@ -75,7 +87,9 @@ def schedule_groups(
     request_order, cached = _lay_out_requests(tree, node_start)
     lengths = np.diff(tree.offsets)[request_order]
     decode = max_tokens[request_order]
-    starts = greedy_group_starts(lengths + decode, lengths - cached + decode, kv_budget_tokens)
+    work = lengths - cached + decode
+    shard_starts = balanced_cuts(work, cached, num_shards)
+    starts = greedy_group_starts(lengths + decode, work, kv_budget_tokens, shard_starts)
     node_last = node_start + totals.num_requests - 1
     return Schedule(
         kv_budget_tokens=kv_budget_tokens,
@@ -130,13 +144,16 @@ def _lay_out_requests(tree: PrefixTree, node_start: np.ndarray) -> tuple[np.ndar
     return request_order, cached
 
 
-def greedy_group_starts(full: np.ndarray, extra: np.ndarray, budget: int) -> np.ndarray:
+def greedy_group_starts(
+    full: np.ndarray, extra: np.ndarray, budget: int, breaks: np.ndarray | None = None
+) -> np.ndarray:
     """[G+1] starts of the greedy cut of a request run into groups costing <= budget.
 
     `full[q]`: cost of request q alone; `extra[q]`: what it adds after request q-1. A group
-    starting at s takes every following request that keeps full[s] + sum(extra) <= budget.
-    The chain of starts 0 -> next[0] -> ... is collected by pointer doubling, so the work is
-    O(n log G) in numpy whatever the number of groups G.
+    starting at s takes every following request that keeps full[s] + sum(extra) <= budget,
+    up to the next of the ascending positions `breaks` (shard starts), where a group must
+    start. The chain of starts 0 -> next[0] -> ... is collected by pointer doubling, so the
+    work is O(n log G) in numpy whatever the number of groups G.
     """
     n = len(full)
     if n == 0:
@@ -144,6 +161,9 @@ def greedy_group_starts(full: np.ndarray, extra: np.ndarray, budget: int) -> np.
     cum = np.cumsum(extra)  # non-decreasing: extra >= 0
     limit = budget - full + cum
     nxt = np.maximum(np.searchsorted(cum, limit, side="right"), np.arange(1, n + 1))
+    if breaks is not None:
+        ends = np.append(breaks, n)
+        nxt = np.minimum(nxt, ends[np.searchsorted(ends, np.arange(n), side="right")])
     jump = np.append(nxt, n)  # n is the end: it jumps to itself
     chain = np.zeros(1, np.int64)
     while chain[-1] != n:

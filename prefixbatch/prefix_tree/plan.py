@@ -215,16 +215,21 @@ def build_plan(
 ) -> Plan:
     """Plan a job: request i is tokens[offsets[i]:offsets[i+1]] and decodes ~max_tokens[i].
 
-    `kv_budget_tokens` bounds each group's KV; `num_shards` is the number of workers;
-    `policy` names a sibling order in `policies.POLICIES` (or is such a function); `decode`
-    (token ids -> text) only adds snippets to the statistics' top prefixes.
+    `kv_budget_tokens` bounds each group's KV; `num_shards` is the number of workers (shards
+    are balanced by estimated work whatever the budget); `policy` names a sibling order in
+    `policies.POLICIES` (or is such a function); `decode` (token ids -> text) only adds
+    snippets to the statistics' top prefixes.
     """
     prompts = check_prompts(tokens, offsets, max_tokens)
     order_policy = _check_options(kv_budget_tokens, num_shards, policy, window)
     tree = build_tree(prompts.tokens, prompts.offsets, window=window)
     stats = tree_stats(tree, top_k=top_k, decode=decode)
     schedule = schedule_groups(
-        tree, prompts.max_tokens, kv_budget_tokens=kv_budget_tokens, policy=order_policy
+        tree,
+        prompts.max_tokens,
+        kv_budget_tokens=kv_budget_tokens,
+        policy=order_policy,
+        num_shards=num_shards,
     )
     return assemble_plan(tree, stats, schedule, cut_shards(schedule, num_shards))
 

@@ -33,7 +33,7 @@ def test_yaml_toml_json_give_the_same_spec(tmp_path):
     )
     json_spec = load_spec(write(tmp_path, "a.json", json.dumps(BASE)))
     assert yaml_spec == toml_spec == json_spec
-    assert yaml_spec.sampling.max_tokens == 256 and yaml_spec.executor.kind == "hf"
+    assert yaml_spec.sampling.max_tokens == 256 and yaml_spec.executor.kind == "auto"
 
 
 def test_relative_paths_resolve_against_the_spec_folder(tmp_path):
@@ -74,7 +74,7 @@ def test_spec_is_frozen(tmp_path):
         ({"sampling": {"max_tokens": "many"}}, "sampling.max_tokens: Input should be a valid integer"),
         ({"sampling": {"max_tokens": 0}}, "sampling.max_tokens: Input should be greater than or equal to 1 (got 0)"),
         ({"sampling": {"top_p": 1.5}}, "sampling.top_p: Input should be less than or equal to 1"),
-        ({"executor": {"kind": "magic"}}, "executor.kind: Input should be 'hf' (got 'magic')"),
+        ({"executor": {"kind": "magic"}}, "executor.kind: Input should be 'auto', 'native' or 'hf' (got 'magic')"),
         ({"output": {"path": "o", "mode": "append"}}, "output.mode: Input should be 'error', 'overwrite' or 'resume'"),
         ({"input": {"path": "x", "prompt_column": "p", "messages_column": "m"}},
          "input: exactly one of `prompt_column` and `messages_column` must be set"),

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from prefixbatch.errors import ModelError
+from prefixbatch.errors import InputError, ModelError
 from prefixbatch.pipeline.config import InputSpec, SamplingSpec
 from prefixbatch.pipeline.prepare import input_columns, prepare_input
 from prefixbatch.pipeline.reader import scan_inputs
@@ -114,3 +114,51 @@ def test_a_model_folder_without_chat_template_is_refused_for_messages(tmp_path, 
     (folder / "tokenizer_config.json").write_text(json.dumps(data))
     with pytest.raises(ModelError, match="has no chat template"):
         PromptTokenizer(str(folder), text_kind="messages", chat_template="auto")
+
+
+def test_a_row_with_n_samples_becomes_n_requests_with_their_own_seeds(tmp_path, tiny_llama):
+    table = pa.table({
+        "id": ["a", "b", "c", "d", "e", "f"],
+        "prompt": ["one prompt", "another", "and a third", "a fourth", "fifth", "word " * 3000],
+        "n": pa.array([3, None, 2, 0, -1, 3], pa.int64()),
+        "seed": [None, None, 11, None, None, None],
+    })
+    sampling = SamplingSpec(max_tokens=8, temperature=0.9, seed=5, n=2)
+    prepared = prepare(tmp_path, table, tiny_llama, prompt_column="prompt", sampling=sampling)
+    assert prepared.num_rows == 6 and prepared.num_output_rows == 3 + 2 + 2 + 1 + 1 + 1
+    by_row: dict[int, list] = {}
+    for request in prepared.requests:
+        by_row.setdefault(request.row_index, []).append(request)
+    assert sorted(by_row) == [0, 1, 2]
+    a = by_row[0]
+    assert [r.sample_index for r in a] == [0, 1, 2]
+    assert len({r.token_ids for r in a}) == 1 and len({r.sampling.max_tokens for r in a}) == 1
+    # Sample 0 keeps the row's seed; sample k gets row_seed(row's seed, k).
+    base = row_seed(5, "a")
+    assert [r.sampling.seed for r in a] == [base, row_seed(base, 1), row_seed(base, 2)]
+    assert len({r.sampling.seed for r in a}) == 3
+    assert [r.sample_index for r in by_row[1]] == [0, 1]  # the spec's n
+    assert [r.sampling.seed for r in by_row[2]] == [11, row_seed(11, 1)]  # the seed column's
+    errors = errors_by_row(prepared)
+    assert errors[3] == "invalid_sampling: n: Input should be greater than or equal to 1 (got 0)"
+    assert errors[4] == "invalid_sampling: n: Input should be greater than or equal to 1 (got -1)"
+    assert errors[5].startswith("prompt_too_long: ")  # one error row, however many samples
+    assert sorted(c.row_index for c in prepared.errors) == [3, 4, 5]
+    assert all(c.sample_index == 0 for c in prepared.errors)
+
+
+def test_a_non_integer_n_column_is_a_job_level_error(tmp_path, tiny_llama):
+    table = pa.table({"id": [1], "prompt": ["hi"], "n": ["x"]})
+    expected = r"column 'n' in .*in.parquet must be an integer, found string"
+    with pytest.raises(InputError, match=expected):
+        prepare(tmp_path, table, tiny_llama, prompt_column="prompt")
+
+
+def test_n_one_keeps_the_row_seed_and_sample_index_zero(tmp_path, tiny_llama):
+    n = pa.array([1, None], pa.int32())
+    table = pa.table({"id": [1, 2], "prompt": ["hi", "there"], "n": n})
+    prepared = prepare(tmp_path, table, tiny_llama, prompt_column="prompt")
+    assert [(r.row_index, r.sample_index, r.sampling.seed) for r in prepared.requests] == [
+        (0, 0, row_seed(0, 1)),
+        (1, 0, row_seed(0, 2)),
+    ]

@@ -316,7 +316,13 @@ def test_override_columns_are_read_where_present_and_null_elsewhere(tmp_path):
         seed=pa.array([7, 8], pa.uint8()),
         stop_token_ids=pa.array([[1, 2], []], pa.list_(pa.int32())),
     )
-    write(tmp_path / "b.parquet", **prompts([3]), stop=[["a", "b"]], max_tokens=[5])
+    write(
+        tmp_path / "b.parquet",
+        **prompts([3]),
+        stop=[["a", "b"]],
+        max_tokens=[5],
+        n=pa.array([3], pa.int8()),
+    )
     files = scan_inputs(str(tmp_path / "*.parquet"), OVERRIDES)
     table = read_all(files, OVERRIDES)
     assert table.schema == pa.schema(
@@ -330,6 +336,7 @@ def test_override_columns_are_read_where_present_and_null_elsewhere(tmp_path):
             ("seed", pa.int64()),
             ("stop", pa.list_(pa.string())),
             ("stop_token_ids", pa.list_(pa.int64())),
+            ("n", pa.int64()),
         ]
     )
     assert table.to_pydict() == {
@@ -342,6 +349,7 @@ def test_override_columns_are_read_where_present_and_null_elsewhere(tmp_path):
         "seed": [7, 8, None],
         "stop": [["###"], None, ["a", "b"]],
         "stop_token_ids": [[1, 2], [], None],
+        "n": [None, None, 3],
     }
     assert batch_schema(files, OVERRIDES) == table.schema
 
@@ -354,6 +362,8 @@ def test_override_columns_are_read_where_present_and_null_elsewhere(tmp_path):
         ("top_k", [1.0], "an integer"),
         ("stop", [[1]], "a string or a list of strings"),
         ("stop_token_ids", [1], "a list of integers"),
+        ("n", ["x"], "an integer"),
+        ("n", [2.0], "an integer"),
     ],
 )
 def test_override_column_of_the_wrong_type(tmp_path, name, values, expected):

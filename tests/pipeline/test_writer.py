@@ -29,9 +29,10 @@ def sample_table() -> pa.Table:
             1, "prompt_too_long", "4096 tokens, the model takes 2048", num_prompt_tokens=4096
         ),
         Completion(2, (7,), "ok", "length", num_prompt_tokens=2),
+        Completion(2, (8, 9), "no", "stop", num_prompt_tokens=2, sample_index=1),
     ]
-    ids = pa.array(["a", "b", "c"], pa.large_string())  # cast to the schema's string
-    carry = pa.table({"topic": ["x", None, "z"]})
+    ids = pa.array(["a", "b", "c", "c"], pa.large_string())  # cast to the schema's string
+    carry = pa.table({"topic": ["x", None, "z", "z"]})
     return completions_to_table(completions, ids=ids, carry=carry, schema=SCHEMA)
 
 
@@ -40,6 +41,7 @@ def test_output_schema_is_id_then_carry_then_results():
         [
             pa.field("qid", pa.string()),
             pa.field("topic", pa.string()),
+            pa.field("sample_index", pa.int32(), nullable=False),
             pa.field("output_text", pa.string()),
             pa.field("output_token_ids", pa.list_(pa.int32())),
             pa.field("finish_reason", pa.string(), nullable=False),
@@ -61,15 +63,16 @@ def test_completions_to_table_values():
     table = sample_table()
     assert table.schema == SCHEMA
     assert table.to_pydict() == {
-        "qid": ["a", "b", "c"],
-        "topic": ["x", None, "z"],
-        "output_text": ["hi there", None, "ok"],
-        "output_token_ids": [[5, 6], None, [7]],
-        "finish_reason": ["stop", "error", "length"],
-        "num_prompt_tokens": [4, 4096, 2],
-        "num_output_tokens": [2, 0, 1],
-        "num_cached_prompt_tokens": [3, 0, 0],
-        "error": [None, "prompt_too_long: 4096 tokens, the model takes 2048", None],
+        "qid": ["a", "b", "c", "c"],
+        "topic": ["x", None, "z", "z"],
+        "sample_index": [0, 0, 0, 1],
+        "output_text": ["hi there", None, "ok", "no"],
+        "output_token_ids": [[5, 6], None, [7], [8, 9]],
+        "finish_reason": ["stop", "error", "length", "stop"],
+        "num_prompt_tokens": [4, 4096, 2, 2],
+        "num_output_tokens": [2, 0, 1, 2],
+        "num_cached_prompt_tokens": [3, 0, 0, 0],
+        "error": [None, "prompt_too_long: 4096 tokens, the model takes 2048", None, None],
     }
 
 
@@ -141,7 +144,7 @@ def test_parts_round_trip_with_schema_and_metadata(tmp_path):
     assert back.equals(table)
     stored = pq.read_metadata(urls[1]).metadata
     assert {k: stored[k.encode()].decode() for k in METADATA} == METADATA
-    assert pq.read_table(urls[1]).num_rows == 2
+    assert pq.read_table(urls[1]).num_rows == 3
 
 
 def test_write_json(tmp_path):

@@ -61,10 +61,10 @@ def test_policies(policy, expected):
     assert s.request_order.tolist() == expected
 
 
-def naive_greedy(full, extra, budget):
+def naive_greedy(full, extra, budget, breaks=()):
     starts, cost = [0], full[0]
     for q in range(1, len(full)):
-        if cost + extra[q] > budget or full[starts[-1]] > budget:
+        if cost + extra[q] > budget or full[starts[-1]] > budget or q in breaks:
             starts.append(q)
             cost = full[q]
         else:
@@ -76,11 +76,17 @@ def naive_greedy(full, extra, budget):
 @given(
     st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20)), min_size=1, max_size=60),
     st.integers(1, 40),
+    st.lists(st.integers(1, 59), max_size=4),
 )
-def test_greedy_matches_loop(pairs, budget):
+def test_greedy_matches_loop(pairs, budget, breaks):
     extra = np.array([min(a, b) for a, b in pairs])
     full = np.array([max(a, b) for a, b in pairs])  # a request alone costs at least what it adds
     assert greedy_group_starts(full, extra, budget).tolist() == naive_greedy(full, extra, budget)
+    # Shard starts (ascending, as `balanced_cuts` gives them; the end may repeat).
+    shard_starts = np.array([0, *sorted(min(b, len(full)) for b in breaks), len(full)])
+    assert greedy_group_starts(full, extra, budget, shard_starts).tolist() == naive_greedy(
+        full, extra, budget, set(shard_starts.tolist())
+    )
 
 
 def test_group_node_index():

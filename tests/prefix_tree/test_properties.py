@@ -9,11 +9,13 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prefixbatch.prefix_tree import Plan, build_plan, build_tree
+from prefixbatch.prefix_tree import Plan, build_plan, build_tree, cut_shards, schedule_groups
+from prefixbatch.prefix_tree.cuts import balanced_cuts
 from prefixbatch.prefix_tree.lexsort import sort_prompts
 from tests.prefix_tree.naive import flat, naive_lex, naive_trie, planted_prompts
 
 WINDOWS = st.sampled_from([1, 2, 3, 5, 64])
+BUDGETS = st.one_of(st.integers(1, 60), st.just(10**9))  # 10**9: one group would hold all
 
 
 @settings(max_examples=300, deadline=None)
@@ -51,7 +53,7 @@ def test_tree_rebuilds_prompts_and_matches_naive_trie(prompts, window):
 def test_plan_invariants(prompts, data):
     n = len(prompts)
     max_tokens = np.array(data.draw(st.lists(st.integers(0, 12), min_size=n, max_size=n)))
-    budget = data.draw(st.integers(1, 60))
+    budget = data.draw(BUDGETS)
     num_shards = data.draw(st.integers(1, 4))
     policy = data.draw(
         st.sampled_from(
@@ -95,8 +97,10 @@ def test_plan_invariants(prompts, data):
         assert g.num_kv_tokens == kv
         assert kv <= budget or (len(g.request_ids) == 1 and g.is_over_budget)
         assert g.is_over_budget == (kv > budget)
-    # Greedy: the next request would not have fitted.
+    # Greedy: a group ends where the next request would not have fitted or a shard starts.
     for g, nxt in pairwise(groups):
+        if nxt.shard_id != g.shard_id:
+            continue
         grown_ids = list(g.request_ids + nxt.request_ids[:1])
         nodes = {x for r in grown_ids for x in paths[r]}
         grown = int(seg[sorted(nodes)].sum()) + int(max_tokens[grown_ids].sum())
@@ -133,3 +137,23 @@ def test_plan_invariants(prompts, data):
 
     assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     assert plan.explain()
+
+
+@settings(max_examples=100, deadline=None)
+@given(planted_prompts(), st.data())
+def test_shards_fall_on_the_schedule_cuts(prompts, data):
+    """A schedule made for K shards has a group start at each balanced request-level cut,
+    and `cut_shards` finds exactly those cuts."""
+    n = len(prompts)
+    max_tokens = np.array(data.draw(st.lists(st.integers(0, 12), min_size=n, max_size=n)))
+    budget = data.draw(BUDGETS)
+    num_shards = data.draw(st.integers(1, 5))
+    tree = build_tree(*flat(prompts))
+    s = schedule_groups(tree, max_tokens, kv_budget_tokens=budget, num_shards=num_shards)
+    lengths = np.diff(tree.offsets)[s.request_order]
+    work = lengths - s.num_cached_tokens + max_tokens[s.request_order]
+    cuts = balanced_cuts(work, s.num_cached_tokens, num_shards)
+    shards = cut_shards(s, num_shards)
+    assert s.group_starts[shards.group_starts].tolist() == cuts.tolist()
+    if budget == 10**9:  # the budget splits nothing: one group per non-empty shard
+        assert s.group_starts.tolist() == sorted(set(cuts.tolist()))
