@@ -8,13 +8,25 @@ output incrementally. Executor modules are imported only when chosen: torch is h
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from prefixbatch.executors.config import ExecutorSpec, ModelSpec
 from prefixbatch.types import Completion, Request
 
 
+@dataclass
+class ExecutorStats:
+    """What an executor computed; the run summary reports it."""
+
+    num_prefill_tokens: int = 0  # prompt tokens whose KV was computed (shared prefixes once, natively)
+    num_decode_tokens: int = 0  # generated tokens fed back through the model
+    num_steps: int = 0  # forward passes
+
+
 class Executor(Protocol):
+    stats: ExecutorStats
+
     def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
         """One completion per request, yielded as they finish."""
         ...

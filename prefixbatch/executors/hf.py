@@ -34,6 +34,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from prefixbatch.errors import ModelError
+from prefixbatch.executors.base import ExecutorStats
 from prefixbatch.executors.config import ExecutorSpec, ModelSpec
 from prefixbatch.executors.device import resolve_device, resolve_dtype
 from prefixbatch.executors.model_folder import check_model_folder
@@ -51,6 +52,7 @@ class HfExecutor:
 
     def __init__(self, model: ModelSpec, executor: ExecutorSpec) -> None:
         self.spec = executor
+        self.stats = ExecutorStats()
         self.device = resolve_device(executor.device)
         self.dtype = resolve_dtype(model.dtype, self.device)
         check_model_folder(model.path)  # a missing folder, config or weights: a clear ModelError
@@ -118,6 +120,9 @@ class HfExecutor:
                 stopping_criteria=StoppingCriteriaList([stopper]),
             )  # [B, P + num_steps]
         generated = output[:, prompt_len:].tolist()  # finished rows continue with pad ids
+        self.stats.num_prefill_tokens += sum(r.num_prompt_tokens for r in batch)
+        self.stats.num_decode_tokens += len(batch) * (output.shape[1] - prompt_len)
+        self.stats.num_steps += output.shape[1] - prompt_len
         return [
             self._completion(request, rule, row_ids, finish)
             for request, rule, row_ids, finish in zip(batch, rules, generated, stopper.finishes)

@@ -104,6 +104,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{summary.output_tokens_per_s:.1f} tok/s while generating, {summary.wall_s:.1f}s in all "
         f"→ {summary.output_path}"
     )
+    _info(
+        f"{summary.executor} executor: computed {summary.prefill_tokens_computed} prefill tokens for "
+        f"{summary.prompt_tokens} prompt tokens ({summary.cached_prompt_tokens} reused), "
+        f"{summary.decode_tokens_computed} decode tokens"
+    )
     if summary.errors_by_code:
         _info("error rows by code: " + ", ".join(f"{k}={v}" for k, v in summary.errors_by_code.items()))
     return 0

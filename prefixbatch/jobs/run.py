@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 
 import prefixbatch
-from prefixbatch.executors.base import create_executor
+from prefixbatch.executors.base import Executor, create_executor
 from prefixbatch.executors.model_folder import check_model_folder
 from prefixbatch.jobs.progress import JobProgress
 from prefixbatch.jobs.spec import JobSpec
@@ -42,6 +42,9 @@ class RunSummary:
     prompt_tokens: int
     output_tokens: int
     cached_prompt_tokens: int
+    executor: str  # the executor kind that ran the job
+    prefill_tokens_computed: int  # prompt tokens whose KV the executor computed
+    decode_tokens_computed: int  # tokens fed back while decoding (hf: padded batch rows included)
     rows_with_clamped_max_tokens: int
     wall_s: float  # the whole run: reading, loading the model, generating, writing
     generate_s: float  # from the first request handed to the executor to the last part written
@@ -112,7 +115,7 @@ def run_job(spec: JobSpec, *, live_progress: bool | None = None, log: Callable[[
             progress.advance(1, completion.num_output_tokens)
         writer.flush()
     summary = summarize(
-        spec, prepared, writer, wall_s=time.monotonic() - start, generate_s=progress.elapsed_s
+        spec, prepared, writer, executor, wall_s=time.monotonic() - start, generate_s=progress.elapsed_s
     )
     output.write_json("_summary.json", summary.to_dict())
     return summary
@@ -167,7 +170,13 @@ class PartWriter:
 
 
 def summarize(
-    spec: JobSpec, prepared: PreparedInput, writer: PartWriter, *, wall_s: float, generate_s: float
+    spec: JobSpec,
+    prepared: PreparedInput,
+    writer: PartWriter,
+    executor: Executor,
+    *,
+    wall_s: float,
+    generate_s: float,
 ) -> RunSummary:
     totals = writer.totals
     return RunSummary(
@@ -180,6 +189,9 @@ def summarize(
         prompt_tokens=totals["prompt_tokens"],
         output_tokens=totals["output_tokens"],
         cached_prompt_tokens=totals["cached_prompt_tokens"],
+        executor=type(executor).__name__.removesuffix("Executor").lower(),
+        prefill_tokens_computed=executor.stats.num_prefill_tokens,
+        decode_tokens_computed=executor.stats.num_decode_tokens,
         rows_with_clamped_max_tokens=prepared.num_clamped,
         wall_s=round(wall_s, 3),
         generate_s=round(generate_s, 3),

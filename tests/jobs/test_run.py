@@ -99,14 +99,14 @@ def input_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def write_spec(folder: Path, input_path: str, output_path: str, model: Path) -> Path:
+def write_spec(folder: Path, input_path: str, output_path: str, model: Path, kind: str = "hf") -> Path:
     spec = {
         "name": "e2e",
         "input": {"path": input_path, "messages_column": "messages", "carry_columns": ["topic", "weight"]},
         "output": {"path": output_path, "rows_per_part": 64},
         "model": {"path": str(model)},
         "sampling": {"max_tokens": 12, "seed": 1},
-        "executor": {"kind": "hf", "max_batch_size": 16},
+        "executor": {"kind": kind, "max_batch_size": 16},
     }
     path = folder / "job.json"
     path.write_text(json.dumps(spec))
@@ -149,11 +149,12 @@ def check_output(output: pa.Table, rows: list[dict], expected: dict, tokenizer) 
     assert {"stop", "length"} <= reasons
 
 
-def test_run_local_folder(tmp_path, tiny_llama, job_rows, oracle):
+@pytest.mark.parametrize("kind", ["hf", "native"])
+def test_run_local_folder(tmp_path, tiny_llama, job_rows, oracle, kind):
     rows, expected = job_rows
     pq.write_table(input_table(rows[:100]), tmp_path / "in-0.parquet", row_group_size=32)
     pq.write_table(input_table(rows[100:]), tmp_path / "in-1.parquet", row_group_size=32)
-    spec = write_spec(tmp_path, "in-*.parquet", "out", tiny_llama)
+    spec = write_spec(tmp_path, "in-*.parquet", "out", tiny_llama, kind)
     assert main(["run", str(spec), "--no-progress"]) == 0
     output = read_output(str(tmp_path / "out"))
     check_output(output, rows, expected, oracle.tokenizer)
@@ -161,6 +162,13 @@ def test_run_local_folder(tmp_path, tiny_llama, job_rows, oracle):
     assert summary["rows"] == NUM_ROWS and summary["error_rows"] == 0
     assert summary["output_tokens"] == sum(output.column("num_output_tokens").to_pylist())
     assert len(summary["parts"]) == 4  # 210 rows, 64 per part
+    assert summary["executor"] == kind
+    prompt_tokens = sum(output.column("num_prompt_tokens").to_pylist())
+    if kind == "native":  # shared system prompts computed once, the rest reused
+        assert summary["prefill_tokens_computed"] + summary["cached_prompt_tokens"] == prompt_tokens
+        assert summary["prefill_tokens_computed"] < prompt_tokens / 2
+    else:
+        assert summary["prefill_tokens_computed"] == prompt_tokens and summary["cached_prompt_tokens"] == 0
 
 
 def test_run_memory_filesystem_matches_local(tmp_path, tiny_llama, job_rows, oracle):

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from prefixbatch.executors.base import ExecutorStats
 from prefixbatch.executors.native.attention_plan import QueryRun, SegmentKV, build_plan
 from prefixbatch.executors.native.kv import KVStore
 from prefixbatch.executors.native.model import CausalLM
@@ -35,15 +36,6 @@ from prefixbatch.executors.sampling import draw_tokens
 from prefixbatch.executors.stopping import RowFinish, StopRule, cut_at_stop, row_finish
 from prefixbatch.prefix_tree import ROOT, Plan
 from prefixbatch.types import Completion, Request
-
-
-@dataclass
-class EngineStats:
-    """What the engine computed: the run summary reports these."""
-
-    num_prefill_tokens: int = 0  # prompt tokens whose KV was computed
-    num_decode_tokens: int = 0  # tokens fed back through the model while decoding
-    num_steps: int = 0
 
 
 @dataclass
@@ -86,7 +78,7 @@ class Engine:
         self.eos_token_ids = tuple(eos_token_ids)
         self.decode = decode
         self.max_step_tokens = max_step_tokens
-        self.stats = EngineStats()
+        self.stats = ExecutorStats()
 
     def run(self, requests: Sequence[Request], plan: Plan, tokens: np.ndarray) -> Iterator[Completion]:
         """Completions of `requests` (plan request i = requests[i]); `tokens` is the plan's token array."""

@@ -12,7 +12,8 @@ from collections.abc import Iterator, Sequence
 from prefixbatch.executors.config import ExecutorSpec, ModelSpec
 from prefixbatch.executors.device import resolve_device, resolve_dtype
 from prefixbatch.executors.model_folder import eos_token_ids
-from prefixbatch.executors.native.engine import Engine, EngineStats
+from prefixbatch.executors.base import ExecutorStats
+from prefixbatch.executors.native.engine import Engine
 from prefixbatch.executors.native.weights import load_model, read_model_config
 from prefixbatch.prefix_tree import build_plan
 from prefixbatch.prefix_tree.requests import prompt_arrays
@@ -43,7 +44,7 @@ class NativeExecutor:
         )
 
     @property
-    def stats(self) -> EngineStats:
+    def stats(self) -> ExecutorStats:
         return self.engine.stats
 
     def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
