@@ -36,12 +36,24 @@ class DeviceSpan:
     causal_offset: int | None
 
 
+# A span over fewer rows than this is not worth its own matrix product: its rows fetch the
+# keys themselves in the batched gather. Wider spans (a prefix many sequences share) keep the
+# shared-prefix product, where reading the keys once pays.
+GATHER_BELOW_ROWS = 8
+
+
+def _is_gathered(span: KeySpan) -> bool:
+    # A causal span of several rows is a prefill chunk: gathering would copy its keys per row.
+    return len(span.rows) < GATHER_BELOW_ROWS and (span.causal_offset is None or len(span.rows) == 1)
+
+
 @dataclass(frozen=True)
 class Gathered:
-    """Single-row spans, batched: each such row against its own keys, gathered and padded.
+    """Narrow spans, batched: each of their rows against its own keys, gathered and padded.
 
-    In a decode step most spans hold one row (a sequence's own tokens, and the leaf node of a
-    prompt nobody else shares); one padded gather replaces hundreds of tiny products.
+    In a decode step most spans hold one or a few rows (a sequence's own tokens, the leaf
+    node of a prompt nobody else shares, a prefix two or three sequences share); one padded
+    gather replaces hundreds of tiny products.
     """
 
     rows: torch.Tensor  # [R] int64, distinct rows
@@ -53,7 +65,8 @@ class Gathered:
         keys_of: dict[int, list[range]] = {}
         for span in spans:
             visible = span.num_keys if span.causal_offset is None else min(span.num_keys, span.causal_offset + 1)
-            keys_of.setdefault(span.rows[0], []).append(range(span.key_start, span.key_start + visible))
+            for row in span.rows:
+                keys_of.setdefault(row, []).append(range(span.key_start, span.key_start + visible))
         if not keys_of:
             return None
         rows = sorted(keys_of)
@@ -76,15 +89,15 @@ class DevicePlan:
     """An `AttentionPlan` with its index lists as tensors on the device, built once per step."""
 
     num_rows: int
-    spans: tuple[DeviceSpan, ...]  # spans of two or more rows
+    spans: tuple[DeviceSpan, ...]  # wide spans and prefill chunks
     write_slots: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
-    gathered: Gathered | None = None  # the single-row spans, batched
+    gathered: Gathered | None = None  # the narrow spans, batched
 
     @classmethod
     def of(cls, plan: AttentionPlan, device: torch.device | str) -> DevicePlan:
-        single = [span for span in plan.spans if len(span.rows) == 1]
-        multi = [span for span in plan.spans if len(span.rows) != 1]
+        single = [span for span in plan.spans if _is_gathered(span)]
+        multi = [span for span in plan.spans if not _is_gathered(span)]
         # One host→device copy for all index lists, then views: a step may have hundreds of spans.
         gathered = [span.rows for span in multi if not _is_consecutive(span.rows)]
         flat = [row for rows in gathered for row in rows]
