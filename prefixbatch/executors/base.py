@@ -22,6 +22,7 @@ class ExecutorStats:
     num_prefill_tokens: int = 0  # prompt tokens whose KV was computed (shared prefixes once, natively)
     num_decode_tokens: int = 0  # generated tokens fed back through the model
     num_steps: int = 0  # forward passes
+    peak_kv_tokens: int = 0  # most KV-cache tokens held at once (native)
 
 
 class Executor(Protocol):

@@ -1,26 +1,30 @@
-"""The native engine loop, part 1: a plan run group by group, every shared segment computed once.
+"""The native engine loop: the plan's groups admitted by KV memory, packed steps, continuous batching.
 
-For each group of the planner's `Plan`, in order:
-1. prefill the group's new tree nodes, parents first, packed into steps of at most
-   `max_step_tokens` rows (a long node is chunked; a child may ride in its parent's last
-   step, since every layer stores a step's k, v before attending);
-2. give each member request its own segment (a child of the node its prompt ends at) sized
-   for its `max_tokens`, and draw its first token from the logits of that node's last token
-   (kept per node while the node lives, so a later group of the same prompt reuses them);
-3. decode all members together, one token each per step, with shared-prefix attention: the
-   rows of every sequence under a node attend to that node's KV in one product;
-   a finished sequence frees its segment at once;
-4. free the nodes whose last group this was (`Plan.node_last_group`).
+Each step is one flat, unpadded batch: the decode token of every running sequence, then
+prefill chunks of the admitted groups' new tree nodes (parents first, long nodes chunked)
+up to `max_step_tokens` rows (SARATHI: decodes ride along with prefill).
 
-Invariants: a node's KV is computed exactly once and lives exactly [first group, last
-group]; prefill tokens computed == the plan's unique prompt tokens; each request draws from
-its own seeded generator, so its completion never depends on its batch mates.
+- Admission (BatchLLM): groups enter in the plan's order while the KV store can hold their
+  new nodes and their members' own segments (suffix-free: each member's segment holds its
+  generated tokens, `max_tokens` slots); a group that fits nowhere waits for frees, and the
+  next group is never admitted ahead of it. The store holds `kv_budget_tokens`.
+- A sequence starts as soon as the node its prompt ends at is fully prefilled: its first
+  token is drawn from that node's last-token logits (kept while the node lives, so members
+  of later groups reuse them). A finished sequence frees its segment at once.
+- A node is freed when every group that needs it has finished (`Plan.node_first_group` ..
+  `node_last_group`), so its KV lives exactly while its groups run.
 
-in → out: requests + their plan → completions, group by group.
+Invariants: each node's KV is computed exactly once (prefill tokens == the plan's unique
+tokens); every request draws from its own seeded generator, so its completion depends
+neither on its batch mates nor on the order the job runs in; attention is exact (tree
+attention merged by log-sum-exp), so greedy outputs match full attention.
+
+in → out: requests + their plan → completions, as they finish.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +47,7 @@ class _Sequence:
     """One request being decoded."""
 
     request: Request
+    group_id: int
     segment_id: int  # its own segment: the generated tokens' KV
     end_node: int  # the tree node its prompt ends at
     num_cached_tokens: int
@@ -50,7 +55,6 @@ class _Sequence:
     generator: torch.Generator | None  # None: greedy
     generated: list[int] = field(default_factory=list)
     finish: RowFinish | None = None
-    is_reported: bool = False  # its completion was yielded
 
 
 @dataclass
@@ -60,11 +64,12 @@ class _Step:
     token_ids: list[int] = field(default_factory=list)
     runs: list[QueryRun] = field(default_factory=list)
     logits_rows: list[int] = field(default_factory=list)
-    logits_nodes: list[int] = field(default_factory=list)  # node whose last token each row is
+    decoding: list[_Sequence] = field(default_factory=list)  # rows 0.. are theirs, in order
+    logits_nodes: list[int] = field(default_factory=list)  # node whose last token each later row is
 
 
 class Engine:
-    """Runs plans on one model and one KV store."""
+    """Runs plans on one model, within a KV store of `kv_budget_tokens`."""
 
     def __init__(
         self,
@@ -73,24 +78,23 @@ class Engine:
         eos_token_ids: Sequence[int],
         decode: Callable[[list[int]], str],
         max_step_tokens: int,
+        kv_budget_tokens: int,
     ) -> None:
         self.model = model
         self.eos_token_ids = tuple(eos_token_ids)
         self.decode = decode
         self.max_step_tokens = max_step_tokens
+        self.kv_budget_tokens = kv_budget_tokens
         self.stats = ExecutorStats()
 
     def run(self, requests: Sequence[Request], plan: Plan, tokens: np.ndarray) -> Iterator[Completion]:
         """Completions of `requests` (plan request i = requests[i]); `tokens` is the plan's token array."""
-        if not requests:
-            return
-        run = _PlanRun(self, requests, plan, tokens)
-        for group_id in range(plan.num_groups):
-            yield from run.group(group_id)
+        if requests:
+            yield from _PlanRun(self, requests, plan, tokens).completions()
 
 
 class _PlanRun:
-    """The state of one plan being executed: live segments, node logits, the KV store."""
+    """The state of one plan being executed: admitted groups, live segments, node logits."""
 
     def __init__(self, engine: Engine, requests: Sequence[Request], plan: Plan, tokens: np.ndarray) -> None:
         self.engine = engine
@@ -98,121 +102,163 @@ class _PlanRun:
         self.requests = requests
         self.plan = plan
         self.tokens = tokens
-        # Contiguous slot ranges fragment; room to spare keeps first-fit from failing.
-        capacity = int(plan.group_kv_tokens.max(initial=1) * 3 // 2) + 64
+        # An over-budget single request still has to fit on its own.
+        capacity = max(engine.kv_budget_tokens, int(plan.group_kv_tokens.max(initial=1)))
         self.store = KVStore.for_model(
             self.model.config, capacity_tokens=capacity, dtype=self.model.dtype, device=self.model.device
         )
         self.segments: dict[int, SegmentKV] = {}
         self.node_logits: dict[int, torch.Tensor] = {}  # [V] logits after a node's last token
+        self.node_groups_left = plan.node_last_group - plan.node_first_group + 1  # [m]
         self.has_requests = np.bincount(plan.request_node, minlength=plan.num_nodes) > 0
         self.position = np.empty(plan.num_requests, np.int64)  # request id → position in order
         self.position[plan.request_order] = np.arange(plan.num_requests)
+        self.next_group = 0
+        self.prefill: deque[list[int]] = deque()  # [node, tokens done] parents first
+        self.waiting: dict[int, list[_Sequence]] = {}  # end node → sequences awaiting its logits
+        self.running: list[_Sequence] = []
+        self.group_members_left: dict[int, int] = {}
+        self.done: list[Completion] = []
 
-    def group(self, group_id: int) -> Iterator[Completion]:
+    def completions(self) -> Iterator[Completion]:
+        while self.next_group < self.plan.num_groups or self.running or self.waiting or self.prefill:
+            while self.next_group < self.plan.num_groups and self._admit(self.next_group):
+                self.next_group += 1
+            self._step()
+            yield from self.done
+            self.done = []
+
+    # Admission -------------------------------------------------------------------------
+
+    def _admit(self, group_id: int) -> bool:
+        """Reserve the group's new nodes and its members' segments, or nothing if they don't fit."""
         group = self.plan.group(group_id)
-        self._prefill([x for x in group.new_node_ids if x != ROOT])
-        sequences = [self._start(request_id) for request_id in group.request_ids]
-        yield from self._finished(sequences)
-        while any(s.finish is None for s in sequences):
-            self._decode_step([s for s in sequences if s.finish is None])
-            yield from self._finished(sequences)
-        for node in group.node_ids:
-            if node != ROOT and self.plan.node_last_group[node] == group_id:
-                self._free(node)
+        new_nodes = [x for x in group.new_node_ids if x != ROOT]
+        sizes = [(x, self._parent(x), int(self.plan.node_num_tokens[x])) for x in new_nodes]
+        sizes += [
+            (self.plan.num_nodes + r, int(self.plan.request_node[r]), self.requests[r].sampling.max_tokens)
+            for r in group.request_ids
+        ]
+        is_idle = not (self.running or self.waiting or self.prefill)
+        if not is_idle and sum(size for *_, size in sizes) > self.store.num_free_tokens:
+            return False
+        placed = []
+        for segment_id, parent, size in sizes:
+            if not self._allocate(segment_id, parent, size):
+                for undo in placed:  # fragmented: wait for frees, keep the plan's order
+                    self._release(undo)
+                if is_idle:
+                    raise RuntimeError(f"KV store of {self.store.capacity_tokens} tokens cannot hold group {group_id}")
+                return False
+            placed.append(segment_id)
+        self.prefill.extend([x, 0] for x in new_nodes)
+        self.group_members_left[group_id] = len(group.request_ids)
+        for request_id in group.request_ids:
+            sequence = self._sequence(request_id, group_id)
+            self.waiting.setdefault(sequence.end_node, []).append(sequence)
+        self._start_ready()
+        return True
 
-    # Prefill ---------------------------------------------------------------------------
-
-    def _prefill(self, nodes: list[int]) -> None:
-        """The nodes' segments (parents first), packed and chunked into steps."""
-        step = _Step()
-        for node in nodes:
-            length = int(self.plan.node_num_tokens[node])
-            start = int(self.plan.node_token_start[node])
-            self._allocate(node, self._parent(node), length)
-            offset = 0
-            while offset < length:
-                take = min(length - offset, self.engine.max_step_tokens - len(step.token_ids))
-                step.runs.append(QueryRun(node, len(step.token_ids), offset, take))
-                step.token_ids.extend(self.tokens[start + offset : start + offset + take].tolist())
-                offset += take
-                self._set_num_keys(node, offset)
-                if offset == length and self.has_requests[node]:
-                    step.logits_rows.append(len(step.token_ids) - 1)
-                    step.logits_nodes.append(node)
-                if len(step.token_ids) == self.engine.max_step_tokens:
-                    self._prefill_step(step)
-                    step = _Step()
-        if step.token_ids:
-            self._prefill_step(step)
-
-    def _prefill_step(self, step: _Step) -> None:
-        logits = self._forward(step)
-        for node, row in zip(step.logits_nodes, logits):
-            self.node_logits[node] = row
-        self.engine.stats.num_prefill_tokens += len(step.token_ids)
-
-    # Decode ----------------------------------------------------------------------------
-
-    def _start(self, request_id: int) -> _Sequence:
+    def _sequence(self, request_id: int, group_id: int) -> _Sequence:
         request = self.requests[request_id]
         params = request.sampling
-        end_node = int(self.plan.request_node[request_id])
-        segment_id = self.plan.num_nodes + request_id
-        self._allocate(segment_id, end_node, params.max_tokens)
         generator = None
         if not params.is_greedy:
             generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
-        sequence = _Sequence(
+        return _Sequence(
             request=request,
-            segment_id=segment_id,
-            end_node=end_node,
+            group_id=group_id,
+            segment_id=self.plan.num_nodes + request_id,
+            end_node=int(self.plan.request_node[request_id]),
             num_cached_tokens=int(self.plan.request_num_cached_tokens[self.position[request_id]]),
             rule=StopRule.of(params, self.engine.eos_token_ids),
             generator=generator,
         )
-        self._append([sequence], self.node_logits[end_node][None, :])
-        return sequence
 
-    def _decode_step(self, active: list[_Sequence]) -> None:
-        step = _Step()
-        for row, sequence in enumerate(active):
+    def _start_ready(self) -> None:
+        """Sequences whose prompt's last node has logits draw their first token."""
+        for node in [x for x in self.waiting if x in self.node_logits]:
+            sequences = self.waiting.pop(node)
+            self._append(sequences, self.node_logits[node].expand(len(sequences), -1))
+            self.running += [s for s in sequences if s.finish is None]
+
+    # Steps -----------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        """One forward pass: every running sequence's next token, then prefill chunks."""
+        step = _Step(decoding=self.running)
+        self.running = []
+        for row, sequence in enumerate(step.decoding):
             num_fed = len(sequence.generated)  # the newest token is fed back at offset num_fed - 1
             step.runs.append(QueryRun(sequence.segment_id, row, num_fed - 1, 1))
             step.token_ids.append(sequence.generated[-1])
             step.logits_rows.append(row)
             self._set_num_keys(sequence.segment_id, num_fed)
-        logits = self._forward(step)  # [S, V]
-        self.engine.stats.num_decode_tokens += len(active)
-        self._append(active, logits)
+        while self.prefill and len(step.token_ids) < self.engine.max_step_tokens:
+            self._add_chunk(step)
+        if not step.token_ids:
+            return
+        logits = self._forward(step)
+        num_decoding = len(step.decoding)
+        self.engine.stats.num_decode_tokens += num_decoding
+        self.engine.stats.num_prefill_tokens += len(step.token_ids) - num_decoding
+        for node, row in zip(step.logits_nodes, logits[num_decoding:]):
+            self.node_logits[node] = row
+        self._append(step.decoding, logits[:num_decoding])
+        self.running += [s for s in step.decoding if s.finish is None]
+        self._start_ready()
+
+    def _add_chunk(self, step: _Step) -> None:
+        node, done = self.prefill[0]
+        length = int(self.plan.node_num_tokens[node])
+        take = min(length - done, self.engine.max_step_tokens - len(step.token_ids))
+        start = int(self.plan.node_token_start[node]) + done
+        step.runs.append(QueryRun(node, len(step.token_ids), done, take))
+        step.token_ids.extend(self.tokens[start : start + take].tolist())
+        self._set_num_keys(node, done + take)
+        if done + take < length:
+            self.prefill[0][1] = done + take
+            return
+        self.prefill.popleft()
+        if self.has_requests[node]:  # kept while the node lives: later groups may end here too
+            step.logits_rows.append(len(step.token_ids) - 1)
+            step.logits_nodes.append(node)
 
     def _append(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
-        """Draw one token per sequence from its logits row [S, V] and check whether it ends."""
+        """Draw one token per sequence from its logits row [S, V]; finish and free those that end."""
+        if not sequences:
+            return
         tokens = logits.argmax(dim=-1)  # [S] greedy; the first maximum, as transformers picks
         sampled = [i for i, s in enumerate(sequences) if s.generator is not None]
         if sampled:
             params = [sequences[i].request.sampling for i in sampled]
             device = logits.device
-            drawn = draw_tokens(
+            tokens[sampled] = draw_tokens(
                 logits[sampled],
                 torch.tensor([p.temperature for p in params], device=device),
                 torch.tensor([p.top_k or 0 for p in params], device=device),
                 torch.tensor([p.top_p for p in params], device=device),
                 [sequences[i].generator for i in sampled],
             )
-            tokens[sampled] = drawn
         for sequence, token in zip(sequences, tokens.tolist()):
             sequence.generated.append(token)
             text = self.engine.decode(sequence.generated) if sequence.rule.stop else ""
             sequence.finish = row_finish(sequence.rule, len(sequence.generated), token, text)
             if sequence.finish is not None:
-                self._free(sequence.segment_id)
+                self._finish(sequence)
 
-    def _finished(self, sequences: list[_Sequence]) -> Iterator[Completion]:
-        for sequence in sequences:
-            if sequence.finish is not None and not sequence.is_reported:
-                sequence.is_reported = True
-                yield self._completion(sequence)
+    def _finish(self, sequence: _Sequence) -> None:
+        self._release(sequence.segment_id)
+        self.done.append(self._completion(sequence))
+        self.group_members_left[sequence.group_id] -= 1
+        if self.group_members_left[sequence.group_id] == 0:
+            del self.group_members_left[sequence.group_id]
+            for node in self.plan.group(sequence.group_id).node_ids:
+                if node == ROOT:
+                    continue
+                self.node_groups_left[node] -= 1
+                if self.node_groups_left[node] == 0:
+                    self._release(node)
 
     def _completion(self, sequence: _Sequence) -> Completion:
         token_ids = tuple(sequence.generated[: sequence.finish.num_tokens])
@@ -232,21 +278,20 @@ class _PlanRun:
         parent = int(self.plan.node_parent[node])
         return None if parent == ROOT else parent
 
-    def _allocate(self, segment_id: int, parent_id: int | None, num_tokens: int) -> None:
+    def _allocate(self, segment_id: int, parent_id: int | None, num_tokens: int) -> bool:
         slots = self.store.allocate(segment_id, max(num_tokens, 1))
-        if slots is None:  # the plan's groups fit the budget: only fragmentation gets here
-            msg = (
-                f"KV store of {self.store.capacity_tokens} tokens cannot place {num_tokens} more "
-                f"({self.store.num_free_tokens} free, largest range {self.store.largest_free_range})"
-            )
-            raise RuntimeError(msg)
+        if slots is None:
+            return False
         self.segments[segment_id] = SegmentKV(segment_id, parent_id, slots.start, 0)
+        stats = self.engine.stats
+        stats.peak_kv_tokens = max(stats.peak_kv_tokens, self.store.num_used_tokens)
+        return True
 
     def _set_num_keys(self, segment_id: int, num_keys: int) -> None:
         segment = self.segments[segment_id]
         self.segments[segment_id] = SegmentKV(segment_id, segment.parent_id, segment.key_start, num_keys)
 
-    def _free(self, segment_id: int) -> None:
+    def _release(self, segment_id: int) -> None:
         self.store.free(segment_id)
         del self.segments[segment_id]
         self.node_logits.pop(segment_id, None)

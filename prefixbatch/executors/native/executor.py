@@ -33,6 +33,7 @@ class NativeExecutor:
         self.device = resolve_device(executor.device)
         self.dtype = resolve_dtype(model.dtype, self.device)
         self.spec = executor
+        self.kv_budget_tokens = executor.kv_budget_tokens or DEFAULT_CPU_KV_BUDGET
         hf_logging.disable_progress_bar()
         self.tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
         self.model = load_model(model.path, dtype=self.dtype, device=self.device)
@@ -41,6 +42,7 @@ class NativeExecutor:
             eos_token_ids=eos_token_ids(model.path) or _tokenizer_eos(self.tokenizer),
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
             max_step_tokens=executor.max_batch_tokens,
+            kv_budget_tokens=self.kv_budget_tokens,
         )
 
     @property
@@ -50,8 +52,13 @@ class NativeExecutor:
     def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
         """One completion per request, group by group in the plan's order."""
         tokens, offsets, max_tokens = prompt_arrays(requests)
+        # Groups of half the budget: the next group's prefill can run beside this one's decode.
         plan = build_plan(
-            tokens, offsets, max_tokens, kv_budget_tokens=self.spec.kv_budget_tokens or DEFAULT_CPU_KV_BUDGET
+            tokens,
+            offsets,
+            max_tokens,
+            kv_budget_tokens=max(self.kv_budget_tokens // 2, 1),
+            share=self.spec.prefix_sharing,
         )
         yield from self.engine.run(requests, plan, tokens)
 
