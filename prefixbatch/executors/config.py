@@ -52,3 +52,7 @@ class ExecutorSpec(StrictModel):
     """`hf`: most padded tokens (batch size × (longest prompt + its max_tokens)) in one
     batch; a single request larger than this still runs, alone. `native`: most tokens in one
     forward step (prefill segments are chunked to fit)."""
+
+    prefix_sharing: bool = True
+    """false: plan as if no two prompts shared a prefix, so every prompt is prefilled in full
+    (for ablations)."""

@@ -212,17 +212,19 @@ def build_plan(
     top_k: int = 10,
     decode: Callable[[np.ndarray], str] | None = None,
     window: int = DEFAULT_WINDOW,
+    share: bool = True,
 ) -> Plan:
     """Plan a job: request i is tokens[offsets[i]:offsets[i+1]] and decodes ~max_tokens[i].
 
     `kv_budget_tokens` bounds each group's KV; `num_shards` is the number of workers (shards
     are balanced by estimated work whatever the budget); `policy` names a sibling order in
     `policies.POLICIES` (or is such a function); `decode` (token ids -> text) only adds
-    snippets to the statistics' top prefixes.
+    snippets to the statistics' top prefixes. `share=False` plans as if no two prompts
+    shared a prefix (`build_tree`): every prompt is prefilled in full (for ablations).
     """
     prompts = check_prompts(tokens, offsets, max_tokens)
     order_policy = _check_options(kv_budget_tokens, num_shards, policy, window)
-    tree = build_tree(prompts.tokens, prompts.offsets, window=window)
+    tree = build_tree(prompts.tokens, prompts.offsets, window=window, share=share)
     stats = tree_stats(tree, top_k=top_k, decode=decode)
     schedule = schedule_groups(
         tree,

@@ -25,6 +25,10 @@ Construction (vectorised, no loop per token, request or node):
 3. A request whose length exceeds the LCP with both neighbours gets a leaf for the rest.
 4. A node's parent is the node of whichever of its two enclosing boundaries has the larger
    LCP; nodes are then sorted into preorder by (first position, end depth).
+
+Ablation: `build_tree(..., share=False)` plans as if nothing were shared: the root with one
+leaf per prompt holding all of it (`unshared_tree`), so every prompt is prefilled in full
+while statistics, groups and lifetimes work unchanged.
 """
 
 from __future__ import annotations
@@ -148,10 +152,47 @@ class PrefixTree:
 
 
 def build_tree(
-    tokens: np.ndarray, offsets: np.ndarray, *, window: int = DEFAULT_WINDOW
+    tokens: np.ndarray, offsets: np.ndarray, *, window: int = DEFAULT_WINDOW, share: bool = True
 ) -> PrefixTree:
-    """The radix tree of the prompts `tokens[offsets[i]:offsets[i+1]]` (inputs already checked)."""
-    return tree_from_lex_order(tokens, offsets, sort_prompts(tokens, offsets, window=window))
+    """The radix tree of the prompts `tokens[offsets[i]:offsets[i+1]]` (inputs already checked).
+
+    `share=False` gives the tree of a job in which no two prompts share anything (for
+    ablations): the root with one child per request holding its whole prompt.
+    """
+    lex = sort_prompts(tokens, offsets, window=window)
+    if not share:
+        return unshared_tree(tokens, offsets, lex.order)
+    return tree_from_lex_order(tokens, offsets, lex)
+
+
+def unshared_tree(tokens: np.ndarray, offsets: np.ndarray, order: np.ndarray) -> PrefixTree:
+    """Root + one leaf per non-empty prompt, leaves in `order` (an empty prompt ends at the root).
+
+    Every invariant of the shared tree holds (preorder, request ranges, rebuilt prompts);
+    only maximality is dropped: siblings may start with the same tokens, even be equal.
+    """
+    lengths = np.diff(offsets)[order]  # [n] by position
+    # Lexicographic order puts empty prompts first, so the leaves are the tail of `order`.
+    first_leaf = len(order) - int(np.count_nonzero(lengths))
+    positions = np.arange(first_leaf, len(order), dtype=np.int64)
+    num_nodes = 1 + len(positions)
+    request_node = np.zeros(len(order), np.int64)
+    request_node[order[positions]] = np.arange(1, num_nodes)
+    zero = np.zeros(1, np.int64)
+    return PrefixTree(
+        tokens=tokens,
+        offsets=offsets,
+        order=order,
+        node_parent=np.zeros(num_nodes, np.int64),
+        node_token_start=np.concatenate([zero, offsets[:-1][order[positions]]]),
+        node_num_tokens=np.concatenate([zero, lengths[positions]]),
+        node_depth=np.zeros(num_nodes, np.int64),
+        node_level=np.concatenate([zero, np.ones(len(positions), np.int64)]),
+        node_lo=np.concatenate([zero, positions]),
+        node_hi=np.concatenate([[len(order)], positions + 1]),
+        node_end=np.concatenate([[num_nodes], np.arange(2, num_nodes + 1)]),
+        request_node=request_node,
+    )
 
 
 def tree_from_lex_order(tokens: np.ndarray, offsets: np.ndarray, lex: LexOrder) -> PrefixTree:

@@ -42,6 +42,16 @@ def test_example_groups_and_shards(plan):
     assert plan.node_token_start.tolist() == [12, 12, 2, 3, 20, 7, 14]  # the root is empty
 
 
+def test_plan_without_sharing_prefills_every_prompt_in_full(example):
+    plan = build_plan(*example, EXAMPLE_MAX_TOKENS, kv_budget_tokens=1000, share=False)
+    assert plan.stats.num_unique_tokens == plan.stats.num_prompt_tokens == 21
+    assert plan.stats.sharing_ratio == 0.0 and plan.stats.top_prefixes == ()
+    assert plan.request_num_cached_tokens.tolist() == [0] * 6
+    assert int(plan.group_prefill_tokens.sum()) == 21
+    assert plan.num_groups == 1
+    assert plan.group(0).num_kv_tokens == 21 + int(EXAMPLE_MAX_TOKENS.sum())
+
+
 def test_json_round_trip(plan):
     text = json.dumps(plan.to_dict())
     again = Plan.from_dict(json.loads(text))

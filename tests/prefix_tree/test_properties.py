@@ -49,12 +49,34 @@ def test_tree_rebuilds_prompts_and_matches_naive_trie(prompts, window):
 
 
 @settings(max_examples=200, deadline=None)
+@given(planted_prompts(), WINDOWS)
+def test_unshared_tree_keeps_the_tree_invariants(prompts, window):
+    tokens, offsets = flat(prompts)
+    tree = build_tree(tokens, offsets, window=window, share=False)
+    nonempty = [i for i, p in enumerate(prompts) if p]
+    assert tree.num_nodes == 1 + len(nonempty)
+    assert int(tree.node_num_tokens.sum()) == sum(len(p) for p in prompts)  # nothing shared
+    assert tree.order.tolist() == build_tree(tokens, offsets, window=window).order.tolist()
+    for i, prompt in enumerate(prompts):
+        assert tree.path_tokens(i).tolist() == prompt
+        assert len(tree.path(i)) == (2 if prompt else 1)
+    for x in range(tree.num_nodes):
+        lo, end = tree.node_lo[x], tree.node_end[x]
+        assert set(tree.requests_under(x).tolist()) == {
+            i for i in range(len(prompts)) if x == 0 or tree.request_node[i] == x
+        }
+        assert set(range(x, end)) == {y for y in range(tree.num_nodes) if x == 0 or y == x}
+        assert lo <= tree.node_hi[x]
+
+
+@settings(max_examples=200, deadline=None)
 @given(planted_prompts(), st.data())
 def test_plan_invariants(prompts, data):
     n = len(prompts)
     max_tokens = np.array(data.draw(st.lists(st.integers(0, 12), min_size=n, max_size=n)))
     budget = data.draw(BUDGETS)
     num_shards = data.draw(st.integers(1, 4))
+    share = data.draw(st.booleans())
     policy = data.draw(
         st.sampled_from(
             [
@@ -74,8 +96,9 @@ def test_plan_invariants(prompts, data):
         num_shards=num_shards,
         policy=policy,
         window=data.draw(WINDOWS),
+        share=share,
     )
-    tree = build_tree(tokens, offsets)
+    tree = build_tree(tokens, offsets, share=share)
     paths = [tree.path(i) for i in range(n)]  # same node numbering as the plan's
     seg = tree.node_num_tokens
     groups = list(plan.groups())

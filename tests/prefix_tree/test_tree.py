@@ -17,6 +17,16 @@ EXAMPLE_PRETTY = """\
       [5] +1 @3 n=2 ends=[1, 2]: 5
   [6] +2 @0 n=1 ends=[4]: 7 8"""
 
+# share=False: one leaf per prompt, in lexicographic order, equal prompts (1, 2) included.
+UNSHARED_PRETTY = """\
+[0] +0 @0 n=6
+  [1] +2 @0 n=1 ends=[3]: 1 2
+  [2] +4 @0 n=1 ends=[0]: 1 2 3 4
+  [3] +5 @0 n=1 ends=[5]: 1 2 3 4 9
+  [4] +4 @0 n=1 ends=[1]: 1 2 3 5
+  [5] +4 @0 n=1 ends=[2]: 1 2 3 5
+  [6] +2 @0 n=1 ends=[4]: 7 8"""
+
 
 def test_example_nodes(example):
     tree = build_tree(*example)
@@ -59,6 +69,15 @@ def test_no_requests_and_no_sharing():
     assert tree.node_parent.tolist() == [0, 0, 0]
     assert tree.node_num_tokens.tolist() == [0, 1, 2]
     assert tree.request_node.tolist() == [2, 1, 0]  # the empty prompt ends at the root
+
+
+def test_unshared_tree_gives_every_prompt_its_own_leaf(example):
+    tree = build_tree(*example, share=False)
+    assert tree.pretty() == UNSHARED_PRETTY
+    assert tree.node_end.tolist() == [7, 2, 3, 4, 5, 6, 7]
+    assert tree.path_tokens(5).tolist() == [1, 2, 3, 4, 9]
+    empty_too = build_tree(*flat([[3, 4], []]), share=False)
+    assert empty_too.request_node.tolist() == [1, 0]  # the empty prompt ends at the root
 
 
 def test_segments_point_into_tokens(example):
