@@ -16,6 +16,13 @@ Invariants:
 - GQA: each kv head serves H / Hkv query heads; those heads' queries are stacked into one
   matrix against the kv head's keys, so K and V are never repeated in memory.
 
+Two implementations of the same contract: `attend_matmul` (batched `bmm` and an fp32
+softmax, any device, the portable path) and `attend_fused` (PyTorch's fused flash-attention
+kernel for the CPU, `aten._scaled_dot_product_flash_attention_for_cpu`, which returns the
+log-sum-exp beside the output and never materialises the scores). `attend` picks the fused
+kernel where it runs (CPU tensors) and the matmul path elsewhere; tests hold both to the
+plain reference.
+
 in → out: q [Tq, H, D], k, v [Tk, Hkv, D] → out [Tq, H, D] (q's dtype), lse [Tq, H] fp32.
 """
 
@@ -25,7 +32,28 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["attend", "attend_gathered", "causal_mask", "merge", "reference_attention"]
+__all__ = [
+    "attend",
+    "attend_fused",
+    "fused_available",
+    "attend_gathered",
+    "attend_matmul",
+    "causal_mask",
+    "merge",
+    "reference_attention",
+]
+
+# PyTorch's fused CPU attention that also returns the log-sum-exp (the public
+# `scaled_dot_product_attention` does not). Inputs [B, H, T, D] with any strides, all one
+# dtype; an additive float mask broadcastable to [B, H, Tq, Tk]; out [B, H, Tq, D] in the
+# inputs' dtype, lse [B, H, Tq] fp32 (-inf where a query sees no key, out 0 there).
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def fused_available(q: torch.Tensor) -> bool:
+    """Whether `attend_fused` runs for tensors like q: CPU tensors, on a PyTorch that has the kernel."""
+    return _flash_cpu is not None and q.device.type == "cpu"
+
 
 
 def attend(
@@ -42,10 +70,74 @@ def attend(
     j ≤ i + causal_offset: 0 when q are the segment's own tokens from its start; the offset
     of the first query within the segment when they are a later chunk of it.
     """
+    if fused_available(q):
+        return attend_fused(q, k, v, scale=scale, causal_offset=causal_offset)
+    return attend_matmul(q, k, v, scale=scale, causal_offset=causal_offset)
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    assert v.shape == k.shape and k.shape[2] == q.shape[2], (q.shape, k.shape, v.shape)
+    assert q.shape[1] % k.shape[1] == 0, (q.shape, k.shape)
+
+
+def attend_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    causal_offset: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attend` on the fused CPU kernel (see `fused_available`); same contract and results.
+
+    The kernel's causal mask is aligned top-left (query i sees key i), so a chunk that
+    continues its segment (offset > 0, the usual case: keys = everything before the chunk
+    plus the chunk) is two calls merged: the keys before the chunk, seen by every query,
+    and the chunk's own square, causal. Other offsets go to `attend_matmul`.
+    """
+    _check_shapes(q, k, v)
+    num_queries, num_keys = q.shape[0], k.shape[0]
+    if num_keys == 0 or num_queries == 0:
+        return _empty_result(q)
+    if causal_offset is None or causal_offset >= num_keys - 1:  # no key is hidden
+        return _flash(q, k, v, scale=scale, causal=False)
+    if causal_offset < 0 or causal_offset != num_keys - num_queries:
+        return attend_matmul(q, k, v, scale=scale, causal_offset=causal_offset)
+    own = _flash(q, k[causal_offset:], v[causal_offset:], scale=scale, causal=True)
+    if causal_offset == 0:
+        return own
+    before = _flash(q, k[:causal_offset], v[:causal_offset], scale=scale, causal=False)
+    return merge([before, own])
+
+
+def _flash(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # GQA without copies: query head h = kv_head · G + g becomes batch g, head kv_head, and
+    # every batch reads the same K, V through a stride-0 view.
     num_queries, num_heads, head_dim = q.shape
     num_keys, num_kv_heads, _ = k.shape
-    assert v.shape == k.shape and k.shape[2] == head_dim, (q.shape, k.shape, v.shape)
-    assert num_heads % num_kv_heads == 0, (q.shape, k.shape)
+    group = num_heads // num_kv_heads
+    q4 = q.view(num_queries, num_kv_heads, group, head_dim).permute(2, 1, 0, 3)  # [G, Hkv, Tq, D]
+    k4 = k.permute(1, 0, 2)[None].expand(group, -1, -1, -1)  # [G, Hkv, Tk, D]
+    v4 = v.permute(1, 0, 2)[None].expand(group, -1, -1, -1)
+    out, lse = _flash_cpu(q4, k4, v4, 0.0, causal, scale=scale)  # [G, Hkv, Tq, D], [G, Hkv, Tq]
+    out = out.permute(2, 1, 0, 3).reshape(num_queries, num_heads, head_dim)
+    return out, lse.permute(2, 1, 0).reshape(num_queries, num_heads).float()
+
+
+def attend_matmul(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    causal_offset: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attend` with batched `bmm` and an fp32 softmax: any device, any offset."""
+    _check_shapes(q, k, v)
+    num_queries, num_heads, head_dim = q.shape
+    num_keys, num_kv_heads, _ = k.shape
     if num_keys == 0 or num_queries == 0:
         return _empty_result(q)
     group = num_heads // num_kv_heads
@@ -69,18 +161,33 @@ def attend(
 
 
 def attend_gathered(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, *, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    scale: float,
+    fused: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query per row over that row's own gathered keys, all rows in one batched product.
 
     q [R, H, D]; k, v [R, L, Hkv, D] (row r's keys, padded to L); valid [R, L] bool (False on
     padding) → (out [R, H, D] in q's dtype, lse [R, H] fp32). The decode fast path: many
     sequences each with a short key list of its own, instead of one `attend` call apiece.
+    fused: the fused CPU kernel (None: where `fused_available`) or einsum products.
     """
     num_rows, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     group = num_heads // num_kv_heads
     q_grouped = q.view(num_rows, num_kv_heads, group, head_dim)  # [R, Hkv, G, D]
+    if fused_available(q) if fused is None else fused:
+        # Each row a batch of its own, its G query heads per kv head as G queries.
+        mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device)
+        mask = mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]  # [R, 1, 1, L]
+        out, lse = _flash_cpu(
+            q_grouped, k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3), 0.0, False, attn_mask=mask, scale=scale
+        )  # [R, Hkv, G, D], [R, Hkv, G]
+        return out.reshape(num_rows, num_heads, head_dim), lse.reshape(num_rows, num_heads).float()
     scores = torch.einsum("rkgd,rlkd->rkgl", q_grouped, k).float() * scale  # [R, Hkv, G, L]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs, lse = _softmax_with_lse(scores)  # [R, Hkv, G, L], [R, Hkv, G]

@@ -93,6 +93,13 @@ class Engine:
             yield from _PlanRun(self, requests, plan, tokens).completions()
 
 
+def _most_tokens_held(requests: Sequence[Request], plan: Plan) -> int:
+    """Slots of every segment the run allocates (each tree node, each request's own), at once."""
+    nodes = np.maximum(np.delete(plan.node_num_tokens, ROOT), 1).sum()
+    own = sum(max(request.sampling.max_tokens, 1) for request in requests)
+    return int(nodes) + own
+
+
 class _PlanRun:
     """The state of one plan being executed: admitted groups, live segments, node logits."""
 
@@ -102,8 +109,10 @@ class _PlanRun:
         self.requests = requests
         self.plan = plan
         self.tokens = tokens
-        # An over-budget single request still has to fit on its own.
+        # An over-budget single request still has to fit on its own; and the store needs no
+        # more than every segment of the plan at once (allocated zeroed: sized to the job).
         capacity = max(engine.kv_budget_tokens, int(plan.group_kv_tokens.max(initial=1)))
+        capacity = min(capacity, _most_tokens_held(requests, plan))
         self.store = KVStore.for_model(
             self.model.config, capacity_tokens=capacity, dtype=self.model.dtype, device=self.model.device
         )

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from prefixbatch.executors.native.attention import attend, attend_gathered, merge
+from prefixbatch.executors.native.attention import (
+    attend,
+    attend_fused,
+    attend_gathered,
+    attend_matmul,
+    merge,
+)
 from prefixbatch.executors.native.attention_plan import AttentionPlan, KeySpan
 from prefixbatch.executors.native.kv import KVStore
 
@@ -34,17 +40,29 @@ class DeviceSpan:
     key_start: int
     key_stop: int
     causal_offset: int | None
+    first: bool  # no earlier span of the step has any of these rows: store, don't merge
 
 
-# A span over fewer rows than this is not worth its own matrix product: its rows fetch the
-# keys themselves in the batched gather. Wider spans (a prefix many sequences share) keep the
-# shared-prefix product, where reading the keys once pays.
-GATHER_BELOW_ROWS = 8
+# A span whose rows would copy at most this many keys in all (rows × visible keys) is not
+# worth a kernel call of its own: its rows fetch the keys in the step's one batched gather.
+# Copying a key costs far less than a call and a merge, but a call reads its keys once for
+# all its rows (a prefix many sequences share: the shared-prefix product), and copying
+# hundreds of keys per row costs more than the call.
+GATHER_MAX_KEYS = 256
+
+
+def _visible_keys(span: KeySpan) -> int:
+    """Keys the span's last row sees."""
+    if span.causal_offset is None:
+        return span.num_keys
+    return min(span.num_keys, span.causal_offset + len(span.rows))
 
 
 def _is_gathered(span: KeySpan) -> bool:
-    # A causal span of several rows is a prefill chunk: gathering would copy its keys per row.
-    return len(span.rows) < GATHER_BELOW_ROWS and (span.causal_offset is None or len(span.rows) == 1)
+    # A causal span of several rows is a prefill chunk: its rows see different key counts.
+    if span.causal_offset is not None and len(span.rows) > 1:
+        return False
+    return len(span.rows) * _visible_keys(span) <= GATHER_MAX_KEYS
 
 
 @dataclass(frozen=True)
@@ -107,16 +125,20 @@ class DevicePlan:
         index = index.to(device)
         write_slots, positions, rest = index.split([plan.num_rows, plan.num_rows, len(flat)])
         rest_parts = iter(rest.split([len(rows) for rows in gathered]))
-        spans = tuple(
-            DeviceSpan(
-                rows=_as_slice(span.rows) if _is_consecutive(span.rows) else next(rest_parts),
-                key_start=span.key_start,
-                key_stop=span.key_start + span.num_keys,
-                causal_offset=span.causal_offset,
+        seen: set[int] = set()
+        spans = []
+        for span in multi:
+            spans.append(
+                DeviceSpan(
+                    rows=_as_slice(span.rows) if _is_consecutive(span.rows) else next(rest_parts),
+                    key_start=span.key_start,
+                    key_stop=span.key_start + span.num_keys,
+                    causal_offset=span.causal_offset,
+                    first=seen.isdisjoint(span.rows),
+                )
             )
-            for span in multi
-        )
-        return cls(plan.num_rows, spans, write_slots, positions, Gathered.of(single, device))
+            seen.update(span.rows)
+        return cls(plan.num_rows, tuple(spans), write_slots, positions, Gathered.of(single, device))
 
 
 def _is_consecutive(rows: tuple[int, ...]) -> bool:
@@ -128,25 +150,47 @@ def _as_slice(rows: tuple[int, ...]) -> slice:
 
 
 def tree_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: DevicePlan, *, scale: float
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    plan: DevicePlan,
+    *,
+    scale: float,
+    fused: bool | None = None,
 ) -> torch.Tensor:
-    """q: [T, H, D], keys, values: [capacity, Hkv, D] (one layer's store) → out [T, H, D] fp32."""
+    """q: [T, H, D], keys, values: [capacity, Hkv, D] (one layer's store) → out [T, H, D] fp32.
+
+    fused: True/False forces `attend_fused` / `attend_matmul` (tests); None picks by device.
+    """
     assert q.shape[0] == plan.num_rows, (q.shape, plan.num_rows)
+    attend_span = attend if fused is None else attend_fused if fused else attend_matmul
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # [T, H, D]
     lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)  # [T, H]
     for span in plan.spans:
-        part = attend(
+        part_out, part_lse = attend_span(
             q[span.rows],
             keys[span.key_start : span.key_stop],
             values[span.key_start : span.key_stop],
             scale=scale,
             causal_offset=span.causal_offset,
         )
-        # The accumulator starts at lse -inf, so a row's first part is taken as is.
-        out[span.rows], lse[span.rows] = merge([(out[span.rows], lse[span.rows]), part])
+        if span.first:  # the accumulator holds nothing for these rows yet
+            out[span.rows], lse[span.rows] = part_out.float(), part_lse
+        else:
+            out[span.rows], lse[span.rows] = merge([(out[span.rows], lse[span.rows]), (part_out, part_lse)])
     if plan.gathered is not None:
         g = plan.gathered
-        part = attend_gathered(q[g.rows], keys[g.slots], values[g.slots], g.valid, scale=scale)
+        # index_select over the flattened slots: several times faster than `keys[g.slots]`.
+        shape = (*g.slots.shape, *keys.shape[1:])  # [R, L, Hkv, D]
+        flat = g.slots.flatten()
+        part = attend_gathered(
+            q[g.rows],
+            keys.index_select(0, flat).view(shape),
+            values.index_select(0, flat).view(shape),
+            g.valid,
+            scale=scale,
+            fused=fused,
+        )
         out[g.rows], lse[g.rows] = merge([(out[g.rows], lse[g.rows]), part])
     return out
 
@@ -154,10 +198,18 @@ def tree_attention(
 class TreeAttention:
     """The model's attention callback for one step: store k, v at the plan's slots, attend by plan."""
 
-    def __init__(self, store: KVStore, plan: AttentionPlan | DevicePlan, *, scale: float) -> None:
+    def __init__(
+        self,
+        store: KVStore,
+        plan: AttentionPlan | DevicePlan,
+        *,
+        scale: float,
+        fused: bool | None = None,
+    ) -> None:
         self.store = store
         self.plan = plan if isinstance(plan, DevicePlan) else DevicePlan.of(plan, store.keys.device)
         self.scale = scale
+        self.fused = fused
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -165,6 +217,11 @@ class TreeAttention:
         # q: [T, H, D], k, v: [T, Hkv, D] → out: [T, H, D] in q's dtype
         self.store.write(layer, self.plan.write_slots, k, v)
         out = tree_attention(
-            q, self.store.keys[layer], self.store.values[layer], self.plan, scale=self.scale
+            q,
+            self.store.keys[layer],
+            self.store.values[layer],
+            self.plan,
+            scale=self.scale,
+            fused=self.fused,
         )
         return out.to(q.dtype)

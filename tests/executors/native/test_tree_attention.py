@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from prefixbatch.executors.native.attention import reference_attention
 from prefixbatch.executors.native.attention_plan import KeySpan, QueryRun, SegmentKV, build_plan
 from prefixbatch.executors.native.kv import KVStore
+from prefixbatch.executors.native import tree_attention
 from prefixbatch.executors.native.tree_attention import TreeAttention
 
 TOL = 1e-5
@@ -70,7 +71,9 @@ def _ancestors(segment: int, parents) -> list[int]:
     return chain[::-1]
 
 
-def run_case(case: Case, *, seed: int = 0, device: str = "cpu", tol: float = TOL) -> None:
+def run_case(
+    case: Case, *, seed: int = 0, device: str = "cpu", tol: float = TOL, fused: bool | None = None
+) -> None:
     generator = torch.Generator().manual_seed(seed)
     num_heads, num_kv_heads = case.heads
     # The true KV of every segment ([layer, token, Hkv, D]), and the step's queries.
@@ -106,7 +109,7 @@ def run_case(case: Case, *, seed: int = 0, device: str = "cpu", tol: float = TOL
         runs.append(QueryRun(segment, row, offset, num_tokens))
         row += num_tokens
     plan = build_plan(segments, runs)
-    attention = TreeAttention(store, plan, scale=SCALE)
+    attention = TreeAttention(store, plan, scale=SCALE, fused=fused)
 
     for layer in range(NUM_LAYERS):
         step_k = torch.cat([truth_k[s][layer, o : o + n] for s, o, n in case.runs])
@@ -145,7 +148,22 @@ def _stored_lengths(case: Case) -> list[int]:
 @settings(max_examples=150, deadline=None)
 @given(cases())
 def test_tree_attention_equals_full_attention(case):
-    run_case(case)
+    run_case(case)  # the fused kernel on the CPU
+
+
+@settings(max_examples=100, deadline=None)
+@given(cases())
+def test_tree_attention_on_the_matmul_path_equals_full_attention(case):
+    run_case(case, fused=False)
+
+
+@settings(max_examples=100, deadline=None)
+@given(cases(), st.booleans())
+def test_tree_attention_with_every_span_its_own_product_equals_full_attention(case, fused):
+    # The tiny segments above mostly go to the batched gather; here none does.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tree_attention, "GATHER_MAX_KEYS", 0)
+        run_case(case, fused=fused)
 
 
 def test_decode_of_many_sequences_under_one_node_is_one_span():
