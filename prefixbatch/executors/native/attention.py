@@ -226,6 +226,13 @@ def merge(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Ten
     parts: (out [Tq, H, D], lse [Tq, H] fp32) each → (out, lse) over the union of their keys.
     """
     assert parts, "merge needs at least one part"
+    if len(parts) == 2:  # the common case (an accumulator and one more part), without stacking
+        (out_a, lse_a), (out_b, lse_b) = parts
+        total = torch.logaddexp(lse_a, lse_b)  # -inf only when both are
+        safe_total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+        out = out_a.float() * (lse_a - safe_total).exp_()[..., None]
+        out.addcmul_(out_b.float(), (lse_b - safe_total).exp_()[..., None])
+        return out.to(out_a.dtype), total
     outs = torch.stack([out.float() for out, _ in parts])  # [P, Tq, H, D]
     lses = torch.stack([lse for _, lse in parts])  # [P, Tq, H]
     total = torch.logsumexp(lses, dim=0)  # [Tq, H]; all parts empty → -inf

@@ -107,13 +107,17 @@ class SelfAttention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)  # q: [T, H, D]
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # k: [T, Hkv, D]
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split(self.split_sizes, dim=-1)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # v: [T, Hkv, D]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))  # q: [T, H, D]
+            k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))  # k: [T, Hkv, D]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:  # q and k side by side in qkv: rotate them in one go
+            heads = self.num_heads + self.num_kv_heads
+            qk = qkv[:, : heads * self.head_dim].view(num_tokens, heads, self.head_dim)
+            q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
         out = attention(self.layer, q, k, v)  # out: [T, H, D]
         assert out.shape == q.shape, (
             f"attention returned {tuple(out.shape)}, expected {tuple(q.shape)}"

@@ -177,7 +177,7 @@ def tree_attention(
         if span.first:  # the accumulator holds nothing for these rows yet
             out[span.rows], lse[span.rows] = part_out.float(), part_lse
         else:
-            out[span.rows], lse[span.rows] = merge([(out[span.rows], lse[span.rows]), (part_out, part_lse)])
+            _merge_into(out, lse, span.rows, part_out, part_lse)
     if plan.gathered is not None:
         g = plan.gathered
         # index_select over the flattened slots: several times faster than `keys[g.slots]`.
@@ -191,8 +191,20 @@ def tree_attention(
             scale=scale,
             fused=fused,
         )
-        out[g.rows], lse[g.rows] = merge([(out[g.rows], lse[g.rows]), part])
+        _merge_into(out, lse, g.rows, *part)
     return out
+
+
+def _merge_into(
+    out: torch.Tensor, lse: torch.Tensor, rows: Rows, part_out: torch.Tensor, part_lse: torch.Tensor
+) -> None:
+    """`merge` of the accumulators' rows with one more part, written back: out, lse fp32."""
+    if isinstance(rows, slice):  # views: update in place
+        merged_out, merged_lse = merge([(out[rows], lse[rows]), (part_out, part_lse)])
+        out[rows].copy_(merged_out)
+        lse[rows].copy_(merged_lse)
+    else:
+        out[rows], lse[rows] = merge([(out[rows], lse[rows]), (part_out, part_lse)])
 
 
 class TreeAttention:
