@@ -1,7 +1,7 @@
 """The `prefixbatch` command: run, validate, plan, make-test-model, demo.
 
 Exit codes: 0 success; 2 a user's mistake (one message, no traceback; `--debug` shows it);
-1 an internal error. Verbs are thin: each calls one function of `jobs/`.
+3 the job finished but more rows than `max_error_fraction` are error rows; 1 an internal error. Verbs are thin: each calls one function of `jobs/`.
 """
 
 from __future__ import annotations
@@ -111,6 +111,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if summary.errors_by_code:
         _info("error rows by code: " + ", ".join(f"{k}={v}" for k, v in summary.errors_by_code.items()))
+    error_fraction = summary.error_rows / max(summary.input_rows, 1)
+    if error_fraction > spec.max_error_fraction:
+        print(
+            f"error: {summary.error_rows} of {summary.input_rows} input rows ({error_fraction:.1%}) are error"
+            f" rows, above max_error_fraction {spec.max_error_fraction}; every row was written"
+            " (see the error column and _summary.json)",
+            file=sys.stderr,
+        )
+        return 3
     return 0
 
 

@@ -18,14 +18,17 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 
 import prefixbatch
-from prefixbatch.executors.base import Executor, create_executor
+from prefixbatch.executors.base import Executor, ExecutorStats, create_executor
+from prefixbatch.faults import fault_point
+from prefixbatch.jobs.fingerprint import job_fingerprint
 from prefixbatch.executors.model_folder import check_model_folder
 from prefixbatch.jobs.progress import JobProgress
 from prefixbatch.jobs.spec import JobSpec
 from prefixbatch.pipeline.prepare import PreparedInput, input_columns, prepare_input
 from prefixbatch.pipeline.reader import check_ids, scan_inputs
 from prefixbatch.pipeline.tokenize import PromptTokenizer
-from prefixbatch.pipeline.writer import OutputFolder, completions_to_table, output_schema
+from prefixbatch.pipeline.commits import SUMMARY, CommitRecord, OutputFolder, indices_to_ranges
+from prefixbatch.pipeline.writer import completions_to_table, output_schema
 from prefixbatch.types import Completion
 
 
@@ -46,9 +49,10 @@ class RunSummary:
     prefill_tokens_computed: int  # prompt tokens whose KV the executor computed
     decode_tokens_computed: int  # tokens fed back while decoding (hf: padded batch rows included)
     rows_with_clamped_max_tokens: int
+    resumed_rows: int  # input rows committed by earlier runs into the same folder (resume)
     wall_s: float  # the whole run: reading, loading the model, generating, writing
     generate_s: float  # from the first request handed to the executor to the last part written
-    output_tokens_per_s: float  # output tokens / generate_s
+    output_tokens_per_s: float  # this run's output tokens / generate_s
     parts: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -93,31 +97,57 @@ def check_job(spec: JobSpec) -> str:
     """Everything `run` checks before loading weights, without writing anything."""
     check_model_folder(spec.model.path)
     prepared = read_job_input(spec)
-    OutputFolder(spec.output.path, mode=spec.output.mode, storage_options=spec.output.storage_options).check()
+    output = _output_folder(spec)
+    committed = output.check(job_fingerprint(spec, prepared.files))
+    resumed = f", {committed} already committed (resume)" if committed else ""
     return (
         f"{prepared.num_rows} rows, {len(prepared.requests)} to generate, "
-        f"{len(prepared.errors)} would be error rows"
+        f"{len(prepared.errors)} would be error rows{resumed}"
     )
+
+
+def _output_folder(spec: JobSpec) -> OutputFolder:
+    return OutputFolder(spec.output.path, mode=spec.output.mode, storage_options=spec.output.storage_options)
 
 
 def run_job(spec: JobSpec, *, live_progress: bool | None = None, log: Callable[[str], None] = print) -> RunSummary:
+    """Read, claim the output, generate what is not committed yet, commit part by part, finish.
+
+    Killed at any point, the same call with `output.mode: resume` runs only the rows no
+    commit covers; the finished output equals that of a run that never stopped.
+    """
     start = time.monotonic()
     check_model_folder(spec.model.path)
     prepared = read_job_input(spec, show_progress=True, live_progress=live_progress)
+    fault_point("tokenized")
     log(f"read {prepared.num_rows} rows: {len(prepared.requests)} to generate, {len(prepared.errors)} error rows")
-    output = OutputFolder(spec.output.path, mode=spec.output.mode, storage_options=spec.output.storage_options)
+    output = _output_folder(spec)
     writer = PartWriter(output, prepared, spec)  # checks the output columns before any model work
-    output.prepare()
-    executor = create_executor(spec.model, spec.executor)
-    with JobProgress(prepared.num_output_rows, live=live_progress) as progress:
-        for completion in _all_completions(prepared, executor.generate(prepared.requests)):
+    committed = output.open(job_fingerprint(spec, prepared.files))
+    todo = prepared.without_rows(committed)
+    if len(committed):
+        log(f"resuming: {len(committed)} input rows were committed before; running the other {prepared.num_rows - len(committed)}")
+    executor = create_executor(spec.model, spec.executor) if todo.requests else None
+    with JobProgress(todo.num_output_rows, live=live_progress) as progress:
+        generated = executor.generate(todo.requests) if executor is not None else ()
+        for completion in _all_completions(todo, generated):
             writer.add(completion)
             progress.advance(1, completion.num_output_tokens)
         writer.flush()
+    records = output.write_manifest(prepared.num_rows, extra={"job": spec.name})
     summary = summarize(
-        spec, prepared, writer, executor, wall_s=time.monotonic() - start, generate_s=progress.elapsed_s
+        spec,
+        prepared,
+        records,
+        executor,
+        resumed_rows=len(committed),
+        run_output_tokens=sum(r.stats["output_tokens"] for r in writer.records),
+        parts=output.part_urls(records),
+        wall_s=time.monotonic() - start,
+        generate_s=progress.elapsed_s,
     )
-    output.write_json("_summary.json", summary.to_dict())
+    output.write_json(SUMMARY, summary.to_dict())
+    output.mark_success(records)
     return summary
 
 
@@ -127,8 +157,9 @@ def _all_completions(prepared: PreparedInput, generated: Iterable[Completion]) -
 
 
 class PartWriter:
-    """Buffers completions and writes a part file every `rows_per_part` rows, sorted by
-    (row, sample); a row's id and carried values repeat on each of its samples."""
+    """Collects completions until whole input rows (every sample) are done, and commits them
+    part by part: every `rows_per_part` output rows, sorted by (row, sample), one part and one
+    commit record. A row's id and carried values repeat on each of its samples."""
 
     def __init__(self, output: OutputFolder, prepared: PreparedInput, spec: JobSpec) -> None:
         self.output = output
@@ -137,21 +168,28 @@ class PartWriter:
         self.metadata = output_metadata(spec)
         carry_fields = list(prepared.carry.schema)
         self.schema = output_schema(prepared.ids.type, carry_fields, id_column=spec.input.id_column)
-        self.buffer: list[Completion] = []
-        self.parts: list[str] = []
-        self.counts: Counter[str] = Counter()
-        self.totals = Counter()
+        self.samples_left = Counter(r.row_index for r in prepared.requests)
+        self.samples_left.update(e.row_index for e in prepared.errors)
+        self.pending: dict[int, list[Completion]] = {}  # rows with samples still running
+        self.ready: list[Completion] = []  # whole rows, not yet written
+        self.records: list[CommitRecord] = []
 
     def add(self, completion: Completion) -> None:
-        self.buffer.append(completion)
-        if len(self.buffer) >= self.rows_per_part:
-            self.flush()
+        row = completion.row_index
+        self.pending.setdefault(row, []).append(completion)
+        self.samples_left[row] -= 1
+        if self.samples_left[row] == 0:
+            del self.samples_left[row]
+            self.ready += self.pending.pop(row)
+            if len(self.ready) >= self.rows_per_part:
+                self.flush()
 
     def flush(self) -> None:
-        if not self.buffer:
+        """Write and commit the whole rows collected so far."""
+        if not self.ready:
             return
-        rows = sorted(self.buffer, key=lambda c: (c.row_index, c.sample_index))
-        self.buffer = []
+        rows = sorted(self.ready, key=lambda c: (c.row_index, c.sample_index))
+        self.ready = []
         indices = pa.array([c.row_index for c in rows], type=pa.int64())
         table = completions_to_table(
             rows,
@@ -159,42 +197,68 @@ class PartWriter:
             carry=self.prepared.carry.take(indices) if self.prepared.carry.num_columns else None,
             schema=self.schema,
         )
-        self.parts.append(self.output.write_part(table, metadata=self.metadata))
-        for c in rows:
-            self.totals["rows"] += 1
-            self.totals["prompt_tokens"] += c.num_prompt_tokens
-            self.totals["output_tokens"] += c.num_output_tokens
-            self.totals["cached_prompt_tokens"] += c.num_cached_prompt_tokens
-            if c.error is not None:
-                self.counts[c.error.split(":", 1)[0]] += 1
+        unit, name, num_bytes = self.output.write_part(table, metadata=self.metadata)
+        record = CommitRecord(
+            unit=unit,
+            part=name,
+            rows=indices_to_ranges(c.row_index for c in rows),
+            num_output_rows=len(rows),
+            num_bytes=num_bytes,
+            stats=_part_stats(rows),
+        )
+        self.output.commit(record)
+        self.records.append(record)
+
+
+def _part_stats(rows: list[Completion]) -> dict:
+    errors = Counter(c.error.split(":", 1)[0] for c in rows if c.error is not None)
+    return {
+        "prompt_tokens": sum(c.num_prompt_tokens for c in rows),
+        "output_tokens": sum(c.num_output_tokens for c in rows),
+        "cached_prompt_tokens": sum(c.num_cached_prompt_tokens for c in rows),
+        "errors_by_code": dict(errors),
+    }
 
 
 def summarize(
     spec: JobSpec,
     prepared: PreparedInput,
-    writer: PartWriter,
-    executor: Executor,
+    records: list[CommitRecord],
+    executor: Executor | None,
     *,
+    resumed_rows: int,
+    run_output_tokens: int,
+    parts: list[str],
     wall_s: float,
     generate_s: float,
 ) -> RunSummary:
-    totals = writer.totals
+    """The whole output's counts (every commit, earlier runs' too); this run's executor work."""
+    totals: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    for record in records:
+        totals["rows"] += record.num_output_rows
+        for key in ("prompt_tokens", "output_tokens", "cached_prompt_tokens"):
+            totals[key] += record.stats.get(key, 0)
+        errors.update(record.stats.get("errors_by_code", {}))
+    stats = executor.stats if executor is not None else ExecutorStats()
+    kind = type(executor).__name__.removesuffix("Executor").lower() if executor is not None else "none"
     return RunSummary(
         job=spec.name,
         output_path=spec.output.path,
         input_rows=prepared.num_rows,
         rows=totals["rows"],
-        error_rows=sum(writer.counts.values()),
-        errors_by_code=dict(sorted(writer.counts.items())),
+        error_rows=sum(errors.values()),
+        errors_by_code=dict(sorted(errors.items())),
         prompt_tokens=totals["prompt_tokens"],
         output_tokens=totals["output_tokens"],
         cached_prompt_tokens=totals["cached_prompt_tokens"],
-        executor=type(executor).__name__.removesuffix("Executor").lower(),
-        prefill_tokens_computed=executor.stats.num_prefill_tokens,
-        decode_tokens_computed=executor.stats.num_decode_tokens,
+        executor=kind,
+        prefill_tokens_computed=stats.num_prefill_tokens,
+        decode_tokens_computed=stats.num_decode_tokens,
         rows_with_clamped_max_tokens=prepared.num_clamped,
+        resumed_rows=resumed_rows,
         wall_s=round(wall_s, 3),
         generate_s=round(generate_s, 3),
-        output_tokens_per_s=round(totals["output_tokens"] / max(generate_s, 1e-9), 2),
-        parts=writer.parts,
+        output_tokens_per_s=round(run_output_tokens / max(generate_s, 1e-9), 2),
+        parts=parts,
     )

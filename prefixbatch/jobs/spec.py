@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from prefixbatch.config import StrictModel
 from prefixbatch.errors import SpecError
@@ -38,6 +38,10 @@ class JobSpec(StrictModel):
     model: ModelSpec
     sampling: SamplingSpec = SamplingSpec()
     executor: ExecutorSpec = ExecutorSpec()
+
+    max_error_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    """Highest share of input rows that may end as error rows. Above it the run still writes
+    every row, then exits with code 3 so a pipeline notices (1.0: never)."""
 
     @model_validator(mode="after")
     def _template_for_messages(self) -> JobSpec:

@@ -63,11 +63,13 @@ class OutputSpec(StrictModel):
 
     path: str
     """Output folder: a local path or an fsspec URL (`s3://bucket/run1/`). Part files
-    `part-*.parquet` and `_summary.json` are written inside it."""
+    `part-*.parquet`, their commit records `_commits/`, `_job.json`, `_manifest.json`,
+    `_summary.json` and, once every input row is in, `_SUCCESS` are written inside it."""
 
     mode: Literal["error", "overwrite", "resume"] = "error"
     """`error`: refuse a folder that is not empty. `overwrite`: delete what is there first.
-    `resume`: continue an interrupted job (not supported yet)."""
+    `resume`: keep the rows an earlier run of the same job committed and run only the rest
+    (an empty folder starts fresh; a folder written by a different job is refused)."""
 
     rows_per_part: int = Field(10_000, ge=1)
     """Rows per output part file."""

@@ -9,7 +9,9 @@ index) for writing the output rows.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 import pyarrow as pa
 
@@ -29,6 +31,20 @@ class PreparedInput:
     ids: pa.ChunkedArray  # id of row i at index i
     carry: pa.Table  # carried columns of row i at index i (no columns if none carried)
     num_clamped: int  # input rows whose max_tokens was cut to fit the model's context
+    files: list[InputFile] = field(default_factory=list)  # the input files, as scanned
+
+    def without_rows(self, done: np.ndarray) -> PreparedInput:
+        """The same input with the rows `done` (sorted row indices) left out of the work;
+        ids and carried columns stay indexed by row, for all rows."""
+        if not len(done):
+            return self
+        is_done = np.zeros(self.num_rows, bool)
+        is_done[done] = True
+        return replace(
+            self,
+            requests=[r for r in self.requests if not is_done[r.row_index]],
+            errors=[e for e in self.errors if not is_done[e.row_index]],
+        )
 
     @property
     def num_rows(self) -> int:
@@ -80,6 +96,7 @@ def prepare_input(
         if on_batch:
             on_batch(table.num_rows)
     return PreparedInput(
+        files=list(files),
         requests=requests,
         errors=errors,
         ids=pa.chunked_array(id_chunks, type=id_chunks[0].type if id_chunks else pa.string()),

@@ -1,32 +1,20 @@
-"""Writing the job's output: Parquet part files and JSON side files in one output folder.
+"""The output's rows: the output schema, and `Completion`s turned into a table of it.
 
-Owns the output schema, turning `Completion`s into a table of that schema, claiming the
-output folder (mode error / overwrite), and writing each file so that it is never seen half
-written: on a local disk under a temporary name then renamed, on an object store as one PUT
-(an object appears only when its upload completes).
+Invariant: every part is built against the explicit `output_schema`, whatever the batch
+held. Writing and committing parts is `commits.OutputFolder`'s.
 
-Invariants:
-- Every part is written against the explicit `output_schema`, whatever the batch held.
-- Parts are named part-00000.parquet, part-00001.parquet, ... in write order; temporary
-  names start with "_" so Parquet readers (pyarrow datasets, Spark) skip them.
-- `check()` never writes; `prepare()` is the only call that deletes anything.
-
-in: `Completion`s + ids + carried columns -> Arrow table -> files under the output URL.
+in: `Completion`s + ids + carried columns -> Arrow table.
 """
 
 from __future__ import annotations
 
-import json
-import uuid
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from prefixbatch.errors import OutputError, SpecError
-from prefixbatch.pipeline.storage import is_local, open_fs, to_url
+from prefixbatch.errors import SpecError
 from prefixbatch.types import Completion
 
 OutputMode = Literal["error", "overwrite", "resume"]
@@ -111,71 +99,4 @@ def _as_type(column: pa.Array | pa.ChunkedArray, target: pa.DataType) -> pa.Arra
     return column if column.type == target else column.cast(target)
 
 
-class OutputFolder:
-    """The job's output folder: claimed once, then written part by part."""
-
-    def __init__(
-        self, url: str, *, mode: OutputMode, storage_options: dict[str, Any] | None = None
-    ) -> None:
-        self.url = url
-        self.mode = mode
-        self._fs, self._path = open_fs(url, storage_options)
-        self._path = self._path.rstrip("/")
-        self._num_parts = 0
-
-    def check(self) -> None:
-        """Raise `OutputError` if `prepare()` would refuse; writes nothing."""
-        if self.mode == "resume":
-            raise OutputError("output.mode: resume is not supported yet")
-        if self.mode not in ("error", "overwrite"):
-            msg = f"output.mode must be one of error, overwrite, resume; got {self.mode!r}"
-            raise OutputError(msg)
-        if not self._path.strip("/"):  # "/" or "s3://": never empty a whole filesystem
-            raise OutputError(f"output path {self.url} is a filesystem root; name a folder in it")
-        if self._fs.isfile(self._path):
-            raise OutputError(f"output path {self.url} is a file; it must be a folder")
-        if self.mode == "error" and self._entries():
-            msg = (
-                f"output folder {self.url} is not empty; choose an empty folder, or set"
-                " output.mode: overwrite to replace its contents"
-            )
-            raise OutputError(msg)
-
-    def prepare(self) -> None:
-        """Check, then empty the folder (mode overwrite) and make sure it exists."""
-        self.check()
-        for entry in self._entries():
-            self._fs.rm(entry, recursive=True)
-        self._fs.makedirs(self._path, exist_ok=True)
-
-    def write_part(self, table: pa.Table, *, metadata: dict[str, str]) -> str:
-        """Write the next part file with `metadata` merged into the schema metadata; its URL."""
-        ours = {key.encode(): value.encode() for key, value in metadata.items()}
-        merged = {**(table.schema.metadata or {}), **ours}
-        sink = pa.BufferOutputStream()
-        pq.write_table(table.replace_schema_metadata(merged), sink)
-        url = self._write(f"part-{self._num_parts:05d}.parquet", sink.getvalue().to_pybytes())
-        self._num_parts += 1
-        return url
-
-    def write_json(self, name: str, obj: dict) -> str:
-        """Write `obj` as `name` (e.g. summary.json) in the folder; its URL."""
-        return self._write(name, (json.dumps(obj, indent=2) + "\n").encode())
-
-    def _write(self, name: str, data: bytes) -> str:
-        path = f"{self._path}/{name}"
-        if is_local(self._fs):  # a rename is atomic here: readers see all of the file or none
-            temporary = f"{self._path}/_{name}.{uuid.uuid4().hex}.tmp"
-            self._fs.pipe_file(temporary, data)
-            self._fs.mv(temporary, path)
-        else:  # one PUT: the object appears whole when the upload completes
-            self._fs.pipe_file(path, data)
-        return to_url(self._fs, path, like=self.url)
-
-    def _entries(self) -> list[str]:
-        if not self._fs.isdir(self._path):
-            return []
-        return [e for e in self._fs.ls(self._path, detail=False) if e.rstrip("/") != self._path]
-
-
-__all__ = ["RESULT_FIELDS", "OutputFolder", "OutputMode", "completions_to_table", "output_schema"]
+__all__ = ["RESULT_FIELDS", "completions_to_table", "output_schema"]

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 
 from prefixbatch.jobs.cli import main
 from tests.jobs.test_run import Oracle, conversation, input_table
+from tests.output_helpers import finished_output
 
 
 def test_run_from_and_to_s3(tmp_path, tiny_llama, s3_server):
@@ -31,11 +32,10 @@ def test_run_from_and_to_s3(tmp_path, tiny_llama, s3_server):
     (tmp_path / "job.yaml").write_text(json.dumps(spec))  # JSON is YAML too
     assert main(["run", str(tmp_path / "job.yaml"), "--no-progress"]) == 0
 
-    names = sorted(fs.ls(f"{bucket}/out", detail=False))
-    assert [n.rsplit("/", 1)[-1] for n in names] == ["_summary.json", *(f"part-{k:05d}.parquet" for k in range(3))]
-    output = {
-        r["id"]: r for name in names if name.endswith(".parquet") for r in pq.read_table(fs.open(name, "rb")).to_pylist()
-    }
+    rows_out = finished_output(f"s3://{bucket}/out", s3_server.storage_options)
+    assert len(fs.ls(f"{bucket}/out/_commits")) == 3  # 40 rows at 16 a part: 3 parts, 3 commits
+    output = {r["id"]: r for r in rows_out}
+    assert len(output) == len(rows_out)
     assert sorted(output) == sorted(r["id"] for r in rows)
     oracle = Oracle(tiny_llama)
     for row in rows:

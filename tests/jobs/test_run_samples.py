@@ -14,6 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prefixbatch.jobs.cli import main
+from prefixbatch.pipeline.commits import read_committed
+from tests.output_helpers import finished_output
 
 GREEDY = "Tell me about the blue train and its driver."
 SAMPLED = "Write one line about the sea at night."
@@ -55,8 +57,8 @@ def write_job(folder: Path, model: Path) -> Path:
 
 
 def read_rows(folder: Path) -> tuple[pa.Schema, dict[tuple[str, int], dict]]:
-    parts = sorted(folder.glob("part-*.parquet"))
-    table = pa.concat_tables(pq.read_table(p) for p in parts)
+    finished_output(str(folder))
+    table = read_committed(str(folder))
     rows = table.to_pylist()
     by_key = {(r["id"], r["sample_index"]): r for r in rows}
     assert len(by_key) == len(rows)  # every (id, sample_index) exactly once

@@ -37,6 +37,7 @@ from prefixbatch.executors.native.kv import KVStore
 from prefixbatch.executors.native.model import CausalLM
 from prefixbatch.executors.native.tree_attention import TreeAttention
 from prefixbatch.executors.sampling import draw_tokens
+from prefixbatch.faults import fault_point
 from prefixbatch.executors.stopping import RowFinish, StopRule, cut_at_stop, row_finish
 from prefixbatch.prefix_tree import ROOT, Plan
 from prefixbatch.types import Completion, Request
@@ -207,6 +208,7 @@ class _PlanRun:
             self._add_chunk(step)
         if not step.token_ids:
             return
+        fault_point("prefill" if len(step.token_ids) > len(step.decoding) else "decode")
         logits = self._forward(step)
         num_decoding = len(step.decoding)
         self.engine.stats.num_decode_tokens += num_decoding

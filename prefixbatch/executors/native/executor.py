@@ -15,6 +15,7 @@ from prefixbatch.executors.model_folder import eos_token_ids
 from prefixbatch.executors.base import ExecutorStats
 from prefixbatch.executors.native.engine import Engine
 from prefixbatch.executors.native.weights import load_model, read_model_config
+from prefixbatch.faults import fault_point
 from prefixbatch.prefix_tree import build_plan
 from prefixbatch.prefix_tree.requests import prompt_arrays
 from prefixbatch.types import Completion, Request
@@ -60,6 +61,7 @@ class NativeExecutor:
             kv_budget_tokens=max(self.kv_budget_tokens // 2, 1),
             share=self.spec.prefix_sharing,
         )
+        fault_point("planned")
         yield from self.engine.run(requests, plan, tokens)
 
 

@@ -1,0 +1,42 @@
+"""Named fault points: places where a test can kill the process exactly as a crash would.
+
+`PREFIXBATCH_FAULT=point[:n]` in the environment makes the n-th time (default the first)
+the process reaches `fault_point("point")` a SIGKILL of itself: no exception handler, no
+`finally`, no flush runs, as when a machine dies. Unset (always, outside tests), a fault
+point is one dictionary lookup.
+
+Points: `tokenized` (input read and tokenized), `planned` (the native plan built),
+`prefill` / `decode` (an engine step with prefill / decode rows, before it runs),
+`part_written` (a part file written, its commit not yet), `committed` (a commit written),
+`manifest` (the manifest written, `_SUCCESS` not yet), and `write` (any output file
+about to be written).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+__all__ = ["fault_point"]
+
+_ENV = "PREFIXBATCH_FAULT"
+_hits: Counter[str] = Counter()
+
+
+def _target() -> tuple[str, int] | None:
+    value = os.environ.get(_ENV, "")
+    if not value:
+        return None
+    point, _, nth = value.partition(":")
+    return point, int(nth or 1)
+
+
+def fault_point(name: str) -> None:
+    """Kill this process here if the environment asks for it at this hit of `name`."""
+    target = _target()
+    if target is None or target[0] != name:
+        return
+    _hits[name] += 1
+    if _hits[name] == target[1]:
+        os.kill(os.getpid(), signal.SIGKILL)

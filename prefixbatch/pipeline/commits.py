@@ -1,0 +1,348 @@
+"""The output folder and its commit protocol: every input row in the result exactly once.
+
+A run writes its completions as part files, each covering a set of whole input rows (all
+samples of each). A part becomes part of the result only when its *commit record* is
+written: one JSON object under `_commits/`, written with one atomic step (a local rename,
+or a single object-store PUT), naming the part and the input rows it covers. Everything
+that reads the result, resumes included, trusts the commit records, never a listing of
+part files: a part written by an attempt that died before committing it is ignored and
+deleted by the next run.
+
+Layout of a folder:
+
+    _job.json              the job's fingerprint (`jobs.fingerprint`), written first
+    _commits/<unit>.json   one commit record per committed part
+    part-<unit>.parquet    the parts; <unit> = <attempt tag>-<sequence>, unique per attempt
+    _manifest.json         every committed part with its rows (written when all rows are in)
+    _summary.json          what the runs did
+    _SUCCESS               written last, only when the committed rows are exactly the input's
+
+Invariants:
+- A commit record is written after its part is whole, and never rewritten; no two records
+  cover the same input row (the writer commits only rows no record covers; `load_records`
+  keeps the first record of a row and reports any other as a duplicate).
+- `_SUCCESS` exists only if the committed rows are exactly 0..N-1, each once.
+- A run in mode `error` refuses a non-empty folder; `overwrite` empties it; `resume` keeps
+  its commits when the fingerprint matches, refuses otherwise.
+
+in: Arrow tables + the input rows they cover → committed parts; out: the committed rows.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from prefixbatch.errors import OutputError
+from prefixbatch.faults import fault_point
+from prefixbatch.pipeline.storage import is_local, open_fs, to_url
+
+OutputMode = Literal["error", "overwrite", "resume"]
+
+JOB_FILE = "_job.json"
+COMMITS = "_commits"
+MANIFEST = "_manifest.json"
+SUMMARY = "_summary.json"
+SUCCESS = "_SUCCESS"
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    """One committed part: its file, the input rows it covers, and counts for the summary."""
+
+    unit: str
+    part: str  # file name inside the folder
+    rows: list[list[int]]  # input row indices as sorted, disjoint [start, stop) ranges
+    num_output_rows: int
+    num_bytes: int
+    stats: dict[str, Any] = field(default_factory=dict)  # tokens, errors by code
+
+    def row_indices(self) -> np.ndarray:
+        return ranges_to_indices(self.rows)
+
+
+def indices_to_ranges(indices: Iterable[int]) -> list[list[int]]:
+    """Sorted distinct row indices → [[start, stop), ...], merged where consecutive."""
+    values = np.unique(np.fromiter(indices, np.int64))
+    if not len(values):
+        return []
+    breaks = np.flatnonzero(np.diff(values) != 1) + 1
+    starts = values[np.r_[0, breaks]]
+    stops = values[np.r_[breaks - 1, len(values) - 1]] + 1
+    return [[int(a), int(b)] for a, b in zip(starts, stops)]
+
+
+def ranges_to_indices(ranges: Sequence[Sequence[int]]) -> np.ndarray:
+    if not ranges:
+        return np.zeros(0, np.int64)
+    return np.concatenate([np.arange(start, stop, dtype=np.int64) for start, stop in ranges])
+
+
+class OutputFolder:
+    """The job's output folder: claimed once per run, then written part by part and committed."""
+
+    def __init__(
+        self, url: str, *, mode: OutputMode, storage_options: dict[str, Any] | None = None
+    ) -> None:
+        self.url = url
+        self.mode = mode
+        self._fs, path = open_fs(url, storage_options)
+        self._path = path.rstrip("/")
+        self.attempt = uuid.uuid4().hex[:10]  # names this run's parts: never another's
+        self._num_units = 0
+
+    # Claiming -----------------------------------------------------------------------------
+
+    def check(self, fingerprint: dict[str, Any]) -> int:
+        """Raise `OutputError` if `open()` would refuse; writes nothing. Committed rows a resume keeps."""
+        if self.mode not in ("error", "overwrite", "resume"):
+            msg = f"output.mode must be one of error, overwrite, resume; got {self.mode!r}"
+            raise OutputError(msg)
+        if not self._path.strip("/"):  # "/" or "s3://": never empty a whole filesystem
+            raise OutputError(f"output path {self.url} is a filesystem root; name a folder in it")
+        if self._fs.isfile(self._path):
+            raise OutputError(f"output path {self.url} is a file; it must be a folder")
+        entries = self._entries(with_temporaries=False)
+        if self.mode == "error" and entries:
+            hint = (
+                " (it holds an interrupted or finished prefixbatch job: add --resume to finish it)"
+                if self._exists(JOB_FILE)
+                else ""
+            )
+            msg = (
+                f"output folder {self.url} is not empty{hint}; choose an empty folder, or set"
+                " output.mode: overwrite (--overwrite) to replace its contents"
+            )
+            raise OutputError(msg)
+        if self.mode == "resume" and entries:
+            self._check_same_job(fingerprint)
+            return sum(len(r.row_indices()) for r in self.load_records()[0])
+        return 0
+
+    def open(self, fingerprint: dict[str, Any]) -> np.ndarray:
+        """Claim the folder for this run; the input rows already committed (resume), sorted.
+
+        error / overwrite: the folder is empty afterwards but for `_job.json`. resume: the
+        commits are kept; parts no record names, duplicate records, leftovers of an
+        interrupted write and a stale manifest / `_SUCCESS` are deleted.
+        """
+        self.check(fingerprint)
+        if self.mode == "resume" and self._entries(with_temporaries=False):
+            records, stale = self.load_records()
+            for path in stale:
+                self._fs.rm(path)
+            for name in (SUCCESS, MANIFEST):  # written again when every row is in
+                if self._exists(name):
+                    self._fs.rm(self._file(name))
+            self._remove_unreferenced(records)
+            return np.sort(np.concatenate([r.row_indices() for r in records] or [np.zeros(0, np.int64)]))
+        for entry in self._entries():
+            self._fs.rm(entry, recursive=True)
+        self._fs.makedirs(self._path, exist_ok=True)
+        self.write_json(JOB_FILE, fingerprint)
+        return np.zeros(0, np.int64)
+
+    def _check_same_job(self, fingerprint: dict[str, Any]) -> None:
+        if not self._exists(JOB_FILE):
+            msg = (
+                f"output folder {self.url} is not empty and has no {JOB_FILE}, so it was not"
+                " written by a prefixbatch job that can be resumed; choose another folder, or"
+                " use --overwrite to replace its contents"
+            )
+            raise OutputError(msg)
+        try:
+            stored = json.loads(self._fs.cat_file(self._file(JOB_FILE)))
+        except (OSError, ValueError) as exc:
+            raise OutputError(f"{self._url_of(JOB_FILE)} is unreadable ({exc}); use --overwrite to start over") from exc
+        differences = [key for key in sorted(set(stored) | set(fingerprint)) if stored.get(key) != fingerprint.get(key)]
+        if differences:
+            details = "; ".join(_difference(key, stored.get(key), fingerprint.get(key)) for key in differences)
+            msg = (
+                f"output folder {self.url} holds the output of a different job, so it cannot be"
+                f" resumed: {details}. Use --overwrite to replace it, or choose another folder"
+            )
+            raise OutputError(msg)
+
+    # Parts and commits --------------------------------------------------------------------
+
+    def write_part(self, table: pa.Table, *, metadata: dict[str, str]) -> tuple[str, str, int]:
+        """Write a part under a name unique to this attempt: (unit, file name, bytes). Not yet committed."""
+        ours = {key.encode(): value.encode() for key, value in metadata.items()}
+        merged = {**(table.schema.metadata or {}), **ours}
+        sink = pa.BufferOutputStream()
+        pq.write_table(table.replace_schema_metadata(merged), sink)
+        data = sink.getvalue().to_pybytes()
+        unit = f"{self.attempt}-{self._num_units:05d}"
+        self._num_units += 1
+        name = f"part-{unit}.parquet"
+        self._write(name, data)
+        fault_point("part_written")
+        return unit, name, len(data)
+
+    def commit(self, record: CommitRecord) -> None:
+        """The one atomic step that makes a written part part of the result."""
+        self._write(f"{COMMITS}/{record.unit}.json", _json_bytes(asdict(record)))
+        fault_point("committed")
+
+    def load_records(self) -> tuple[list[CommitRecord], list[str]]:
+        """(the commit records in commit order, paths of duplicate or unreadable records)."""
+        directory = self._file(COMMITS)
+        if not self._fs.isdir(directory):
+            return [], []
+        records, stale, covered = [], [], np.zeros(0, np.int64)
+        for path in sorted(self._fs.ls(directory, detail=False)):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith("_") or not name.endswith(".json"):  # a temporary of a write that died
+                stale.append(path)
+                continue
+            try:
+                record = CommitRecord(**json.loads(self._fs.cat_file(path)))
+            except (OSError, ValueError, TypeError):
+                stale.append(path)  # cannot happen with atomic writes; never trust it if it does
+                continue
+            rows = record.row_indices()
+            if np.isin(rows, covered).any():  # a second commit of rows: the first one stands
+                stale.append(path)
+                continue
+            records.append(record)
+            covered = np.union1d(covered, rows)
+        records.sort(key=lambda r: r.unit)
+        return records, stale
+
+    # Finishing ----------------------------------------------------------------------------
+
+    def write_manifest(self, num_input_rows: int, *, extra: dict[str, Any]) -> list[CommitRecord]:
+        """Check that the commits cover rows 0..N-1 exactly once, then write `_manifest.json`."""
+        records, _ = self.load_records()
+        rows = np.sort(np.concatenate([r.row_indices() for r in records] or [np.zeros(0, np.int64)]))
+        if not np.array_equal(rows, np.arange(num_input_rows)):
+            missing = np.setdiff1d(np.arange(num_input_rows), rows)
+            msg = (
+                f"the commits in {self.url} cover {len(rows)} of {num_input_rows} input rows"
+                f" ({len(missing)} missing, first: {missing[:5].tolist()}); run again with --resume"
+            )
+            raise OutputError(msg)
+        manifest = {
+            "parts": [
+                {"file": r.part, "rows": r.num_output_rows, "input_rows": len(r.row_indices()), "bytes": r.num_bytes}
+                for r in records
+            ],
+            "input_rows": num_input_rows,
+            "output_rows": sum(r.num_output_rows for r in records),
+            **extra,
+        }
+        self.write_json(MANIFEST, manifest)
+        fault_point("manifest")
+        return records
+
+    def mark_success(self, records: Sequence[CommitRecord]) -> None:
+        """Delete what no commit names, then write `_SUCCESS`: the folder is exactly the result."""
+        _, stale = self.load_records()
+        for path in stale:
+            self._fs.rm(path)
+        self._remove_unreferenced(records)
+        self._write(SUCCESS, b"")
+
+    # Files --------------------------------------------------------------------------------
+
+    def write_json(self, name: str, obj: dict) -> str:
+        """Write `obj` as `name` in the folder (whole or not at all); its URL."""
+        self._write(name, _json_bytes(obj))
+        return self._url_of(name)
+
+    def part_urls(self, records: Sequence[CommitRecord]) -> list[str]:
+        return [self._url_of(r.part) for r in records]
+
+    def _remove_unreferenced(self, records: Sequence[CommitRecord]) -> None:
+        """Delete parts no record names and temporaries of interrupted writes; keep the rest."""
+        keep = {r.part for r in records} | {JOB_FILE, COMMITS, SUMMARY, MANIFEST, SUCCESS}
+        for entry in self._entries():
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name in keep:
+                continue
+            if name.startswith(("part-", "_")):
+                self._fs.rm(entry, recursive=True)
+
+    def _write(self, name: str, data: bytes) -> None:
+        fault_point("write")
+        path = self._file(name)
+        if is_local(self._fs):  # a rename is atomic here: readers see all of the file or none
+            folder, base = path.rsplit("/", 1)
+            self._fs.makedirs(folder, exist_ok=True)
+            temporary = f"{folder}/_{base}.{uuid.uuid4().hex}.tmp"
+            self._fs.pipe_file(temporary, data)
+            self._fs.mv(temporary, path)
+        else:  # one PUT: the object appears whole when the upload completes
+            self._fs.pipe_file(path, data)
+
+    def _file(self, name: str) -> str:
+        return f"{self._path}/{name}"
+
+    def _url_of(self, name: str) -> str:
+        return to_url(self._fs, self._file(name), like=self.url)
+
+    def _exists(self, name: str) -> bool:
+        return bool(self._fs.exists(self._file(name)))
+
+    def _entries(self, *, with_temporaries: bool = True) -> list[str]:
+        if not self._fs.isdir(self._path):
+            return []
+        entries = [e for e in self._fs.ls(self._path, detail=False) if e.rstrip("/") != self._path]
+        if with_temporaries:
+            return entries
+        return [e for e in entries if not _is_temporary(e.rstrip("/").rsplit("/", 1)[-1])]
+
+
+def _is_temporary(name: str) -> bool:
+    """A file `_write` had not yet renamed into place when its process died."""
+    return name.startswith("_") and name.endswith(".tmp")
+
+
+def read_committed(url: str, *, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """Every committed row of an output folder (finished or not), part by part in commit order.
+
+    Reads what the commit records name, never a listing: parts of attempts that died before
+    committing are not read, even while they are still in the folder.
+    """
+    folder = OutputFolder(url, mode="resume", storage_options=storage_options)
+    records, _ = folder.load_records()
+    tables = []
+    for record in records:
+        with folder._fs.open(folder._file(record.part), "rb") as f:
+            tables.append(pq.read_table(f))
+    if not tables:
+        return pa.table({})
+    return pa.concat_tables(tables)
+
+
+def _json_bytes(obj: dict) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _difference(key: str, stored: Any, now: Any) -> str:
+    if isinstance(stored, dict) and isinstance(now, dict):
+        changed = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+        return f"{key} differs ({', '.join(map(str, changed[:5]))})"
+    return f"{key} was {stored!r}, now {now!r}"
+
+
+__all__ = [
+    "COMMITS",
+    "JOB_FILE",
+    "MANIFEST",
+    "SUCCESS",
+    "SUMMARY",
+    "CommitRecord",
+    "OutputFolder",
+    "OutputMode",
+    "indices_to_ranges",
+    "ranges_to_indices",
+    "read_committed",
+]

@@ -1,0 +1,196 @@
+"""The output folder's commit protocol on real filesystems: local, memory://, s3:// (moto)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from prefixbatch.errors import OutputError
+from prefixbatch.pipeline.commits import (
+    CommitRecord,
+    OutputFolder,
+    indices_to_ranges,
+    ranges_to_indices,
+    read_committed,
+)
+from tests.pipeline.test_writer import METADATA, SCHEMA, sample_table
+
+FINGERPRINT = {"model": {"config.json": "abc"}, "input": {"files": []}, "prefixbatch": "0.1.0"}
+
+
+def commit_part(folder: OutputFolder, rows: list[int], table=None) -> CommitRecord:
+    table = sample_table() if table is None else table
+    unit, name, size = folder.write_part(table, metadata=METADATA)
+    record = CommitRecord(unit, name, indices_to_ranges(rows), table.num_rows, size, {"output_tokens": 1})
+    folder.commit(record)
+    return record
+
+
+def names(path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_ranges_round_trip():
+    rows = [7, 3, 4, 5, 10, 11, 0]
+    assert indices_to_ranges(rows) == [[0, 1], [3, 6], [7, 8], [10, 12]]
+    assert ranges_to_indices(indices_to_ranges(rows)).tolist() == sorted(rows)
+    assert indices_to_ranges([]) == [] and len(ranges_to_indices([])) == 0
+
+
+def test_mode_error_claims_an_empty_folder_and_refuses_a_non_empty_one(tmp_path):
+    url = str(tmp_path / "out")
+    folder = OutputFolder(url, mode="error")
+    assert folder.check(FINGERPRINT) == 0
+    assert not (tmp_path / "out").exists()  # check() writes nothing
+    assert len(folder.open(FINGERPRINT)) == 0
+    assert names(tmp_path / "out") == ["_job.json"]
+    assert json.loads((tmp_path / "out" / "_job.json").read_text()) == FINGERPRINT
+
+    with pytest.raises(OutputError) as e:
+        OutputFolder(url, mode="error").open(FINGERPRINT)
+    assert str(e.value) == (
+        f"output folder {url} is not empty (it holds an interrupted or finished prefixbatch job:"
+        " add --resume to finish it); choose an empty folder, or set output.mode: overwrite"
+        " (--overwrite) to replace its contents"
+    )
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "old.parquet").write_bytes(b"x")
+    with pytest.raises(OutputError, match=r"is not empty; choose an empty folder"):
+        OutputFolder(str(tmp_path / "other"), mode="error").check(FINGERPRINT)
+
+
+def test_mode_overwrite_clears_the_folder(tmp_path):
+    (tmp_path / "out" / "sub").mkdir(parents=True)
+    (tmp_path / "out" / "sub" / "x").write_text("x")
+    (tmp_path / "out" / "part-00000.parquet").write_text("old")
+    (tmp_path / "keep").write_text("outside")
+    OutputFolder(f"file://{tmp_path}/out/", mode="overwrite").open(FINGERPRINT)
+    assert names(tmp_path / "out") == ["_job.json"]
+    assert (tmp_path / "keep").read_text() == "outside"
+
+
+def test_output_path_that_is_a_file(tmp_path):
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(OutputError, match=f"output path {tmp_path}/out is a file"):
+        OutputFolder(str(tmp_path / "out"), mode="overwrite").open(FINGERPRINT)
+
+
+def test_parts_are_committed_and_read_through_the_records(tmp_path):
+    url = str(tmp_path / "out")
+    folder = OutputFolder(url, mode="error")
+    folder.open(FINGERPRINT)
+    first = commit_part(folder, [0, 1, 2])
+    table = sample_table()
+    unit, orphan, _ = folder.write_part(table.slice(1), metadata=METADATA)  # never committed
+    assert (tmp_path / "out" / orphan).exists()
+    assert read_committed(url).equals(table)  # the orphan is not read
+    back = pq.read_table(tmp_path / "out" / first.part)
+    assert back.schema.remove_metadata() == SCHEMA
+    stored = pq.read_metadata(tmp_path / "out" / first.part).metadata
+    assert {k: stored[k.encode()].decode() for k in METADATA} == METADATA
+
+    records = folder.write_manifest(3, extra={"job": "t"})
+    folder.mark_success(records)
+    assert names(tmp_path / "out") == ["_SUCCESS", "_commits", "_job.json", "_manifest.json", first.part]
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["parts"] == [{"file": first.part, "rows": 4, "input_rows": 3, "bytes": first.num_bytes}]
+
+
+def test_manifest_refuses_missing_rows(tmp_path):
+    folder = OutputFolder(str(tmp_path / "out"), mode="error")
+    folder.open(FINGERPRINT)
+    commit_part(folder, [0, 2])
+    with pytest.raises(OutputError, match=r"cover 2 of 3 input rows \(1 missing, first: \[1\]\); run again with --resume"):
+        folder.write_manifest(3, extra={})
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_resume_keeps_commits_and_removes_what_no_record_names(tmp_path):
+    url = str(tmp_path / "out")
+    folder = OutputFolder(url, mode="error")
+    folder.open(FINGERPRINT)
+    kept = commit_part(folder, [0, 1])
+    _, orphan, _ = folder.write_part(sample_table(), metadata=METADATA)
+    (tmp_path / "out" / "_part-x.parquet.123.tmp").write_bytes(b"half")  # a write that died
+    (tmp_path / "out" / "_commits" / "_late.json.9.tmp").write_bytes(b"{")
+    duplicate = CommitRecord("zz-00000", orphan, [[1, 2]], 1, 10)  # covers row 1 again
+    (tmp_path / "out" / "_commits" / "zz-00000.json").write_text(json.dumps(duplicate.__dict__))
+
+    resumed = OutputFolder(url, mode="resume")
+    assert resumed.check(FINGERPRINT) == 2
+    assert resumed.open(FINGERPRINT).tolist() == [0, 1]
+    assert names(tmp_path / "out") == ["_commits", "_job.json", kept.part]
+    assert names(tmp_path / "out" / "_commits") == [f"{kept.unit}.json"]
+    assert resumed.attempt != folder.attempt
+    later = commit_part(resumed, [2])
+    assert len({kept.part, later.part}) == 2
+    resumed.mark_success(resumed.write_manifest(3, extra={}))
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_resume_refuses_another_jobs_folder(tmp_path):
+    url = str(tmp_path / "out")
+    OutputFolder(url, mode="error").open(FINGERPRINT)
+    changed = {**FINGERPRINT, "model": {"config.json": "def"}, "prefixbatch": "0.2.0"}
+    with pytest.raises(OutputError) as e:
+        OutputFolder(url, mode="resume").open(changed)
+    assert str(e.value) == (
+        f"output folder {url} holds the output of a different job, so it cannot be resumed:"
+        " model differs (config.json); prefixbatch was '0.1.0', now '0.2.0'. Use --overwrite to"
+        " replace it, or choose another folder"
+    )
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "data.csv").write_text("x")
+    with pytest.raises(OutputError, match="has no _job.json, so it was not written by a prefixbatch job"):
+        OutputFolder(str(tmp_path / "plain"), mode="resume").check(FINGERPRINT)
+
+
+def test_resume_into_an_empty_or_missing_folder_starts_fresh(tmp_path):
+    folder = OutputFolder(str(tmp_path / "new"), mode="resume")
+    assert len(folder.open(FINGERPRINT)) == 0
+    assert names(tmp_path / "new") == ["_job.json"]
+
+
+def test_memory_folder():
+    url = f"memory://{uuid.uuid4().hex}/out"
+    fs = fsspec.filesystem("memory")
+    try:
+        folder = OutputFolder(url, mode="error")
+        folder.open(FINGERPRINT)
+        record = commit_part(folder, [0, 1, 2])
+        [part_url] = folder.part_urls([record])
+        assert part_url.startswith("memory://") and part_url.endswith(f"/out/{record.part}")
+        assert read_committed(url).equals(sample_table())
+        with pytest.raises(OutputError, match="is not empty"):
+            OutputFolder(url, mode="error").open(FINGERPRINT)
+    finally:
+        fs.rm(url.rsplit("/", 1)[0], recursive=True)
+
+
+def test_s3_folder(s3_server):
+    bucket = s3_server.create_bucket()
+    fs = s3_server.filesystem()
+    fs.pipe_file(f"{bucket}/run/stale.txt", b"old")
+    url = f"s3://{bucket}/run"
+    options = s3_server.storage_options
+    with pytest.raises(OutputError, match=f"output folder {url} is not empty"):
+        OutputFolder(url, mode="error", storage_options=options).open(FINGERPRINT)
+
+    folder = OutputFolder(url, mode="overwrite", storage_options=options)
+    folder.open(FINGERPRINT)
+    first = commit_part(folder, [0, 1, 2])
+    _, orphan, _ = folder.write_part(sample_table(), metadata=METADATA)
+    resumed = OutputFolder(url, mode="resume", storage_options=options)
+    assert resumed.open(FINGERPRINT).tolist() == [0, 1, 2]
+    resumed.mark_success(resumed.write_manifest(3, extra={}))
+    fs.invalidate_cache()
+    listed = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/run"))
+    assert listed == ["_SUCCESS", "_commits", "_job.json", "_manifest.json", first.part]
+    back = read_committed(url, storage_options=options)
+    assert back.equals(sample_table()) and back.schema.metadata[b"prefixbatch.job"] == b"demo"
+    assert np.array_equal(first.row_indices(), [0, 1, 2])
