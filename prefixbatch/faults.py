@@ -6,7 +6,8 @@ the process reaches `fault_point("point")` a SIGKILL of itself: no exception han
 point is one dictionary lookup.
 
 Points: `tokenized` (input read and tokenized), `planned` (the native plan built),
-`prefill` / `decode` (an engine step with prefill / decode rows, before it runs),
+`prefill` / `decode` (an engine step with prefill / decode rows, before it runs; a step
+with both is a hit of each),
 `part_written` (a part file written, its commit not yet), `committed` (a commit written),
 `manifest` (the manifest written, `_SUCCESS` not yet), and `write` (any output file
 about to be written).

@@ -208,7 +208,10 @@ class _PlanRun:
             self._add_chunk(step)
         if not step.token_ids:
             return
-        fault_point("prefill" if len(step.token_ids) > len(step.decoding) else "decode")
+        if len(step.token_ids) > len(step.decoding):
+            fault_point("prefill")
+        if step.decoding:
+            fault_point("decode")
         logits = self._forward(step)
         num_decoding = len(step.decoding)
         self.engine.stats.num_decode_tokens += num_decoding
