@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
 
@@ -49,6 +49,8 @@ class RunSummary:
     prefill_tokens_computed: int  # prompt tokens whose KV the executor computed
     decode_tokens_computed: int  # tokens fed back while decoding (hf: padded batch rows included)
     rows_with_clamped_max_tokens: int
+    rows_with_truncated_prompt: int  # input.truncate left / right
+    skipped_input_files: list[str]  # unreadable files left out (input.ignore_corrupt_files)
     resumed_rows: int  # input rows committed by earlier runs into the same folder (resume)
     wall_s: float  # the whole run: reading, loading the model, generating, writing
     generate_s: float  # from the first request handed to the executor to the last part written
@@ -81,16 +83,19 @@ def read_job_input(
 ) -> PreparedInput:
     """Job-level input checks, then every row as a request or an error row. No weights loaded."""
     columns = input_columns(spec.input)
-    files = scan_inputs(spec.input.paths, columns, storage_options=spec.input.storage_options)
+    skipped: list[str] | None = [] if spec.input.ignore_corrupt_files else None
+    files = scan_inputs(spec.input.paths, columns, storage_options=spec.input.storage_options, skipped=skipped)
     check_ids(files, columns, storage_options=spec.input.storage_options)
     tokenizer = prompt_tokenizer(spec)
     if not show_progress:
-        return prepare_input(files, spec.input, spec.sampling, tokenizer)
-    total = sum(f.num_rows for f in files)
-    with JobProgress(total, label="tokenizing", count_tokens=False, live=live_progress) as progress:
-        return prepare_input(
-            files, spec.input, spec.sampling, tokenizer, on_batch=lambda rows: progress.advance(rows, 0)
-        )
+        prepared = prepare_input(files, spec.input, spec.sampling, tokenizer)
+    else:
+        total = sum(f.num_rows for f in files)
+        with JobProgress(total, label="tokenizing", count_tokens=False, live=live_progress) as progress:
+            prepared = prepare_input(
+                files, spec.input, spec.sampling, tokenizer, on_batch=lambda rows: progress.advance(rows, 0)
+            )
+    return replace(prepared, skipped_files=skipped or [])
 
 
 def check_job(spec: JobSpec) -> str:
@@ -121,6 +126,8 @@ def run_job(spec: JobSpec, *, live_progress: bool | None = None, log: Callable[[
     prepared = read_job_input(spec, show_progress=True, live_progress=live_progress)
     fault_point("tokenized")
     log(f"read {prepared.num_rows} rows: {len(prepared.requests)} to generate, {len(prepared.errors)} error rows")
+    for problem in prepared.skipped_files:
+        log(f"skipped (input.ignore_corrupt_files): {problem}")
     output = _output_folder(spec)
     writer = PartWriter(output, prepared, spec)  # checks the output columns before any model work
     committed = output.open(job_fingerprint(spec, prepared.files))
@@ -134,7 +141,9 @@ def run_job(spec: JobSpec, *, live_progress: bool | None = None, log: Callable[[
             writer.add(completion)
             progress.advance(1, completion.num_output_tokens)
         writer.flush()
-    records = output.write_manifest(prepared.num_rows, extra={"job": spec.name})
+    records = output.write_manifest(
+        prepared.num_rows, extra={"job": spec.name, "skipped_input_files": prepared.skipped_files}
+    )
     summary = summarize(
         spec,
         prepared,
@@ -256,6 +265,8 @@ def summarize(
         prefill_tokens_computed=stats.num_prefill_tokens,
         decode_tokens_computed=stats.num_decode_tokens,
         rows_with_clamped_max_tokens=prepared.num_clamped,
+        rows_with_truncated_prompt=prepared.num_truncated,
+        skipped_input_files=prepared.skipped_files,
         resumed_rows=resumed_rows,
         wall_s=round(wall_s, 3),
         generate_s=round(generate_s, 3),

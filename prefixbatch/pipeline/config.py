@@ -42,6 +42,25 @@ class InputSpec(StrictModel):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     """Passed to fsspec for the input filesystem (e.g. `{endpoint_url: ..., key: ..., secret: ...}` for S3)."""
 
+    truncate: Literal["none", "left", "right"] = "none"
+    """A prompt that leaves no room for `max_tokens` in the model's context: `none` keeps it
+    whole (`max_tokens` is clamped to the room left, and a prompt that fills the context is a
+    `prompt_too_long` error row); `left` drops tokens from its start, `right` from its end,
+    until `max_tokens` fits (at least one prompt token stays). The summary counts such rows."""
+
+    max_tokens_overflow: Literal["clamp", "error"] = "clamp"
+    """When prompt + `max_tokens` exceeds the model's context (after any truncation): `clamp`
+    lowers the row's `max_tokens` to fit and counts the row in the summary; `error` makes
+    the row a `max_tokens_over_context` error row."""
+
+    max_prompt_chars: int = Field(1_000_000, ge=1)
+    """Longest prompt accepted, in characters (for messages: all contents together). A longer
+    row becomes a `prompt_too_large` error row before it is tokenized."""
+
+    ignore_corrupt_files: bool = False
+    """Skip input files that are not readable Parquet (listed in `_manifest.json` and the
+    summary) instead of refusing the job."""
+
     @model_validator(mode="after")
     def _one_text_column(self) -> InputSpec:
         if (self.prompt_column is None) == (self.messages_column is None):

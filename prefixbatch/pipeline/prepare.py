@@ -31,7 +31,9 @@ class PreparedInput:
     ids: pa.ChunkedArray  # id of row i at index i
     carry: pa.Table  # carried columns of row i at index i (no columns if none carried)
     num_clamped: int  # input rows whose max_tokens was cut to fit the model's context
+    num_truncated: int = 0  # input rows whose prompt was truncated (input.truncate)
     files: list[InputFile] = field(default_factory=list)  # the input files, as scanned
+    skipped_files: list[str] = field(default_factory=list)  # unreadable files left out, and why
 
     def without_rows(self, done: np.ndarray) -> PreparedInput:
         """The same input with the rows `done` (sorted row indices) left out of the work;
@@ -81,7 +83,7 @@ def prepare_input(
     errors: list[Completion] = []
     id_chunks: list[pa.Array] = []
     carry_chunks: list[pa.Table] = []
-    num_clamped = 0
+    num_clamped = num_truncated = 0
     for batch in iter_input_batches(files, columns, storage_options=spec.storage_options):
         table = batch.table
         id_chunks.extend(table.column(spec.id_column).chunks)
@@ -90,9 +92,10 @@ def prepare_input(
             if isinstance(item, Completion):
                 errors.append(item)
             else:
-                row_requests, clamped = item
+                row_requests, clamped, truncated = item
                 requests.extend(row_requests)
                 num_clamped += clamped
+                num_truncated += truncated
         if on_batch:
             on_batch(table.num_rows)
     return PreparedInput(
@@ -102,16 +105,17 @@ def prepare_input(
         ids=pa.chunked_array(id_chunks, type=id_chunks[0].type if id_chunks else pa.string()),
         carry=pa.concat_tables(carry_chunks) if carry_chunks else pa.table({}),
         num_clamped=num_clamped,
+        num_truncated=num_truncated,
     )
 
 
 def _batch_requests(
     batch: InputBatch, spec: InputSpec, sampling: SamplingSpec, tokenizer: PromptTokenizer
-) -> Iterator[Completion | tuple[list[Request], bool]]:
-    """Each row as an error row, or as (its requests, whether its max_tokens was clamped)."""
+) -> Iterator[Completion | tuple[list[Request], bool, bool]]:
+    """Each row as an error row, or as (its requests, max_tokens clamped?, prompt truncated?)."""
     table = batch.table
     ids = table.column(spec.id_column).to_pylist()
-    encoded = tokenizer.encode(table.column(spec.text_column).to_pylist())
+    encoded = _encode(table.column(spec.text_column), spec, tokenizer)
     overrides = {name: table.column(name).to_pylist() for name in SAMPLING_FIELDS if name in table.column_names}
     for offset, (row_id, token_ids) in enumerate(zip(ids, encoded)):
         row_index = batch.first_row_index + offset
@@ -128,11 +132,56 @@ def _batch_requests(
             job_seed=sampling.seed,
             has_row_seed=row.get("seed") is not None,
             context_length=tokenizer.context_length,
+            truncate=spec.truncate,
+            overflow=spec.max_tokens_overflow,
         )
         if isinstance(requests, RowError):
             yield _error_row(row_index, requests, token_ids)
         else:
-            yield (requests, requests[0].sampling.max_tokens < settings.max_tokens)
+            fitted = requests[0]
+            clamped = fitted.sampling.max_tokens < settings.max_tokens
+            yield (requests, clamped, len(fitted.token_ids) < len(token_ids))  # type: ignore[arg-type]
+
+
+def _encode(
+    column: pa.ChunkedArray, spec: InputSpec, tokenizer: PromptTokenizer
+) -> list[list[int] | RowError]:
+    """Token ids per row, or why not: undecodable or oversized rows are refused untokenized."""
+    values = _row_values(column)
+    for i, value in enumerate(values):
+        if not isinstance(value, RowError) and _num_chars(value) > spec.max_prompt_chars:
+            values[i] = RowError(
+                "prompt_too_large",
+                f"the prompt has {_num_chars(value)} characters; input.max_prompt_chars is {spec.max_prompt_chars}",
+            )
+    todo = [i for i, value in enumerate(values) if not isinstance(value, RowError)]
+    results: list[list[int] | RowError] = list(values)  # type: ignore[arg-type]
+    for i, encoded in zip(todo, tokenizer.encode([values[i] for i in todo])):
+        results[i] = encoded
+    return results
+
+
+def _row_values(column: pa.ChunkedArray) -> list:
+    """The column as Python values; a row whose strings are not valid UTF-8 as a `RowError`."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    values = []
+    for i in range(len(column)):  # only for a batch holding a bad row: find which
+        try:
+            values.append(column[i].as_py())
+        except UnicodeDecodeError as exc:
+            values.append(RowError("invalid_utf8", f"the prompt is not valid UTF-8 ({exc.reason} at byte {exc.start})"))
+    return values
+
+
+def _num_chars(value) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):  # messages
+        return sum(len(m.get("content") or "") for m in value if isinstance(m, dict))
+    return 0
 
 
 def _error_row(row_index: int, error: RowError, token_ids) -> Completion:

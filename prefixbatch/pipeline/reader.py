@@ -125,8 +125,13 @@ def scan_inputs(
     columns: InputColumns,
     *,
     storage_options: dict[str, Any] | None = None,
+    skipped: list[str] | None = None,
 ) -> list[InputFile]:
-    """Expand the paths and check every file's footer; one `InputError` lists every problem."""
+    """Expand the paths and check every file's footer; one `InputError` lists every problem.
+
+    skipped: when given (`input.ignore_corrupt_files`), files that are not readable Parquet
+    are left out and described there instead of being problems.
+    """
     found = _expand([paths] if isinstance(paths, str) else list(paths), storage_options)
     needed = columns.rules()
     problems: list[str] = []
@@ -134,7 +139,7 @@ def scan_inputs(
     for url, fs, path, info in found:
         footer = _read_footer(fs, path, url)
         if isinstance(footer, str):
-            problems.append(footer)
+            (problems if skipped is None else skipped).append(footer)
             continue
         num_rows, schema = footer
         problems += _column_problems(url, schema, columns)
@@ -143,7 +148,10 @@ def scan_inputs(
         needed_schema = pa.schema([f for f in schema if f.name in needed])
         files.append(InputFile(url, size, modified, num_rows, first_row, needed_schema))
     if problems:
-        raise InputError(_listing(f"{len(problems)} problem(s) in the input files:", problems))
+        hint = [] if skipped is not None else ["(set input.ignore_corrupt_files: true to skip unreadable files)"]
+        raise InputError(_listing(f"{len(problems)} problem(s) in the input files:", problems + hint))
+    if not files:
+        raise InputError(_listing("no readable input files: every file was skipped:", skipped or []))
     batch_schema(files, columns)  # raises if files disagree on a column's type
     return files
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -60,15 +60,27 @@ def make_requests(
     job_seed: int,
     has_row_seed: bool,
     context_length: int | None,
+    truncate: Literal["none", "left", "right"] = "none",
+    overflow: Literal["clamp", "error"] = "clamp",
 ) -> list[Request] | RowError:
-    """The row's `sampling.n` requests, with `max_tokens` clamped so prompt + output fits the
-    model's context."""
+    """The row's `sampling.n` requests, fitted to the model's context: the prompt truncated
+    (`truncate` left / right) until `max_tokens` fits, then `max_tokens` clamped to the room
+    left (`overflow` clamp) or the row refused (`overflow` error)."""
     max_tokens = sampling.max_tokens
     if context_length is not None:
+        if truncate != "none" and len(token_ids) + max_tokens > context_length:
+            keep = max(context_length - max_tokens, 1)
+            token_ids = token_ids[-keep:] if truncate == "left" else token_ids[:keep]
         room = context_length - len(token_ids)
         if room < 1:
             msg = f"the prompt has {len(token_ids)} tokens; the model's context is {context_length}"
             return RowError("prompt_too_long", msg)
+        if max_tokens > room and overflow == "error":
+            msg = (
+                f"the prompt has {len(token_ids)} tokens and max_tokens is {max_tokens}, more than"
+                f" the model's context of {context_length} (input.max_tokens_overflow: error)"
+            )
+            return RowError("max_tokens_over_context", msg)
         max_tokens = min(max_tokens, room)
     seed = sampling.seed if has_row_seed else row_seed(job_seed, row_id)
     params = SamplingParams(

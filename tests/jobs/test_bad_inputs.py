@@ -1,0 +1,200 @@
+"""A corpus of bad inputs: each bad row becomes an error row with its code and the job goes on;
+each job-level mistake is refused before any model work, with one message and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from prefixbatch.jobs.cli import main
+from tests.output_helpers import finished_output
+
+LONG = "lorem ipsum dolor " * 1200  # several thousand tokens: more than the 2,048 context
+
+
+def invalid_utf8_strings(values: list[bytes]) -> pa.Array:
+    """A string array holding the bytes as they are: Arrow does not validate on construction."""
+    binary = pa.array(values, pa.binary())
+    return pa.Array.from_buffers(pa.string(), len(values), binary.buffers())
+
+
+ROWS = [  # (id, prompt bytes or None, per-row overrides, expected error code or None)
+    ("good-1", b"Tell me about trains.", {}, None),
+    ("null", None, {}, "null_prompt"),
+    ("empty", b"   ", {}, "empty_prompt"),
+    ("too-long", LONG.encode(), {}, "prompt_too_long"),
+    ("bad-utf8", b"caf\xc3 au lait \xff", {}, "invalid_utf8"),
+    ("huge", b"x" * 40_000, {}, "prompt_too_large"),
+    ("neg-temperature", b"hello", {"temperature": -1.0}, "invalid_sampling"),
+    ("zero-top-p", b"hello", {"top_p": 0.0}, "invalid_sampling"),
+    ("big-top-p", b"hello", {"top_p": 1.5}, "invalid_sampling"),
+    ("zero-max-tokens", b"hello", {"max_tokens": 0}, "invalid_sampling"),
+    ("zero-n", b"hello", {"n": 0}, "invalid_sampling"),
+    ("good-2", b"What is a sea shanty?", {"max_tokens": 3}, None),
+]
+
+
+@pytest.fixture
+def corpus(tmp_path, tiny_llama) -> dict:
+    columns = {
+        "id": pa.array([r[0] for r in ROWS]),
+        "prompt": invalid_utf8_strings([r[1] for r in ROWS]),
+    }
+    for name, kind in (("temperature", pa.float64()), ("top_p", pa.float64()), ("max_tokens", pa.int64()), ("n", pa.int64())):
+        columns[name] = pa.array([r[2].get(name) for r in ROWS], kind)
+    pq.write_table(pa.table(columns), tmp_path / "in.parquet")
+    return {
+        "name": "bad-rows",
+        "input": {"path": "in.parquet", "prompt_column": "prompt", "max_prompt_chars": 30_000},
+        "output": {"path": "out"},
+        "model": {"path": str(tiny_llama)},
+        "sampling": {"max_tokens": 4},
+        # 'too-long' is truncated to 2,044 tokens under input.truncate; small steps keep it cheap.
+        "executor": {"kind": "native", "max_batch_tokens": 512},
+    }
+
+
+def run(tmp_path: Path, spec: dict, *extra: str) -> tuple[int, dict[str, dict], dict]:
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(spec))
+    code = main(["run", str(path), "--no-progress", "--overwrite", *extra])
+    rows = {r["id"]: r for r in finished_output(str(tmp_path / "out"))}
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    return code, rows, summary
+
+
+def test_every_bad_row_becomes_an_error_row_and_the_others_complete(tmp_path, corpus, capsys):
+    code, rows, summary = run(tmp_path, corpus)
+    assert code == 0 and set(rows) == {r[0] for r in ROWS}
+    for row_id, _, _, error in ROWS:
+        row = rows[row_id]
+        if error is None:
+            assert row["finish_reason"] in ("stop", "length") and row["error"] is None
+            assert row["output_token_ids"] is not None
+        else:
+            assert row["finish_reason"] == "error" and row["error"].startswith(f"{error}: "), (row_id, row["error"])
+            assert row["output_text"] is None and row["output_token_ids"] is None
+    assert rows["too-long"]["error"].endswith("the model's context is 2048")
+    assert "input.max_prompt_chars is 30000" in rows["huge"]["error"]
+    assert "top_p" in rows["big-top-p"]["error"] and "n:" in rows["zero-n"]["error"]
+    expected_counts: dict[str, int] = {}
+    for *_, error in ROWS:
+        if error:
+            expected_counts[error] = expected_counts.get(error, 0) + 1
+    assert summary["errors_by_code"] == expected_counts
+    assert summary["error_rows"] == sum(expected_counts.values())
+    assert "error rows by code: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_truncation_makes_an_overlong_prompt_fit(tmp_path, corpus, side):
+    corpus["input"]["truncate"] = side
+    code, rows, summary = run(tmp_path, corpus)
+    assert code == 0
+    row = rows["too-long"]
+    assert row["error"] is None and row["num_prompt_tokens"] == 2048 - 4  # room for max_tokens
+    assert row["num_output_tokens"] >= 1
+    assert summary["rows_with_truncated_prompt"] == 1
+
+
+def test_max_tokens_over_the_context_is_clamped_or_refused(tmp_path, corpus):
+    corpus["sampling"]["max_tokens"] = 2_040  # every prompt but the shortest leaves less room
+    corpus["input"]["max_tokens_overflow"] = "error"
+    code, rows, summary = run(tmp_path, corpus)
+    assert code == 0
+    assert rows["good-1"]["error"].startswith("max_tokens_over_context: the prompt has ")
+    assert "(input.max_tokens_overflow: error)" in rows["good-1"]["error"]
+    assert rows["good-2"]["error"] is None  # its own max_tokens (3) fits
+    assert summary["rows_with_clamped_max_tokens"] == 0
+
+
+def test_too_many_error_rows_exit_3_after_writing_every_row(tmp_path, corpus, capsys):
+    code, rows, summary = run(tmp_path, corpus, "--set", "max_error_fraction=0.5")
+    err = capsys.readouterr().err
+    assert code == 3 and len(rows) == len(ROWS)
+    assert "10 of 12 input rows (83.3%) are error rows, above max_error_fraction 0.5" in err
+    assert "Traceback" not in err
+
+
+# --- job-level mistakes: refused before any model work ----------------------------------------
+
+
+@pytest.fixture
+def job(tmp_path, tiny_llama) -> dict:
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["hello there", "general kenobi"]}), tmp_path / "a.parquet")
+    return {
+        "name": "job-errors",
+        "input": {"path": "*.parquet", "prompt_column": "prompt"},
+        "output": {"path": "out"},
+        "model": {"path": str(tiny_llama)},
+        "sampling": {"max_tokens": 2},
+    }
+
+
+def refused(tmp_path: Path, spec: dict, capsys) -> str:
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(spec))
+    code = main(["run", str(path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()  # nothing claimed, nothing written
+    return err
+
+
+def test_null_and_duplicate_ids_are_listed_with_file_and_row(tmp_path, job, capsys):
+    pq.write_table(pa.table({"id": ["c", None, "a"], "prompt": ["x", "y", "z"]}), tmp_path / "b.parquet")
+    err = refused(tmp_path, job, capsys)
+    assert f"null id at {tmp_path}/b.parquet row 1" in err
+    assert "'a'" in err and f"{tmp_path}/a.parquet row 0" in err and f"{tmp_path}/b.parquet row 2" in err
+
+
+def test_every_corrupt_or_empty_file_is_listed_then_skipped_on_request(tmp_path, job, capsys):
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 this is not parquet")
+    (tmp_path / "c.parquet").write_bytes(b"")
+    err = refused(tmp_path, job, capsys)
+    assert f"file {tmp_path}/b.parquet is not a readable Parquet file" in err
+    assert f"file {tmp_path}/c.parquet is not a readable Parquet file" in err
+    assert "input.ignore_corrupt_files: true" in err
+
+    job["input"]["ignore_corrupt_files"] = True
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    assert main(["run", str(tmp_path / "job.json"), "--no-progress"]) == 0
+    assert {r["id"] for r in finished_output(str(tmp_path / "out"))} == {"a", "b"}
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    skipped = manifest["skipped_input_files"]
+    assert len(skipped) == 2 and f"{tmp_path}/b.parquet" in skipped[0] and f"{tmp_path}/c.parquet" in skipped[1]
+
+
+def test_wrong_column_type(tmp_path, job, capsys):
+    pq.write_table(pa.table({"id": ["c"], "prompt": ["x"], "max_tokens": ["ten"]}), tmp_path / "b.parquet")
+    err = refused(tmp_path, job, capsys)
+    assert f"column 'max_tokens' in {tmp_path}/b.parquet must be" in err
+
+
+def test_invalid_spec_value(tmp_path, job, capsys):
+    job["sampling"]["temperature"] = -0.5
+    err = refused(tmp_path, job, capsys)
+    assert "sampling.temperature" in err and "greater than or equal to 0" in err
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "config.json").unlink(), "config.json"),
+        (lambda d: (d / "config.json").write_text("{ not json"), "config.json"),
+        (lambda d: (d / "tokenizer.json").write_text("garbage"), "tokenizer"),
+    ],
+    ids=["no-config", "bad-config", "bad-tokenizer"],
+)
+def test_unreadable_model_folder(tmp_path, job, capsys, tiny_llama, damage, message):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_llama, broken)
+    damage(broken)
+    job["model"]["path"] = str(broken)
+    err = refused(tmp_path, job, capsys)
+    assert f"model.path {broken}" in err and message in err
