@@ -273,14 +273,21 @@ class OutputFolder:
     def _write(self, name: str, data: bytes) -> None:
         fault_point("write")
         path = self._file(name)
-        if is_local(self._fs):  # a rename is atomic here: readers see all of the file or none
-            folder, base = path.rsplit("/", 1)
-            self._fs.makedirs(folder, exist_ok=True)
-            temporary = f"{folder}/_{base}.{uuid.uuid4().hex}.tmp"
-            self._fs.pipe_file(temporary, data)
-            self._fs.mv(temporary, path)
-        else:  # one PUT: the object appears whole when the upload completes
-            self._fs.pipe_file(path, data)
+        try:
+            if is_local(self._fs):  # a rename is atomic here: readers see all of the file or none
+                folder, base = path.rsplit("/", 1)
+                self._fs.makedirs(folder, exist_ok=True)
+                temporary = f"{folder}/_{base}.{uuid.uuid4().hex}.tmp"
+                self._fs.pipe_file(temporary, data)
+                self._fs.mv(temporary, path)
+            else:  # one PUT: the object appears whole when the upload completes
+                self._fs.pipe_file(path, data)
+        except OSError as exc:
+            msg = (
+                f"writing {self._url_of(name)} failed ({exc}); what was committed before is kept:"
+                " run the job again with --resume to finish it"
+            )
+            raise OutputError(msg) from exc
 
     def _file(self, name: str) -> str:
         return f"{self._path}/{name}"
