@@ -198,3 +198,12 @@ def test_unreadable_model_folder(tmp_path, job, capsys, tiny_llama, damage, mess
     job["model"]["path"] = str(broken)
     err = refused(tmp_path, job, capsys)
     assert f"model.path {broken}" in err and message in err
+
+
+def test_a_spec_is_never_evaluated_as_code(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    (tmp_path / "job.yaml").write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\n")
+    code = main(["validate", str(tmp_path / "job.yaml")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not valid YAML" in err and "Traceback" not in err
+    assert not marker.exists()
