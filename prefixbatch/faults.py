@@ -19,7 +19,7 @@ import os
 import signal
 from collections import Counter
 
-__all__ = ["fault_point"]
+__all__ = ["crash_if_row", "fault_point"]
 
 _ENV = "PREFIXBATCH_FAULT"
 _hits: Counter[str] = Counter()
@@ -39,5 +39,26 @@ def fault_point(name: str) -> None:
     if target is None or target[0] != name:
         return
     _hits[name] += 1
-    if _hits[name] == target[1]:
+    if _hits[name] == target[1] and _first_to_claim():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _first_to_claim() -> bool:
+    """With `PREFIXBATCH_FAULT_ONCE=FILE`, only the first process of many (Dask workers, and
+    the workers that replace them) to get here dies: the one that creates FILE."""
+    claim = os.environ.get("PREFIXBATCH_FAULT_ONCE")
+    if not claim:
+        return True
+    try:
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def crash_if_row(row_index: int) -> None:
+    """Kill this process whenever it is about to run input row `PREFIXBATCH_CRASH_ROW` (every
+    time, on every worker: a row that kills whatever runs it)."""
+    value = os.environ.get("PREFIXBATCH_CRASH_ROW", "")
+    if value and int(value) == row_index:
         os.kill(os.getpid(), signal.SIGKILL)

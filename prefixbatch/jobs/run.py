@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
-import pyarrow as pa
 
 import prefixbatch
 from prefixbatch.executors.base import Executor, ExecutorStats, create_executor
@@ -28,8 +27,8 @@ from prefixbatch.pipeline.prepare import PreparedInput, input_columns, prepare_i
 from prefixbatch.pipeline.reader import check_ids, scan_inputs
 from prefixbatch.pipeline.tokenize import PromptTokenizer
 from prefixbatch.pipeline.commits import SUMMARY, CommitRecord, OutputFolder, indices_to_ranges
-from prefixbatch.pipeline.writer import completions_to_table, output_schema
-from prefixbatch.types import Completion
+from prefixbatch.pipeline.parts import PartWriter, RowColumns, samples_per_row
+from prefixbatch.pipeline.writer import output_schema
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,7 @@ class RunSummary:
     generate_s: float  # from the first request handed to the executor to the last part written
     output_tokens_per_s: float  # this run's output tokens / generate_s
     parts: list[str] = field(default_factory=list)
+    shards: list[dict] = field(default_factory=list)  # cluster.kind dask: what each shard ran, where
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,17 +129,24 @@ def run_job(spec: JobSpec, *, live_progress: bool | None = None, log: Callable[[
     for problem in prepared.skipped_files:
         log(f"skipped (input.ignore_corrupt_files): {problem}")
     output = _output_folder(spec)
-    writer = PartWriter(output, prepared, spec)  # checks the output columns before any model work
+    writer = part_writer(output, prepared, spec)  # checks the output columns before any model work
     committed = output.open(job_fingerprint(spec, prepared.files))
     todo = prepared.without_rows(committed)
     if len(committed):
         log(f"resuming: {len(committed)} input rows were committed before; running the other {prepared.num_rows - len(committed)}")
-    executor = create_executor(spec.model, spec.executor) if todo.requests else None
     with JobProgress(todo.num_output_rows, live=live_progress) as progress:
-        generated = executor.generate(todo.requests) if executor is not None else ()
-        for completion in _all_completions(todo, generated):
+        for completion in todo.errors:
             writer.add(completion)
-            progress.advance(1, completion.num_output_tokens)
+        writer.flush()
+        if spec.cluster.kind == "dask" and todo.requests:
+            from prefixbatch.cluster.dask_run import run_on_dask
+
+            executor = run_on_dask(spec, todo, output, writer, progress, log=log)
+        else:
+            executor = create_executor(spec.model, spec.executor) if todo.requests else None
+            for completion in executor.generate(todo.requests) if executor is not None else ():
+                writer.add(completion)
+                progress.advance(1, completion.num_output_tokens)
         writer.flush()
     records = output.write_manifest(
         prepared.num_rows, extra={"job": spec.name, "skipped_input_files": prepared.skipped_files}
@@ -160,73 +167,18 @@ def run_job(spec: JobSpec, *, live_progress: bool | None = None, log: Callable[[
     return summary
 
 
-def _all_completions(prepared: PreparedInput, generated: Iterable[Completion]) -> Iterable[Completion]:
-    yield from prepared.errors
-    yield from generated
-
-
-class PartWriter:
-    """Collects completions until whole input rows (every sample) are done, and commits them
-    part by part: every `rows_per_part` output rows, sorted by (row, sample), one part and one
-    commit record. A row's id and carried values repeat on each of its samples."""
-
-    def __init__(self, output: OutputFolder, prepared: PreparedInput, spec: JobSpec) -> None:
-        self.output = output
-        self.prepared = prepared
-        self.rows_per_part = spec.output.rows_per_part
-        self.metadata = output_metadata(spec)
-        carry_fields = list(prepared.carry.schema)
-        self.schema = output_schema(prepared.ids.type, carry_fields, id_column=spec.input.id_column)
-        self.samples_left = Counter(r.row_index for r in prepared.requests)
-        self.samples_left.update(e.row_index for e in prepared.errors)
-        self.pending: dict[int, list[Completion]] = {}  # rows with samples still running
-        self.ready: list[Completion] = []  # whole rows, not yet written
-        self.records: list[CommitRecord] = []
-
-    def add(self, completion: Completion) -> None:
-        row = completion.row_index
-        self.pending.setdefault(row, []).append(completion)
-        self.samples_left[row] -= 1
-        if self.samples_left[row] == 0:
-            del self.samples_left[row]
-            self.ready += self.pending.pop(row)
-            if len(self.ready) >= self.rows_per_part:
-                self.flush()
-
-    def flush(self) -> None:
-        """Write and commit the whole rows collected so far."""
-        if not self.ready:
-            return
-        rows = sorted(self.ready, key=lambda c: (c.row_index, c.sample_index))
-        self.ready = []
-        indices = pa.array([c.row_index for c in rows], type=pa.int64())
-        table = completions_to_table(
-            rows,
-            ids=self.prepared.ids.take(indices),
-            carry=self.prepared.carry.take(indices) if self.prepared.carry.num_columns else None,
-            schema=self.schema,
-        )
-        unit, name, num_bytes = self.output.write_part(table, metadata=self.metadata)
-        record = CommitRecord(
-            unit=unit,
-            part=name,
-            rows=indices_to_ranges(c.row_index for c in rows),
-            num_output_rows=len(rows),
-            num_bytes=num_bytes,
-            stats=_part_stats(rows),
-        )
-        self.output.commit(record)
-        self.records.append(record)
-
-
-def _part_stats(rows: list[Completion]) -> dict:
-    errors = Counter(c.error.split(":", 1)[0] for c in rows if c.error is not None)
-    return {
-        "prompt_tokens": sum(c.num_prompt_tokens for c in rows),
-        "output_tokens": sum(c.num_output_tokens for c in rows),
-        "cached_prompt_tokens": sum(c.num_cached_prompt_tokens for c in rows),
-        "errors_by_code": dict(errors),
-    }
+def part_writer(output: OutputFolder, prepared: PreparedInput, spec: JobSpec) -> PartWriter:
+    """The driver's writer: commits every part it writes."""
+    schema = output_schema(prepared.ids.type, list(prepared.carry.schema), id_column=spec.input.id_column)
+    return PartWriter(
+        output,
+        RowColumns(prepared.ids, prepared.carry),
+        schema=schema,
+        metadata=output_metadata(spec),
+        rows_per_part=spec.output.rows_per_part,
+        samples_per_row=samples_per_row(prepared.requests, prepared.errors),
+        commit=True,
+    )
 
 
 def summarize(
@@ -250,7 +202,8 @@ def summarize(
             totals[key] += record.stats.get(key, 0)
         errors.update(record.stats.get("errors_by_code", {}))
     stats = executor.stats if executor is not None else ExecutorStats()
-    kind = type(executor).__name__.removesuffix("Executor").lower() if executor is not None else "none"
+    kind = getattr(executor, "kind", None) or type(executor).__name__.removesuffix("Executor").lower()
+    kind = kind if executor is not None else "none"
     return RunSummary(
         job=spec.name,
         output_path=spec.output.path,
@@ -272,4 +225,16 @@ def summarize(
         generate_s=round(generate_s, 3),
         output_tokens_per_s=round(run_output_tokens / max(generate_s, 1e-9), 2),
         parts=parts,
+        shards=[
+            {
+                "shard": s.shard_id,
+                "worker": s.worker,
+                "pid": s.pid,
+                "requests": s.num_requests,
+                "prefill_tokens": s.stats.num_prefill_tokens,
+                "decode_tokens": s.stats.num_decode_tokens,
+                "rows": indices_to_ranges(s.rows),
+            }
+            for s in getattr(executor, "shards", [])
+        ],
     )

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from prefixbatch.cluster.config import ClusterSpec
 from prefixbatch.config import StrictModel
 from prefixbatch.errors import SpecError
 from prefixbatch.executors.config import ExecutorSpec, ModelSpec
@@ -38,6 +39,7 @@ class JobSpec(StrictModel):
     model: ModelSpec
     sampling: SamplingSpec = SamplingSpec()
     executor: ExecutorSpec = ExecutorSpec()
+    cluster: ClusterSpec = ClusterSpec()
 
     max_error_fraction: float = Field(1.0, ge=0.0, le=1.0)
     """Highest share of input rows that may end as error rows. Above it the run still writes

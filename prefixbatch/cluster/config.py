@@ -1,0 +1,42 @@
+"""The `cluster` section of a job spec: where the generation runs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from prefixbatch.config import StrictModel
+
+
+class ClusterSpec(StrictModel):
+    """One process (`local`, the default) or a Dask cluster (`dask`)."""
+
+    kind: Literal["local", "dask"] = "local"
+    """`local`: generate in this process. `dask`: cut the plan into shards along prefix-tree
+    subtrees and run them on Dask workers (an existing cluster at `address`, or a
+    LocalCluster of `local_workers` worker processes started for this run)."""
+
+    address: str | None = None
+    """Scheduler address of a running Dask cluster, e.g. `tcp://10.0.0.5:8786`."""
+
+    local_workers: int | None = Field(None, ge=1)
+    """Start a LocalCluster of this many worker processes for the run (when no `address`)."""
+
+    threads_per_worker: int = Field(1, ge=1)
+    """Threads per LocalCluster worker (each worker runs one shard at a time)."""
+
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Resources each shard task needs, e.g. `{GPU: 1}`: workers must be started with them."""
+
+    shards_per_worker: int = Field(4, ge=1)
+    """Shards per worker: more, smaller shards make a slow or lost worker cost less."""
+
+    max_attempts: int = Field(3, ge=1)
+    """Worker deaths a shard may cause before it is split to find the row that kills workers."""
+
+    @model_validator(mode="after")
+    def _where(self) -> ClusterSpec:
+        if self.kind == "dask" and (self.address is None) == (self.local_workers is None):
+            raise ValueError("cluster.kind dask needs exactly one of `address` and `local_workers`")
+        return self

@@ -1,0 +1,302 @@
+"""A job's generation on a Dask cluster, in shards cut along the global prefix tree.
+
+The driver has read, tokenized and planned the job. It cuts the plan into shards along
+subtree boundaries (`prefix_tree.shards`: each shared prefix on one worker where possible,
+shards balanced by estimated cost, `shards_per_worker` per worker so a slow or lost worker
+costs little) and submits one task per shard. Each worker loads the engine once (a worker
+plugin holds it for the worker's life), runs the shards it receives, writes their part files
+straight to the output folder and returns the parts' records; only the driver commits, each
+shard's records once, as results arrive.
+
+Failures: a lost worker's shard runs again elsewhere (Dask's retries). A shard that keeps
+killing workers (`KilledWorker` after `max_attempts` deaths) is split in two and both halves
+run again, down to the single row that kills workers, which becomes a `worker_crash` error
+row. Exactly once holds because only the driver commits, and it commits a shard's rows only
+from the one result it accepts.
+
+in: the requests no commit covers → committed parts; out: the summed executor statistics.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from prefixbatch.errors import UserError
+from prefixbatch.executors.base import ExecutorStats
+from prefixbatch.faults import crash_if_row
+from prefixbatch.jobs.progress import JobProgress
+from prefixbatch.jobs.spec import JobSpec
+from prefixbatch.pipeline.commits import OutputFolder
+from prefixbatch.pipeline.parts import PartWriter, RowColumns, samples_per_row
+from prefixbatch.pipeline.prepare import PreparedInput
+from prefixbatch.prefix_tree import build_plan
+from prefixbatch.prefix_tree.requests import prompt_arrays
+from prefixbatch.types import Request, error_completion
+
+PLUGIN_NAME = "prefixbatch-engine"
+DEFAULT_KV_BUDGET = 131_072
+
+
+@dataclass
+class ShardTask:
+    """Everything a worker needs for one shard; plain data, pickled to the worker."""
+
+    shard_id: str
+    requests: list[Request]
+    columns: RowColumns  # ids and carried columns of the shard's rows
+    output_url: str
+    storage_options: dict[str, Any]
+    schema: pa.Schema
+    metadata: dict[str, str]
+    rows_per_part: int
+
+    def split(self) -> list[ShardTask]:
+        """Two halves by input row (a row's samples stay together)."""
+        rows = sorted({r.row_index for r in self.requests})
+        halves = (set(rows[: len(rows) // 2]), set(rows[len(rows) // 2 :]))
+        return [
+            ShardTask(
+                f"{self.shard_id}.{k}",
+                [r for r in self.requests if r.row_index in half],
+                self.columns.subset(half),
+                self.output_url,
+                self.storage_options,
+                self.schema,
+                self.metadata,
+                self.rows_per_part,
+            )
+            for k, half in enumerate(halves)
+        ]
+
+    @property
+    def num_rows(self) -> int:
+        return len({r.row_index for r in self.requests})
+
+
+@dataclass
+class ShardResult:
+    shard_id: str
+    worker: str  # the worker's address
+    pid: int
+    records: list  # CommitRecords of the parts it wrote, not committed
+    stats: ExecutorStats
+    num_requests: int
+    output_tokens: int
+    rows: list[int] = field(default_factory=list)
+
+
+class EnginePlugin(WorkerPlugin):
+    """Holds one executor per worker process, loaded on the worker's first shard."""
+
+    name = PLUGIN_NAME
+
+    def __init__(self, model: dict, executor: dict) -> None:
+        super().__init__()
+        self.model = model
+        self.executor = executor
+        self._executor = None
+
+    def setup(self, worker: Any) -> None:
+        self._executor = None
+
+    def get(self):
+        if self._executor is None:
+            from prefixbatch.executors.base import create_executor
+            from prefixbatch.executors.config import ExecutorSpec, ModelSpec
+
+            self._executor = create_executor(ModelSpec(**self.model), ExecutorSpec(**self.executor))
+        return self._executor
+
+
+def run_shard(task: ShardTask) -> ShardResult:
+    """On a worker: generate the shard with the worker's engine, write its parts, return their records."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    executor = worker.plugins[PLUGIN_NAME].get()
+    for request in task.requests:
+        crash_if_row(request.row_index)
+    before = ExecutorStats(**vars(executor.stats))
+    output = OutputFolder(task.output_url, mode="resume", storage_options=task.storage_options)
+    writer = PartWriter(
+        output,
+        task.columns,
+        schema=task.schema,
+        metadata=task.metadata,
+        rows_per_part=task.rows_per_part,
+        samples_per_row=samples_per_row(task.requests),
+        commit=False,
+    )
+    output_tokens = 0
+    for completion in executor.generate(task.requests):
+        writer.add(completion)
+        output_tokens += completion.num_output_tokens
+    writer.flush()
+    after = executor.stats
+    stats = ExecutorStats(**{k: getattr(after, k) - getattr(before, k) for k in vars(after) if k != "peak_kv_tokens"})
+    stats.peak_kv_tokens = after.peak_kv_tokens
+    return ShardResult(
+        task.shard_id,
+        worker.address,
+        os.getpid(),
+        writer.records,
+        stats,
+        len(task.requests),
+        output_tokens,
+        sorted({r.row_index for r in task.requests}),
+    )
+
+
+class ClusterExecutor:
+    """What the run summary reads: the executor kind and the work summed over every shard."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.stats = ExecutorStats()
+        self.shards: list[ShardResult] = []
+
+    def add(self, result: ShardResult) -> None:
+        self.shards.append(result)
+        for key, value in vars(result.stats).items():
+            if key == "peak_kv_tokens":
+                self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, value)
+            else:
+                setattr(self.stats, key, getattr(self.stats, key) + value)
+
+
+@contextmanager
+def dask_client(spec: JobSpec):
+    """A client of the spec's cluster: the given address, or a LocalCluster for this run."""
+    from distributed import Client, LocalCluster
+
+    cluster_spec = spec.cluster
+    if cluster_spec.address is not None:
+        try:
+            client = Client(cluster_spec.address, timeout="30s")
+        except OSError as exc:
+            raise UserError(f"cluster.address {cluster_spec.address}: cannot reach the Dask scheduler ({exc})") from exc
+        with client:
+            yield client
+        return
+    with LocalCluster(
+        n_workers=cluster_spec.local_workers,
+        threads_per_worker=cluster_spec.threads_per_worker,
+        processes=True,
+        resources=cluster_spec.resources or None,
+        dashboard_address=None,
+    ) as cluster, Client(cluster) as client:
+        yield client
+
+
+def plan_shards(spec: JobSpec, todo: PreparedInput, num_shards: int) -> list[list[Request]]:
+    """The requests cut into shards along subtree boundaries, each shard in the plan's order."""
+    tokens, offsets, max_tokens = prompt_arrays(todo.requests)
+    budget = spec.executor.kv_budget_tokens or DEFAULT_KV_BUDGET
+    plan = build_plan(tokens, offsets, max_tokens, kv_budget_tokens=max(budget // 2, 1), num_shards=num_shards)
+    shards = []
+    for shard in plan.shards():
+        first, end = shard.group_ids.start, shard.group_ids.stop
+        ids = plan.request_order[plan.group_starts[first] : plan.group_starts[end]]
+        if len(ids):
+            shards.append([todo.requests[i] for i in ids])
+    return _whole_rows(shards)
+
+
+def _whole_rows(shards: list[list[Request]]) -> list[list[Request]]:
+    """Keep every sample of a row in the first shard that has one (a part holds whole rows)."""
+    home: dict[int, int] = {}
+    for k, shard in enumerate(shards):
+        for request in shard:
+            home.setdefault(request.row_index, k)
+    fixed: list[list[Request]] = [[] for _ in shards]
+    for shard in shards:
+        for request in shard:
+            fixed[home[request.row_index]].append(request)
+    return [s for s in fixed if s]
+
+
+def run_on_dask(
+    spec: JobSpec,
+    todo: PreparedInput,
+    output: OutputFolder,
+    writer: PartWriter,
+    progress: JobProgress,
+    *,
+    log: Callable[[str], None],
+) -> ClusterExecutor:
+    """Generate `todo.requests` on the cluster; commit every shard's parts through `output`."""
+    from distributed import as_completed
+    from distributed.client import FutureCancelledError
+    from distributed.scheduler import KilledWorker
+
+    from prefixbatch.executors.base import resolve_kind
+
+    result = ClusterExecutor(resolve_kind(spec.model, spec.executor))
+    import dask
+
+    settings = {
+        "distributed.scheduler.allowed-failures": spec.cluster.max_attempts - 1,
+        # A worker takes a new shard only when a thread is free: a shard queued behind one
+        # that kills the worker would be counted as a killer too.
+        "distributed.scheduler.worker-saturation": 1.0,
+    }
+    with dask.config.set(settings), dask_client(spec) as client:
+        num_workers = max(len(client.scheduler_info()["workers"]), 1)
+        client.register_plugin(EnginePlugin(spec.model.model_dump(), spec.executor.model_dump()), name=PLUGIN_NAME)
+        shards = plan_shards(spec, todo, num_workers * spec.cluster.shards_per_worker)
+        log(f"dask: {num_workers} workers, {len(shards)} shards")
+        columns = RowColumns(todo.ids, todo.carry)
+        tasks = [
+            ShardTask(
+                str(k), requests, columns.subset(r.row_index for r in requests), spec.output.path,
+                spec.output.storage_options, writer.schema, writer.metadata, spec.output.rows_per_part,
+            )
+            for k, requests in enumerate(shards)
+        ]
+        resources = spec.cluster.resources or None
+        submit = lambda task: client.submit(run_shard, task, key=f"shard-{task.shard_id}-{os.urandom(4).hex()}", pure=False, resources=resources)  # noqa: E731
+        futures = {submit(task): task for task in tasks}
+        pending = as_completed(list(futures))
+        suspects: dict[str, int] = {}
+        for future in pending:
+            task = futures.pop(future)
+            try:
+                shard = future.result()
+            except (KilledWorker, FutureCancelledError) as exc:
+                # A one-row shard is blamed only after killing workers twice on its own: a task
+                # that merely shared a dying worker's process once is innocent.
+                suspects[task.shard_id] = suspects.get(task.shard_id, 0) + 1
+                if task.num_rows == 1 and suspects[task.shard_id] >= 2:
+                    _crash_rows(task, writer, progress)
+                    continue
+                log(f"dask: shard {task.shard_id} killed workers ({type(exc).__name__}); running it again in halves")
+                for retry in task.split() if task.num_rows > 1 else [task]:
+                    new = submit(retry)
+                    futures[new] = retry
+                    pending.add(new)
+                continue
+            for record in shard.records:
+                output.commit(record)
+            result.add(shard)
+            progress.advance(shard.num_requests, shard.output_tokens)
+    return result
+
+
+def _crash_rows(task: ShardTask, writer: PartWriter, progress: JobProgress) -> None:
+    """The row of a one-row shard that killed every worker it ran on: an error row, committed."""
+    [row] = {r.row_index for r in task.requests}
+    prompt_tokens = len(task.requests[0].token_ids)
+    writer.samples_left[row] = 1
+    writer.add(error_completion(row, "worker_crash", "this row killed the Dask worker running it on every attempt", num_prompt_tokens=prompt_tokens))
+    writer.flush()
+    progress.advance(len(task.requests), 0)
+
+
+__all__ = ["EnginePlugin", "ShardTask", "plan_shards", "run_on_dask", "run_shard"]

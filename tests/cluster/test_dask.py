@@ -1,0 +1,111 @@
+"""Jobs on a real Dask LocalCluster of worker processes: the same output as one process,
+shared prefixes computed on one worker, workers lost mid-job, a row that kills every worker."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from prefixbatch.jobs.run import run_job
+from prefixbatch.jobs.spec import spec_from_dict
+from prefixbatch.pipeline.commits import ranges_to_indices
+from tests.output_helpers import finished_output
+
+SYSTEMS = (
+    "You are a terse assistant for a hardware store.",
+    "You answer questions about the history of trains, carefully and in order.",
+    "Reply as a poet who likes the sea, in short lines.",
+    "You are a patient chess teacher for beginners.",
+)
+NUM_ROWS = 32
+
+
+def conversation(i: int) -> list[dict]:
+    return [
+        {"role": "system", "content": SYSTEMS[i % 4]},
+        {"role": "user", "content": f"Question {i}: what about item {i * 7 % 13} and colour {i % 5}?"},
+    ]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_llama):
+    folder = tmp_path_factory.mktemp("dask")
+    messages = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    table = pa.table({
+        "id": [f"q{i:02d}" for i in range(NUM_ROWS)],
+        "messages": pa.array([conversation(i) for i in range(NUM_ROWS)], messages),
+        "max_tokens": [3 + i % 4 for i in range(NUM_ROWS)],
+    })
+    pq.write_table(table, folder / "in.parquet")
+    base = {
+        "name": "dask",
+        "input": {"path": str(folder / "in.parquet"), "messages_column": "messages"},
+        "output": {"path": str(folder / "local"), "rows_per_part": 4},
+        "model": {"path": str(tiny_llama)},
+        "sampling": {"max_tokens": 6},
+        "executor": {"kind": "native"},
+    }
+    run_job(spec_from_dict(base, base_dir=folder, source="test"), live_progress=False, log=lambda _: None)
+    local = {r["id"]: r for r in finished_output(str(folder / "local"))}
+    return folder, base, local
+
+
+def dask_spec(base: dict, output, **cluster) -> dict:
+    return {
+        **base,
+        "output": {**base["output"], "path": str(output)},
+        "cluster": {"kind": "dask", "local_workers": 2, "threads_per_worker": 1, "shards_per_worker": 2, **cluster},
+    }
+
+
+def run(spec: dict, folder):
+    return run_job(spec_from_dict(spec, base_dir=folder, source="test"), live_progress=False, log=lambda _: None)
+
+
+def without_cached(rows: dict) -> dict:
+    return {k: {**r, "num_cached_prompt_tokens": None} for k, r in rows.items()}
+
+
+def test_two_workers_give_the_local_output_and_each_system_prompt_runs_on_one_worker(job, tmp_path):
+    folder, base, local = job
+    summary = run(dask_spec(base, tmp_path / "out"), folder)
+    output = {r["id"]: r for r in finished_output(str(tmp_path / "out"))}
+    assert without_cached(output) == without_cached(local)
+    shards = summary.shards
+    assert len(shards) == 4 and len({s["pid"] for s in shards}) == 2  # both workers worked
+    worker_of_row = {int(row): s["worker"] for s in shards for row in ranges_to_indices(s["rows"])}
+    for system in range(4):  # every row under a system prompt ran on one worker, in one shard
+        rows = [i for i in range(NUM_ROWS) if i % 4 == system]
+        assert len({worker_of_row[i] for i in rows}) == 1
+        assert len({s["shard"] for s in shards for i in rows if i in ranges_to_indices(s["rows"])}) == 1
+    # Prefill work: each system prompt once (shard statistics add up to one pass over the
+    # tree, plus the chat template's few header tokens every shard starts with).
+    assert sum(s["prefill_tokens"] for s in shards) == summary.prefill_tokens_computed
+    local_summary = json.loads((folder / "local" / "_summary.json").read_text())
+    assert summary.prefill_tokens_computed <= local_summary["prefill_tokens_computed"] + 4 * 16
+
+
+def test_a_worker_killed_mid_job_costs_a_retry_not_a_row(job, tmp_path, monkeypatch):
+    folder, base, local = job
+    monkeypatch.setenv("PREFIXBATCH_FAULT", "decode:3")
+    monkeypatch.setenv("PREFIXBATCH_FAULT_ONCE", str(tmp_path / "killed-once"))
+    summary = run(dask_spec(base, tmp_path / "out"), folder)
+    assert (tmp_path / "killed-once").exists()  # a worker did die mid-decode
+    output = {r["id"]: r for r in finished_output(str(tmp_path / "out"))}
+    assert without_cached(output) == without_cached(local)
+    assert len(summary.shards) == 4  # every shard committed once, whichever worker ran it
+
+
+def test_a_row_that_kills_every_worker_becomes_an_error_row(job, tmp_path, monkeypatch):
+    folder, base, local = job
+    monkeypatch.setenv("PREFIXBATCH_CRASH_ROW", "9")
+    summary = run(dask_spec(base, tmp_path / "out", max_attempts=1), folder)
+    output = {r["id"]: r for r in finished_output(str(tmp_path / "out"))}
+    assert set(output) == set(local)
+    crashed = output.pop("q09")
+    assert crashed["finish_reason"] == "error" and crashed["error"].startswith("worker_crash: ")
+    assert without_cached(output) == without_cached({k: v for k, v in local.items() if k != "q09"})
+    assert summary.errors_by_code == {"worker_crash": 1}
