@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import uuid
 
-import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from prefixbatch.errors import OutputError, SpecError
+from prefixbatch.errors import SpecError
 from prefixbatch.pipeline.writer import completions_to_table, output_schema
 from prefixbatch.types import Completion, error_completion
 
