@@ -23,3 +23,9 @@ def finished_output(url: str, storage_options: dict | None = None) -> list[dict]
     rows = read_committed(url, storage_options=storage_options).to_pylist()
     assert len(rows) == manifest["output_rows"]
     return rows
+
+
+def without_cached(rows: dict) -> dict:
+    """Rows keyed as given, with `num_cached_prompt_tokens` blanked: the one column that
+    depends on which rows ran together (a resumed run or a shard shares with fewer rows)."""
+    return {key: {**row, "num_cached_prompt_tokens": None} for key, row in rows.items()}

@@ -12,7 +12,7 @@ import pytest
 from prefixbatch.jobs.run import run_job
 from prefixbatch.jobs.spec import spec_from_dict
 from prefixbatch.pipeline.commits import ranges_to_indices
-from tests.output_helpers import finished_output
+from tests.output_helpers import finished_output, without_cached
 
 SYSTEMS = (
     "You are a terse assistant for a hardware store.",
@@ -64,9 +64,6 @@ def dask_spec(base: dict, output, **cluster) -> dict:
 def run(spec: dict, folder):
     return run_job(spec_from_dict(spec, base_dir=folder, source="test"), live_progress=False, log=lambda _: None)
 
-
-def without_cached(rows: dict) -> dict:
-    return {k: {**r, "num_cached_prompt_tokens": None} for k, r in rows.items()}
 
 
 def test_two_workers_give_the_local_output_and_each_system_prompt_runs_on_one_worker(job, tmp_path):

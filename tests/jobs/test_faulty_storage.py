@@ -22,7 +22,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from prefixbatch.jobs.cli import main
 from prefixbatch.pipeline.commits import read_committed
-from tests.output_helpers import finished_output
+from tests.output_helpers import finished_output, without_cached
 
 
 class Faults:
@@ -95,9 +95,6 @@ def job(tmp_path_factory, tiny_llama):
     clean = {r["id"]: r for r in finished_output(str(folder / "clean"))}
     return folder, spec, clean
 
-
-def without_cached(rows: dict) -> dict:
-    return {key: {**row, "num_cached_prompt_tokens": None} for key, row in rows.items()}
 
 
 def run_with_fault(folder, spec: dict, url: str, operation: str, fail_at: int, capsys) -> int:

@@ -25,7 +25,7 @@ import pytest
 from prefixbatch.jobs.cli import main
 from prefixbatch.pipeline.commits import read_committed
 from tests.jobs.test_run import conversation
-from tests.output_helpers import finished_output
+from tests.output_helpers import finished_output, without_cached
 
 NUM_ROWS = 48
 LOCAL_KILLS = [
@@ -82,9 +82,6 @@ def by_key(rows: list[dict]) -> dict[tuple[str, int], dict]:
     assert len(keyed) == len(rows), "an (id, sample_index) committed twice"
     return keyed
 
-
-def without_cached(rows: dict) -> dict:
-    return {key: {**row, "num_cached_prompt_tokens": None} for key, row in rows.items()}
 
 
 def expected_keys(rows: list[dict]) -> set[tuple[str, int]]:
