@@ -2,8 +2,8 @@
 
 A whole `prefixbatch run` (read, tokenize, plan, shards on the workers, parts written by the
 workers, commits by the driver) on the `small` test model with the native engine:
-8 system prompts (256 tokens) x 12 questions (24 tokens) = 96 chat-free prompts of random
-token text, 48 new tokens each, greedy. Every process runs torch on one thread
+8 system prompts (~200 words) x 24 questions (~18 words) = 192 prompts of random words
+(no chat template), 32 new tokens each, greedy, 2 shards per worker. Every process runs torch on one thread
 (`OMP_NUM_THREADS=1`). Each cluster is started before the clock starts; the timed run
 includes loading the engine on each worker (once per worker, in parallel). Reported: wall
 seconds of the run, output tokens/s, and 2-worker / 1-worker throughput; median of
@@ -33,7 +33,7 @@ def write_prompts(folder: Path, vocabulary: list[str], seed: int) -> None:
     rng = np.random.default_rng(seed)
     words = lambda n: " ".join(rng.choice(vocabulary, size=n))  # noqa: E731
     systems = [words(200) for _ in range(8)]
-    prompts = [f"{system}\nQuestion: {words(18)}" for system in systems for _ in range(12)]
+    prompts = [f"{system}\nQuestion: {words(18)}" for system in systems for _ in range(24)]
     ids = [f"p{i:03d}" for i in range(len(prompts))]
     order = rng.permutation(len(prompts))  # the input order does not group the prefixes
     pq.write_table(pa.table({"id": [ids[i] for i in order], "prompt": [prompts[i] for i in order]}), folder / "in.parquet")
@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> None:
                     "input": {"path": str(work / "in.parquet"), "prompt_column": "prompt"},
                     "output": {"path": str(work / f"out-{n}-{repeat}")},
                     "model": {"path": str(args.model_dir.resolve())},
-                    "sampling": {"max_tokens": 48},
+                    "sampling": {"max_tokens": 32},
                     "executor": {"kind": "native"},
-                    "cluster": {"kind": "dask", "address": cluster.scheduler_address, "shards_per_worker": 4},
+                    "cluster": {"kind": "dask", "address": cluster.scheduler_address, "shards_per_worker": 2},
                 }
                 start = time.perf_counter()
                 summary = run_job(spec_from_dict(spec, base_dir=work, source="bench"), live_progress=False, log=lambda _: None)
