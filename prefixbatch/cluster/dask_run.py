@@ -25,11 +25,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask
 import pyarrow as pa
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from prefixbatch.errors import UserError
-from prefixbatch.executors.base import ExecutorStats
+from prefixbatch.executors.base import ExecutorStats, resolve_kind
 from prefixbatch.faults import crash_if_row
 from prefixbatch.jobs.progress import JobProgress
 from prefixbatch.jobs.spec import JobSpec
@@ -236,11 +237,7 @@ def run_on_dask(
     from distributed.client import FutureCancelledError
     from distributed.scheduler import KilledWorker
 
-    from prefixbatch.executors.base import resolve_kind
-
     result = ClusterExecutor(resolve_kind(spec.model, spec.executor))
-    import dask
-
     settings = {
         "distributed.scheduler.allowed-failures": spec.cluster.max_attempts - 1,
         # A worker takes a new shard only when a thread is free: a shard queued behind one
@@ -261,7 +258,11 @@ def run_on_dask(
             for k, requests in enumerate(shards)
         ]
         resources = spec.cluster.resources or None
-        submit = lambda task: client.submit(run_shard, task, key=f"shard-{task.shard_id}-{os.urandom(4).hex()}", pure=False, resources=resources)  # noqa: E731
+
+        def submit(task: ShardTask):  # a fresh key per attempt: a retried half is a new task
+            key = f"shard-{task.shard_id}-{os.urandom(4).hex()}"
+            return client.submit(run_shard, task, key=key, pure=False, resources=resources)
+
         futures = {submit(task): task for task in tasks}
         pending = as_completed(list(futures))
         suspects: dict[str, int] = {}
@@ -292,9 +293,8 @@ def run_on_dask(
 def _crash_rows(task: ShardTask, writer: PartWriter, progress: JobProgress) -> None:
     """The row of a one-row shard that killed every worker it ran on: an error row, committed."""
     [row] = {r.row_index for r in task.requests}
-    prompt_tokens = len(task.requests[0].token_ids)
-    writer.samples_left[row] = 1
-    writer.add(error_completion(row, "worker_crash", "this row killed the Dask worker running it on every attempt", num_prompt_tokens=prompt_tokens))
+    message = "this row killed the Dask worker running it on every attempt"
+    writer.add_in_place_of_row(error_completion(row, "worker_crash", message, num_prompt_tokens=len(task.requests[0].token_ids)))
     writer.flush()
     progress.advance(len(task.requests), 0)
 

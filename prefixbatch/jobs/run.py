@@ -137,6 +137,7 @@ def run_job(spec: JobSpec, *, live_progress: bool | None = None, log: Callable[[
     with JobProgress(todo.num_output_rows, live=live_progress) as progress:
         for completion in todo.errors:
             writer.add(completion)
+            progress.advance(1, 0)
         writer.flush()
         if spec.cluster.kind == "dask" and todo.requests:
             from prefixbatch.cluster.dask_run import run_on_dask
@@ -202,8 +203,7 @@ def summarize(
             totals[key] += record.stats.get(key, 0)
         errors.update(record.stats.get("errors_by_code", {}))
     stats = executor.stats if executor is not None else ExecutorStats()
-    kind = getattr(executor, "kind", None) or type(executor).__name__.removesuffix("Executor").lower()
-    kind = kind if executor is not None else "none"
+    kind = "none" if executor is None else getattr(executor, "kind", type(executor).__name__.removesuffix("Executor").lower())
     return RunSummary(
         job=spec.name,
         output_path=spec.output.path,

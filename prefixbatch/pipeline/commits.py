@@ -79,6 +79,11 @@ def indices_to_ranges(indices: Iterable[int]) -> list[list[int]]:
     return [[int(a), int(b)] for a, b in zip(starts, stops)]
 
 
+def committed_rows(records: Sequence[CommitRecord]) -> np.ndarray:
+    """Every input row the records cover, sorted."""
+    return np.sort(np.concatenate([r.row_indices() for r in records] or [np.zeros(0, np.int64)]))
+
+
 def ranges_to_indices(ranges: Sequence[Sequence[int]]) -> np.ndarray:
     if not ranges:
         return np.zeros(0, np.int64)
@@ -102,6 +107,12 @@ class OutputFolder:
 
     def check(self, fingerprint: dict[str, Any]) -> int:
         """Raise `OutputError` if `open()` would refuse; writes nothing. Committed rows a resume keeps."""
+        if not self._keeps_commits(fingerprint):
+            return 0
+        return len(committed_rows(self.load_records()[0]))
+
+    def _keeps_commits(self, fingerprint: dict[str, Any]) -> bool:
+        """The checks of `check`, without reading the commits: whether this run resumes them."""
         if self.mode not in ("error", "overwrite", "resume"):
             msg = f"output.mode must be one of error, overwrite, resume; got {self.mode!r}"
             raise OutputError(msg)
@@ -123,8 +134,8 @@ class OutputFolder:
             raise OutputError(msg)
         if self.mode == "resume" and entries:
             self._check_same_job(fingerprint)
-            return sum(len(r.row_indices()) for r in self.load_records()[0])
-        return 0
+            return True
+        return False
 
     def open(self, fingerprint: dict[str, Any]) -> np.ndarray:
         """Claim the folder for this run; the input rows already committed (resume), sorted.
@@ -133,8 +144,7 @@ class OutputFolder:
         commits are kept; parts no record names, duplicate records, leftovers of an
         interrupted write and a stale manifest / `_SUCCESS` are deleted.
         """
-        self.check(fingerprint)
-        if self.mode == "resume" and self._entries(with_temporaries=False):
+        if self._keeps_commits(fingerprint):
             records, stale = self.load_records()
             for path in stale:
                 self._fs.rm(path)
@@ -142,7 +152,7 @@ class OutputFolder:
                 if self._exists(name):
                     self._fs.rm(self._file(name))
             self._remove_unreferenced(records)
-            return np.sort(np.concatenate([r.row_indices() for r in records] or [np.zeros(0, np.int64)]))
+            return committed_rows(records)
         for entry in self._entries():
             self._fs.rm(entry, recursive=True)
         self._fs.makedirs(self._path, exist_ok=True)
@@ -221,7 +231,7 @@ class OutputFolder:
     def write_manifest(self, num_input_rows: int, *, extra: dict[str, Any]) -> list[CommitRecord]:
         """Check that the commits cover rows 0..N-1 exactly once, then write `_manifest.json`."""
         records, _ = self.load_records()
-        rows = np.sort(np.concatenate([r.row_indices() for r in records] or [np.zeros(0, np.int64)]))
+        rows = committed_rows(records)
         if not np.array_equal(rows, np.arange(num_input_rows)):
             missing = np.setdiff1d(np.arange(num_input_rows), rows)
             msg = (
@@ -244,9 +254,11 @@ class OutputFolder:
 
     def mark_success(self, records: Sequence[CommitRecord]) -> None:
         """Delete what no commit names, then write `_SUCCESS`: the folder is exactly the result."""
-        _, stale = self.load_records()
-        for path in stale:
-            self._fs.rm(path)
+        named = {f"{r.unit}.json" for r in records}
+        listed = self._fs.ls(self._file(COMMITS), detail=False) if self._fs.isdir(self._file(COMMITS)) else []
+        for path in listed:  # duplicates, temporaries
+            if path.rstrip("/").rsplit("/", 1)[-1] not in named:
+                self._fs.rm(path)
         self._remove_unreferenced(records)
         self._write(SUCCESS, b"")
 
@@ -256,6 +268,10 @@ class OutputFolder:
         """Write `obj` as `name` in the folder (whole or not at all); its URL."""
         self._write(name, _json_bytes(obj))
         return self._url_of(name)
+
+    def read_part(self, record: CommitRecord) -> pa.Table:
+        with self._fs.open(self._file(record.part), "rb") as f:
+            return pq.read_table(f)
 
     def part_urls(self, records: Sequence[CommitRecord]) -> list[str]:
         return [self._url_of(r.part) for r in records]
@@ -319,11 +335,7 @@ def read_committed(url: str, *, storage_options: dict[str, Any] | None = None) -
     committing are not read, even while they are still in the folder.
     """
     folder = OutputFolder(url, mode="resume", storage_options=storage_options)
-    records, _ = folder.load_records()
-    tables = []
-    for record in records:
-        with folder._fs.open(folder._file(record.part), "rb") as f:
-            tables.append(pq.read_table(f))
+    tables = [folder.read_part(record) for record in folder.load_records()[0]]
     if not tables:
         return pa.table({})
     return pa.concat_tables(tables)
@@ -349,6 +361,7 @@ __all__ = [
     "CommitRecord",
     "OutputFolder",
     "OutputMode",
+    "committed_rows",
     "indices_to_ranges",
     "ranges_to_indices",
     "read_committed",

@@ -87,6 +87,12 @@ class PartWriter:
             if len(self.ready) >= self.rows_per_part:
                 self.flush()
 
+    def add_in_place_of_row(self, completion: Completion) -> None:
+        """One completion (an error row) standing for its whole row, whatever samples it had."""
+        self.pending.pop(completion.row_index, None)
+        self.samples_left[completion.row_index] = 1
+        self.add(completion)
+
     def flush(self) -> None:
         """Write (and commit) the whole rows collected so far."""
         if not self.ready:

@@ -149,10 +149,11 @@ def _encode(
     """Token ids per row, or why not: undecodable or oversized rows are refused untokenized."""
     values = _row_values(column)
     for i, value in enumerate(values):
-        if not isinstance(value, RowError) and _num_chars(value) > spec.max_prompt_chars:
+        num_chars = 0 if isinstance(value, RowError) else _num_chars(value)
+        if num_chars > spec.max_prompt_chars:
             values[i] = RowError(
                 "prompt_too_large",
-                f"the prompt has {_num_chars(value)} characters; input.max_prompt_chars is {spec.max_prompt_chars}",
+                f"the prompt has {num_chars} characters; input.max_prompt_chars is {spec.max_prompt_chars}",
             )
     todo = [i for i, value in enumerate(values) if not isinstance(value, RowError)]
     results: list[list[int] | RowError] = list(values)  # type: ignore[arg-type]

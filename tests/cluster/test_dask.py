@@ -12,22 +12,17 @@ import pytest
 from prefixbatch.jobs.run import run_job
 from prefixbatch.jobs.spec import spec_from_dict
 from prefixbatch.pipeline.commits import ranges_to_indices
+from tests.jobs.test_run import SYSTEMS as RUN_SYSTEMS
+from tests.jobs.test_run import conversation as run_conversation
 from tests.output_helpers import finished_output, without_cached
 
-SYSTEMS = (
-    "You are a terse assistant for a hardware store.",
-    "You answer questions about the history of trains, carefully and in order.",
-    "Reply as a poet who likes the sea, in short lines.",
-    "You are a patient chess teacher for beginners.",
-)
+# The three system prompts of the run tests and a fourth: 4 shards, one prompt each.
+SYSTEMS = (*RUN_SYSTEMS, "You are a patient chess teacher for beginners.")
 NUM_ROWS = 32
 
 
 def conversation(i: int) -> list[dict]:
-    return [
-        {"role": "system", "content": SYSTEMS[i % 4]},
-        {"role": "user", "content": f"Question {i}: what about item {i * 7 % 13} and colour {i % 5}?"},
-    ]
+    return run_conversation(i, SYSTEMS)
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,9 @@ SYSTEMS = (
 NUM_ROWS = 210
 
 
-def conversation(i: int) -> list[dict]:
+def conversation(i: int, systems: tuple[str, ...] = SYSTEMS) -> list[dict]:
     return [
-        {"role": "system", "content": SYSTEMS[i % 3]},
+        {"role": "system", "content": systems[i % len(systems)]},
         {"role": "user", "content": f"Question {i}: what about item {i * 7 % 13} and colour {i % 5}?"},
     ]
 
