@@ -29,11 +29,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def write_prompts(folder: Path, vocabulary: list[str], seed: int) -> None:
+def write_prompts(folder: Path, vocabulary: list[str], seed: int, questions: int = 24) -> None:
     rng = np.random.default_rng(seed)
     words = lambda n: " ".join(rng.choice(vocabulary, size=n))  # noqa: E731
     systems = [words(200) for _ in range(8)]
-    prompts = [f"{system}\nQuestion: {words(18)}" for system in systems for _ in range(24)]
+    prompts = [f"{system}\nQuestion: {words(18)}" for system in systems for _ in range(questions)]
     ids = [f"p{i:03d}" for i in range(len(prompts))]
     order = rng.permutation(len(prompts))  # the input order does not group the prefixes
     pq.write_table(pa.table({"id": [ids[i] for i in order], "prompt": [prompts[i] for i in order]}), folder / "in.parquet")
@@ -42,6 +42,8 @@ def write_prompts(folder: Path, vocabulary: list[str], seed: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--questions", type=int, default=96, help="prompts per system prompt (8 system prompts)")
+    parser.add_argument("--shards-per-worker", type=int, default=2)
     parser.add_argument("--model-dir", type=Path, default=Path(".cache/engine_bench/small-llama"))
     args = parser.parse_args(argv)
 
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         make_test_model(args.model_dir, arch="llama", size="small")
     vocabulary = [w for w in Path(__file__).read_text().split() if w.isalpha()]
     work = Path(tempfile.mkdtemp(prefix="dask-scale-"))
-    write_prompts(work, vocabulary, seed=0)
+    write_prompts(work, vocabulary, seed=0, questions=args.questions)
     clusters = {n: LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None) for n in (1, 2)}
     seconds: dict[int, list[float]] = {1: [], 2: []}
     tokens: dict[int, int] = {}
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
                     "model": {"path": str(args.model_dir.resolve())},
                     "sampling": {"max_tokens": 32},
                     "executor": {"kind": "native"},
-                    "cluster": {"kind": "dask", "address": cluster.scheduler_address, "shards_per_worker": 2},
+                    "cluster": {"kind": "dask", "address": cluster.scheduler_address, "shards_per_worker": args.shards_per_worker},
                 }
                 start = time.perf_counter()
                 summary = run_job(spec_from_dict(spec, base_dir=work, source="bench"), live_progress=False, log=lambda _: None)

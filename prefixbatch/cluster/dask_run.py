@@ -20,8 +20,11 @@ in: the requests no commit covers → committed parts; out: the summed executor 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,10 +94,16 @@ class ShardResult:
     num_requests: int
     output_tokens: int
     rows: list[int] = field(default_factory=list)
+    started: float = 0.0  # time.time() on the worker when the shard began
+    engine_load_s: float = 0.0  # loading the worker's engine, when this shard was its first
+    generate_s: float = 0.0
+    finished: float = 0.0
 
 
 class EnginePlugin(WorkerPlugin):
-    """Holds one executor per worker process, loaded on the worker's first shard."""
+    """Holds one executor per worker process. Loading starts in the background as soon as
+    the plugin is registered (while the driver is still reading and planning); a shard
+    waits for it."""
 
     name = PLUGIN_NAME
 
@@ -103,16 +112,29 @@ class EnginePlugin(WorkerPlugin):
         self.model = model
         self.executor = executor
         self._executor = None
+        self._loading: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def setup(self, worker: Any) -> None:
         self._executor = None
+        self._loading = threading.Thread(target=self._load, name="prefixbatch-engine-load", daemon=True)
+        self._loading.start()
+
+    def _load(self) -> None:
+        from prefixbatch.executors.base import create_executor
+        from prefixbatch.executors.config import ExecutorSpec, ModelSpec
+
+        try:
+            self._executor = create_executor(ModelSpec(**self.model), ExecutorSpec(**self.executor))
+        except BaseException as exc:  # handed to the shard that needs the engine
+            self._error = exc
 
     def get(self):
-        if self._executor is None:
-            from prefixbatch.executors.base import create_executor
-            from prefixbatch.executors.config import ExecutorSpec, ModelSpec
-
-            self._executor = create_executor(ModelSpec(**self.model), ExecutorSpec(**self.executor))
+        if self._loading is None:  # not set up by Dask (never on a worker): load here
+            self.setup(None)
+        self._loading.join()
+        if self._error is not None:
+            raise self._error
         return self._executor
 
 
@@ -120,8 +142,10 @@ def run_shard(task: ShardTask) -> ShardResult:
     """On a worker: generate the shard with the worker's engine, write its parts, return their records."""
     from distributed import get_worker
 
+    started = time.time()
     worker = get_worker()
     executor = worker.plugins[PLUGIN_NAME].get()
+    loaded = time.time()
     for request in task.requests:
         crash_if_row(request.row_index)
     before = ExecutorStats(**vars(executor.stats))
@@ -139,6 +163,7 @@ def run_shard(task: ShardTask) -> ShardResult:
     for completion in executor.generate(task.requests):
         writer.add(completion)
         output_tokens += completion.num_output_tokens
+    generated = time.time()
     writer.flush()
     after = executor.stats
     stats = ExecutorStats(**{k: getattr(after, k) - getattr(before, k) for k in vars(after) if k != "peak_kv_tokens"})
@@ -152,6 +177,10 @@ def run_shard(task: ShardTask) -> ShardResult:
         len(task.requests),
         output_tokens,
         sorted({r.row_index for r in task.requests}),
+        started=started,
+        engine_load_s=loaded - started,
+        generate_s=generated - loaded,
+        finished=time.time(),
     )
 
 
@@ -172,28 +201,68 @@ class ClusterExecutor:
                 setattr(self.stats, key, getattr(self.stats, key) + value)
 
 
-@contextmanager
-def dask_client(spec: JobSpec):
-    """A client of the spec's cluster: the given address, or a LocalCluster for this run."""
-    from distributed import Client, LocalCluster
+class DaskSession:
+    """The spec's cluster for one run: connected (or, for `local_workers`, started) and told
+    to load the engine in the background while the driver reads, tokenizes and plans.
 
-    cluster_spec = spec.cluster
-    if cluster_spec.address is not None:
-        try:
-            client = Client(cluster_spec.address, timeout="30s")
-        except OSError as exc:
-            raise UserError(f"cluster.address {cluster_spec.address}: cannot reach the Dask scheduler ({exc})") from exc
-        with client:
-            yield client
-        return
-    with LocalCluster(
-        n_workers=cluster_spec.local_workers,
-        threads_per_worker=cluster_spec.threads_per_worker,
-        processes=True,
-        resources=cluster_spec.resources or None,
-        dashboard_address=None,
-    ) as cluster, Client(cluster) as client:
-        yield client
+    `with DaskSession(spec) as cluster: ... cluster.run(...)`. Connecting happens in a
+    thread, so a LocalCluster's start-up overlaps the driver's reading too.
+    """
+
+    def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
+        self._stack = ExitStack()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefixbatch-dask-connect")
+        self._client: Future | None = None
+
+    def __enter__(self) -> DaskSession:
+        self._client = self._pool.submit(self._connect)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True)
+        self._stack.close()
+
+    def _connect(self):
+        from distributed import Client, LocalCluster
+
+        spec = self.spec.cluster
+        settings = {
+            "distributed.scheduler.allowed-failures": spec.max_attempts - 1,
+            # A worker takes a new shard only when a thread is free: a shard queued behind one
+            # that kills the worker would be counted as a killer too.
+            "distributed.scheduler.worker-saturation": 1.0,
+        }
+        self._stack.enter_context(dask.config.set(settings))
+        # Closed by callbacks, not as context managers: they are made in this thread and
+        # closed in the caller's (a Client's context holds a context variable of its thread).
+        if spec.address is not None:
+            try:
+                client = Client(spec.address, timeout="30s", set_as_default=False)
+            except OSError as exc:
+                raise UserError(f"cluster.address {spec.address}: cannot reach the Dask scheduler ({exc})") from exc
+        else:
+            cluster = LocalCluster(
+                n_workers=spec.local_workers,
+                threads_per_worker=spec.threads_per_worker,
+                processes=True,
+                resources=spec.resources or None,
+                dashboard_address=None,
+            )
+            self._stack.callback(cluster.close)
+            client = Client(cluster, set_as_default=False)
+        self._stack.callback(client.close)
+        plugin = EnginePlugin(self.spec.model.model_dump(), self.spec.executor.model_dump())
+        client.register_plugin(plugin, name=PLUGIN_NAME)
+        return client
+
+    @property
+    def client(self):
+        """The connected client; waits for the connection (raises its error)."""
+        return self._client.result()
+
+    def run(self, todo: PreparedInput, output: OutputFolder, writer: PartWriter, progress: JobProgress, *, log) -> ClusterExecutor:
+        return run_on_dask(self.spec, self.client, todo, output, writer, progress, log=log)
 
 
 def plan_shards(spec: JobSpec, todo: PreparedInput, num_shards: int) -> list[list[Request]]:
@@ -225,6 +294,7 @@ def _whole_rows(shards: list[list[Request]]) -> list[list[Request]]:
 
 def run_on_dask(
     spec: JobSpec,
+    client: Any,
     todo: PreparedInput,
     output: OutputFolder,
     writer: PartWriter,
@@ -238,15 +308,8 @@ def run_on_dask(
     from distributed.scheduler import KilledWorker
 
     result = ClusterExecutor(resolve_kind(spec.model, spec.executor))
-    settings = {
-        "distributed.scheduler.allowed-failures": spec.cluster.max_attempts - 1,
-        # A worker takes a new shard only when a thread is free: a shard queued behind one
-        # that kills the worker would be counted as a killer too.
-        "distributed.scheduler.worker-saturation": 1.0,
-    }
-    with dask.config.set(settings), dask_client(spec) as client:
+    if True:
         num_workers = max(len(client.scheduler_info()["workers"]), 1)
-        client.register_plugin(EnginePlugin(spec.model.model_dump(), spec.executor.model_dump()), name=PLUGIN_NAME)
         shards = plan_shards(spec, todo, num_workers * spec.cluster.shards_per_worker)
         log(f"dask: {num_workers} workers, {len(shards)} shards")
         columns = RowColumns(todo.ids, todo.carry)
@@ -264,7 +327,7 @@ def run_on_dask(
             return client.submit(run_shard, task, key=key, pure=False, resources=resources)
 
         futures = {submit(task): task for task in tasks}
-        pending = as_completed(list(futures))
+        pending = as_completed(list(futures), loop=client.loop)
         suspects: dict[str, int] = {}
         for future in pending:
             task = futures.pop(future)
@@ -299,4 +362,4 @@ def _crash_rows(task: ShardTask, writer: PartWriter, progress: JobProgress) -> N
     progress.advance(len(task.requests), 0)
 
 
-__all__ = ["EnginePlugin", "ShardTask", "plan_shards", "run_on_dask", "run_shard"]
+__all__ = ["DaskSession", "EnginePlugin", "ShardTask", "plan_shards", "run_on_dask", "run_shard"]

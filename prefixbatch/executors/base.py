@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from prefixbatch.executors.config import ExecutorSpec, ModelSpec
+from prefixbatch.executors.memory import keep_freed_memory
 from prefixbatch.types import Completion, Request
 
 
@@ -51,6 +52,7 @@ def resolve_kind(model: ModelSpec, executor: ExecutorSpec) -> str:
 def create_executor(model: ModelSpec, executor: ExecutorSpec) -> Executor:
     """Load the model for the chosen executor kind."""
     kind = resolve_kind(model, executor)
+    keep_freed_memory()
     if kind == "native":
         from prefixbatch.executors.native.executor import NativeExecutor
 

@@ -123,6 +123,15 @@ def run_job(spec: JobSpec, *, live_progress: bool | None = None, log: Callable[[
     """
     start = time.monotonic()
     check_model_folder(spec.model.path)
+    if spec.cluster.kind != "dask":
+        return _run(spec, None, start, live_progress, log)
+    from prefixbatch.cluster.dask_run import DaskSession
+
+    with DaskSession(spec) as cluster:  # workers load the engine while the driver reads
+        return _run(spec, cluster, start, live_progress, log)
+
+
+def _run(spec: JobSpec, cluster, start: float, live_progress: bool | None, log: Callable[[str], None]) -> RunSummary:
     prepared = read_job_input(spec, show_progress=True, live_progress=live_progress)
     fault_point("tokenized")
     log(f"read {prepared.num_rows} rows: {len(prepared.requests)} to generate, {len(prepared.errors)} error rows")
@@ -139,10 +148,8 @@ def run_job(spec: JobSpec, *, live_progress: bool | None = None, log: Callable[[
             writer.add(completion)
             progress.advance(1, 0)
         writer.flush()
-        if spec.cluster.kind == "dask" and todo.requests:
-            from prefixbatch.cluster.dask_run import run_on_dask
-
-            executor = run_on_dask(spec, todo, output, writer, progress, log=log)
+        if cluster is not None and todo.requests:
+            executor = cluster.run(todo, output, writer, progress, log=log)
         else:
             executor = create_executor(spec.model, spec.executor) if todo.requests else None
             for completion in executor.generate(todo.requests) if executor is not None else ():
@@ -234,6 +241,10 @@ def summarize(
                 "prefill_tokens": s.stats.num_prefill_tokens,
                 "decode_tokens": s.stats.num_decode_tokens,
                 "rows": indices_to_ranges(s.rows),
+                "engine_load_s": round(s.engine_load_s, 3),
+                "generate_s": round(s.generate_s, 3),
+                "started": s.started,
+                "finished": s.finished,
             }
             for s in getattr(executor, "shards", [])
         ],

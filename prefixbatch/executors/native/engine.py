@@ -87,6 +87,7 @@ class Engine:
         self.max_step_tokens = max_step_tokens
         self.kv_budget_tokens = kv_budget_tokens
         self.stats = ExecutorStats()
+        self.kv_buffer: torch.Tensor | None = None  # the last run's KV memory, reused by the next
 
     def run(self, requests: Sequence[Request], plan: Plan, tokens: np.ndarray) -> Iterator[Completion]:
         """Completions of `requests` (plan request i = requests[i]); `tokens` is the plan's token array."""
@@ -115,8 +116,13 @@ class _PlanRun:
         capacity = max(engine.kv_budget_tokens, int(plan.group_kv_tokens.max(initial=1)))
         capacity = min(capacity, _most_tokens_held(requests, plan))
         self.store = KVStore.for_model(
-            self.model.config, capacity_tokens=capacity, dtype=self.model.dtype, device=self.model.device
+            self.model.config,
+            capacity_tokens=capacity,
+            dtype=self.model.dtype,
+            device=self.model.device,
+            buffer=engine.kv_buffer,
         )
+        engine.kv_buffer = self.store.buffer
         self.segments: dict[int, SegmentKV] = {}
         self.node_logits: dict[int, torch.Tensor] = {}  # [V] logits after a node's last token
         self.node_groups_left = plan.node_last_group - plan.node_first_group + 1  # [m]

@@ -59,12 +59,17 @@ class KVStore:
         capacity_tokens: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        buffer: torch.Tensor | None = None,
     ) -> None:
         if capacity_tokens < 1:
             raise ValueError(f"`capacity_tokens` must be at least 1, got {capacity_tokens}")
         shape = (num_layers, capacity_tokens, num_kv_heads, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [L, capacity, Hkv, D]
-        self.values = torch.zeros(shape, dtype=dtype, device=device)  # [L, capacity, Hkv, D]
+        size = num_layers * capacity_tokens * num_kv_heads * head_dim
+        if buffer is None or buffer.numel() < 2 * size or buffer.dtype != dtype or buffer.device != torch.device(device):
+            buffer = torch.empty(2 * size, dtype=dtype, device=device)
+        self.buffer = buffer  # keys and values are views of it; a later store may reuse it
+        self.keys = buffer[:size].view(shape).zero_()  # [L, capacity, Hkv, D]
+        self.values = buffer[size : 2 * size].view(shape).zero_()  # [L, capacity, Hkv, D]
         self.capacity_tokens = capacity_tokens
         self._free: list[SlotRange] = [SlotRange(0, capacity_tokens)]  # sorted by start, coalesced
         self._segments: dict[int, SlotRange] = {}
@@ -77,7 +82,9 @@ class KVStore:
         capacity_tokens: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        buffer: torch.Tensor | None = None,
     ) -> KVStore:
+        """A store for `config`'s layers; in `buffer` (zeroed) when it is large enough, else in new memory."""
         return cls(
             num_layers=config.num_layers,
             num_kv_heads=config.num_kv_heads,
@@ -85,6 +92,7 @@ class KVStore:
             capacity_tokens=capacity_tokens,
             dtype=dtype,
             device=device,
+            buffer=buffer,
         )
 
     @staticmethod
