@@ -32,6 +32,9 @@ class ClusterSpec(StrictModel):
     shards_per_worker: int = Field(4, ge=1)
     """Shards per worker: more, smaller shards make a slow or lost worker cost less."""
 
+    connect_timeout_s: float = Field(30.0, gt=0)
+    """How long to try reaching the scheduler at `address` before the run stops with an error."""
+
     max_attempts: int = Field(3, ge=1)
     """Worker deaths a shard may cause before it is split to find the row that kills workers."""
 

@@ -45,6 +45,8 @@ from prefixbatch.prefix_tree.requests import prompt_arrays
 from prefixbatch.types import Request, error_completion
 
 PLUGIN_NAME = "prefixbatch-engine"
+PROGRESS_EVERY_S = 0.5  # a worker's progress reports while a shard runs
+WORKERS_EVERY_S = 2.0  # the driver's count of workers alive
 DEFAULT_KV_BUDGET = 131_072
 
 
@@ -60,6 +62,7 @@ class ShardTask:
     schema: pa.Schema
     metadata: dict[str, str]
     rows_per_part: int
+    progress_topic: str  # where the worker reports rows done while the shard runs
 
     def split(self) -> list[ShardTask]:
         """Two halves by input row (a row's samples stay together)."""
@@ -75,6 +78,7 @@ class ShardTask:
                 self.schema,
                 self.metadata,
                 self.rows_per_part,
+                self.progress_topic,
             )
             for k, half in enumerate(halves)
         ]
@@ -138,6 +142,32 @@ class EnginePlugin(WorkerPlugin):
         return self._executor
 
 
+class _Reporter:
+    """Reports a running shard's rows done and tokens generated to the driver every
+    `PROGRESS_EVERY_S`, from a thread (rows finish in bursts; tokens flow every step)."""
+
+    def __init__(self, worker: Any, topic: str, stats: ExecutorStats) -> None:
+        self.worker, self.topic, self.stats = worker, topic, stats
+        self.key = worker.get_current_task()
+        self.tokens_before = stats.num_decode_tokens
+        self.rows = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="prefixbatch-progress", daemon=True)
+
+    def __enter__(self) -> _Reporter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(PROGRESS_EVERY_S):
+            tokens = self.stats.num_decode_tokens - self.tokens_before
+            self.worker.log_event(self.topic, {"key": self.key, "rows": self.rows, "tokens": tokens})
+
+
 def run_shard(task: ShardTask) -> ShardResult:
     """On a worker: generate the shard with the worker's engine, write its parts, return their records."""
     from distributed import get_worker
@@ -160,9 +190,11 @@ def run_shard(task: ShardTask) -> ShardResult:
         commit=False,
     )
     output_tokens = 0
-    for completion in executor.generate(task.requests):
-        writer.add(completion)
-        output_tokens += completion.num_output_tokens
+    with _Reporter(worker, task.progress_topic, executor.stats) as reporter:
+        for completion in executor.generate(task.requests):
+            writer.add(completion)
+            output_tokens += completion.num_output_tokens
+            reporter.rows += 1
     generated = time.time()
     writer.flush()
     after = executor.stats
@@ -238,8 +270,8 @@ class DaskSession:
         # closed in the caller's (a Client's context holds a context variable of its thread).
         if spec.address is not None:
             try:
-                client = Client(spec.address, timeout="30s", set_as_default=False)
-            except OSError as exc:
+                client = Client(spec.address, timeout=spec.connect_timeout_s, set_as_default=False)
+            except (OSError, ValueError) as exc:  # refused, timed out, or not an address
                 raise UserError(f"cluster.address {spec.address}: cannot reach the Dask scheduler ({exc})") from exc
         else:
             cluster = LocalCluster(
@@ -303,37 +335,58 @@ def run_on_dask(
     log: Callable[[str], None],
 ) -> ClusterExecutor:
     """Generate `todo.requests` on the cluster; commit every shard's parts through `output`."""
-    from distributed import as_completed
+    result = ClusterExecutor(resolve_kind(spec.model, spec.executor))
+    num_workers = max(len(client.scheduler_info()["workers"]), 1)
+    shards = plan_shards(spec, todo, num_workers * spec.cluster.shards_per_worker)
+    log(f"dask: {num_workers} workers, {len(shards)} shards")
+    topic = f"prefixbatch-progress-{os.urandom(6).hex()}"  # this run's, on a cluster others may share
+    columns = RowColumns(todo.ids, todo.carry)
+    tasks = [
+        ShardTask(
+            str(k), requests, columns.subset(r.row_index for r in requests), spec.output.path,
+            spec.output.storage_options, writer.schema, writer.metadata, spec.output.rows_per_part, topic,
+        )
+        for k, requests in enumerate(shards)
+    ]
+    resources = spec.cluster.resources or None
+
+    def submit(task: ShardTask):  # a fresh key per attempt: a retried half is a new task
+        key = f"shard-{task.shard_id}-{os.urandom(4).hex()}"
+        return client.submit(run_shard, task, key=key, pure=False, resources=resources)
+
+    def on_progress(event: tuple[float, dict]) -> None:  # on the client's event loop
+        report = event[1]
+        progress.running(report["key"], report["rows"], report["tokens"])
+
+    futures = {submit(task): task for task in tasks}
+    client.subscribe_topic(topic, on_progress)
+    try:
+        with client.as_current():  # for `distributed.wait` in this thread
+            _collect(client, futures, submit, output, writer, result, progress, log)
+    finally:
+        client.unsubscribe_topic(topic)
+    return result
+
+
+def _collect(client, futures: dict, submit, output, writer, result, progress, log) -> None:
+    """Wait for the shards: commit each result once, split shards that kill workers."""
+    from distributed import wait
     from distributed.client import FutureCancelledError
     from distributed.scheduler import KilledWorker
 
-    result = ClusterExecutor(resolve_kind(spec.model, spec.executor))
-    if True:
-        num_workers = max(len(client.scheduler_info()["workers"]), 1)
-        shards = plan_shards(spec, todo, num_workers * spec.cluster.shards_per_worker)
-        log(f"dask: {num_workers} workers, {len(shards)} shards")
-        columns = RowColumns(todo.ids, todo.carry)
-        tasks = [
-            ShardTask(
-                str(k), requests, columns.subset(r.row_index for r in requests), spec.output.path,
-                spec.output.storage_options, writer.schema, writer.metadata, spec.output.rows_per_part,
-            )
-            for k, requests in enumerate(shards)
-        ]
-        resources = spec.cluster.resources or None
-
-        def submit(task: ShardTask):  # a fresh key per attempt: a retried half is a new task
-            key = f"shard-{task.shard_id}-{os.urandom(4).hex()}"
-            return client.submit(run_shard, task, key=key, pure=False, resources=resources)
-
-        futures = {submit(task): task for task in tasks}
-        pending = as_completed(list(futures), loop=client.loop)
-        suspects: dict[str, int] = {}
-        for future in pending:
+    suspects: dict[str, int] = {}
+    while futures:
+        progress.set_workers(len(client.scheduler_info()["workers"]))
+        try:
+            done = wait(list(futures), timeout=WORKERS_EVERY_S, return_when="FIRST_COMPLETED").done
+        except TimeoutError:
+            continue
+        for future in done:
             task = futures.pop(future)
             try:
                 shard = future.result()
             except (KilledWorker, FutureCancelledError) as exc:
+                progress.settle(future.key)
                 # A one-row shard is blamed only after killing workers twice on its own: a task
                 # that merely shared a dying worker's process once is innocent.
                 suspects[task.shard_id] = suspects.get(task.shard_id, 0) + 1
@@ -344,13 +397,11 @@ def run_on_dask(
                 for retry in task.split() if task.num_rows > 1 else [task]:
                     new = submit(retry)
                     futures[new] = retry
-                    pending.add(new)
                 continue
             for record in shard.records:
                 output.commit(record)
             result.add(shard)
-            progress.advance(shard.num_requests, shard.output_tokens)
-    return result
+            progress.advance(shard.num_requests, shard.output_tokens, settles=future.key)
 
 
 def _crash_rows(task: ShardTask, writer: PartWriter, progress: JobProgress) -> None:

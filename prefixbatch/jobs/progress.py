@@ -7,6 +7,7 @@ stays clean for `--json` style output.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import TextIO
 
@@ -22,7 +23,14 @@ from rich.progress import (
 
 
 class JobProgress:
-    """`with JobProgress(total_rows) as p: p.advance(rows, output_tokens)`."""
+    """`with JobProgress(total_rows) as p: p.advance(rows, output_tokens)`.
+
+    On a cluster, work under way on the workers shows before it is committed:
+    `running(key, rows, tokens)` sets what one unfinished piece (a shard attempt) has done so
+    far; `advance(rows, tokens, settles=key)` replaces it with what was committed and
+    `settle(key)` drops it (lost with its worker); reports that arrive later are ignored;
+    `set_workers(n)` shows how many workers are alive. Safe to call from another thread.
+    """
 
     def __init__(
         self,
@@ -39,9 +47,13 @@ class JobProgress:
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live
         self.total_rows = total_rows
-        self.rows = 0
+        self.rows = 0  # committed
         self.output_tokens = 0
+        self.workers: int | None = None  # alive, on a cluster
         self.log_every_s = log_every_s
+        self._running: dict[str, tuple[int, int]] = {}
+        self._settled: set[str] = set()
+        self._lock = threading.Lock()
         self._start = time.monotonic()
         self._last_log = self._start
         self._bar: Progress | None = None
@@ -55,13 +67,13 @@ class JobProgress:
                 TextColumn(f"[bold]{self.label}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("rows" + rate),
+                TextColumn("rows" + rate + "{task.fields[workers]}"),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
                 console=Console(file=self.stream),
             )
             self._bar.start()
-            self._task = self._bar.add_task("generate", total=self.total_rows, tps=0.0)
+            self._task = self._bar.add_task("generate", total=self.total_rows, tps=0.0, workers="")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -75,26 +87,58 @@ class JobProgress:
         return time.monotonic() - self._start
 
     @property
-    def tokens_per_s(self) -> float:
-        return self.output_tokens / max(self.elapsed_s, 1e-9)
+    def shown(self) -> tuple[int, int]:
+        """Rows and output tokens done: committed plus under way."""
+        rows = self.rows + sum(r for r, _ in self._running.values())
+        return rows, self.output_tokens + sum(t for _, t in self._running.values())
 
-    def advance(self, rows: int, output_tokens: int) -> None:
-        self.rows += rows
-        self.output_tokens += output_tokens
+    @property
+    def tokens_per_s(self) -> float:
+        return self.shown[1] / max(self.elapsed_s, 1e-9)
+
+    def advance(self, rows: int, output_tokens: int, *, settles: str | None = None) -> None:
+        """Count committed work; `settles`: the running piece it replaces."""
+        with self._lock:
+            if settles is not None:
+                self._settled.add(settles)
+                self._running.pop(settles, None)
+            self.rows += rows
+            self.output_tokens += output_tokens
+            self._show()
+
+    def running(self, key: str, rows: int, output_tokens: int) -> None:
+        with self._lock:
+            if key not in self._settled:
+                self._running[key] = (rows, output_tokens)
+                self._show()
+
+    def settle(self, key: str) -> None:
+        with self._lock:
+            self._settled.add(key)
+            self._running.pop(key, None)
+            self._show()
+
+    def set_workers(self, workers: int) -> None:
+        with self._lock:
+            changed, self.workers = workers != self.workers, workers
+            if changed:
+                self._show()
+
+    def _workers_text(self) -> str:
+        return "" if self.workers is None else f" · {self.workers} worker{'s' if self.workers != 1 else ''} alive"
+
+    def _show(self) -> None:
         if self._bar is not None:
-            self._bar.update(self._task, advance=rows, tps=self.tokens_per_s)
+            self._bar.update(self._task, completed=self.shown[0], tps=self.tokens_per_s, workers=self._workers_text())
         elif time.monotonic() - self._last_log >= self.log_every_s:
             self._log()
 
     def _log(self) -> None:
         self._last_log = time.monotonic()
-        tokens = (
-            f", {self.output_tokens} output tokens, {self.tokens_per_s:.1f} tok/s"
-            if self.count_tokens
-            else ""
-        )
+        rows, output_tokens = self.shown
+        tokens = f", {output_tokens} output tokens, {self.tokens_per_s:.1f} tok/s" if self.count_tokens else ""
         print(
-            f"[prefixbatch] {self.label}: {self.rows}/{self.total_rows} rows{tokens}, {self.elapsed_s:.0f}s",
+            f"[prefixbatch] {self.label}: {rows}/{self.total_rows} rows{tokens}{self._workers_text()}, {self.elapsed_s:.0f}s",
             file=self.stream,
             flush=True,
         )

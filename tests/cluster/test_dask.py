@@ -60,10 +60,11 @@ def run(spec: dict, folder):
     return run_job(spec_from_dict(spec, base_dir=folder, source="test"), live_progress=False, log=lambda _: None)
 
 
-
-def test_two_workers_give_the_local_output_and_each_system_prompt_runs_on_one_worker(job, tmp_path):
+def test_two_workers_give_the_local_output_and_each_system_prompt_runs_on_one_worker(job, tmp_path, capsys):
     folder, base, local = job
     summary = run(dask_spec(base, tmp_path / "out"), folder)
+    last = [line for line in capsys.readouterr().err.splitlines() if "generating:" in line][-1]
+    assert "32/32 rows" in last and "· 2 workers alive" in last  # the bar covers the cluster
     output = {r["id"]: r for r in finished_output(str(tmp_path / "out"))}
     assert without_cached(output) == without_cached(local)
     shards = summary.shards

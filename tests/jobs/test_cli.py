@@ -137,3 +137,12 @@ def test_make_test_model_rejects_an_unknown_arch(tmp_path, capsys):
         main(["make-test-model", str(tmp_path / "m"), "--arch", "gpt2"])
     assert info.value.code == 2
     assert "invalid choice: 'gpt2'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:9", "not an address"])
+def test_unreachable_dask_scheduler(tmp_path, job, capsys, address):
+    cluster = {"kind": "dask", "address": address, "connect_timeout_s": 2}
+    spec = spec_file(tmp_path, {**job, "cluster": cluster})
+    code, err = run_cli(capsys, "run", str(spec))
+    assert code == 2
+    assert f"error: cluster.address {address}: cannot reach the Dask scheduler" in err

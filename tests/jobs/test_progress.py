@@ -35,3 +35,30 @@ def test_tokenizing_progress_has_no_token_rate():
 
 def test_default_is_live_only_on_a_terminal():
     assert JobProgress(1, stream=io.StringIO()).live is False
+
+
+def test_work_under_way_shows_until_committed_and_late_reports_are_ignored():
+    stream = io.StringIO()
+    with JobProgress(10, live=False, stream=stream, log_every_s=0.0) as progress:
+        progress.set_workers(2)
+        progress.running("shard-a", 3, 30)
+        progress.running("shard-b", 1, 10)
+        assert progress.shown == (4, 40)
+        progress.advance(5, 50, settles="shard-a")  # the shard's committed rows replace its reports
+        progress.running("shard-a", 4, 40)  # a report that was on its way: ignored
+        assert progress.shown == (6, 60)
+        progress.settle("shard-b")  # lost with its worker: its rows run again elsewhere
+        progress.set_workers(1)
+        assert progress.shown == (5, 50) and (progress.rows, progress.output_tokens) == (5, 50)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("[prefixbatch] generating: 0/10 rows") and "· 2 workers alive" in lines[0]
+    assert "4/10 rows, 40 output tokens" in stream.getvalue()
+    assert lines[-1].startswith("[prefixbatch] generating: 5/10 rows, 50 output tokens") and "· 1 worker alive" in lines[-1]
+
+
+def test_live_bar_shows_workers_alive():
+    stream = io.StringIO()
+    with JobProgress(2, live=True, stream=stream) as progress:
+        progress.set_workers(3)
+        progress.advance(2, 4)
+    assert "3 workers alive" in stream.getvalue()
