@@ -98,3 +98,17 @@ def test_bytes_per_token():
     )
     # K and V × 3 layers × 2 kv heads × 16 dims × 2 bytes
     assert KVStore.bytes_per_token(config, torch.bfloat16) == 2 * 3 * 2 * 16 * 2
+
+
+def test_a_new_store_reuses_a_large_enough_buffer_zeroed():
+    first = make_store(10)
+    first.keys.fill_(1.0)
+    first.values.fill_(2.0)
+    smaller = KVStore(num_layers=2, num_kv_heads=2, head_dim=4, capacity_tokens=6, dtype=torch.float32,
+                      device="cpu", buffer=first.buffer)
+    assert smaller.keys.data_ptr() == first.buffer.data_ptr()  # the same memory, no new allocation
+    assert smaller.keys.shape == (2, 6, 2, 4) and smaller.keys.is_contiguous() and smaller.values.is_contiguous()
+    assert not smaller.keys.any() and not smaller.values.any()  # every slot starts at zero again
+    larger = KVStore(num_layers=2, num_kv_heads=2, head_dim=4, capacity_tokens=20, dtype=torch.float32,
+                     device="cpu", buffer=first.buffer)
+    assert larger.buffer.data_ptr() != first.buffer.data_ptr() and larger.buffer.numel() == 2 * 2 * 20 * 2 * 4
