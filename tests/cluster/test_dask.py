@@ -4,6 +4,7 @@ shared prefixes computed on one worker, workers lost mid-job, a row that kills e
 from __future__ import annotations
 
 import json
+import signal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,6 +13,7 @@ import pytest
 from prefixbatch.jobs.run import run_job
 from prefixbatch.jobs.spec import spec_from_dict
 from prefixbatch.pipeline.commits import ranges_to_indices
+from tests.jobs.test_resume import run_cli
 from tests.jobs.test_run import SYSTEMS as RUN_SYSTEMS
 from tests.jobs.test_run import conversation as run_conversation
 from tests.output_helpers import finished_output, without_cached
@@ -102,3 +104,24 @@ def test_a_row_that_kills_every_worker_becomes_an_error_row(job, tmp_path, monke
     assert crashed["finish_reason"] == "error" and crashed["error"].startswith("worker_crash: ")
     assert without_cached(output) == without_cached({k: v for k, v in local.items() if k != "q09"})
     assert summary.errors_by_code == {"worker_crash": 1}
+
+
+def test_a_driver_killed_mid_job_resumes_on_the_cluster(job, tmp_path):
+    """The driver (a CLI process, client of a cluster that outlives it) dies by SIGKILL after
+    its second commit; resuming on the same cluster runs only the rows no commit covers."""
+    from distributed import LocalCluster
+
+    folder, base, local = job
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        spec = dask_spec(base, tmp_path / "out")
+        spec["cluster"] = {"kind": "dask", "address": cluster.scheduler_address, "shards_per_worker": 2}
+        path = tmp_path / "job.json"
+        path.write_text(json.dumps(spec))
+        killed = run_cli(path, fault="committed:2")
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        resumed = run_cli(path, fault=None)
+        assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert 0 < summary["resumed_rows"] < NUM_ROWS  # the first run's commits were kept, not redone
+    output = {r["id"]: r for r in finished_output(str(tmp_path / "out"))}
+    assert without_cached(output) == without_cached(local)
