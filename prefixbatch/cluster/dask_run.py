@@ -336,7 +336,7 @@ def run_on_dask(
 ) -> ClusterExecutor:
     """Generate `todo.requests` on the cluster; commit every shard's parts through `output`."""
     result = ClusterExecutor(resolve_kind(spec.model, spec.executor))
-    num_workers = max(len(client.scheduler_info()["workers"]), 1)
+    num_workers = _usable_workers(spec, client.scheduler_info()["workers"])
     shards = plan_shards(spec, todo, num_workers * spec.cluster.shards_per_worker)
     log(f"dask: {num_workers} workers, {len(shards)} shards")
     topic = f"prefixbatch-progress-{os.urandom(6).hex()}"  # this run's, on a cluster others may share
@@ -366,6 +366,25 @@ def run_on_dask(
     finally:
         client.unsubscribe_topic(topic)
     return result
+
+
+def _usable_workers(spec: JobSpec, workers: dict[str, dict]) -> int:
+    """How many workers can run a shard (have `cluster.resources`); none is a user error,
+    not a job that waits forever."""
+    need = spec.cluster.resources
+    usable = [w for w in workers.values() if all(w.get("resources", {}).get(k, 0) >= v for k, v in need.items())]
+    if need and not usable:
+        where = spec.cluster.address or "the local cluster"
+        have = sorted({_resources_text(w.get("resources") or {}) for w in workers.values()}) or ["no workers"]
+        raise UserError(
+            f"cluster.resources {_resources_text(need)}: no worker of {where} has them (workers have: "
+            f"{'; '.join(have)}); start the workers with `--resources`, or change cluster.resources"
+        )
+    return max(len(usable), 1)
+
+
+def _resources_text(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items())) or "none"
 
 
 def _collect(client, futures: dict, submit, output, writer, result, progress, log) -> None:

@@ -125,3 +125,21 @@ def test_a_driver_killed_mid_job_resumes_on_the_cluster(job, tmp_path):
     assert 0 < summary["resumed_rows"] < NUM_ROWS  # the first run's commits were kept, not redone
     output = {r["id"]: r for r in finished_output(str(tmp_path / "out"))}
     assert without_cached(output) == without_cached(local)
+
+
+def test_shards_run_only_on_workers_with_the_resources_and_none_is_a_user_error(job, tmp_path):
+    from distributed import LocalCluster
+
+    from prefixbatch.errors import UserError
+
+    folder, base, local = job
+    # Workers of 2 threads that hold one "slot" each: one shard at a time per worker.
+    summary = run(dask_spec(base, tmp_path / "out", threads_per_worker=2, resources={"slot": 1}), folder)
+    output = {r["id"]: r for r in finished_output(str(tmp_path / "out"))}
+    assert without_cached(output) == without_cached(local) and len({s["pid"] for s in summary.shards}) == 2
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        spec = dask_spec(base, tmp_path / "out2")
+        spec["cluster"] = {"kind": "dask", "address": cluster.scheduler_address, "resources": {"GPU": 1}}
+        with pytest.raises(UserError, match=r"cluster.resources GPU=1: no worker of inproc://.* has them \(workers have: none\)"):
+            run(spec, folder)
+    assert not (tmp_path / "out2" / "_SUCCESS").exists()
