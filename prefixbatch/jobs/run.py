@@ -165,7 +165,7 @@ def _run(spec: JobSpec, cluster, start: float, live_progress: bool | None, log: 
         records,
         executor,
         resumed_rows=len(committed),
-        run_output_tokens=sum(r.stats["output_tokens"] for r in writer.records),
+        run_output_tokens=sum(r.stats["output_tokens"] for r in [*writer.records, *_shard_records(executor)]),
         parts=output.part_urls(records),
         wall_s=time.monotonic() - start,
         generate_s=progress.elapsed_s,
@@ -173,6 +173,11 @@ def _run(spec: JobSpec, cluster, start: float, live_progress: bool | None, log: 
     output.write_json(SUMMARY, summary.to_dict())
     output.mark_success(records)
     return summary
+
+
+def _shard_records(executor) -> list:
+    """The parts a cluster's workers wrote in this run (the driver's writer holds the rest)."""
+    return [record for shard in getattr(executor, "shards", []) for record in shard.records]
 
 
 def part_writer(output: OutputFolder, prepared: PreparedInput, spec: JobSpec) -> PartWriter:

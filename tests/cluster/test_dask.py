@@ -68,6 +68,8 @@ def test_two_workers_give_the_local_output_and_each_system_prompt_runs_on_one_wo
     last = [line for line in capsys.readouterr().err.splitlines() if "generating:" in line][-1]
     assert "32/32 rows" in last and "· 2 workers alive" in last  # the bar covers the cluster
     output = {r["id"]: r for r in finished_output(str(tmp_path / "out"))}
+    assert summary.output_tokens == sum(r["num_output_tokens"] for r in output.values())
+    assert summary.output_tokens_per_s > 0  # counted from the workers' parts too
     assert without_cached(output) == without_cached(local)
     shards = summary.shards
     assert len(shards) == 4 and len({s["pid"] for s in shards}) == 2  # both workers worked
