@@ -19,6 +19,7 @@ in: the requests no commit covers → committed parts; out: the summed executor 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -63,6 +64,9 @@ class ShardTask:
     metadata: dict[str, str]
     rows_per_part: int
     progress_topic: str  # where the worker reports rows done while the shard runs
+
+    def __repr__(self) -> str:  # what Dask logs of a failed task: not every request
+        return f"ShardTask({self.shard_id}, {len(self.requests)} requests)"
 
     def split(self) -> list[ShardTask]:
         """Two halves by input row (a row's samples stay together)."""
@@ -133,12 +137,17 @@ class EnginePlugin(WorkerPlugin):
         except BaseException as exc:  # handed to the shard that needs the engine
             self._error = exc
 
-    def get(self):
+    def get(self, where: str):
+        """The worker's executor; a load failure is the user's to fix (the model must be at
+        `model.path` on every worker), named with the worker."""
         if self._loading is None:  # not set up by Dask (never on a worker): load here
             self.setup(None)
         self._loading.join()
+        if isinstance(self._error, UserError):
+            raise UserError(f"worker {where}: {self._error}") from self._error
         if self._error is not None:
-            raise self._error
+            error = f"{type(self._error).__name__}: {self._error}"
+            raise UserError(f"worker {where}: cannot load the model at {self.model['path']}: {error}") from self._error
         return self._executor
 
 
@@ -174,7 +183,7 @@ def run_shard(task: ShardTask) -> ShardResult:
 
     started = time.time()
     worker = get_worker()
-    executor = worker.plugins[PLUGIN_NAME].get()
+    executor = worker.plugins[PLUGIN_NAME].get(worker.address)
     loaded = time.time()
     for request in task.requests:
         crash_if_row(request.row_index)
@@ -280,6 +289,9 @@ class DaskSession:
                 processes=True,
                 resources=spec.resources or None,
                 dashboard_address=None,
+                # The driver reports every failure itself (one message); the workers' own
+                # logs would repeat it with their tracebacks on the user's terminal.
+                silence_logs=logging.CRITICAL,
             )
             self._stack.callback(cluster.close)
             client = Client(cluster, set_as_default=False)

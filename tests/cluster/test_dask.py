@@ -145,3 +145,17 @@ def test_shards_run_only_on_workers_with_the_resources_and_none_is_a_user_error(
         with pytest.raises(UserError, match=r"cluster.resources GPU=1: no worker of inproc://.* has them \(workers have: none\)"):
             run(spec, folder)
     assert not (tmp_path / "out2" / "_SUCCESS").exists()
+
+
+def test_a_model_a_worker_cannot_load_is_a_user_error_naming_the_worker(job, tmp_path):
+    import shutil
+
+    from prefixbatch.errors import UserError
+
+    folder, base, local = job
+    model = shutil.copytree(base["model"]["path"], tmp_path / "model")
+    with open(model / "model.safetensors", "r+b") as weights:
+        weights.truncate(1000)  # the driver sees a model folder; the workers cannot read it
+    spec = dask_spec({**base, "model": {"path": str(model)}}, tmp_path / "out")
+    with pytest.raises(UserError, match=r"^worker tcp://[\d.:]+: model.path .*: cannot read model.safetensors"):
+        run(spec, folder)

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from prefixbatch.errors import ModelError
 from prefixbatch.executors.model_folder import check_model_folder
@@ -150,6 +150,6 @@ def _read_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
             with safe_open(file, framework="pt", device="cpu") as weights:
                 for name in weights.keys():  # noqa: SIM118 (safe_open is not iterable)
                     yield name, weights.get_tensor(name)
-        except (OSError, RuntimeError, ValueError) as exc:
-            # safetensors reports a corrupt header or truncated file this way.
+        except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
+            # A corrupt header or a truncated file (an interrupted download).
             raise ModelError(f"model.path {folder}: cannot read {file.name}: {exc}") from exc

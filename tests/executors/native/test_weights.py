@@ -104,6 +104,14 @@ def test_index_listing_a_missing_shard_is_an_error(tiny_llama, tmp_path):
         load_model(folder, dtype=torch.float32, device="cpu")
 
 
+def test_a_truncated_weights_file_is_an_error_naming_it(tiny_llama, tmp_path):
+    folder = copy_with_config(tiny_llama, tmp_path / "m")
+    with open(folder / "model.safetensors", "r+b") as weights:
+        weights.truncate(1000)  # an interrupted download
+    with pytest.raises(ModelError, match=r"model.path .*/m: cannot read model.safetensors: .*header"):
+        load_model(folder, dtype=torch.float32, device="cpu")
+
+
 def test_read_model_config_of_the_tiny_checkpoints(tiny_llama, tiny_qwen2, tiny_qwen3):
     llama, qwen2, qwen3 = (read_model_config(f) for f in (tiny_llama, tiny_qwen2, tiny_qwen3))
     assert (llama.num_heads, llama.num_kv_heads, llama.head_dim, llama.num_layers) == (4, 2, 32, 4)
