@@ -103,7 +103,8 @@ class ShardResult:
     output_tokens: int
     rows: list[int] = field(default_factory=list)
     started: float = 0.0  # time.time() on the worker when the shard began
-    engine_load_s: float = 0.0  # loading the worker's engine, when this shard was its first
+    engine_load_s: float = 0.0  # waiting for the worker's engine to load (its first shard)
+    engine_loaded_at: float = 0.0  # time.time() the worker's engine was ready: one value per load
     generate_s: float = 0.0
     finished: float = 0.0
 
@@ -120,6 +121,7 @@ class EnginePlugin(WorkerPlugin):
         self.model = model
         self.executor = executor
         self._executor = None
+        self.loaded_at = 0.0
         self._loading: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -134,6 +136,7 @@ class EnginePlugin(WorkerPlugin):
 
         try:
             self._executor = create_executor(ModelSpec(**self.model), ExecutorSpec(**self.executor))
+            self.loaded_at = time.time()
         except BaseException as exc:  # handed to the shard that needs the engine
             self._error = exc
 
@@ -183,7 +186,8 @@ def run_shard(task: ShardTask) -> ShardResult:
 
     started = time.time()
     worker = get_worker()
-    executor = worker.plugins[PLUGIN_NAME].get(worker.address)
+    plugin = worker.plugins[PLUGIN_NAME]
+    executor = plugin.get(worker.address)
     loaded = time.time()
     for request in task.requests:
         crash_if_row(request.row_index)
@@ -220,6 +224,7 @@ def run_shard(task: ShardTask) -> ShardResult:
         sorted({r.row_index for r in task.requests}),
         started=started,
         engine_load_s=loaded - started,
+        engine_loaded_at=plugin.loaded_at,
         generate_s=generated - loaded,
         finished=time.time(),
     )

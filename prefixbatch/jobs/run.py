@@ -247,6 +247,7 @@ def summarize(
                 "decode_tokens": s.stats.num_decode_tokens,
                 "rows": indices_to_ranges(s.rows),
                 "engine_load_s": round(s.engine_load_s, 3),
+                "engine_loaded_at": s.engine_loaded_at,
                 "generate_s": round(s.generate_s, 3),
                 "started": s.started,
                 "finished": s.finished,

@@ -73,6 +73,7 @@ def test_two_workers_give_the_local_output_and_each_system_prompt_runs_on_one_wo
     assert without_cached(output) == without_cached(local)
     shards = summary.shards
     assert len(shards) == 4 and len({s["pid"] for s in shards}) == 2  # both workers worked
+    assert len({(s["pid"], s["engine_loaded_at"]) for s in shards}) == 2  # one engine load per worker
     worker_of_row = {int(row): s["worker"] for s in shards for row in ranges_to_indices(s["rows"])}
     for system in range(4):  # every row under a system prompt ran on one worker, in one shard
         rows = [i for i in range(NUM_ROWS) if i % 4 == system]
