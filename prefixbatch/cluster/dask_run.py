@@ -43,7 +43,7 @@ from prefixbatch.pipeline.parts import PartWriter, RowColumns, samples_per_row
 from prefixbatch.pipeline.prepare import PreparedInput
 from prefixbatch.prefix_tree import build_plan
 from prefixbatch.prefix_tree.requests import prompt_arrays
-from prefixbatch.types import Request, error_completion
+from prefixbatch.types import Completion, Request, error_completion
 
 PLUGIN_NAME = "prefixbatch-engine"
 PROGRESS_EVERY_S = 0.5  # a worker's progress reports while a shard runs
@@ -64,9 +64,15 @@ class ShardTask:
     metadata: dict[str, str]
     rows_per_part: int
     progress_topic: str  # where the worker reports rows done while the shard runs
+    errors: list[Completion] = field(default_factory=list)  # error rows the shard writes too
+    counted_rows: int | None = None  # output rows the driver's progress expects (default: all)
 
     def __repr__(self) -> str:  # what Dask logs of a failed task: not every request
         return f"ShardTask({self.shard_id}, {len(self.requests)} requests)"
+
+    def call(self) -> tuple[Callable, tuple]:
+        """The function and arguments of this shard's Dask task."""
+        return run_shard, (self,)
 
     def split(self) -> list[ShardTask]:
         """Two halves by input row (a row's samples stay together)."""
@@ -199,9 +205,11 @@ def run_shard(task: ShardTask) -> ShardResult:
         schema=task.schema,
         metadata=task.metadata,
         rows_per_part=task.rows_per_part,
-        samples_per_row=samples_per_row(task.requests),
+        samples_per_row=samples_per_row(task.requests, task.errors),
         commit=False,
     )
+    for error in task.errors:
+        writer.add(error)
     output_tokens = 0
     with _Reporter(worker, task.progress_topic, executor.stats) as reporter:
         for completion in executor.generate(task.requests):
@@ -219,9 +227,9 @@ def run_shard(task: ShardTask) -> ShardResult:
         os.getpid(),
         writer.records,
         stats,
-        len(task.requests),
+        task.counted_rows if task.counted_rows is not None else len(task.requests) + len(task.errors),
         output_tokens,
-        sorted({r.row_index for r in task.requests}),
+        sorted({r.row_index for r in task.requests} | {e.row_index for e in task.errors}),
         started=started,
         engine_load_s=loaded - started,
         engine_loaded_at=plugin.loaded_at,
@@ -365,11 +373,18 @@ def run_on_dask(
         )
         for k, requests in enumerate(shards)
     ]
+    run_tasks(client, spec, tasks, topic, output, writer, result, progress, log)
+    return result
+
+
+def run_tasks(client, spec: JobSpec, tasks: list, topic: str, output, writer, result, progress, log) -> None:
+    """Submit shard tasks (`ShardTask` or `PartitionTask`), show their progress, commit them."""
     resources = spec.cluster.resources or None
 
-    def submit(task: ShardTask):  # a fresh key per attempt: a retried half is a new task
+    def submit(task):  # a fresh key per attempt: a retried half is a new task
         key = f"shard-{task.shard_id}-{os.urandom(4).hex()}"
-        return client.submit(run_shard, task, key=key, pure=False, resources=resources)
+        function, args = task.call()
+        return client.submit(function, *args, key=key, pure=False, resources=resources)
 
     def on_progress(event: tuple[float, dict]) -> None:  # on the client's event loop
         report = event[1]
@@ -382,7 +397,6 @@ def run_on_dask(
             _collect(client, futures, submit, output, writer, result, progress, log)
     finally:
         client.unsubscribe_topic(topic)
-    return result
 
 
 def _usable_workers(spec: JobSpec, workers: dict[str, dict]) -> int:
@@ -427,7 +441,11 @@ def _collect(client, futures: dict, submit, output, writer, result, progress, lo
                 # that merely shared a dying worker's process once is innocent.
                 suspects[task.shard_id] = suspects.get(task.shard_id, 0) + 1
                 if task.num_rows == 1 and suspects[task.shard_id] >= 2:
-                    _crash_rows(task, writer, progress)
+                    if isinstance(task, ShardTask):
+                        _crash_rows(task, writer, progress)
+                    else:  # the row's columns are on the workers: one of them writes it
+                        crashed = task.as_crashed()
+                        futures[submit(crashed)] = crashed
                     continue
                 log(f"dask: shard {task.shard_id} killed workers ({type(exc).__name__}); running it again in halves")
                 for retry in task.split() if task.num_rows > 1 else [task]:

@@ -76,15 +76,19 @@ def prepare_input(
     tokenizer: PromptTokenizer,
     *,
     on_batch: Callable[[int], None] | None = None,
+    job_files: Sequence[InputFile] | None = None,
 ) -> PreparedInput:
-    """Stream every file once; `on_batch(num_rows)` after each batch (for progress)."""
+    """Stream every file once; `on_batch(num_rows)` after each batch (for progress).
+
+    `job_files`: all the job's files when `files` is a part of them (column types are the
+    job's); ids and carried columns are then indexed from the first row of `files`."""
     columns = input_columns(spec)
     requests: list[Request] = []
     errors: list[Completion] = []
     id_chunks: list[pa.Array] = []
     carry_chunks: list[pa.Table] = []
     num_clamped = num_truncated = 0
-    for batch in iter_input_batches(files, columns, storage_options=spec.storage_options):
+    for batch in iter_input_batches(files, columns, storage_options=spec.storage_options, job_files=job_files):
         table = batch.table
         id_chunks.extend(table.column(spec.id_column).chunks)
         carry_chunks.append(table.select(list(spec.carry_columns)))

@@ -279,9 +279,11 @@ def iter_input_batches(
     *,
     storage_options: dict[str, Any] | None = None,
     batch_rows: int = 8192,
+    job_files: Sequence[InputFile] | None = None,
 ) -> Iterator[InputBatch]:
-    """Every row of the job in global row order, at most `batch_rows` rows per batch."""
-    schema = batch_schema(files, columns)
+    """Every row of `files` in global row order, at most `batch_rows` rows per batch, in the
+    batch schema of `job_files` (all the job's files; default `files`)."""
+    schema = batch_schema(job_files or files, columns)
     for file in files:
         yield from _iter_file(file, schema, storage_options, batch_rows)
 
