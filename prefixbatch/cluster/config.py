@@ -35,6 +35,12 @@ class ClusterSpec(StrictModel):
     connect_timeout_s: float = Field(30.0, gt=0)
     """How long to try reaching the scheduler at `address` before the run stops with an error."""
 
+    plan_on: Literal["driver", "workers"] = "driver"
+    """`driver`: the driver reads, tokenizes and plans every prompt (one exact tree).
+    `workers`: for inputs too large for the driver: the workers tokenize the input files, the
+    driver range-partitions the prompts by their leading tokens, and each partition is planned
+    on the worker that runs it; the driver holds ids and a few leading tokens per prompt."""
+
     max_attempts: int = Field(3, ge=1)
     """Worker deaths a shard may cause before it is split to find the row that kills workers."""
 

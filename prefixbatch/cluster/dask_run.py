@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dask
+import numpy as np
 import pyarrow as pa
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -321,6 +322,53 @@ class DaskSession:
     def run(self, todo: PreparedInput, output: OutputFolder, writer: PartWriter, progress: JobProgress, *, log) -> ClusterExecutor:
         return run_on_dask(self.spec, self.client, todo, output, writer, progress, log=log)
 
+    def tokenize_on_workers(self, files: list, committed: np.ndarray, progress: JobProgress) -> tuple[list, list]:
+        """One task per input file: read and tokenize it on a worker (kept there); the
+        futures of the file chunks and, fetched, their partition keys."""
+        from distributed import as_completed
+
+        from prefixbatch.cluster.partition import chunk_keys, tokenize_file
+
+        client = self.client
+        chunks, key_futures = [], {}
+        for k, file in enumerate(files):
+            first, end = np.searchsorted(committed, [file.first_row_index, file.first_row_index + file.num_rows])
+            chunk = client.submit(tokenize_file, self.spec, files, k, committed[first:end], pure=False)
+            chunks.append(chunk)
+            key_futures[client.submit(chunk_keys, chunk, pure=False)] = k
+        keys: list = [None] * len(files)
+        for future in as_completed(list(key_futures), loop=client.loop):
+            k = key_futures[future]
+            keys[k] = future.result()
+            progress.advance(files[k].num_rows, 0)
+        return chunks, keys
+
+    def run_partitions(self, files: list, chunks: list, keys: list, output: OutputFolder, writer: PartWriter,
+                       progress: JobProgress, *, log) -> ClusterExecutor:
+        """The prompts range-partitioned by leading tokens, each partition a shard."""
+        from prefixbatch.cluster.partition import PartitionTask, partition_rows
+
+        spec, client = self.spec, self.client
+        result = ClusterExecutor(resolve_kind(spec.model, spec.executor))
+        workers = _usable_worker_addresses(spec, client.scheduler_info()["workers"])
+        partitions = partition_rows(keys, max(len(workers), 1) * spec.cluster.shards_per_worker)
+        log(f"dask: {len(workers)} workers, {len(partitions)} partitions planned on the workers")
+        topic = f"prefixbatch-progress-{os.urandom(6).hex()}"
+        shard_fields = dict(
+            output_url=spec.output.path, storage_options=spec.output.storage_options, schema=writer.schema,
+            metadata=writer.metadata, rows_per_part=spec.output.rows_per_part, progress_topic=topic,
+        )
+        starts = np.array([f.first_row_index for f in files])
+        tasks = []
+        for p, rows in enumerate(partitions):
+            holding = np.unique(np.searchsorted(starts, rows, side="right") - 1)  # files with its rows
+            # Spread round-robin: left alone, Dask would run every partition where the file
+            # chunks are (one worker for a one-file input); a lost worker's go elsewhere.
+            where = [workers[p % len(workers)]] if workers else None
+            tasks.append(PartitionTask(str(p), rows, [chunks[k] for k in holding], shard_fields, where=where))
+        run_tasks(client, spec, tasks, topic, output, writer, result, progress, log)
+        return result
+
 
 def plan_shards(spec: JobSpec, todo: PreparedInput, num_shards: int) -> list[list[Request]]:
     """The requests cut into shards along subtree boundaries, each shard in the plan's order."""
@@ -384,7 +432,10 @@ def run_tasks(client, spec: JobSpec, tasks: list, topic: str, output, writer, re
     def submit(task):  # a fresh key per attempt: a retried half is a new task
         key = f"shard-{task.shard_id}-{os.urandom(4).hex()}"
         function, args = task.call()
-        return client.submit(function, *args, key=key, pure=False, resources=resources)
+        where = getattr(task, "where", None)  # a preferred worker, not a requirement
+        return client.submit(
+            function, *args, key=key, pure=False, resources=resources, workers=where, allow_other_workers=where is not None
+        )
 
     def on_progress(event: tuple[float, dict]) -> None:  # on the client's event loop
         report = event[1]
@@ -400,10 +451,15 @@ def run_tasks(client, spec: JobSpec, tasks: list, topic: str, output, writer, re
 
 
 def _usable_workers(spec: JobSpec, workers: dict[str, dict]) -> int:
-    """How many workers can run a shard (have `cluster.resources`); none is a user error,
+    """How many workers can run a shard; see `_usable_worker_addresses`."""
+    return max(len(_usable_worker_addresses(spec, workers)), 1)
+
+
+def _usable_worker_addresses(spec: JobSpec, workers: dict[str, dict]) -> list[str]:
+    """The workers that can run a shard (have `cluster.resources`); none is a user error,
     not a job that waits forever."""
     need = spec.cluster.resources
-    usable = [w for w in workers.values() if all(w.get("resources", {}).get(k, 0) >= v for k, v in need.items())]
+    usable = [a for a, w in workers.items() if all(w.get("resources", {}).get(k, 0) >= v for k, v in need.items())]
     if need and not usable:
         where = spec.cluster.address or "the local cluster"
         have = sorted({_resources_text(w.get("resources") or {}) for w in workers.values()}) or ["no workers"]
@@ -411,7 +467,7 @@ def _usable_workers(spec: JobSpec, workers: dict[str, dict]) -> int:
             f"cluster.resources {_resources_text(need)}: no worker of {where} has them (workers have: "
             f"{'; '.join(have)}); start the workers with `--resources`, or change cluster.resources"
         )
-    return max(len(usable), 1)
+    return sorted(usable)
 
 
 def _resources_text(resources: dict[str, float]) -> str:

@@ -25,7 +25,7 @@ in: the spec, the scanned files, the committed rows → out: `PartitionTask`s to
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -70,8 +70,7 @@ class PartitionTask:
     chunks: list[Any]  # Dask futures of the `FileChunk`s holding these rows
     shard_fields: dict[str, Any]  # the `ShardTask` fields every partition shares
     crashed: bool = False  # run no request: write the row as a `worker_crash` error row
-    num_requests: int = 0
-    cost: float = field(default=0.0)
+    where: list[str] | None = None  # the worker it should run on, if that one is alive
 
     @property
     def num_rows(self) -> int:

@@ -24,7 +24,7 @@ from prefixbatch.executors.model_folder import check_model_folder
 from prefixbatch.jobs.progress import JobProgress
 from prefixbatch.jobs.spec import JobSpec
 from prefixbatch.pipeline.prepare import PreparedInput, input_columns, prepare_input
-from prefixbatch.pipeline.reader import check_ids, scan_inputs
+from prefixbatch.pipeline.reader import batch_schema, check_ids, scan_inputs
 from prefixbatch.pipeline.tokenize import PromptTokenizer
 from prefixbatch.pipeline.commits import SUMMARY, CommitRecord, OutputFolder, indices_to_ranges
 from prefixbatch.pipeline.parts import PartWriter, RowColumns, samples_per_row
@@ -128,6 +128,8 @@ def run_job(spec: JobSpec, *, live_progress: bool | None = None, log: Callable[[
     from prefixbatch.cluster.dask_run import DaskSession
 
     with DaskSession(spec) as cluster:  # workers load the engine while the driver reads
+        if spec.cluster.plan_on == "workers":
+            return _run_planned_on_workers(spec, cluster, start, live_progress, log)
         return _run(spec, cluster, start, live_progress, log)
 
 
@@ -156,6 +158,39 @@ def _run(spec: JobSpec, cluster, start: float, live_progress: bool | None, log: 
                 writer.add(completion)
                 progress.advance(1, completion.num_output_tokens)
         writer.flush()
+    return _finish(spec, prepared, output, writer, executor, committed, progress, start)
+
+
+def _run_planned_on_workers(spec: JobSpec, cluster, start: float, live_progress: bool | None, log) -> RunSummary:
+    """`cluster.plan_on: workers`: the driver reads only ids; the workers tokenize, the driver
+    partitions by leading tokens, each partition is planned and run on a worker."""
+    columns = input_columns(spec.input)
+    skipped: list[str] | None = [] if spec.input.ignore_corrupt_files else None
+    files = scan_inputs(spec.input.paths, columns, storage_options=spec.input.storage_options, skipped=skipped)
+    ids = check_ids(files, columns, storage_options=spec.input.storage_options)
+    carry = batch_schema(files, columns).empty_table().select(list(spec.input.carry_columns))
+    prepared = PreparedInput([], [], ids, carry, num_clamped=0, files=files, skipped_files=skipped or [])
+    for problem in prepared.skipped_files:
+        log(f"skipped (input.ignore_corrupt_files): {problem}")
+    output = _output_folder(spec)
+    writer = part_writer(output, prepared, spec)  # checks the output columns before any model work
+    committed = output.open(job_fingerprint(spec, files))
+    if len(committed):
+        log(f"resuming: {len(committed)} input rows were committed before; running the other {prepared.num_rows - len(committed)}")
+    with JobProgress(prepared.num_rows, label="tokenizing", count_tokens=False, live=live_progress) as progress:
+        chunks, keys = cluster.tokenize_on_workers(files, committed, progress)
+    prepared = replace(
+        prepared, num_clamped=sum(k.num_clamped for k in keys), num_truncated=sum(k.num_truncated for k in keys)
+    )
+    total = sum(len(k.request_rows) + len(k.error_rows) for k in keys)
+    log(f"read {prepared.num_rows} rows on the workers: {total} output rows to write")
+    with JobProgress(total, live=live_progress) as progress:
+        executor = cluster.run_partitions(files, chunks, keys, output, writer, progress, log=log) if total else None
+    return _finish(spec, prepared, output, writer, executor, committed, progress, start)
+
+
+def _finish(spec: JobSpec, prepared: PreparedInput, output, writer, executor, committed, progress, start: float) -> RunSummary:
+    """Manifest, summary and `_SUCCESS` once every row is committed."""
     records = output.write_manifest(
         prepared.num_rows, extra={"job": spec.name, "skipped_input_files": prepared.skipped_files}
     )

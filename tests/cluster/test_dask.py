@@ -160,3 +160,19 @@ def test_a_model_a_worker_cannot_load_is_a_user_error_naming_the_worker(job, tmp
     spec = dask_spec({**base, "model": {"path": str(model)}}, tmp_path / "out")
     with pytest.raises(UserError, match=r"^worker tcp://[\d.:]+: model.path .*: cannot read model.safetensors"):
         run(spec, folder)
+
+
+def test_planning_on_the_workers_gives_the_local_output_with_each_prefix_on_one_worker(job, tmp_path):
+    folder, base, local = job
+    spec = dask_spec(base, tmp_path / "out", plan_on="workers")
+    summary = run(spec, folder)
+    output = {r["id"]: r for r in finished_output(str(tmp_path / "out"))}
+    assert without_cached(output) == without_cached(local)
+    shards = summary.shards
+    assert len(shards) == 4 and len({s["pid"] for s in shards}) == 2
+    shard_of_row = {int(row): s["shard"] for s in shards for row in ranges_to_indices(s["rows"])}
+    for system in range(4):  # the rows under a system prompt landed in one partition
+        assert len({shard_of_row[i] for i in range(NUM_ROWS) if i % 4 == system}) == 1
+    local_summary = json.loads((folder / "local" / "_summary.json").read_text())
+    assert summary.prefill_tokens_computed <= local_summary["prefill_tokens_computed"] + 4 * 16
+    assert summary.input_rows == NUM_ROWS and summary.rows == NUM_ROWS
