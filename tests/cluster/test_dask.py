@@ -86,21 +86,23 @@ def test_two_workers_give_the_local_output_and_each_system_prompt_runs_on_one_wo
     assert summary.prefill_tokens_computed <= local_summary["prefill_tokens_computed"] + 4 * 16
 
 
-def test_a_worker_killed_mid_job_costs_a_retry_not_a_row(job, tmp_path, monkeypatch):
+@pytest.mark.parametrize("plan_on", ["driver", "workers"])
+def test_a_worker_killed_mid_job_costs_a_retry_not_a_row(job, tmp_path, monkeypatch, plan_on):
     folder, base, local = job
     monkeypatch.setenv("PREFIXBATCH_FAULT", "decode:3")
     monkeypatch.setenv("PREFIXBATCH_FAULT_ONCE", str(tmp_path / "killed-once"))
-    summary = run(dask_spec(base, tmp_path / "out"), folder)
+    summary = run(dask_spec(base, tmp_path / "out", plan_on=plan_on), folder)
     assert (tmp_path / "killed-once").exists()  # a worker did die mid-decode
     output = {r["id"]: r for r in finished_output(str(tmp_path / "out"))}
     assert without_cached(output) == without_cached(local)
     assert len(summary.shards) == 4  # every shard committed once, whichever worker ran it
 
 
-def test_a_row_that_kills_every_worker_becomes_an_error_row(job, tmp_path, monkeypatch):
+@pytest.mark.parametrize("plan_on", ["driver", "workers"])
+def test_a_row_that_kills_every_worker_becomes_an_error_row(job, tmp_path, monkeypatch, plan_on):
     folder, base, local = job
     monkeypatch.setenv("PREFIXBATCH_CRASH_ROW", "9")
-    summary = run(dask_spec(base, tmp_path / "out", max_attempts=1), folder)
+    summary = run(dask_spec(base, tmp_path / "out", max_attempts=1, plan_on=plan_on), folder)
     output = {r["id"]: r for r in finished_output(str(tmp_path / "out"))}
     assert set(output) == set(local)
     crashed = output.pop("q09")
@@ -109,7 +111,8 @@ def test_a_row_that_kills_every_worker_becomes_an_error_row(job, tmp_path, monke
     assert summary.errors_by_code == {"worker_crash": 1}
 
 
-def test_a_driver_killed_mid_job_resumes_on_the_cluster(job, tmp_path):
+@pytest.mark.parametrize("plan_on", ["driver", "workers"])
+def test_a_driver_killed_mid_job_resumes_on_the_cluster(job, tmp_path, plan_on):
     """The driver (a CLI process, client of a cluster that outlives it) dies by SIGKILL after
     its second commit; resuming on the same cluster runs only the rows no commit covers."""
     from distributed import LocalCluster
@@ -117,7 +120,7 @@ def test_a_driver_killed_mid_job_resumes_on_the_cluster(job, tmp_path):
     folder, base, local = job
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         spec = dask_spec(base, tmp_path / "out")
-        spec["cluster"] = {"kind": "dask", "address": cluster.scheduler_address, "shards_per_worker": 2}
+        spec["cluster"] = {"kind": "dask", "address": cluster.scheduler_address, "shards_per_worker": 2, "plan_on": plan_on}
         path = tmp_path / "job.json"
         path.write_text(json.dumps(spec))
         killed = run_cli(path, fault="committed:2")
