@@ -179,3 +179,30 @@ def test_planning_on_the_workers_gives_the_local_output_with_each_prefix_on_one_
     local_summary = json.loads((folder / "local" / "_summary.json").read_text())
     assert summary.prefill_tokens_computed <= local_summary["prefill_tokens_computed"] + 4 * 16
     assert summary.input_rows == NUM_ROWS and summary.rows == NUM_ROWS
+
+
+def test_planning_on_the_workers_with_several_files_error_rows_samples_and_carried_columns(tiny_llama, tmp_path):
+    """Two input files, rows that are errors, rows with n = 2 samples, a carried column: the
+    same rows as a local run, every (id, sample) once."""
+    from tests.jobs.test_resume import by_key, write_input
+
+    inputs = write_input(tmp_path / "in")
+    for k in range(2):  # a carried column, of the rows' own values
+        path = tmp_path / "in" / f"in-{k}.parquet"
+        table = pq.read_table(path)
+        pq.write_table(table.append_column("topic", pa.array([f"t{i}" for i in range(table.num_rows)])), path)
+    base = {
+        "name": "files",
+        "input": {"path": str(tmp_path / "in" / "*.parquet"), "messages_column": "messages", "carry_columns": ["topic"]},
+        "output": {"path": str(tmp_path / "local"), "rows_per_part": 5},
+        "model": {"path": str(tiny_llama)},
+        "sampling": {"max_tokens": 6},
+        "executor": {"kind": "native"},
+    }
+    local_summary = run(base, tmp_path)
+    local = by_key(finished_output(str(tmp_path / "local")))
+    summary = run(dask_spec(base, tmp_path / "out", plan_on="workers"), tmp_path)
+    output = by_key(finished_output(str(tmp_path / "out")))
+    assert without_cached(output) == without_cached(local)
+    assert {r["finish_reason"] for r in output.values()} >= {"error", "length"} and len(output) > len(inputs)
+    assert summary.errors_by_code == local_summary.errors_by_code and summary.input_rows == len(inputs)
