@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--questions", type=int, default=96, help="prompts per system prompt (8 system prompts)")
     parser.add_argument("--shards-per-worker", type=int, default=2)
+    parser.add_argument("--plan-on", choices=["driver", "workers"], default="driver", help="cluster.plan_on")
     parser.add_argument("--model-dir", type=Path, default=Path(".cache/engine_bench/small-llama"))
     args = parser.parse_args(argv)
 
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
             "model": {"path": str(args.model_dir.resolve())},
             "sampling": {"max_tokens": 32},
             "executor": {"kind": "native"},
-            "cluster": {"kind": "dask", "address": clusters[n].scheduler_address, "shards_per_worker": args.shards_per_worker},
+            "cluster": {"kind": "dask", "address": clusters[n].scheduler_address, "shards_per_worker": args.shards_per_worker,
+                        "plan_on": args.plan_on},
         }
         start, wall_start, cpu_start = time.perf_counter(), time.time(), time.process_time()
         summary = run_job(spec_from_dict(spec, base_dir=work, source="bench"), live_progress=False, log=lambda _: None)

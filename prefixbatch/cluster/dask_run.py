@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from prefixbatch.cluster import LOAD_LOCK
 from prefixbatch.errors import UserError
 from prefixbatch.executors.base import ExecutorStats, resolve_kind
 from prefixbatch.faults import crash_if_row
@@ -142,7 +143,8 @@ class EnginePlugin(WorkerPlugin):
         from prefixbatch.executors.config import ExecutorSpec, ModelSpec
 
         try:
-            self._executor = create_executor(ModelSpec(**self.model), ExecutorSpec(**self.executor))
+            with LOAD_LOCK:
+                self._executor = create_executor(ModelSpec(**self.model), ExecutorSpec(**self.executor))
             self.loaded_at = time.time()
         except BaseException as exc:  # handed to the shard that needs the engine
             self._error = exc

@@ -9,15 +9,16 @@ reads a prompt:
 2. The driver sorts those keys. The prefix tree's order is lexicographic, so prompts that
    share leading tokens become neighbours; it cuts the sorted list into partitions where
    neighbours share the fewest leading tokens near balanced work targets (`balanced_cuts`,
-   the rule that cuts shards), keeping a row's samples together.
+   the rule that cuts shards; work as the tree counts it, a shared prefix once), keeping a
+   row's samples together.
 3. One task per partition gathers its rows from the file tasks' results (Dask moves them
    between workers), builds the exact tree and plan of its own prompts in the engine, and
    runs as a shard: parts written by the worker, committed once by the driver.
 
-What the driver holds: ids (for the uniqueness check), and `KEY_TOKENS` + 2 numbers per
-request. A prefix is computed on two workers only where it is longer than `KEY_TOKENS` and a
-cut falls inside it, which the cut rule avoids where a boundary with a shorter shared
-prefix lies within half a partition of the target.
+What the driver holds: ids (for the uniqueness check), and `KEY_TOKENS` + 3 numbers per
+request. Neighbours whose keys are equal to the end are taken to share their whole shorter
+prompt (the most they can), so a cut avoids the inside of a long shared prefix where a
+boundary with a shorter shared prefix lies within half a partition of the target.
 
 in: the spec, the scanned files, the committed rows → out: `PartitionTask`s to run as shards.
 """
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from prefixbatch.cluster import LOAD_LOCK
 from prefixbatch.pipeline.parts import RowColumns
 from prefixbatch.pipeline.prepare import PreparedInput, prepare_input
 from prefixbatch.pipeline.reader import InputFile
@@ -56,6 +58,7 @@ class ChunkKeys:
     request_rows: np.ndarray  # [n] row index of each request
     keys: np.ndarray  # [n, KEY_TOKENS] int32 leading tokens, -1 past the prompt's end
     cost: np.ndarray  # [n] prompt tokens + max_tokens: the request's work
+    lengths: np.ndarray  # [n] prompt tokens
     error_rows: np.ndarray  # rows that are error rows (never generated)
     num_clamped: int
     num_truncated: int
@@ -93,7 +96,8 @@ class PartitionTask:
 
 @functools.cache
 def _tokenizer(model_path: str, text_kind: str, chat_template: str | None, trust_remote_code: bool) -> PromptTokenizer:
-    return PromptTokenizer(model_path, text_kind=text_kind, chat_template=chat_template, trust_remote_code=trust_remote_code)
+    with LOAD_LOCK:  # not while the engine plugin imports transformers in its thread
+        return PromptTokenizer(model_path, text_kind=text_kind, chat_template=chat_template, trust_remote_code=trust_remote_code)
 
 
 def tokenize_file(spec: Any, files: list[InputFile], k: int, done: np.ndarray) -> FileChunk:
@@ -133,6 +137,7 @@ def chunk_keys(chunk: FileChunk) -> ChunkKeys:
         request_rows=np.array([r.row_index for r in requests], np.int64),
         keys=keys,
         cost=np.array([len(r.token_ids) + r.sampling.max_tokens for r in requests], np.int64),
+        lengths=np.array([len(r.token_ids) for r in requests], np.int64),
         error_rows=np.array([e.row_index for e in chunk.prepared.errors], np.int64),
         num_clamped=chunk.prepared.num_clamped,
         num_truncated=chunk.prepared.num_truncated,
@@ -153,9 +158,16 @@ def partition_rows(keys: list[ChunkKeys], num_partitions: int) -> list[np.ndarra
         cost = np.concatenate([k.cost for k in keys])
         order = np.lexsort(lead.T[::-1])  # by token 0, then token 1, ...
         ordered = lead[order]
+        lengths = np.concatenate([k.lengths for k in keys])[order]
         shared = np.zeros(len(order), np.int64)  # leading tokens shared with the previous one
         shared[1:] = np.cumprod(ordered[1:] == ordered[:-1], axis=1).sum(axis=1)
-        starts = balanced_cuts(cost[order], shared, num_partitions)
+        # Keys equal to the end: the prompts may share far more than the key shows; count
+        # the most they can share, so a cut avoids the inside of a long shared prefix.
+        whole = shared[1:] == KEY_TOKENS
+        shared[1:][whole] = np.minimum(lengths[1:], lengths[:-1])[whole]
+        # Work in this order as the tree counts it: a request's tokens past what it shares
+        # with its neighbour (a shared prefix is computed once), plus its max_tokens.
+        starts = balanced_cuts(cost[order] - shared, shared, num_partitions)
         part_at = np.repeat(np.arange(num_partitions), np.diff(starts))  # partition of each position
         first_position: dict[int, int] = {}
         for position, row in enumerate(rows[order].tolist()):
