@@ -16,6 +16,7 @@ when the first shard started, each worker's busy seconds (engine load + generati
 the driver's CPU seconds (this process, which also hosts the LocalCluster scheduler).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dask_scale.py --repeats 5
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dask_scale.py --repeats 3 --plan-on workers
 """
 
 from __future__ import annotations
