@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter, deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -284,12 +285,8 @@ class DaskSession:
         from distributed import Client, LocalCluster
 
         spec = self.spec.cluster
-        settings = {
-            "distributed.scheduler.allowed-failures": spec.max_attempts - 1,
-            # A worker takes a new shard only when a thread is free: a shard queued behind one
-            # that kills the worker would be counted as a killer too.
-            "distributed.scheduler.worker-saturation": 1.0,
-        }
+        # The driver retries shards itself (`_Placer`): a death fails the shard at once.
+        settings = {"distributed.scheduler.allowed-failures": 0}
         self._stack.enter_context(dask.config.set(settings))
         # Closed by callbacks, not as context managers: they are made in this thread and
         # closed in the caller's (a Client's context holds a context variable of its thread).
@@ -364,10 +361,9 @@ class DaskSession:
         tasks = []
         for p, rows in enumerate(partitions):
             holding = np.unique(np.searchsorted(starts, rows, side="right") - 1)  # files with its rows
-            # Spread round-robin: left alone, Dask would run every partition where the file
-            # chunks are (one worker for a one-file input); a lost worker's go elsewhere.
-            where = [workers[p % len(workers)]] if workers else None
-            tasks.append(PartitionTask(str(p), rows, [chunks[k] for k in holding], shard_fields, where=where))
+            # Placed on free workers like shards (left alone, Dask would run every partition
+            # where the file chunks are: one worker for a one-file input).
+            tasks.append(PartitionTask(str(p), rows, [chunks[k] for k in holding], shard_fields))
         run_tasks(client, spec, tasks, topic, output, writer, result, progress, log)
         return result
 
@@ -428,28 +424,101 @@ def run_on_dask(
 
 
 def run_tasks(client, spec: JobSpec, tasks: list, topic: str, output, writer, result, progress, log) -> None:
-    """Submit shard tasks (`ShardTask` or `PartitionTask`), show their progress, commit them."""
-    resources = spec.cluster.resources or None
-
-    def submit(task):  # a fresh key per attempt: a retried half is a new task
-        key = f"shard-{task.shard_id}-{os.urandom(4).hex()}"
-        function, args = task.call()
-        where = getattr(task, "where", None)  # a preferred worker, not a requirement
-        return client.submit(
-            function, *args, key=key, pure=False, resources=resources, workers=where, allow_other_workers=where is not None
-        )
+    """Run shard tasks (`ShardTask` or `PartitionTask`), show their progress, commit them."""
 
     def on_progress(event: tuple[float, dict]) -> None:  # on the client's event loop
         report = event[1]
         progress.running(report["key"], report["rows"], report["tokens"])
 
-    futures = {submit(task): task for task in tasks}
     client.subscribe_topic(topic, on_progress)
     try:
         with client.as_current():  # for `distributed.wait` in this thread
-            _collect(client, futures, submit, output, writer, result, progress, log)
+            _Placer(client, spec, progress, log).run(tasks, output, writer, result)
     finally:
         client.unsubscribe_topic(topic)
+
+
+class _Placer:
+    """Hands shards to workers one per free thread, and decides what a worker's death means.
+
+    Each shard goes to a worker with a free thread (a preference Dask keeps while that worker
+    lives), and no more shards are out than threads: a worker never holds a shard queued
+    behind the one it runs. So when a worker dies, the shard that failed with it was running
+    there, and each death counts against that shard alone. A shard that has caused
+    `max_attempts` deaths is split in halves; a single row that has is a `worker_crash`
+    error row. Only the driver retries (Dask's own retries are off for a LocalCluster the
+    run starts; a running cluster's `allowed-failures` still applies before the driver's)."""
+
+    def __init__(self, client, spec: JobSpec, progress: JobProgress, log) -> None:
+        self.client, self.spec, self.progress, self.log = client, spec, progress, log
+        self.resources = spec.cluster.resources or None
+        self.out: dict[Any, tuple[Any, str | None]] = {}  # future → (task, worker it was given to)
+        self.deaths: dict[str, int] = {}  # shard id → worker deaths it caused
+
+    def run(self, tasks: list, output: OutputFolder, writer: PartWriter, result: ClusterExecutor) -> None:
+        from distributed import wait
+
+        waiting = deque(tasks)
+        while waiting or self.out:
+            free = self._free_threads()
+            while waiting and free:
+                self._submit(waiting.popleft(), free.pop(0))
+            if not self.out:  # no worker is up (restarting after a death): wait for one
+                time.sleep(0.2)
+                continue
+            try:
+                done = wait(list(self.out), timeout=WORKERS_EVERY_S, return_when="FIRST_COMPLETED").done
+            except TimeoutError:
+                continue
+            for future in done:
+                task, _ = self.out.pop(future)
+                again = self._finished(future, task, output, writer, result)
+                waiting.extendleft(reversed(again))
+
+    def _free_threads(self) -> list[str]:
+        """A worker address per free thread of the usable workers, least busy first."""
+        workers = self.client.scheduler_info()["workers"]
+        self.progress.set_workers(len(workers))
+        busy = Counter(where for _, where in self.out.values())
+        running = {a: w for a, w in workers.items() if w.get("status", "running") == "running"}
+        usable = _usable_worker_addresses(self.spec, running, strict=False)
+        slots = {a: max(int(running[a].get("nthreads", 1)) - busy[a], 0) for a in usable}
+        return [a for a in sorted(slots, key=lambda a: -slots[a]) for _ in range(slots[a])]
+
+    def _submit(self, task, where: str | None) -> None:
+        key = f"shard-{task.shard_id}-{os.urandom(4).hex()}"  # a fresh key per attempt
+        function, args = task.call()
+        future = self.client.submit(
+            function, *args, key=key, pure=False, resources=self.resources,
+            workers=[where] if where else None, allow_other_workers=where is not None,
+        )
+        self.out[future] = (task, where)
+
+    def _finished(self, future, task, output: OutputFolder, writer: PartWriter, result: ClusterExecutor) -> list:
+        """Commit a shard's result; or, when its worker died, what to run instead."""
+        from distributed.client import FutureCancelledError
+        from distributed.scheduler import KilledWorker
+
+        try:
+            shard = future.result()
+        except (KilledWorker, FutureCancelledError) as exc:
+            self.progress.settle(future.key)
+            deaths = self.deaths[task.shard_id] = self.deaths.get(task.shard_id, 0) + 1
+            if deaths < self.spec.cluster.max_attempts:
+                self.log(f"dask: the worker running shard {task.shard_id} died ({type(exc).__name__}); running it again")
+                return [task]
+            if task.num_rows > 1:
+                self.log(f"dask: shard {task.shard_id} killed {deaths} workers; running it again in halves")
+                return task.split()
+            if isinstance(task, ShardTask):
+                _crash_rows(task, writer, self.progress)
+                return []
+            return [task.as_crashed()]  # the row's columns are on the workers: one of them writes it
+        for record in shard.records:
+            output.commit(record)
+        result.add(shard)
+        self.progress.advance(shard.num_requests, shard.output_tokens, settles=future.key)
+        return []
 
 
 def _usable_workers(spec: JobSpec, workers: dict[str, dict]) -> int:
@@ -457,12 +526,12 @@ def _usable_workers(spec: JobSpec, workers: dict[str, dict]) -> int:
     return max(len(_usable_worker_addresses(spec, workers)), 1)
 
 
-def _usable_worker_addresses(spec: JobSpec, workers: dict[str, dict]) -> list[str]:
-    """The workers that can run a shard (have `cluster.resources`); none is a user error,
-    not a job that waits forever."""
+def _usable_worker_addresses(spec: JobSpec, workers: dict[str, dict], *, strict: bool = True) -> list[str]:
+    """The workers that can run a shard (have `cluster.resources`); none (`strict`) is a user
+    error, not a job that waits forever."""
     need = spec.cluster.resources
     usable = [a for a, w in workers.items() if all(w.get("resources", {}).get(k, 0) >= v for k, v in need.items())]
-    if need and not usable:
+    if strict and need and not usable:
         where = spec.cluster.address or "the local cluster"
         have = sorted({_resources_text(w.get("resources") or {}) for w in workers.values()}) or ["no workers"]
         raise UserError(
@@ -474,46 +543,6 @@ def _usable_worker_addresses(spec: JobSpec, workers: dict[str, dict]) -> list[st
 
 def _resources_text(resources: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items())) or "none"
-
-
-def _collect(client, futures: dict, submit, output, writer, result, progress, log) -> None:
-    """Wait for the shards: commit each result once, split shards that kill workers."""
-    from distributed import wait
-    from distributed.client import FutureCancelledError
-    from distributed.scheduler import KilledWorker
-
-    suspects: dict[str, int] = {}
-    while futures:
-        progress.set_workers(len(client.scheduler_info()["workers"]))
-        try:
-            done = wait(list(futures), timeout=WORKERS_EVERY_S, return_when="FIRST_COMPLETED").done
-        except TimeoutError:
-            continue
-        for future in done:
-            task = futures.pop(future)
-            try:
-                shard = future.result()
-            except (KilledWorker, FutureCancelledError) as exc:
-                progress.settle(future.key)
-                # A one-row shard is blamed only after killing workers twice on its own: a task
-                # that merely shared a dying worker's process once is innocent.
-                suspects[task.shard_id] = suspects.get(task.shard_id, 0) + 1
-                if task.num_rows == 1 and suspects[task.shard_id] >= 2:
-                    if isinstance(task, ShardTask):
-                        _crash_rows(task, writer, progress)
-                    else:  # the row's columns are on the workers: one of them writes it
-                        crashed = task.as_crashed()
-                        futures[submit(crashed)] = crashed
-                    continue
-                log(f"dask: shard {task.shard_id} killed workers ({type(exc).__name__}); running it again in halves")
-                for retry in task.split() if task.num_rows > 1 else [task]:
-                    new = submit(retry)
-                    futures[new] = retry
-                continue
-            for record in shard.records:
-                output.commit(record)
-            result.add(shard)
-            progress.advance(shard.num_requests, shard.output_tokens, settles=future.key)
 
 
 def _crash_rows(task: ShardTask, writer: PartWriter, progress: JobProgress) -> None:

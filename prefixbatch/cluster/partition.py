@@ -73,7 +73,6 @@ class PartitionTask:
     chunks: list[Any]  # Dask futures of the `FileChunk`s holding these rows
     shard_fields: dict[str, Any]  # the `ShardTask` fields every partition shares
     crashed: bool = False  # run no request: write the row as a `worker_crash` error row
-    where: list[str] | None = None  # the worker it should run on, if that one is alive
 
     @property
     def num_rows(self) -> int:

@@ -128,9 +128,12 @@ def run_job(spec: JobSpec, *, live_progress: bool | None = None, log: Callable[[
     from prefixbatch.cluster.dask_run import DaskSession
 
     with DaskSession(spec) as cluster:  # workers load the engine while the driver reads
-        if spec.cluster.plan_on == "workers":
-            return _run_planned_on_workers(spec, cluster, start, live_progress, log)
-        return _run(spec, cluster, start, live_progress, log)
+        run = _run_planned_on_workers if spec.cluster.plan_on == "workers" else _run
+        summary = run(spec, cluster, start, live_progress, log)
+    # Once the run's own workers are gone: a part that a worker the scheduler had given up
+    # for dead wrote late is not the result's (never committed, never read), but not left.
+    _output_folder(spec).remove_stray_parts()
+    return summary
 
 
 def _run(spec: JobSpec, cluster, start: float, live_progress: bool | None, log: Callable[[str], None]) -> RunSummary:

@@ -262,6 +262,12 @@ class OutputFolder:
         self._remove_unreferenced(records)
         self._write(SUCCESS, b"")
 
+    def remove_stray_parts(self) -> None:
+        """Delete parts no commit names (written by an attempt given up for dead that was
+        still running: a worker the scheduler lost but that went on)."""
+        records, _ = self.load_records()
+        self._remove_unreferenced(records)
+
     # Files --------------------------------------------------------------------------------
 
     def write_json(self, name: str, obj: dict) -> str:
