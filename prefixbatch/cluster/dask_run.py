@@ -1,18 +1,19 @@
 """A job's generation on a Dask cluster, in shards cut along the global prefix tree.
 
-The driver has read, tokenized and planned the job. It cuts the plan into shards along
-subtree boundaries (`prefix_tree.shards`: each shared prefix on one worker where possible,
-shards balanced by estimated cost, `shards_per_worker` per worker so a slow or lost worker
-costs little) and submits one task per shard. Each worker loads the engine once (a worker
-plugin holds it for the worker's life), runs the shards it receives, writes their part files
-straight to the output folder and returns the parts' records; only the driver commits, each
-shard's records once, as results arrive.
+The driver has read, tokenized and planned the job (or, with `cluster.plan_on: workers`,
+partitioned it: `partition.py`). It cuts the plan into shards along subtree boundaries
+(`prefix_tree.shards`: each shared prefix on one worker where possible, shards balanced by
+estimated cost, `shards_per_worker` per worker so a slow or lost worker costs little) and
+hands each shard to a worker with a free thread (`_Placer`). Each worker loads the engine
+once (a worker plugin holds it for the worker's life, loading from the moment the run
+connects), runs its shards, writes their part files straight to the output folder and
+returns the parts' records; only the driver commits, each shard's records once.
 
-Failures: a lost worker's shard runs again elsewhere (Dask's retries). A shard that keeps
-killing workers (`KilledWorker` after `max_attempts` deaths) is split in two and both halves
-run again, down to the single row that kills workers, which becomes a `worker_crash` error
-row. Exactly once holds because only the driver commits, and it commits a shard's rows only
-from the one result it accepts.
+Failures: when a worker dies, the shard it was running runs again elsewhere. A shard whose
+workers died `max_attempts` times is split in two and both halves run again, down to the
+single row that kills workers, which becomes a `worker_crash` error row. Exactly once holds
+because only the driver commits, and it commits a shard's rows only from the one result it
+accepts.
 
 in: the requests no commit covers → committed parts; out: the summed executor statistics.
 """
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections import Counter, deque
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import dask
@@ -79,26 +80,23 @@ class ShardTask:
 
     def split(self) -> list[ShardTask]:
         """Two halves by input row (a row's samples stay together)."""
-        rows = sorted({r.row_index for r in self.requests})
+        rows = sorted({r.row_index for r in self.requests} | {e.row_index for e in self.errors})
         halves = (set(rows[: len(rows) // 2]), set(rows[len(rows) // 2 :]))
         return [
-            ShardTask(
-                f"{self.shard_id}.{k}",
-                [r for r in self.requests if r.row_index in half],
-                self.columns.subset(half),
-                self.output_url,
-                self.storage_options,
-                self.schema,
-                self.metadata,
-                self.rows_per_part,
-                self.progress_topic,
+            replace(
+                self,
+                shard_id=f"{self.shard_id}.{k}",
+                requests=[r for r in self.requests if r.row_index in half],
+                errors=[e for e in self.errors if e.row_index in half],
+                columns=self.columns.subset(half),
+                counted_rows=None,
             )
             for k, half in enumerate(halves)
         ]
 
     @property
     def num_rows(self) -> int:
-        return len({r.row_index for r in self.requests})
+        return len({r.row_index for r in self.requests} | {e.row_index for e in self.errors})
 
 
 @dataclass
@@ -352,11 +350,7 @@ class DaskSession:
         workers = _usable_worker_addresses(spec, client.scheduler_info()["workers"])
         partitions = partition_rows(keys, max(len(workers), 1) * spec.cluster.shards_per_worker)
         log(f"dask: {len(workers)} workers, {len(partitions)} partitions planned on the workers")
-        topic = f"prefixbatch-progress-{os.urandom(6).hex()}"
-        shard_fields = dict(
-            output_url=spec.output.path, storage_options=spec.output.storage_options, schema=writer.schema,
-            metadata=writer.metadata, rows_per_part=spec.output.rows_per_part, progress_topic=topic,
-        )
+        shard_fields = _shard_fields(spec, writer)
         starts = np.array([f.first_row_index for f in files])
         tasks = []
         for p, rows in enumerate(partitions):
@@ -364,8 +358,20 @@ class DaskSession:
             # Placed on free workers like shards (left alone, Dask would run every partition
             # where the file chunks are: one worker for a one-file input).
             tasks.append(PartitionTask(str(p), rows, [chunks[k] for k in holding], shard_fields))
-        run_tasks(client, spec, tasks, topic, output, writer, result, progress, log)
+        run_tasks(client, spec, tasks, shard_fields["progress_topic"], output, writer, result, progress, log)
         return result
+
+
+def _shard_fields(spec: JobSpec, writer: PartWriter) -> dict[str, Any]:
+    """The `ShardTask` fields every shard of a run shares."""
+    return dict(
+        output_url=spec.output.path,
+        storage_options=spec.output.storage_options,
+        schema=writer.schema,
+        metadata=writer.metadata,
+        rows_per_part=spec.output.rows_per_part,
+        progress_topic=f"prefixbatch-progress-{os.urandom(6).hex()}",  # this run's: a cluster may be shared
+    )
 
 
 def plan_shards(spec: JobSpec, todo: PreparedInput, num_shards: int) -> list[list[Request]]:
@@ -410,16 +416,13 @@ def run_on_dask(
     num_workers = _usable_workers(spec, client.scheduler_info()["workers"])
     shards = plan_shards(spec, todo, num_workers * spec.cluster.shards_per_worker)
     log(f"dask: {num_workers} workers, {len(shards)} shards")
-    topic = f"prefixbatch-progress-{os.urandom(6).hex()}"  # this run's, on a cluster others may share
     columns = RowColumns(todo.ids, todo.carry)
+    fields = _shard_fields(spec, writer)
     tasks = [
-        ShardTask(
-            str(k), requests, columns.subset(r.row_index for r in requests), spec.output.path,
-            spec.output.storage_options, writer.schema, writer.metadata, spec.output.rows_per_part, topic,
-        )
+        ShardTask(str(k), requests, columns.subset(r.row_index for r in requests), **fields)
         for k, requests in enumerate(shards)
     ]
-    run_tasks(client, spec, tasks, topic, output, writer, result, progress, log)
+    run_tasks(client, spec, tasks, fields["progress_topic"], output, writer, result, progress, log)
     return result
 
 
@@ -482,7 +485,7 @@ class _Placer:
         busy = Counter(where for _, where in self.out.values())
         running = {a: w for a, w in workers.items() if w.get("status", "running") == "running"}
         usable = _usable_worker_addresses(self.spec, running, strict=False)
-        slots = {a: max(int(running[a].get("nthreads", 1)) - busy[a], 0) for a in usable}
+        slots = {a: max(_capacity(self.spec, running[a]) - busy[a], 0) for a in usable}
         return [a for a in sorted(slots, key=lambda a: -slots[a]) for _ in range(slots[a])]
 
     def _submit(self, task, where: str | None) -> None:
@@ -539,6 +542,12 @@ def _usable_worker_addresses(spec: JobSpec, workers: dict[str, dict], *, strict:
             f"{'; '.join(have)}); start the workers with `--resources`, or change cluster.resources"
         )
     return sorted(usable)
+
+
+def _capacity(spec: JobSpec, worker: dict) -> int:
+    """Shards a worker runs at once: its threads, and no more than its resources allow."""
+    have = worker.get("resources") or {}
+    return min([int(worker.get("nthreads", 1))] + [int(have.get(k, 0) // v) for k, v in spec.cluster.resources.items() if v > 0])
 
 
 def _resources_text(resources: dict[str, float]) -> str:
