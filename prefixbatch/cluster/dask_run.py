@@ -50,6 +50,7 @@ from prefixbatch.prefix_tree.requests import prompt_arrays
 from prefixbatch.types import Completion, Request, error_completion
 
 PLUGIN_NAME = "prefixbatch-engine"
+CRASH_MESSAGE = "this row killed the Dask worker running it on every attempt"
 PROGRESS_EVERY_S = 0.5  # a worker's progress reports while a shard runs
 WORKERS_EVERY_S = 2.0  # the driver's count of workers alive
 DEFAULT_KV_BUDGET = 131_072
@@ -557,8 +558,8 @@ def _resources_text(resources: dict[str, float]) -> str:
 def _crash_rows(task: ShardTask, writer: PartWriter, progress: JobProgress) -> None:
     """The row of a one-row shard that killed every worker it ran on: an error row, committed."""
     [row] = {r.row_index for r in task.requests}
-    message = "this row killed the Dask worker running it on every attempt"
-    writer.add_in_place_of_row(error_completion(row, "worker_crash", message, num_prompt_tokens=len(task.requests[0].token_ids)))
+    tokens = len(task.requests[0].token_ids)
+    writer.add_in_place_of_row(error_completion(row, "worker_crash", CRASH_MESSAGE, num_prompt_tokens=tokens))
     writer.flush()
     progress.advance(len(task.requests), 0)
 

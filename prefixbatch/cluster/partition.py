@@ -183,7 +183,7 @@ def partition_rows(keys: list[ChunkKeys], num_partitions: int) -> list[np.ndarra
 
 def run_partition(shard_id: str, rows: np.ndarray, crashed: bool, shard_fields: dict, *chunks: FileChunk):
     """On a worker: the partition's rows gathered from the file chunks, run as a shard."""
-    from prefixbatch.cluster.dask_run import ShardTask, run_shard
+    from prefixbatch.cluster.dask_run import CRASH_MESSAGE, ShardTask, run_shard
 
     requests, errors, columns = [], [], []
     for chunk in chunks:
@@ -195,9 +195,8 @@ def run_partition(shard_id: str, rows: np.ndarray, crashed: bool, shard_fields: 
     counted = len(requests) + len(errors)
     if crashed:  # the one row that killed every worker it ran on
         [row] = rows.tolist()
-        message = "this row killed the Dask worker running it on every attempt"
         tokens = len(requests[0].token_ids) if requests else 0
-        requests, errors = [], [error_completion(row, "worker_crash", message, num_prompt_tokens=tokens)]
+        requests, errors = [], [error_completion(row, "worker_crash", CRASH_MESSAGE, num_prompt_tokens=tokens)]
     task = ShardTask(
         shard_id,
         requests,
