@@ -81,7 +81,7 @@ class ShardTask:
 
     def split(self) -> list[ShardTask]:
         """Two halves by input row (a row's samples stay together)."""
-        rows = sorted({r.row_index for r in self.requests} | {e.row_index for e in self.errors})
+        rows = self.rows
         halves = (set(rows[: len(rows) // 2]), set(rows[len(rows) // 2 :]))
         return [
             replace(
@@ -96,8 +96,13 @@ class ShardTask:
         ]
 
     @property
+    def rows(self) -> list[int]:
+        """The shard's input rows, sorted (requests' and error rows')."""
+        return sorted({r.row_index for r in self.requests} | {e.row_index for e in self.errors})
+
+    @property
     def num_rows(self) -> int:
-        return len({r.row_index for r in self.requests} | {e.row_index for e in self.errors})
+        return len(self.rows)
 
 
 @dataclass
@@ -232,7 +237,7 @@ def run_shard(task: ShardTask) -> ShardResult:
         stats,
         task.counted_rows if task.counted_rows is not None else len(task.requests) + len(task.errors),
         output_tokens,
-        sorted({r.row_index for r in task.requests} | {e.row_index for e in task.errors}),
+        task.rows,
         started=started,
         engine_load_s=loaded - started,
         engine_loaded_at=plugin.loaded_at,
@@ -414,7 +419,7 @@ def run_on_dask(
 ) -> ClusterExecutor:
     """Generate `todo.requests` on the cluster; commit every shard's parts through `output`."""
     result = ClusterExecutor(resolve_kind(spec.model, spec.executor))
-    num_workers = _usable_workers(spec, client.scheduler_info()["workers"])
+    num_workers = max(len(_usable_worker_addresses(spec, client.scheduler_info()["workers"])), 1)
     shards = plan_shards(spec, todo, num_workers * spec.cluster.shards_per_worker)
     log(f"dask: {num_workers} workers, {len(shards)} shards")
     columns = RowColumns(todo.ids, todo.carry)
@@ -523,11 +528,6 @@ class _Placer:
         result.add(shard)
         self.progress.advance(shard.num_requests, shard.output_tokens, settles=future.key)
         return []
-
-
-def _usable_workers(spec: JobSpec, workers: dict[str, dict]) -> int:
-    """How many workers can run a shard; see `_usable_worker_addresses`."""
-    return max(len(_usable_worker_addresses(spec, workers)), 1)
 
 
 def _usable_worker_addresses(spec: JobSpec, workers: dict[str, dict], *, strict: bool = True) -> list[str]:

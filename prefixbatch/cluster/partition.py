@@ -25,7 +25,6 @@ in: the spec, the scanned files, the committed rows → out: `PartitionTask`s to
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -34,7 +33,8 @@ import pyarrow as pa
 
 from prefixbatch.cluster import LOAD_LOCK
 from prefixbatch.pipeline.parts import RowColumns
-from prefixbatch.pipeline.prepare import PreparedInput, prepare_input
+from prefixbatch.jobs.run import prompt_tokenizer
+from prefixbatch.pipeline.prepare import PreparedInput, in_rows, prepare_input
 from prefixbatch.pipeline.reader import InputFile
 from prefixbatch.pipeline.tokenize import PromptTokenizer
 from prefixbatch.prefix_tree.cuts import balanced_cuts
@@ -93,36 +93,24 @@ class PartitionTask:
         return run_partition, (self.shard_id, self.rows, self.crashed, self.shard_fields, *self.chunks)
 
 
-@functools.cache
-def _tokenizer(model_path: str, text_kind: str, chat_template: str | None, trust_remote_code: bool) -> PromptTokenizer:
+_tokenizers: dict[tuple[str, bool], PromptTokenizer] = {}  # a worker's, by model settings
+
+
+def _tokenizer(spec: Any) -> PromptTokenizer:
+    """The job's prompt tokenizer, loaded once per worker process."""
+    key = (spec.model.model_dump_json(), spec.input.messages_column is not None)
     with LOAD_LOCK:  # not while the engine plugin imports transformers in its thread
-        return PromptTokenizer(model_path, text_kind=text_kind, chat_template=chat_template, trust_remote_code=trust_remote_code)
+        if key not in _tokenizers:
+            _tokenizers[key] = prompt_tokenizer(spec)
+        return _tokenizers[key]
 
 
 def tokenize_file(spec: Any, files: list[InputFile], k: int, done: np.ndarray) -> FileChunk:
     """On a worker: file `k` of the job read, checked and tokenized; `done` rows left out."""
-    tokenizer = _tokenizer(
-        spec.model.path,
-        "messages" if spec.input.messages_column else "prompt",
-        spec.model.chat_template,
-        spec.model.trust_remote_code,
-    )
     file = files[k]
-    prepared = prepare_input([file], spec.input, spec.sampling, tokenizer, job_files=files)
+    prepared = prepare_input([file], spec.input, spec.sampling, _tokenizer(spec), job_files=files)
     rows = np.arange(file.first_row_index, file.first_row_index + file.num_rows, dtype=np.int64)
-    columns = RowColumns(prepared.ids, prepared.carry, rows)
-    if len(done):
-        prepared = replace(
-            prepared,
-            requests=[r for r in prepared.requests if not _in(done, r.row_index)],
-            errors=[e for e in prepared.errors if not _in(done, e.row_index)],
-        )
-    return FileChunk(prepared, columns)
-
-
-def _in(sorted_values: np.ndarray, value: int) -> bool:
-    i = np.searchsorted(sorted_values, value)
-    return bool(i < len(sorted_values) and sorted_values[i] == value)
+    return FileChunk(prepared.without_rows(done), RowColumns(prepared.ids, prepared.carry, rows))
 
 
 def chunk_keys(chunk: FileChunk) -> ChunkKeys:
@@ -168,15 +156,13 @@ def partition_rows(keys: list[ChunkKeys], num_partitions: int) -> list[np.ndarra
         # with its neighbour (a shared prefix is computed once), plus its max_tokens.
         starts = balanced_cuts(cost[order] - shared, shared, num_partitions)
         part_at = np.repeat(np.arange(num_partitions), np.diff(starts))  # partition of each position
-        first_position: dict[int, int] = {}
-        for position, row in enumerate(rows[order].tolist()):
-            first_position.setdefault(row, position)
-        row_list = np.fromiter(first_position, np.int64, len(first_position))
-        row_part = part_at[np.fromiter(first_position.values(), np.int64, len(first_position))]
+        row_list, first_position = np.unique(rows[order], return_index=True)  # a row's first request
+        row_part = part_at[first_position]
         for p in range(num_partitions):
             parts[p].append(row_list[row_part == p])
-    for i, row in enumerate(np.sort(errors)):
-        parts[i % num_partitions].append(np.array([row], np.int64))
+    errors = np.sort(errors)
+    for p in range(num_partitions):
+        parts[p].append(errors[p::num_partitions])
     merged = [np.unique(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts]
     return [p for p in merged if len(p)]
 
@@ -187,8 +173,9 @@ def run_partition(shard_id: str, rows: np.ndarray, crashed: bool, shard_fields: 
 
     requests, errors, columns = [], [], []
     for chunk in chunks:
-        requests += [r for r in chunk.prepared.requests if _in(rows, r.row_index)]
-        errors += [e for e in chunk.prepared.errors if _in(rows, e.row_index)]
+        mine_requests = in_rows(chunk.prepared.requests, rows)
+        requests += [r for r, mine in zip(chunk.prepared.requests, mine_requests) if mine]
+        errors += [e for e, mine in zip(chunk.prepared.errors, in_rows(chunk.prepared.errors, rows)) if mine]
         mine = rows[(rows >= chunk.columns.rows[0]) & (rows <= chunk.columns.rows[-1])] if len(chunk.columns.rows) else rows[:0]
         if len(mine):
             columns.append(chunk.columns.subset(mine.tolist()))

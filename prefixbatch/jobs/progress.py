@@ -94,14 +94,16 @@ class JobProgress:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.shown[1] / max(self.elapsed_s, 1e-9)
+        return self._rate(self.shown[1])
+
+    def _rate(self, output_tokens: int) -> float:
+        return output_tokens / max(self.elapsed_s, 1e-9)
 
     def advance(self, rows: int, output_tokens: int, *, settles: str | None = None) -> None:
         """Count committed work; `settles`: the running piece it replaces."""
         with self._lock:
             if settles is not None:
-                self._settled.add(settles)
-                self._running.pop(settles, None)
+                self._settle(settles)
             self.rows += rows
             self.output_tokens += output_tokens
             self._show()
@@ -114,9 +116,12 @@ class JobProgress:
 
     def settle(self, key: str) -> None:
         with self._lock:
-            self._settled.add(key)
-            self._running.pop(key, None)
+            self._settle(key)
             self._show()
+
+    def _settle(self, key: str) -> None:
+        self._settled.add(key)
+        self._running.pop(key, None)
 
     def set_workers(self, workers: int) -> None:
         with self._lock:
@@ -129,14 +134,15 @@ class JobProgress:
 
     def _show(self) -> None:
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.shown[0], tps=self.tokens_per_s, workers=self._workers_text())
+            rows, output_tokens = self.shown
+            self._bar.update(self._task, completed=rows, tps=self._rate(output_tokens), workers=self._workers_text())
         elif time.monotonic() - self._last_log >= self.log_every_s:
             self._log()
 
     def _log(self) -> None:
         self._last_log = time.monotonic()
         rows, output_tokens = self.shown
-        tokens = f", {output_tokens} output tokens, {self.tokens_per_s:.1f} tok/s" if self.count_tokens else ""
+        tokens = f", {output_tokens} output tokens, {self._rate(output_tokens):.1f} tok/s" if self.count_tokens else ""
         print(
             f"[prefixbatch] {self.label}: {rows}/{self.total_rows} rows{tokens}{self._workers_text()}, {self.elapsed_s:.0f}s",
             file=self.stream,

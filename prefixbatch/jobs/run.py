@@ -15,6 +15,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
+import pyarrow as pa
 
 import prefixbatch
 from prefixbatch.executors.base import Executor, ExecutorStats, create_executor
@@ -82,10 +84,7 @@ def read_job_input(
     spec: JobSpec, *, show_progress: bool = False, live_progress: bool | None = None
 ) -> PreparedInput:
     """Job-level input checks, then every row as a request or an error row. No weights loaded."""
-    columns = input_columns(spec.input)
-    skipped: list[str] | None = [] if spec.input.ignore_corrupt_files else None
-    files = scan_inputs(spec.input.paths, columns, storage_options=spec.input.storage_options, skipped=skipped)
-    check_ids(files, columns, storage_options=spec.input.storage_options)
+    files, _, skipped = scan_job_input(spec)
     tokenizer = prompt_tokenizer(spec)
     if not show_progress:
         prepared = prepare_input(files, spec.input, spec.sampling, tokenizer)
@@ -95,7 +94,28 @@ def read_job_input(
             prepared = prepare_input(
                 files, spec.input, spec.sampling, tokenizer, on_batch=lambda rows: progress.advance(rows, 0)
             )
-    return replace(prepared, skipped_files=skipped or [])
+    return replace(prepared, skipped_files=skipped)
+
+
+def scan_job_input(spec: JobSpec) -> tuple[list, pa.ChunkedArray, list[str]]:
+    """The input files (footers checked), every row's id (unique, non-null), the files skipped."""
+    columns = input_columns(spec.input)
+    skipped: list[str] | None = [] if spec.input.ignore_corrupt_files else None
+    files = scan_inputs(spec.input.paths, columns, storage_options=spec.input.storage_options, skipped=skipped)
+    ids = check_ids(files, columns, storage_options=spec.input.storage_options)
+    return files, ids, skipped or []
+
+
+def _open_output(spec: JobSpec, prepared: PreparedInput, log: Callable[[str], None]) -> tuple[OutputFolder, PartWriter, np.ndarray]:
+    """Claim the output folder for this input: the driver's writer and the rows already committed."""
+    for problem in prepared.skipped_files:
+        log(f"skipped (input.ignore_corrupt_files): {problem}")
+    output = _output_folder(spec)
+    writer = part_writer(output, prepared, spec)  # checks the output columns before any model work
+    committed = output.open(job_fingerprint(spec, prepared.files))
+    if len(committed):
+        log(f"resuming: {len(committed)} input rows were committed before; running the other {prepared.num_rows - len(committed)}")
+    return output, writer, committed
 
 
 def check_job(spec: JobSpec) -> str:
@@ -140,14 +160,8 @@ def _run(spec: JobSpec, cluster, start: float, live_progress: bool | None, log: 
     prepared = read_job_input(spec, show_progress=True, live_progress=live_progress)
     fault_point("tokenized")
     log(f"read {prepared.num_rows} rows: {len(prepared.requests)} to generate, {len(prepared.errors)} error rows")
-    for problem in prepared.skipped_files:
-        log(f"skipped (input.ignore_corrupt_files): {problem}")
-    output = _output_folder(spec)
-    writer = part_writer(output, prepared, spec)  # checks the output columns before any model work
-    committed = output.open(job_fingerprint(spec, prepared.files))
+    output, writer, committed = _open_output(spec, prepared, log)
     todo = prepared.without_rows(committed)
-    if len(committed):
-        log(f"resuming: {len(committed)} input rows were committed before; running the other {prepared.num_rows - len(committed)}")
     with JobProgress(todo.num_output_rows, live=live_progress) as progress:
         for completion in todo.errors:
             writer.add(completion)
@@ -167,19 +181,10 @@ def _run(spec: JobSpec, cluster, start: float, live_progress: bool | None, log: 
 def _run_planned_on_workers(spec: JobSpec, cluster, start: float, live_progress: bool | None, log) -> RunSummary:
     """`cluster.plan_on: workers`: the driver reads only ids; the workers tokenize, the driver
     partitions by leading tokens, each partition is planned and run on a worker."""
-    columns = input_columns(spec.input)
-    skipped: list[str] | None = [] if spec.input.ignore_corrupt_files else None
-    files = scan_inputs(spec.input.paths, columns, storage_options=spec.input.storage_options, skipped=skipped)
-    ids = check_ids(files, columns, storage_options=spec.input.storage_options)
-    carry = batch_schema(files, columns).empty_table().select(list(spec.input.carry_columns))
-    prepared = PreparedInput([], [], ids, carry, num_clamped=0, files=files, skipped_files=skipped or [])
-    for problem in prepared.skipped_files:
-        log(f"skipped (input.ignore_corrupt_files): {problem}")
-    output = _output_folder(spec)
-    writer = part_writer(output, prepared, spec)  # checks the output columns before any model work
-    committed = output.open(job_fingerprint(spec, files))
-    if len(committed):
-        log(f"resuming: {len(committed)} input rows were committed before; running the other {prepared.num_rows - len(committed)}")
+    files, ids, skipped = scan_job_input(spec)
+    carry = batch_schema(files, input_columns(spec.input)).empty_table().select(list(spec.input.carry_columns))
+    prepared = PreparedInput([], [], ids, carry, num_clamped=0, files=files, skipped_files=skipped)
+    output, writer, committed = _open_output(spec, prepared, log)
     with JobProgress(prepared.num_rows, label="tokenizing", count_tokens=False, live=live_progress) as progress:
         chunks, keys = cluster.tokenize_on_workers(files, committed, progress)
     prepared = replace(

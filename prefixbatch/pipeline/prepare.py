@@ -40,12 +40,10 @@ class PreparedInput:
         ids and carried columns stay indexed by row, for all rows."""
         if not len(done):
             return self
-        is_done = np.zeros(self.num_rows, bool)
-        is_done[done] = True
         return replace(
             self,
-            requests=[r for r in self.requests if not is_done[r.row_index]],
-            errors=[e for e in self.errors if not is_done[e.row_index]],
+            requests=[r for r, gone in zip(self.requests, in_rows(self.requests, done)) if not gone],
+            errors=[e for e, gone in zip(self.errors, in_rows(self.errors, done)) if not gone],
         )
 
     @property
@@ -57,6 +55,11 @@ class PreparedInput:
     def num_output_rows(self) -> int:
         """One per request (sample) plus one per error row."""
         return len(self.requests) + len(self.errors)
+
+
+def in_rows(items: Sequence[Request | Completion], rows: np.ndarray) -> np.ndarray:
+    """[len(items)] bool: whether each request's or error row's row index is in `rows`."""
+    return np.isin(np.fromiter((x.row_index for x in items), np.int64, len(items)), rows)
 
 
 def input_columns(spec: InputSpec) -> InputColumns:

@@ -65,7 +65,7 @@ class KVStore:
             raise ValueError(f"`capacity_tokens` must be at least 1, got {capacity_tokens}")
         shape = (num_layers, capacity_tokens, num_kv_heads, head_dim)
         size = num_layers * capacity_tokens * num_kv_heads * head_dim
-        if buffer is None or buffer.numel() < 2 * size or buffer.dtype != dtype or buffer.device != torch.device(device):
+        if buffer is None or buffer.numel() < 2 * size or buffer.dtype != dtype or not _on(buffer, device):
             buffer = torch.empty(2 * size, dtype=dtype, device=device)
         self.buffer = buffer  # keys and values are views of it; a later store may reuse it
         self.keys = buffer[:size].view(shape).zero_()  # [L, capacity, Hkv, D]
@@ -179,3 +179,11 @@ class KVStore:
         return self.keys[layer, slot_range.start : stop], self.values[
             layer, slot_range.start : stop
         ]
+
+
+def _on(tensor: torch.Tensor, device: torch.device | str) -> bool:
+    """Whether `tensor` lives on `device` ("cuda" means the current CUDA device)."""
+    want = torch.device(device)
+    if want.type == "cuda" and want.index is None:
+        want = torch.device("cuda", torch.cuda.current_device())
+    return tensor.device == want
