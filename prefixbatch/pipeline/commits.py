@@ -22,8 +22,10 @@ Invariants:
   cover the same input row (the writer commits only rows no record covers; `load_records`
   keeps the first record of a row and reports any other as a duplicate).
 - `_SUCCESS` exists only if the committed rows are exactly 0..N-1, each once.
-- A run in mode `error` refuses a non-empty folder; `overwrite` empties it; `resume` keeps
-  its commits when the fingerprint matches, refuses otherwise.
+- A run in mode `error` refuses a non-empty folder; `overwrite` removes what an earlier
+  prefixbatch job wrote there and refuses (deleting nothing) a folder holding anything else;
+  `resume` keeps its commits when the fingerprint matches, refuses otherwise. No mode ever
+  deletes a file prefixbatch did not write, and no message suggests one that would.
 
 in: Arrow tables + the input rows they cover → committed parts; out: the committed rows.
 """
@@ -31,6 +33,7 @@ in: Arrow tables + the input rows they cover → committed parts; out: the commi
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,6 +54,13 @@ COMMITS = "_commits"
 MANIFEST = "_manifest.json"
 SUMMARY = "_summary.json"
 SUCCESS = "_SUCCESS"
+SIDE_FILES = (JOB_FILE, MANIFEST, SUMMARY, SUCCESS)
+
+# What a job writes at the top of its folder: side files, parts, and the temporaries of
+# `_write` (`_<name>.<32 hex>.tmp`) left by a process that died before its rename.
+_PART = re.compile(r"part-[0-9a-f]+-\d+\.parquet")
+_TEMPORARY = re.compile(r"_(.+)\.[0-9a-f]{32}\.tmp")
+_RECORD = re.compile(r"[0-9a-f]+-\d+\.json")
 
 
 @dataclass(frozen=True)
@@ -122,20 +132,59 @@ class OutputFolder:
             raise OutputError(f"output path {self.url} is a file; it must be a folder")
         entries = self._entries(with_temporaries=False)
         if self.mode == "error" and entries:
-            hint = (
-                " (it holds an interrupted or finished prefixbatch job: add --resume to finish it)"
-                if self._exists(JOB_FILE)
-                else ""
-            )
-            msg = (
-                f"output folder {self.url} is not empty{hint}; choose an empty folder, or set"
-                " output.mode: overwrite (--overwrite) to replace its contents"
-            )
-            raise OutputError(msg)
+            raise OutputError(self._not_empty_message())
+        if self.mode == "overwrite" and entries:
+            self._check_only_ours()
         if self.mode == "resume" and entries:
             self._check_same_job(fingerprint)
             return True
         return False
+
+    def _not_empty_message(self) -> str:
+        """Why mode `error` refuses the folder, with an option only where it deletes nothing of the user's."""
+        if not self._exists(JOB_FILE) or self._foreign_entries():
+            return f"output folder {self.url} is not empty; choose an empty folder or a new one"
+        return (
+            f"output folder {self.url} is not empty (it holds an interrupted or finished prefixbatch"
+            " job: add --resume to finish it); choose an empty folder, or set output.mode:"
+            " overwrite (--overwrite) to replace its contents"
+        )
+
+    def _check_only_ours(self) -> None:
+        """Overwrite removes only what a prefixbatch job wrote: refuse any other folder."""
+        foreign = self._foreign_entries()
+        if not self._exists(JOB_FILE):
+            reason = f"has no {JOB_FILE}, so no prefixbatch job wrote it"
+        elif foreign:
+            reason = "holds files that prefixbatch did not write"
+        else:
+            return
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        msg = (
+            f"output folder {self.url} {reason} ({shown}); output.mode: overwrite only removes"
+            " the files of an earlier prefixbatch job, so nothing was deleted. Choose an empty"
+            " folder or a new one, or move those files away"
+        )
+        raise OutputError(msg)
+
+    def _foreign_entries(self) -> list[str]:
+        """Names (relative to the folder) of entries no prefixbatch job writes, sorted."""
+        foreign = []
+        for info in self._fs.ls(self._path, detail=True):
+            path = info["name"].rstrip("/")
+            if path == self._path:
+                continue
+            name, is_dir = path.rsplit("/", 1)[-1], info["type"] == "directory"
+            if name == COMMITS and is_dir:
+                inner = self._fs.ls(path, detail=True)
+                foreign += [
+                    f"{COMMITS}/{n}"
+                    for i in inner
+                    if (n := i["name"].rstrip("/").rsplit("/", 1)[-1]) and not (i["type"] != "directory" and _is_our_file(n, _RECORD))
+                ]
+            elif is_dir or not _is_our_file(name, _PART, SIDE_FILES):
+                foreign.append(name + ("/" if is_dir else ""))
+        return sorted(foreign)
 
     def open(self, fingerprint: dict[str, Any]) -> np.ndarray:
         """Claim the folder for this run; the input rows already committed (resume), sorted.
@@ -153,7 +202,7 @@ class OutputFolder:
                     self._fs.rm(self._file(name))
             self._remove_unreferenced(records)
             return committed_rows(records)
-        for entry in self._entries():
+        for entry in self._entries():  # only ours: `_check_only_ours` refused anything else
             self._fs.rm(entry, recursive=True)
         self._fs.makedirs(self._path, exist_ok=True)
         self.write_json(JOB_FILE, fingerprint)
@@ -163,8 +212,7 @@ class OutputFolder:
         if not self._exists(JOB_FILE):
             msg = (
                 f"output folder {self.url} is not empty and has no {JOB_FILE}, so it was not"
-                " written by a prefixbatch job that can be resumed; choose another folder, or"
-                " use --overwrite to replace its contents"
+                " written by a prefixbatch job that can be resumed; choose an empty folder or a new one"
             )
             raise OutputError(msg)
         try:
@@ -327,6 +375,15 @@ class OutputFolder:
         if with_temporaries:
             return entries
         return [e for e in entries if not _is_temporary(e.rstrip("/").rsplit("/", 1)[-1])]
+
+
+def _is_our_file(name: str, pattern: re.Pattern, names: Sequence[str] = ()) -> bool:
+    """A file name a prefixbatch job writes: one of `names`, a match of `pattern`, or a
+    temporary of one of those."""
+    if name in names or pattern.fullmatch(name):
+        return True
+    temporary = _TEMPORARY.fullmatch(name)
+    return bool(temporary) and _is_our_file(temporary.group(1), pattern, names)
 
 
 def _is_temporary(name: str) -> bool:

@@ -86,7 +86,8 @@ class OutputSpec(StrictModel):
     `_summary.json` and, once every input row is in, `_SUCCESS` are written inside it."""
 
     mode: Literal["error", "overwrite", "resume"] = "error"
-    """`error`: refuse a folder that is not empty. `overwrite`: delete what is there first.
+    """`error`: refuse a folder that is not empty. `overwrite`: remove what an earlier
+    prefixbatch job wrote there; a folder holding anything else is refused, nothing deleted.
     `resume`: keep the rows an earlier run of the same job committed and run only the rest
     (an empty folder starts fresh; a folder written by a different job is refused)."""
 

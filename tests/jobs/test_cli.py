@@ -95,6 +95,32 @@ def test_non_empty_output_is_refused_then_overwritten(tmp_path, job, capsys):
     assert run_cli(capsys, "run", str(spec), "--no-progress", "--overwrite")[0] == 0
 
 
+def test_overwrite_never_deletes_files_prefixbatch_did_not_write(tmp_path, job, capsys):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "sub" / "important.csv").write_text("a,b")
+    spec = spec_file(tmp_path, job)
+    code, err = run_cli(capsys, "run", str(spec), "--no-progress")
+    assert code == 2 and "is not empty; choose an empty folder or a new one" in err
+    assert "--overwrite" not in err and "mode: overwrite" not in err  # following our advice must never delete a user's file
+    code, err = run_cli(capsys, "run", str(spec), "--no-progress", "--overwrite")
+    assert code == 2 and "has no _job.json, so no prefixbatch job wrote it (notes.txt, sub/)" in err
+    assert "nothing was deleted" in err
+    assert sorted(p.name for p in out.rglob("*")) == ["important.csv", "notes.txt", "sub"]
+
+    (out / "notes.txt").unlink()
+    (out / "sub" / "important.csv").unlink()
+    (out / "sub").rmdir()
+    assert run_cli(capsys, "run", str(spec), "--no-progress")[0] == 0
+    (out / "notes.txt").write_text("added after the job")
+    code, err = run_cli(capsys, "run", str(spec), "--no-progress", "--overwrite")
+    assert code == 2 and "holds files that prefixbatch did not write (notes.txt)" in err
+    assert (out / "notes.txt").read_text() == "added after the job" and (out / "_SUCCESS").exists()
+    (out / "notes.txt").unlink()
+    assert run_cli(capsys, "run", str(spec), "--no-progress", "--overwrite")[0] == 0
+
+
 def test_validate_and_plan_load_no_weights(tmp_path, job, capsys):
     spec = spec_file(tmp_path, job)
     assert main(["validate", str(spec)]) == 0

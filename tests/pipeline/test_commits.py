@@ -60,18 +60,72 @@ def test_mode_error_claims_an_empty_folder_and_refuses_a_non_empty_one(tmp_path)
     )
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "old.parquet").write_bytes(b"x")
-    with pytest.raises(OutputError, match=r"is not empty; choose an empty folder"):
+    with pytest.raises(OutputError) as e:
         OutputFolder(str(tmp_path / "other"), mode="error").check(FINGERPRINT)
+    # never a suggestion that would delete the user's file
+    assert str(e.value) == f"output folder {tmp_path}/other is not empty; choose an empty folder or a new one"
 
 
-def test_mode_overwrite_clears_the_folder(tmp_path):
-    (tmp_path / "out" / "sub").mkdir(parents=True)
-    (tmp_path / "out" / "sub" / "x").write_text("x")
-    (tmp_path / "out" / "part-00000.parquet").write_text("old")
+def a_finished_job(tmp_path) -> tuple[str, list[str]]:
+    """A folder as a finished job leaves it, plus temporaries of writes that died."""
+    url = str(tmp_path / "out")
+    folder = OutputFolder(url, mode="error")
+    folder.open(FINGERPRINT)
+    record = commit_part(folder, [0, 1, 2])
+    folder.write_part(sample_table(), metadata=METADATA)  # never committed
+    folder.write_json("_summary.json", {"rows": 3})
+    folder.mark_success(folder.write_manifest(3, extra={}))
+    folder.write_part(sample_table(), metadata=METADATA)  # a stray part written after
+    (tmp_path / "out" / f"_{record.part}.{uuid.uuid4().hex}.tmp").write_bytes(b"half")
+    (tmp_path / "out" / "_commits" / f"_{record.unit}.json.{uuid.uuid4().hex}.tmp").write_bytes(b"{")
+    return url, names(tmp_path / "out")
+
+
+def test_mode_overwrite_removes_only_what_a_job_wrote(tmp_path):
+    url, before = a_finished_job(tmp_path)
+    assert len(before) == 8
     (tmp_path / "keep").write_text("outside")
-    OutputFolder(f"file://{tmp_path}/out/", mode="overwrite").open(FINGERPRINT)
+    OutputFolder(f"file://{url}/", mode="overwrite").open(FINGERPRINT)
     assert names(tmp_path / "out") == ["_job.json"]
     assert (tmp_path / "keep").read_text() == "outside"
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [["notes.txt"], ["sub/important.csv"], ["_commits/mine.txt"], ["part-00000.parquet"], ["_job.json.bak", ".hidden"]],
+)
+def test_mode_overwrite_refuses_a_folder_with_foreign_files_and_deletes_nothing(tmp_path, foreign):
+    url, _ = a_finished_job(tmp_path)
+    for name in foreign:
+        (tmp_path / "out" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "out" / name).write_text("the user's")
+    before = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "out").rglob("*"))
+    with pytest.raises(OutputError) as e:
+        OutputFolder(url, mode="overwrite").open(FINGERPRINT)
+    shown = sorted(n if "/" not in n or n.startswith("_commits") else n.split("/")[0] + "/" for n in foreign)
+    assert str(e.value) == (
+        f"output folder {url} holds files that prefixbatch did not write ({', '.join(shown)});"
+        " output.mode: overwrite only removes the files of an earlier prefixbatch job, so nothing"
+        " was deleted. Choose an empty folder or a new one, or move those files away"
+    )
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "out").rglob("*")) == before
+    with pytest.raises(OutputError, match="is not empty; choose an empty folder or a new one$"):
+        OutputFolder(url, mode="error").check(FINGERPRINT)  # no --overwrite suggested
+
+
+def test_mode_overwrite_refuses_a_folder_no_job_wrote(tmp_path):
+    (tmp_path / "out" / "sub").mkdir(parents=True)
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    (tmp_path / "out" / "sub" / "important.csv").write_text("a,b")
+    (tmp_path / "out" / "part-abc-00000.parquet").write_text("looks like ours, but no _job.json")
+    with pytest.raises(OutputError) as e:
+        OutputFolder(str(tmp_path / "out"), mode="overwrite").check(FINGERPRINT)
+    assert str(e.value).startswith(
+        f"output folder {tmp_path}/out has no _job.json, so no prefixbatch job wrote it (notes.txt, sub/);"
+        " output.mode: overwrite only removes"
+    )
+    assert names(tmp_path / "out") == ["notes.txt", "part-abc-00000.parquet", "sub"]
+    assert (tmp_path / "out" / "sub" / "important.csv").read_text() == "a,b"
 
 
 def test_output_path_that_is_a_file(tmp_path):
@@ -181,6 +235,12 @@ def test_s3_folder(s3_server):
     with pytest.raises(OutputError, match=f"output folder {url} is not empty"):
         OutputFolder(url, mode="error", storage_options=options).open(FINGERPRINT)
 
+    with pytest.raises(OutputError, match="no prefixbatch job wrote it .stale.txt.; .* nothing was deleted"):
+        OutputFolder(url, mode="overwrite", storage_options=options).open(FINGERPRINT)
+    fs.invalidate_cache()
+    assert fs.cat_file(f"{bucket}/run/stale.txt") == b"old"
+    fs.rm(f"{bucket}/run/stale.txt")
+
     folder = OutputFolder(url, mode="overwrite", storage_options=options)
     folder.open(FINGERPRINT)
     first = commit_part(folder, [0, 1, 2])
@@ -194,3 +254,7 @@ def test_s3_folder(s3_server):
     back = read_committed(url, storage_options=options)
     assert back.equals(sample_table()) and back.schema.metadata[b"prefixbatch.job"] == b"demo"
     assert np.array_equal(first.row_indices(), [0, 1, 2])
+
+    OutputFolder(url, mode="overwrite", storage_options=options).open(FINGERPRINT)  # all ours: removed
+    fs.invalidate_cache()
+    assert [p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/run")] == ["_job.json"]
