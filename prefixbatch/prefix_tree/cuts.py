@@ -9,7 +9,9 @@ target k/K of the total cost, every boundary within half a part of the target is
 `|cost before it - target| + shared`, both in tokens of work, and the lowest score wins
 (ties: the earlier boundary). So a cut moves to a shallow subtree boundary when that costs
 less than the imbalance it adds. With no boundary within reach, every remaining one is
-scored; parts are empty when there are fewer items than parts.
+scored; parts are empty when there are fewer items than parts. A boundary that `allowed`
+marks False is never cut (the samples of one input row stay on one worker: a part file
+holds whole rows).
 
 The same scoring runs twice: `groups` cuts the depth-first request order into shards before
 cutting groups (so no group straddles a shard), and `shards` cuts a schedule's groups. On a
@@ -22,11 +24,14 @@ from __future__ import annotations
 import numpy as np
 
 
-def balanced_cuts(cost: np.ndarray, shared: np.ndarray, num_parts: int) -> np.ndarray:
+def balanced_cuts(
+    cost: np.ndarray, shared: np.ndarray, num_parts: int, allowed: np.ndarray | None = None
+) -> np.ndarray:
     """[K+1] starts of `num_parts` contiguous parts of the items; the last is len(cost).
 
     `cost[i]`: item i's work; `shared[i]`: tokens item i shares with item i-1, recomputed
-    when a part starts at i (`shared[0]` is not used).
+    when a part starts at i (`shared[0]` is not used); `allowed[i]` (default all True):
+    whether a part may start at item i.
     """
     n = len(cost)
     if num_parts == 1:
@@ -35,6 +40,10 @@ def balanced_cuts(cost: np.ndarray, shared: np.ndarray, num_parts: int) -> np.nd
     np.cumsum(cost, out=before[1:])
     dup_at = np.zeros(n + 1, np.int64)  # tokens duplicated by a cut at each boundary
     dup_at[1:n] = shared[1:]
+    if allowed is not None:  # never cut there: scored as worse than any allowed boundary
+        forbidden = np.zeros(n + 1, bool)
+        forbidden[1:n] = ~np.asarray(allowed, bool)[1:]
+        dup_at = np.where(forbidden, np.iinfo(np.int64).max // 4, dup_at)
     total = int(before[-1])
     cuts = [0]
     for k in range(1, num_parts):
@@ -56,5 +65,9 @@ def _best_cut(
     near_hi = min(hi, int(np.searchsorted(before, target + reach, side="right")) - 1)
     if near_lo <= near_hi:
         lo, hi = near_lo, near_hi  # else nothing within reach: score every remaining boundary
+    never = np.iinfo(np.int64).max // 4
+    if near_lo <= near_hi and (dup_at[lo : hi + 1] >= never).all():
+        lo, hi = previous + 1, n - 1  # nothing allowed within reach: every remaining one
     score = np.abs(before[lo : hi + 1] - target) + dup_at[lo : hi + 1]
-    return lo + int(np.argmin(score))
+    best = lo + int(np.argmin(score))
+    return n if dup_at[best] >= never else best

@@ -28,7 +28,9 @@ def _headline(plan: Plan) -> list[str]:
     return [
         (
             f"Plan: {plan.num_requests:,} requests -> {plan.num_groups:,} groups -> "
-            f"{plan.num_shards} shards (KV budget {plan.kv_budget_tokens:,} tokens)"
+            f"{plan.num_shards} shards (KV budget {plan.kv_budget_tokens:,} tokens, "
+            f"groups up to {plan.group_budget_tokens:,}"
+            f"{'' if plan.prefix_sharing else ', prefix sharing off'})"
         ),
         (
             f"Prompt tokens: {s.num_prompt_tokens:,} total, {s.num_unique_tokens:,} unique "

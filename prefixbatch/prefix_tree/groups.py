@@ -61,6 +61,8 @@ class Schedule:
     group_over_budget: np.ndarray  # [G] bool, a single request that alone exceeds the budget
     node_first_group: np.ndarray  # [m] first group that needs the node (its KV is computed there)
     node_last_group: np.ndarray  # [m] last group that needs it (its KV is freed after)
+    # [K+1] the balanced shard cuts it was made for, in groups (`cut_shards` keeps them)
+    shard_group_starts: np.ndarray | None = None
 
     @property
     def num_groups(self) -> int:
@@ -74,11 +76,13 @@ def schedule_groups(
     kv_budget_tokens: int,
     policy: OrderPolicy = split_heavy_then_decode_ratio,
     num_shards: int = 1,
+    keep_together: np.ndarray | None = None,
 ) -> Schedule:
     """Depth-first order under `policy`, greedy groups under the budget, node lifetimes.
 
     `num_shards`: the K the schedule will be cut into (`cut_shards(schedule, K)`); groups
-    then also start at the K balanced shard cuts.
+    then also start at the K balanced shard cuts. `keep_together` (a key per request id,
+    e.g. its input row): a shard never starts between two requests with the same key.
     """
     totals = subtree_totals(tree, max_tokens)
     if tree.num_requests == 0:
@@ -88,7 +92,11 @@ def schedule_groups(
     lengths = np.diff(tree.offsets)[request_order]
     decode = max_tokens[request_order]
     work = lengths - cached + decode
-    shard_starts = balanced_cuts(work, cached, num_shards)
+    allowed = None
+    if keep_together is not None:
+        keys = np.asarray(keep_together)[request_order]
+        allowed = np.r_[True, keys[1:] != keys[:-1]]
+    shard_starts = balanced_cuts(work, cached, num_shards, allowed)
     starts = greedy_group_starts(lengths + decode, work, kv_budget_tokens, shard_starts)
     node_last = node_start + totals.num_requests - 1
     return Schedule(
@@ -99,6 +107,7 @@ def schedule_groups(
         **_group_costs(starts, lengths, cached, decode, kv_budget_tokens),
         node_first_group=_group_of(starts, node_start),
         node_last_group=_group_of(starts, node_last),
+        shard_group_starts=np.searchsorted(starts, shard_starts),
     )
 
 

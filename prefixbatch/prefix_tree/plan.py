@@ -18,6 +18,8 @@ used on both sides of a shard cut is computed by both workers (`shard_duplicated
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
@@ -67,7 +69,11 @@ class Shard:
 
 @dataclass(frozen=True, eq=False)
 class Plan:
-    kv_budget_tokens: int
+    # The settings that shaped it, recorded so every reader runs and reports the same plan.
+    kv_budget_tokens: int  # KV tokens an executor may hold at once
+    group_budget_tokens: int  # KV tokens one group may take (the rest: the next group's prefill)
+    prefix_sharing: bool  # false: planned as if no two prompts shared a prefix
+    policy: str  # the sibling order (`policies.POLICIES`)
     # Requests, by position in execution order (except request_node: by request id).
     request_order: np.ndarray  # [n] request ids
     request_num_cached_tokens: (
@@ -175,8 +181,10 @@ class Plan:
             raw = data[f.name]
             if f.name == "stats":
                 values[f.name] = TreeStats.from_dict(raw)
-            elif f.name == "kv_budget_tokens":
+            elif f.name in ("kv_budget_tokens", "group_budget_tokens"):
                 values[f.name] = int(raw)
+            elif f.name in ("prefix_sharing", "policy"):
+                values[f.name] = raw
             elif f.name == "group_over_budget":
                 values[f.name] = np.asarray(raw, dtype=bool)
             else:
@@ -195,6 +203,28 @@ class Plan:
 
     __hash__ = None  # mutable-array contents: not hashable
 
+    def digest(self) -> str:
+        """A short fingerprint of everything the plan decides (its statistics left out): the
+        same digest in `plan --json` and a run's summary means the run executed this plan."""
+        decided = {k: v for k, v in self.to_dict().items() if k != "stats"}
+        text = json.dumps(decided, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Prompt tokens the executors compute, tokens duplicated at shard cuts included."""
+        return int(self.shard_prefill_tokens.sum())
+
+    @property
+    def num_decode_tokens(self) -> int:
+        """Tokens the plan expects to decode (the sum of max_tokens)."""
+        return int(self.group_decode_tokens.sum())
+
+    @property
+    def peak_kv_tokens(self) -> int:
+        """The largest group's KV: what the plan expects an executor to hold at once at most."""
+        return int(self.group_kv_tokens.max(initial=0))
+
     def explain(self) -> str:
         from prefixbatch.prefix_tree.explain import explain_plan
 
@@ -207,37 +237,59 @@ def build_plan(
     max_tokens,
     *,
     kv_budget_tokens: int,
+    group_budget_tokens: int | None = None,
     num_shards: int = 1,
     policy: str | OrderPolicy = DEFAULT_POLICY,
     top_k: int = 10,
     decode: Callable[[np.ndarray], str] | None = None,
     window: int = DEFAULT_WINDOW,
     share: bool = True,
+    keep_together: np.ndarray | None = None,
 ) -> Plan:
     """Plan a job: request i is tokens[offsets[i]:offsets[i+1]] and decodes ~max_tokens[i].
 
-    `kv_budget_tokens` bounds each group's KV; `num_shards` is the number of workers (shards
-    are balanced by estimated work whatever the budget); `policy` names a sibling order in
-    `policies.POLICIES` (or is such a function); `decode` (token ids -> text) only adds
-    snippets to the statistics' top prefixes. `share=False` plans as if no two prompts
-    shared a prefix (`build_tree`): every prompt is prefilled in full (for ablations).
+    `kv_budget_tokens` is what an executor holds at once; each group's KV is bounded by
+    `group_budget_tokens` (default: all of it); `num_shards` is the number of workers
+    (shards are balanced by estimated work whatever the budget); `policy` names a sibling
+    order in `policies.POLICIES` (or is such a function); `decode` (token ids -> text) only
+    adds snippets to the statistics' top prefixes. `share=False` plans as if no two prompts
+    shared a prefix (`build_tree`): every prompt is prefilled in full (for ablations, and for
+    executors that cannot share). `keep_together`: a key per request (its input row); a
+    shard never splits requests with the same key.
     """
     prompts = check_prompts(tokens, offsets, max_tokens)
-    order_policy = _check_options(kv_budget_tokens, num_shards, policy, window)
+    group_budget = kv_budget_tokens if group_budget_tokens is None else group_budget_tokens
+    order_policy = _check_options(kv_budget_tokens, group_budget, num_shards, policy, window)
     tree = build_tree(prompts.tokens, prompts.offsets, window=window, share=share)
     stats = tree_stats(tree, top_k=top_k, decode=decode)
     schedule = schedule_groups(
         tree,
         prompts.max_tokens,
-        kv_budget_tokens=kv_budget_tokens,
+        kv_budget_tokens=group_budget,
         policy=order_policy,
         num_shards=num_shards,
+        keep_together=keep_together,
     )
-    return assemble_plan(tree, stats, schedule, cut_shards(schedule, num_shards))
+    settings = dict(
+        kv_budget_tokens=int(kv_budget_tokens),
+        prefix_sharing=share,
+        policy=policy if isinstance(policy, str) else policy.__name__,
+    )
+    return assemble_plan(tree, stats, schedule, cut_shards(schedule, num_shards), **settings)
 
 
-def assemble_plan(tree: PrefixTree, stats: TreeStats, schedule: Schedule, shards: Shards) -> Plan:
-    """The plan from its parts (build_plan's last step; separate so stages can be timed)."""
+def assemble_plan(
+    tree: PrefixTree,
+    stats: TreeStats,
+    schedule: Schedule,
+    shards: Shards,
+    *,
+    kv_budget_tokens: int | None = None,
+    prefix_sharing: bool = True,
+    policy: str = DEFAULT_POLICY,
+) -> Plan:
+    """The plan from its parts (build_plan's last step; separate so stages can be timed).
+    `kv_budget_tokens` defaults to the schedule's group budget."""
     node_starts, node_ids = group_node_index(
         schedule.node_first_group, schedule.node_last_group, schedule.num_groups
     )
@@ -250,7 +302,10 @@ def assemble_plan(tree: PrefixTree, stats: TreeStats, schedule: Schedule, shards
         shards.group_starts[:-1] < schedule.num_groups
     ]
     return Plan(
-        kv_budget_tokens=schedule.kv_budget_tokens,
+        kv_budget_tokens=schedule.kv_budget_tokens if kv_budget_tokens is None else kv_budget_tokens,
+        group_budget_tokens=schedule.kv_budget_tokens,
+        prefix_sharing=prefix_sharing,
+        policy=policy,
         request_order=schedule.request_order,
         request_num_cached_tokens=cached,
         request_node=tree.request_node,
@@ -275,9 +330,10 @@ def assemble_plan(tree: PrefixTree, stats: TreeStats, schedule: Schedule, shards
     )
 
 
-def _check_options(kv_budget_tokens, num_shards, policy, window) -> OrderPolicy:
+def _check_options(kv_budget_tokens, group_budget_tokens, num_shards, policy, window) -> OrderPolicy:
     for name, value in (
         ("kv_budget_tokens", kv_budget_tokens),
+        ("group_budget_tokens", group_budget_tokens),
         ("num_shards", num_shards),
         ("window", window),
     ):

@@ -47,7 +47,11 @@ def cut_shards(schedule: Schedule, num_shards: int) -> Shards:
     """Cut the schedule's groups into `num_shards` balanced contiguous shards."""
     cost = schedule.group_prefill_tokens + schedule.group_decode_tokens
     shared = schedule.num_cached_tokens[schedule.group_starts[:-1]]  # [G] LCP at each group start
-    group_starts = balanced_cuts(cost, shared, num_shards)
+    made_for = schedule.shard_group_starts
+    if made_for is not None and len(made_for) == num_shards + 1:
+        group_starts = made_for  # the cuts the groups were made for (rows kept whole there)
+    else:
+        group_starts = balanced_cuts(cost, shared, num_shards)
     dup = np.zeros(num_shards, np.int64)
     dup[1:] = np.append(shared, 0)[group_starts[1:-1]]  # an empty shard at the end shares nothing
     return Shards(

@@ -64,7 +64,7 @@ def test_json_round_trip(plan):
 
 def test_explain(plan):
     text = plan.explain()
-    assert "6 requests -> 4 groups -> 2 shards (KV budget 12 tokens)" in text
+    assert "6 requests -> 4 groups -> 2 shards (KV budget 12 tokens, groups up to 12)" in text
     assert "21 total, 8 unique (sharing ratio 61.9%)" in text
     assert "Prefill cost: 10 tokens with sharing vs 21 without" in text
     assert "2 duplicated across shards" in text
