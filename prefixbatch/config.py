@@ -1,8 +1,12 @@
 """The base of every spec section: frozen, unknown fields refused, attribute docstrings as help.
 
-Each component owns the section it consumes (`pipeline.config`, `executors.config`);
-`jobs.spec.JobSpec` only composes them, so no component imports the job layer.
+Each component owns the section it consumes (`pipeline.config`, `executors.config`,
+`cluster.config`); `jobs.spec.JobSpec` only composes them, so no component imports the job
+layer. `ModelSpec` lives here, at the bottom: the tokenizer (`pipeline`) and the executors
+both read the model folder it names.
 """
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -11,3 +15,22 @@ class StrictModel(BaseModel):
     """Frozen, `extra="forbid"`; the docstring under each field becomes its description."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class ModelSpec(StrictModel):
+    """The Hugging Face model folder to run."""
+
+    path: str
+    """Folder of a Hugging Face checkpoint (config.json, safetensors weights, tokenizer files).
+    A relative path is resolved against the spec file's folder."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and activations dtype. `auto`: float32 on CPU, bfloat16 on CUDA."""
+
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    """`auto`: messages rows go through the tokenizer's chat template, prompt rows are used as
+    raw text. `always`: prompt rows are also wrapped as one user message and templated.
+    `never`: no template (only valid with `input.prompt_column`)."""
+
+    trust_remote_code: bool = False
+    """Allow code shipped inside the model folder to run. Off unless you trust the folder."""

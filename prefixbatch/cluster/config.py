@@ -1,12 +1,19 @@
-"""The `cluster` section of a job spec: where the generation runs."""
+"""The `cluster` section of a job spec, and what the cluster code is handed by the job layer.
+
+`ClusterJob` bundles the sub-specs the cluster code reads and `Progress` is the interface it
+reports through: the cluster never sees the whole job spec nor the job layer's objects.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 from pydantic import Field, model_validator
 
-from prefixbatch.config import StrictModel
+from prefixbatch.config import ModelSpec, StrictModel
+from prefixbatch.executors.config import ExecutorSpec
+from prefixbatch.pipeline.config import InputSpec, OutputSpec, SamplingSpec
 
 
 class ClusterSpec(StrictModel):
@@ -49,3 +56,32 @@ class ClusterSpec(StrictModel):
         if self.kind == "dask" and (self.address is None) == (self.local_workers is None):
             raise ValueError("cluster.kind dask needs exactly one of `address` and `local_workers`")
         return self
+
+
+@dataclass(frozen=True)
+class ClusterJob:
+    """The sections of a job spec that the cluster code reads."""
+
+    cluster: ClusterSpec
+    model: ModelSpec  # what each worker loads
+    executor: ExecutorSpec
+    input: InputSpec  # `plan_on: workers`: the workers read and tokenize the input
+    sampling: SamplingSpec
+    output: OutputSpec  # where the workers write their parts
+
+    @classmethod
+    def of(cls, spec: Any) -> ClusterJob:
+        """The sections of a `JobSpec` (taken by name: this layer does not import the job's)."""
+        return cls(spec.cluster, spec.model, spec.executor, spec.input, spec.sampling, spec.output)
+
+
+class Progress(Protocol):
+    """What a run's progress display takes from the cluster."""
+
+    def advance(self, rows: int, tokens: int, *, settles: Any = None) -> None: ...
+
+    def running(self, key: Any, rows: int, tokens: int) -> None: ...
+
+    def settle(self, key: Any) -> None: ...
+
+    def set_workers(self, num_workers: int) -> None: ...

@@ -12,8 +12,9 @@ reads a prompt:
    the rule that cuts shards; work as the tree counts it, a shared prefix once), keeping a
    row's samples together.
 3. One task per partition gathers its rows from the file tasks' results (Dask moves them
-   between workers), builds the exact tree and plan of its own prompts in the engine, and
-   runs as a shard: parts written by the worker, committed once by the driver.
+   between workers), plans its own prompts with the planning entry point under the settings
+   the driver resolved for the job (`PlanSettings`, one shard), and runs as a shard: parts
+   written by the worker, committed once by the driver.
 
 What the driver holds: ids (for the uniqueness check), and `KEY_TOKENS` + 3 numbers per
 request. Neighbours whose keys are equal to the end are taken to share their whole shorter
@@ -32,11 +33,12 @@ import numpy as np
 import pyarrow as pa
 
 from prefixbatch.cluster import LOAD_LOCK
+from prefixbatch.cluster.worker import CRASH_MESSAGE, ShardTask, run_shard
 from prefixbatch.pipeline.parts import RowColumns
-from prefixbatch.jobs.run import prompt_tokenizer
 from prefixbatch.pipeline.prepare import PreparedInput, in_rows, prepare_input
 from prefixbatch.pipeline.reader import InputFile
-from prefixbatch.pipeline.tokenize import PromptTokenizer
+from prefixbatch.pipeline.tokenize import PromptTokenizer, prompt_tokenizer
+from prefixbatch.prefix_tree import PlanSettings, plan_requests
 from prefixbatch.prefix_tree.cuts import balanced_cuts
 from prefixbatch.types import error_completion
 
@@ -72,6 +74,7 @@ class PartitionTask:
     rows: np.ndarray  # sorted global row indices (requests' rows and error rows)
     chunks: list[Any]  # Dask futures of the `FileChunk`s holding these rows
     shard_fields: dict[str, Any]  # the `ShardTask` fields every partition shares
+    settings: PlanSettings  # the job's, resolved by the driver; one shard
     crashed: bool = False  # run no request: write the row as a `worker_crash` error row
 
     @property
@@ -90,7 +93,7 @@ class PartitionTask:
 
     def call(self) -> tuple[Any, tuple]:
         """The function and arguments of this partition's Dask task."""
-        return run_partition, (self.shard_id, self.rows, self.crashed, self.shard_fields, *self.chunks)
+        return run_partition, (self.shard_id, self.rows, self.crashed, self.shard_fields, self.settings, *self.chunks)
 
 
 _tokenizers: dict[tuple[str, bool], PromptTokenizer] = {}  # a worker's, by model settings
@@ -101,7 +104,7 @@ def _tokenizer(spec: Any) -> PromptTokenizer:
     key = (spec.model.model_dump_json(), spec.input.messages_column is not None)
     with LOAD_LOCK:  # not while the engine plugin imports transformers in its thread
         if key not in _tokenizers:
-            _tokenizers[key] = prompt_tokenizer(spec)
+            _tokenizers[key] = prompt_tokenizer(spec.model, messages=spec.input.messages_column is not None)
         return _tokenizers[key]
 
 
@@ -167,10 +170,9 @@ def partition_rows(keys: list[ChunkKeys], num_partitions: int) -> list[np.ndarra
     return [p for p in merged if len(p)]
 
 
-def run_partition(shard_id: str, rows: np.ndarray, crashed: bool, shard_fields: dict, *chunks: FileChunk):
-    """On a worker: the partition's rows gathered from the file chunks, run as a shard."""
-    from prefixbatch.cluster.dask_run import CRASH_MESSAGE, ShardTask, run_shard
-
+def run_partition(shard_id: str, rows: np.ndarray, crashed: bool, shard_fields: dict, settings: PlanSettings,
+                  *chunks: FileChunk):
+    """On a worker: the partition's rows gathered from the file chunks, planned, run as a shard."""
     requests, errors, columns = [], [], []
     for chunk in chunks:
         mine_requests = in_rows(chunk.prepared.requests, rows)
@@ -186,7 +188,7 @@ def run_partition(shard_id: str, rows: np.ndarray, crashed: bool, shard_fields: 
         requests, errors = [], [error_completion(row, "worker_crash", CRASH_MESSAGE, num_prompt_tokens=tokens)]
     task = ShardTask(
         shard_id,
-        requests,
+        plan_requests(requests, settings) if requests else None,
         _concat_columns(columns),
         errors=errors,
         counted_rows=counted,

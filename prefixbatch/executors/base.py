@@ -1,62 +1,60 @@
-"""The executor contract, and the one place that maps `executor.kind` to a class.
+"""The executor contract: a plan in, completions out, and what was computed.
 
-An executor receives requests (token ids + sampling) and yields one `Completion` per
-request, in any order, as soon as each is done, so callers can show progress and write
-output incrementally. Executor modules are imported only when chosen: torch is heavy.
+An executor is handed a `PlannedRequests` (a plan, or one shard's part of it, with the
+requests and tokens it indexes) and yields one `Completion` per request, in any order, as
+soon as each is done, so callers can show progress and write output incrementally. It runs
+the plan's groups in the plan's order and never plans on its own. `registry` says which
+executors exist and loads the chosen one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from prefixbatch.executors.config import ExecutorSpec, ModelSpec
-from prefixbatch.executors.memory import keep_freed_memory
-from prefixbatch.types import Completion, Request
+from prefixbatch.prefix_tree import PlannedRequests
+from prefixbatch.types import Completion
 
 
 @dataclass
 class ExecutorStats:
-    """What an executor computed; the run summary reports it."""
+    """What an executor computed; the run summary reports it beside the plan's prediction."""
 
     num_prefill_tokens: int = 0  # prompt tokens whose KV was computed (shared prefixes once, natively)
     num_decode_tokens: int = 0  # generated tokens fed back through the model
     num_steps: int = 0  # forward passes
     peak_kv_tokens: int = 0  # most KV-cache tokens held at once (native)
+    num_groups: int = 0  # plan groups run
 
 
 class Executor(Protocol):
+    kind: str  # the registry's name for it
     stats: ExecutorStats
 
-    def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
-        """One completion per request, yielded as they finish."""
+    def generate(self, work: PlannedRequests) -> Iterator[Completion]:
+        """One completion per request of `work`, yielded as they finish."""
         ...
 
 
-def resolve_kind(model: ModelSpec, executor: ExecutorSpec) -> str:
-    """`native` or `hf`; `auto` is `native` when our engine implements the model's architecture."""
-    if executor.kind != "auto":
-        return executor.kind
-    from prefixbatch.errors import ModelError
-    from prefixbatch.executors.model_folder import read_config
-    from prefixbatch.executors.native.config import model_config_from_hf
-
-    try:
-        model_config_from_hf(read_config(model.path))
-    except ModelError:
-        return "hf"
-    return "native"
 
 
-def create_executor(model: ModelSpec, executor: ExecutorSpec) -> Executor:
-    """Load the model for the chosen executor kind."""
-    kind = resolve_kind(model, executor)
-    keep_freed_memory()
-    if kind == "native":
-        from prefixbatch.executors.native.executor import NativeExecutor
+@dataclass
+class Executed:
+    """What ran in a job: the executor kind and its work, summed over shards on a cluster."""
 
-        return NativeExecutor(model, executor)
-    from prefixbatch.executors.hf import HfExecutor
+    kind: str
+    stats: ExecutorStats = field(default_factory=ExecutorStats)
+    shards: list = field(default_factory=list)  # cluster: one `ShardResult` per shard run
 
-    return HfExecutor(model, executor)
+    def add(self, shard: Any) -> None:
+        """A shard's result: its work added (peak KV: the largest), the shard listed."""
+        self.shards.append(shard)
+        for key, value in vars(shard.stats).items():
+            if key == "peak_kv_tokens":
+                self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, value)
+            else:
+                setattr(self.stats, key, getattr(self.stats, key) + value)
+
+
+__all__ = ["Executed", "Executor", "ExecutorStats"]

@@ -1,58 +1,58 @@
-"""The `model` and `executor` sections of a job spec: what to load and how to run it.
+"""The `executor` section of a job spec: which engine runs the plan, and each engine's settings.
 
-Plain pydantic, no torch: validating a spec never imports an executor.
+Plain pydantic, no torch: validating a spec never imports an executor. Settings that shape
+the plan (KV budget, prefix sharing) are the section's own; settings only one engine reads
+live in that engine's sub-section (`native`, `hf`), so no field means two things.
 """
 
 from typing import Literal
 
 from pydantic import Field
 
-from prefixbatch.config import StrictModel
+from prefixbatch.config import ModelSpec, StrictModel
+
+__all__ = ["ExecutorSpec", "HfSettings", "ModelSpec", "NativeSettings"]
 
 
-class ModelSpec(StrictModel):
-    """The Hugging Face model folder to run."""
+class NativeSettings(StrictModel):
+    """`executor.native`: the native engine's step size."""
 
-    path: str
-    """Folder of a Hugging Face checkpoint (config.json, safetensors weights, tokenizer files).
-    A relative path is resolved against the spec file's folder."""
+    max_step_tokens: int = Field(16384, ge=1)
+    """Most tokens in one forward step: every running sequence's decode token, then prefill
+    chunks (long prompt segments are chunked to fit)."""
 
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights and activations dtype. `auto`: float32 on CPU, bfloat16 on CUDA."""
 
-    chat_template: Literal["auto", "always", "never"] = "auto"
-    """`auto`: messages rows go through the tokenizer's chat template, prompt rows are used as
-    raw text. `always`: prompt rows are also wrapped as one user message and templated.
-    `never`: no template (only valid with `input.prompt_column`)."""
+class HfSettings(StrictModel):
+    """`executor.hf`: transformers `generate` batches."""
 
-    trust_remote_code: bool = False
-    """Allow code shipped inside the model folder to run. Off unless you trust the folder."""
+    max_batch_size: int = Field(32, ge=1)
+    """Most requests decoded together in one batch."""
+
+    max_batch_tokens: int = Field(16384, ge=1)
+    """Most padded tokens in one batch (batch size × (longest prompt + largest max_tokens));
+    a single request larger than this still runs, alone."""
 
 
 class ExecutorSpec(StrictModel):
-    """Which engine generates, on which device, in batches of what size."""
+    """Which engine runs the plan, on which device, with how much KV memory."""
 
     kind: Literal["auto", "native", "hf"] = "auto"
     """`native`: our engine (prefix tree KV, each shared prefix computed once, shared-prefix
     attention; Llama, Mistral, Qwen2, Qwen3). `hf`: Hugging Face transformers `generate` in
-    padded batches (the reference executor, any architecture). `auto`: `native` when it
-    supports the model, else `hf`."""
+    padded batches (the reference executor, any architecture; it never shares a prefix, so
+    its plan is made without sharing). `auto`: `native` when it supports the model, else `hf`."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` picks CUDA when a GPU is visible, else the CPU."""
 
-    max_batch_size: int = Field(32, ge=1)
-    """`hf`: most requests decoded together in one batch."""
-
     kv_budget_tokens: int | None = Field(None, ge=1)
-    """Most KV-cache tokens held at once; the planner sizes groups to fit it. Null: 131072 on
-    the CPU (the native engine will size it from free device memory on CUDA)."""
-
-    max_batch_tokens: int = Field(16384, ge=1)
-    """`hf`: most padded tokens (batch size × (longest prompt + its max_tokens)) in one
-    batch; a single request larger than this still runs, alone. `native`: most tokens in one
-    forward step (prefill segments are chunked to fit)."""
+    """Most KV-cache tokens an executor holds at once; the planner sizes groups to fit half
+    of it (the other half lets the next group prefill while one decodes). Null: sized from
+    free device memory on CUDA, 131072 on the CPU."""
 
     prefix_sharing: bool = True
     """false: plan as if no two prompts shared a prefix, so every prompt is prefilled in full
-    (for ablations)."""
+    (for ablations: what sharing saves)."""
+
+    native: NativeSettings = NativeSettings()
+    hf: HfSettings = HfSettings()

@@ -12,7 +12,7 @@ import torch
 
 from prefixbatch.errors import UserError
 
-__all__ = ["resolve_device", "resolve_dtype"]
+__all__ = ["free_device_bytes", "resolve_device", "resolve_dtype"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,3 +32,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[dtype]
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Free memory on a CUDA device right now, in bytes."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)

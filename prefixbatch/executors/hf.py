@@ -6,7 +6,9 @@ against, so it stays plain transformers: `AutoModelForCausalLM.generate` with
 rows untouched) and one stopping criterion (`RowStopper`: per-row max_tokens, stop ids,
 stop strings). Greedy rows are therefore exactly transformers' greedy decoding.
 
-Batches: requests sorted by prompt length (stable), cut by `max_batch_size` and
+Order and batches: the plan's groups run in the plan's order (it cannot share a prefix's KV,
+so its plan is made without sharing and predicts exactly the prefill it computes); within a
+group, requests sorted by prompt length (stable), cut by `executor.hf.max_batch_size` and
 `max_batch_tokens` (padded size × (longest prompt + largest max_tokens)); a request over the
 token limit runs alone. Each batch is left-padded with the tokenizer's pad id and masked.
 
@@ -14,7 +16,7 @@ The checkpoint's generation config keeps only its special ids (bos, eos, pad): i
 defaults (temperature, top_p, repetition_penalty, ...) never apply; the job's
 `SamplingParams` decide.
 
-in → out: requests (token ids + sampling) → one `Completion` per request, batch by batch.
+in → out: a plan's requests (token ids + sampling) → one `Completion` per request, batch by batch.
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from prefixbatch.errors import ModelError
+from prefixbatch.config import ModelSpec
 from prefixbatch.executors.base import ExecutorStats
-from prefixbatch.executors.config import ExecutorSpec, ModelSpec
+from prefixbatch.executors.config import ExecutorSpec
 from prefixbatch.executors.device import resolve_device, resolve_dtype
-from prefixbatch.executors.model_folder import check_model_folder
+from prefixbatch.model_folder import check_model_folder
+from prefixbatch.prefix_tree import PlannedRequests
 from prefixbatch.executors.sampling import SeededSampler
 from prefixbatch.executors.stopping import RowFinish, RowStopper, StopRule, cut_at_stop
 from prefixbatch.types import Completion, Request
@@ -48,10 +52,12 @@ T = TypeVar("T")
 
 
 class HfExecutor:
-    """Loads a Hugging Face checkpoint once; `generate` completes requests batch by batch."""
+    """Loads a Hugging Face checkpoint once; `generate` completes a plan batch by batch."""
+
+    kind = "hf"
 
     def __init__(self, model: ModelSpec, executor: ExecutorSpec) -> None:
-        self.spec = executor
+        self.spec = executor.hf
         self.stats = ExecutorStats()
         self.device = resolve_device(executor.device)
         self.dtype = resolve_dtype(model.dtype, self.device)
@@ -83,10 +89,15 @@ class HfExecutor:
         # generate() fills every unset field from the model's config: keep nothing else there.
         self.model.generation_config = GenerationConfig(**self.special_ids, do_sample=False)
 
-    def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
-        """One completion per request, in batch order; (row_index, sample_index) names each."""
-        empty = [r for r in requests if r.sampling.max_tokens < 1]
-        for request in empty:
+    def generate(self, work: PlannedRequests) -> Iterator[Completion]:
+        """One completion per request, group by group in the plan's order; (row_index,
+        sample_index) names each."""
+        for group in work.groups():
+            yield from self._run_group(group)
+            self.stats.num_groups += 1
+
+    def _run_group(self, requests: Sequence[Request]) -> Iterator[Completion]:
+        for request in [r for r in requests if r.sampling.max_tokens < 1]:
             yield Completion(
                 request.row_index, (), "", "length", request.num_prompt_tokens,
                 sample_index=request.sample_index,

@@ -54,10 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_spec_args(plan)
     plan.add_argument("--json", action="store_true", help="print the report as JSON")
-    plan.add_argument("--shards", type=_positive, default=1, metavar="K", help="cut the plan into K shards")
+    plan.add_argument(
+        "--shards", type=_positive, default=None, metavar="K",
+        help="preview a cut into K shards (default: the run's: 1, or Dask workers × shards_per_worker)",
+    )
     plan.add_argument(
         "--kv-budget", type=_positive, default=None, metavar="TOKENS",
-        help="KV tokens a group may hold (default: executor.kv_budget_tokens, else 131072)",
+        help="same as --set executor.kv_budget_tokens=TOKENS",
     )
     plan.add_argument("--report", metavar="FILE.html", help="write a picture of the prefix sharing (HTML)")
     plan.set_defaults(func=cmd_plan)
@@ -133,10 +136,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from prefixbatch.jobs.plan import plan_job, plan_report, plan_text, write_plan_report
+    from prefixbatch.jobs.plan import plan_report, plan_text, preview_job, write_plan_report
 
-    spec = _load(args)
-    job = plan_job(spec, num_shards=args.shards, kv_budget_tokens=args.kv_budget)
+    spec = _load(args, [f"executor.kv_budget_tokens={args.kv_budget}"] if args.kv_budget else [])
+    job = preview_job(spec, num_shards=args.shards)
     report = plan_report(job, spec)
     print(json.dumps(report, indent=2) if args.json else plan_text(job, report))
     if args.report:

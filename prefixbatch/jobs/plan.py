@@ -1,7 +1,7 @@
 """`prefixbatch plan`: what a job would do, found without loading any weights.
 
-Reads and tokenizes the input, builds the global prefix tree and the plan (groups under the
-KV budget, shards), and reports sharing statistics and the cost with and without sharing:
+Reads and tokenizes the input and makes the plan exactly as `run` makes it (`planning`:
+same settings, same digest; rows a resume keeps are left out as `run` leaves them), and reports sharing statistics and the cost with and without sharing:
 prefill tokens, and peak KV tokens per group.
 """
 
@@ -13,53 +13,49 @@ from pathlib import Path
 
 import numpy as np
 
-from prefixbatch.jobs.run import prompt_tokenizer, read_job_input
+from prefixbatch.jobs.inputs import job_tokenizer, read_job_input
+from prefixbatch.jobs.planning import plan_job, plan_summary
+from prefixbatch.jobs.run import committed_before
 from prefixbatch.jobs.spec import JobSpec
 from prefixbatch.pipeline.prepare import PreparedInput
-from prefixbatch.prefix_tree import (
-    Plan,
-    PrefixTree,
-    assemble_plan,
-    build_tree,
-    check_prompts,
-    cut_shards,
-    schedule_groups,
-    tree_stats,
-)
-from prefixbatch.prefix_tree.requests import prompt_arrays
-
-DEFAULT_CPU_KV_BUDGET = 131_072  # tokens; the native engine sizes it from device memory on CUDA
+from prefixbatch.prefix_tree import Plan, PlannedRequests
 
 
 @dataclass(frozen=True)
 class JobPlan:
-    prepared: PreparedInput
-    tree: PrefixTree
-    plan: Plan
+    prepared: PreparedInput  # every row of the input
+    todo: PreparedInput  # the rows the run would generate (all but those a resume keeps)
+    work: PlannedRequests  # the plan `run` executes over `todo.requests`
+
+    @property
+    def plan(self) -> Plan:
+        return self.work.plan
 
 
-def plan_job(spec: JobSpec, *, num_shards: int = 1, kv_budget_tokens: int | None = None) -> JobPlan:
-    """Tokenize the job and plan it; request ids of the plan index `prepared.requests`."""
+def preview_job(spec: JobSpec, *, num_shards: int | None = None) -> JobPlan:
+    """The plan `run` would execute now (the same call `run` makes), without loading weights.
+
+    `num_shards` previews another cut; by default it is the run's: 1 in one process, workers
+    × `cluster.shards_per_worker` on Dask (a running cluster at `cluster.address` is asked
+    how many workers it has).
+    """
     prepared = read_job_input(spec)
-    tokenizer = prompt_tokenizer(spec)
-    tokens, offsets, max_tokens = prompt_arrays(prepared.requests)
-    prompts = check_prompts(tokens, offsets, max_tokens)
-    tree = build_tree(prompts.tokens, prompts.offsets)
-    stats = tree_stats(tree, decode=lambda ids: tokenizer.decode(ids.tolist()))
-    budget = kv_budget_tokens or spec.executor.kv_budget_tokens or DEFAULT_CPU_KV_BUDGET
-    schedule = schedule_groups(
-        tree, prompts.max_tokens, kv_budget_tokens=budget, num_shards=num_shards
-    )
-    plan = assemble_plan(tree, stats, schedule, cut_shards(schedule, num_shards))
-    return JobPlan(prepared, tree, plan)
+    todo = prepared.without_rows(committed_before(spec, prepared))
+    if num_shards is None:
+        num_shards = 1
+        if spec.cluster.kind == "dask":
+            from prefixbatch.cluster.dask_run import count_shards
+
+            num_shards = count_shards(spec.cluster)
+    tokenizer = job_tokenizer(spec)
+    work = plan_job(spec, todo.requests, num_shards=num_shards, decode=lambda ids: tokenizer.decode(ids.tolist()))
+    return JobPlan(prepared, todo, work)
 
 
 def peak_kv_without_sharing(job: JobPlan) -> int:
     """The largest group's KV if every member held its whole prompt on its own."""
     plan = job.plan
-    per_request = np.array(
-        [r.num_prompt_tokens + r.sampling.max_tokens for r in job.prepared.requests], np.int64
-    )
+    per_request = np.array([r.num_prompt_tokens + r.sampling.max_tokens for r in job.work.requests], np.int64)
     in_order = per_request[plan.request_order]
     sums = np.add.reduceat(in_order, plan.group_starts[:-1]) if plan.num_groups else np.zeros(0)
     return int(sums.max(initial=0))
@@ -70,18 +66,20 @@ def plan_report(job: JobPlan, spec: JobSpec) -> dict:
     prepared, plan = job.prepared, job.plan
     codes = Counter(c.error.split(":", 1)[0] for c in prepared.errors if c.error)
     stats = plan.stats
-    prefill_with = int(plan.shard_prefill_tokens.sum())
+    prefill_with = plan.num_prefill_tokens
     return {
         "job": spec.name,
+        "plan": plan_summary(job.work),
         "rows": prepared.num_rows,
-        "requests": len(prepared.requests),
+        "resumed_rows": prepared.num_rows - job.todo.num_rows,
+        "requests": len(job.todo.requests),
         "error_rows": len(prepared.errors),
         "errors_by_code": dict(sorted(codes.items())),
         "prompt_tokens": stats.num_prompt_tokens,
         "unique_prompt_tokens": stats.num_unique_tokens,
         "sharing_ratio": round(stats.sharing_ratio, 4),
         "longest_prompt_tokens": int(stats.prompt_tokens_quantiles[-1]) if stats.num_requests else 0,
-        "max_output_tokens": int(plan.group_decode_tokens.sum()),
+        "max_output_tokens": plan.num_decode_tokens,
         "rows_with_clamped_max_tokens": prepared.num_clamped,
         "prefill_tokens": {"without_sharing": stats.num_prompt_tokens, "with_sharing": prefill_with},
         "peak_kv_tokens_per_group": {
@@ -120,23 +118,30 @@ def plan_text(job: JobPlan, report: dict) -> str:
     kv = report["peak_kv_tokens_per_group"]
     lines = [
         f"Job {report['job']}: {report['rows']:,} rows, {report['requests']:,} to generate, "
-        f"{report['error_rows']:,} error rows"
+        + (f"{report['resumed_rows']:,} committed before (resume), " if report["resumed_rows"] else "")
+        + f"{report['error_rows']:,} error rows"
         + (f" ({', '.join(f'{k}={v}' for k, v in report['errors_by_code'].items())})" if report["errors_by_code"] else ""),
         f"Longest prompt: {report['longest_prompt_tokens']:,} tokens; "
         f"expected output up to {report['max_output_tokens']:,} tokens",
         f"Peak KV per group: {kv['with_sharing']:,} tokens with sharing vs {kv['without_sharing']:,} without",
         job.plan.explain(),
+        f"Plan digest {report['plan']['digest']} (the run's summary carries the same when it executes this plan)",
     ]
     return "\n".join(lines)
 
 
 def write_plan_report(job: JobPlan, spec: JobSpec, path: str | Path) -> Path:
     from prefixbatch.jobs.report import write_report
+    from prefixbatch.prefix_tree import build_tree
 
-    tokenizer = prompt_tokenizer(spec).tokenizer
+    tokenizer = job_tokenizer(spec).tokenizer
+    work = job.work
+    offsets = np.zeros(len(work.requests) + 1, np.int64)
+    np.cumsum([r.num_prompt_tokens for r in work.requests], out=offsets[1:])
+    tokens = np.fromiter((t for r in work.requests for t in r.token_ids), np.int32, int(offsets[-1]))
     return write_report(
         path,
-        job.tree,
+        build_tree(tokens, offsets, share=work.plan.prefix_sharing),
         job.plan.stats,
         title=f"prefixbatch plan: {spec.name}",
         decode=lambda ids: tokenizer.decode(ids.tolist()),

@@ -19,15 +19,17 @@ import numpy as np
 import pyarrow as pa
 
 import prefixbatch
-from prefixbatch.executors.base import Executor, ExecutorStats, create_executor
+from prefixbatch.executors.base import Executed, ExecutorStats
+from prefixbatch.executors.registry import create_executor
 from prefixbatch.faults import fault_point
 from prefixbatch.jobs.fingerprint import job_fingerprint
-from prefixbatch.executors.model_folder import check_model_folder
+from prefixbatch.jobs.inputs import read_job_input, scan_job_input
+from prefixbatch.jobs.planning import plan_job, plan_settings, plan_summary
 from prefixbatch.jobs.progress import JobProgress
 from prefixbatch.jobs.spec import JobSpec
-from prefixbatch.pipeline.prepare import PreparedInput, input_columns, prepare_input
-from prefixbatch.pipeline.reader import batch_schema, check_ids, scan_inputs
-from prefixbatch.pipeline.tokenize import PromptTokenizer
+from prefixbatch.model_folder import check_model_folder
+from prefixbatch.pipeline.prepare import PreparedInput, input_columns
+from prefixbatch.pipeline.reader import batch_schema
 from prefixbatch.pipeline.commits import SUMMARY, CommitRecord, OutputFolder, indices_to_ranges
 from prefixbatch.pipeline.parts import PartWriter, RowColumns, samples_per_row
 from prefixbatch.pipeline.writer import output_schema
@@ -58,6 +60,8 @@ class RunSummary:
     output_tokens_per_s: float  # this run's output tokens / generate_s
     parts: list[str] = field(default_factory=list)
     shards: list[dict] = field(default_factory=list)  # cluster.kind dask: what each shard ran, where
+    plan: dict | None = None  # what the plan predicted (`plan --json` shows the same), its digest
+    executed: dict = field(default_factory=dict)  # what the executors did: groups, prefill, decode, peak KV
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,41 +73,6 @@ def output_metadata(spec: JobSpec) -> dict[str, str]:
         "prefixbatch.model": spec.model.path,
         "prefixbatch.version": prefixbatch.__version__,
     }
-
-
-def prompt_tokenizer(spec: JobSpec) -> PromptTokenizer:
-    return PromptTokenizer(
-        spec.model.path,
-        text_kind="messages" if spec.input.messages_column else "prompt",
-        chat_template=spec.model.chat_template,
-        trust_remote_code=spec.model.trust_remote_code,
-    )
-
-
-def read_job_input(
-    spec: JobSpec, *, show_progress: bool = False, live_progress: bool | None = None
-) -> PreparedInput:
-    """Job-level input checks, then every row as a request or an error row. No weights loaded."""
-    files, _, skipped = scan_job_input(spec)
-    tokenizer = prompt_tokenizer(spec)
-    if not show_progress:
-        prepared = prepare_input(files, spec.input, spec.sampling, tokenizer)
-    else:
-        total = sum(f.num_rows for f in files)
-        with JobProgress(total, label="tokenizing", count_tokens=False, live=live_progress) as progress:
-            prepared = prepare_input(
-                files, spec.input, spec.sampling, tokenizer, on_batch=lambda rows: progress.advance(rows, 0)
-            )
-    return replace(prepared, skipped_files=skipped)
-
-
-def scan_job_input(spec: JobSpec) -> tuple[list, pa.ChunkedArray, list[str]]:
-    """The input files (footers checked), every row's id (unique, non-null), the files skipped."""
-    columns = input_columns(spec.input)
-    skipped: list[str] | None = [] if spec.input.ignore_corrupt_files else None
-    files = scan_inputs(spec.input.paths, columns, storage_options=spec.input.storage_options, skipped=skipped)
-    ids = check_ids(files, columns, storage_options=spec.input.storage_options)
-    return files, ids, skipped or []
 
 
 def _open_output(spec: JobSpec, prepared: PreparedInput, log: Callable[[str], None]) -> tuple[OutputFolder, PartWriter, np.ndarray]:
@@ -123,12 +92,17 @@ def check_job(spec: JobSpec) -> str:
     check_model_folder(spec.model.path)
     prepared = read_job_input(spec)
     output = _output_folder(spec)
-    committed = output.check(job_fingerprint(spec, prepared.files))
+    committed = len(output.check(job_fingerprint(spec, prepared.files)))
     resumed = f", {committed} already committed (resume)" if committed else ""
     return (
         f"{prepared.num_rows} rows, {len(prepared.requests)} to generate, "
         f"{len(prepared.errors)} would be error rows{resumed}"
     )
+
+
+def committed_before(spec: JobSpec, prepared: PreparedInput) -> np.ndarray:
+    """The input rows an earlier run committed that this one keeps (resume); writes nothing."""
+    return _output_folder(spec).check(job_fingerprint(spec, prepared.files))
 
 
 def _output_folder(spec: JobSpec) -> OutputFolder:
@@ -145,9 +119,10 @@ def run_job(spec: JobSpec, *, live_progress: bool | None = None, log: Callable[[
     check_model_folder(spec.model.path)
     if spec.cluster.kind != "dask":
         return _run(spec, None, start, live_progress, log)
+    from prefixbatch.cluster.config import ClusterJob
     from prefixbatch.cluster.dask_run import DaskSession
 
-    with DaskSession(spec) as cluster:  # workers load the engine while the driver reads
+    with DaskSession(ClusterJob.of(spec)) as cluster:  # workers load the engine while the driver reads
         run = _run_planned_on_workers if spec.cluster.plan_on == "workers" else _run
         summary = run(spec, cluster, start, live_progress, log)
     # Once the run's own workers are gone: a part that a worker the scheduler had given up
@@ -162,20 +137,24 @@ def _run(spec: JobSpec, cluster, start: float, live_progress: bool | None, log: 
     log(f"read {prepared.num_rows} rows: {len(prepared.requests)} to generate, {len(prepared.errors)} error rows")
     output, writer, committed = _open_output(spec, prepared, log)
     todo = prepared.without_rows(committed)
+    work = plan_job(spec, todo.requests, num_shards=cluster.num_shards() if cluster else 1)
+    plan = work.plan
+    log(f"plan {plan.digest()}: {plan.num_groups} groups, {plan.num_shards} shards, {plan.num_prefill_tokens} prefill tokens")
     with JobProgress(todo.num_output_rows, live=live_progress) as progress:
         for completion in todo.errors:
             writer.add(completion)
             progress.advance(1, 0)
         writer.flush()
         if cluster is not None and todo.requests:
-            executor = cluster.run(todo, output, writer, progress, log=log)
+            executed = cluster.run(work, todo, output, writer, progress, log=log)
         else:
             executor = create_executor(spec.model, spec.executor) if todo.requests else None
-            for completion in executor.generate(todo.requests) if executor is not None else ():
+            for completion in executor.generate(work) if executor is not None else ():
                 writer.add(completion)
                 progress.advance(1, completion.num_output_tokens)
+            executed = Executed(executor.kind, executor.stats) if executor is not None else None
         writer.flush()
-    return _finish(spec, prepared, output, writer, executor, committed, progress, start)
+    return _finish(spec, prepared, output, writer, executed, committed, progress, start, plan=plan_summary(work))
 
 
 def _run_planned_on_workers(spec: JobSpec, cluster, start: float, live_progress: bool | None, log) -> RunSummary:
@@ -193,11 +172,14 @@ def _run_planned_on_workers(spec: JobSpec, cluster, start: float, live_progress:
     total = sum(len(k.request_rows) + len(k.error_rows) for k in keys)
     log(f"read {prepared.num_rows} rows on the workers: {total} output rows to write")
     with JobProgress(total, live=live_progress) as progress:
-        executor = cluster.run_partitions(files, chunks, keys, output, writer, progress, log=log) if total else None
-    return _finish(spec, prepared, output, writer, executor, committed, progress, start)
+        settings = plan_settings(spec, num_shards=1)  # each partition is one shard, planned on its worker
+        executed = cluster.run_partitions(files, chunks, keys, settings, output, writer, progress, log=log) if total else None
+    return _finish(spec, prepared, output, writer, executed, committed, progress, start, plan=None)
 
 
-def _finish(spec: JobSpec, prepared: PreparedInput, output, writer, executor, committed, progress, start: float) -> RunSummary:
+def _finish(
+    spec: JobSpec, prepared: PreparedInput, output, writer, executed, committed, progress, start: float, *, plan: dict | None
+) -> RunSummary:
     """Manifest, summary and `_SUCCESS` once every row is committed."""
     records = output.write_manifest(
         prepared.num_rows, extra={"job": spec.name, "skipped_input_files": prepared.skipped_files}
@@ -206,9 +188,10 @@ def _finish(spec: JobSpec, prepared: PreparedInput, output, writer, executor, co
         spec,
         prepared,
         records,
-        executor,
+        executed,
+        plan=plan,
         resumed_rows=len(committed),
-        run_output_tokens=sum(r.stats["output_tokens"] for r in [*writer.records, *_shard_records(executor)]),
+        run_output_tokens=sum(r.stats["output_tokens"] for r in [*writer.records, *_shard_records(executed)]),
         parts=output.part_urls(records),
         wall_s=time.monotonic() - start,
         generate_s=progress.elapsed_s,
@@ -218,9 +201,9 @@ def _finish(spec: JobSpec, prepared: PreparedInput, output, writer, executor, co
     return summary
 
 
-def _shard_records(executor) -> list:
+def _shard_records(executed: Executed | None) -> list:
     """The parts a cluster's workers wrote in this run (the driver's writer holds the rest)."""
-    return [record for shard in getattr(executor, "shards", []) for record in shard.records]
+    return [record for shard in (executed.shards if executed else []) for record in shard.records]
 
 
 def part_writer(output: OutputFolder, prepared: PreparedInput, spec: JobSpec) -> PartWriter:
@@ -241,8 +224,9 @@ def summarize(
     spec: JobSpec,
     prepared: PreparedInput,
     records: list[CommitRecord],
-    executor: Executor | None,
+    executed: Executed | None,
     *,
+    plan: dict | None,
     resumed_rows: int,
     run_output_tokens: int,
     parts: list[str],
@@ -257,8 +241,8 @@ def summarize(
         for key in ("prompt_tokens", "output_tokens", "cached_prompt_tokens"):
             totals[key] += record.stats.get(key, 0)
         errors.update(record.stats.get("errors_by_code", {}))
-    stats = executor.stats if executor is not None else ExecutorStats()
-    kind = "none" if executor is None else getattr(executor, "kind", type(executor).__name__.removesuffix("Executor").lower())
+    stats = executed.stats if executed is not None else ExecutorStats()
+    kind = "none" if executed is None else executed.kind
     return RunSummary(
         job=spec.name,
         output_path=spec.output.path,
@@ -295,6 +279,14 @@ def summarize(
                 "started": s.started,
                 "finished": s.finished,
             }
-            for s in getattr(executor, "shards", [])
+            for s in (executed.shards if executed else [])
         ],
+        plan=plan,
+        executed={
+            "groups": stats.num_groups,
+            "prefill_tokens": stats.num_prefill_tokens,
+            "decode_tokens": stats.num_decode_tokens,
+            "peak_kv_tokens": stats.peak_kv_tokens,
+            "steps": stats.num_steps,
+        },
     )

@@ -115,11 +115,12 @@ class OutputFolder:
 
     # Claiming -----------------------------------------------------------------------------
 
-    def check(self, fingerprint: dict[str, Any]) -> int:
-        """Raise `OutputError` if `open()` would refuse; writes nothing. Committed rows a resume keeps."""
+    def check(self, fingerprint: dict[str, Any]) -> np.ndarray:
+        """Raise `OutputError` if `open()` would refuse; writes nothing. The committed rows a
+        resume keeps, sorted (none unless resuming)."""
         if not self._keeps_commits(fingerprint):
-            return 0
-        return len(committed_rows(self.load_records()[0]))
+            return np.zeros(0, np.int64)
+        return committed_rows(self.load_records()[0])
 
     def _keeps_commits(self, fingerprint: dict[str, Any]) -> bool:
         """The checks of `check`, without reading the commits: whether this run resumes them."""
@@ -337,7 +338,7 @@ class OutputFolder:
             name = entry.rstrip("/").rsplit("/", 1)[-1]
             if name in keep:
                 continue
-            if name.startswith(("part-", "_")):
+            if _is_our_file(name, _PART) or _is_temporary(name):  # never a file of the user's
                 self._fs.rm(entry, recursive=True)
 
     def _write(self, name: str, data: bytes) -> None:

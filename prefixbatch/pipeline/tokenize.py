@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from prefixbatch.config import ModelSpec
 from prefixbatch.errors import ModelError
-from prefixbatch.executors.model_folder import context_length, read_config
+from prefixbatch.model_folder import context_length, read_config
 
 TextKind = Literal["prompt", "messages"]
 
@@ -108,3 +109,13 @@ def load_tokenizer(model_path: str, *, trust_remote_code: bool = False) -> Any:
     except Exception as exc:
         msg = f"model.path {model_path}: cannot load a tokenizer from this folder: {exc}"
         raise ModelError(msg) from exc
+
+
+def prompt_tokenizer(model: ModelSpec, *, messages: bool) -> PromptTokenizer:
+    """The job's tokenizer: the model folder's, for a messages column or a prompt column."""
+    return PromptTokenizer(
+        model.path,
+        text_kind="messages" if messages else "prompt",
+        chat_template=model.chat_template,
+        trust_remote_code=model.trust_remote_code,
+    )

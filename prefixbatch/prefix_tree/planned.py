@@ -68,6 +68,22 @@ class PlannedRequests:
         """Shard `shard_id`'s part: a one-shard plan of its groups, requests and nodes."""
         return _shard_part(self, shard_id)
 
+    def subset(self, keep: Callable[[Request], bool]) -> PlannedRequests | None:
+        """The kept requests planned again in one shard under this plan's own settings (None
+        if none is kept): for running part of a shard on its own."""
+        kept = [r for r in self.requests if keep(r)]
+        if not kept:
+            return None
+        plan = self.plan
+        return _plan(
+            kept,
+            kv_budget_tokens=plan.kv_budget_tokens,
+            group_budget_tokens=plan.group_budget_tokens,
+            num_shards=1,
+            policy=plan.policy,
+            share=plan.prefix_sharing,
+        )
+
     def shards(self) -> Iterator[PlannedRequests]:
         """Every non-empty shard's part, in shard order."""
         for k in range(self.plan.num_shards):
@@ -82,20 +98,21 @@ def plan_requests(
     decode: Callable[[np.ndarray], str] | None = None,
 ) -> PlannedRequests:
     """The plan of `requests` under `settings`; a row's samples never split across shards."""
-    tokens, offsets, max_tokens = prompt_arrays(requests)
-    rows = np.fromiter((r.row_index for r in requests), np.int64, len(requests))
-    plan = build_plan(
-        tokens,
-        offsets,
-        max_tokens,
+    return _plan(
+        requests,
         kv_budget_tokens=settings.kv_budget_tokens,
         group_budget_tokens=settings.group_budget_tokens,
         num_shards=settings.num_shards,
         policy=settings.policy,
         share=settings.prefix_sharing,
         decode=decode,
-        keep_together=rows,
     )
+
+
+def _plan(requests: Sequence[Request], **options) -> PlannedRequests:
+    tokens, offsets, max_tokens = prompt_arrays(requests)
+    rows = np.fromiter((r.row_index for r in requests), np.int64, len(requests))
+    plan = build_plan(tokens, offsets, max_tokens, keep_together=rows, **options)
     return PlannedRequests(plan, tuple(requests), tokens)
 
 

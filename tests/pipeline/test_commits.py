@@ -45,7 +45,7 @@ def test_ranges_round_trip():
 def test_mode_error_claims_an_empty_folder_and_refuses_a_non_empty_one(tmp_path):
     url = str(tmp_path / "out")
     folder = OutputFolder(url, mode="error")
-    assert folder.check(FINGERPRINT) == 0
+    assert len(folder.check(FINGERPRINT)) == 0
     assert not (tmp_path / "out").exists()  # check() writes nothing
     assert len(folder.open(FINGERPRINT)) == 0
     assert names(tmp_path / "out") == ["_job.json"]
@@ -176,7 +176,7 @@ def test_resume_keeps_commits_and_removes_what_no_record_names(tmp_path):
     (tmp_path / "out" / "_commits" / "zz-00000.json").write_text(json.dumps(duplicate.__dict__))
 
     resumed = OutputFolder(url, mode="resume")
-    assert resumed.check(FINGERPRINT) == 2
+    assert len(resumed.check(FINGERPRINT)) == 2
     assert resumed.open(FINGERPRINT).tolist() == [0, 1]
     assert names(tmp_path / "out") == ["_commits", "_job.json", kept.part]
     assert names(tmp_path / "out" / "_commits") == [f"{kept.unit}.json"]

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from prefixbatch.errors import ModelError
-from prefixbatch.executors.model_folder import check_model_folder
+from prefixbatch.model_folder import check_model_folder
 from prefixbatch.executors.native.config import ModelConfig, model_config_from_hf
 from prefixbatch.executors.native.model import CausalLM
 

@@ -1,12 +1,15 @@
-"""Checks on a Hugging Face model folder that need no torch: config, weights, and their format.
+"""A Hugging Face model folder, read without torch: checks, config, and memory arithmetic.
 
-Run before anything slow so that a wrong `model.path` fails in a second with a message that
+At the bottom of the layers so that the tokenizer (`pipeline`), the planner's KV sizing
+(`jobs.planning`) and the executors all read the folder the same way. Checks run before
+anything slow so that a wrong `model.path` fails in a second with a message that
 says what is missing. Weights must be safetensors: pickle checkpoints can run code on load.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from prefixbatch.errors import ModelError
@@ -60,3 +63,39 @@ def eos_token_ids(path: str) -> tuple[int, ...]:
         if eos is not None:
             return tuple(eos) if isinstance(eos, list) else (int(eos),)
     return ()
+
+
+def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
+    """Bytes of KV cache one token takes: keys and values, every layer, every KV head."""
+    config = config.get("text_config", config)
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+
+
+def weights_bytes(path: str, config: dict, dtype_bytes: int) -> int:
+    """Bytes the weights take in `dtype_bytes` per value, from the safetensors headers (no weights read)."""
+    count = 0
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, tensor in header.items():
+            if name != "__metadata__":
+                count += math.prod(tensor["shape"])
+    return count * dtype_bytes
+
+
+def kv_budget_for_memory(*, free_bytes: int, weights_bytes: int, bytes_per_token: int, reserve: float = 0.1) -> int:
+    """KV tokens that fit in device memory once the weights are in, keeping `reserve` of what
+    is left for activations and logits."""
+    left = (free_bytes - weights_bytes) * (1.0 - reserve)
+    tokens = int(left // bytes_per_token)
+    if tokens < 1:
+        msg = (
+            f"the device has {free_bytes / 2**30:.1f} GiB free and the weights take"
+            f" {weights_bytes / 2**30:.1f} GiB: no room for a KV cache; use a smaller dtype, a"
+            " larger device, or set executor.kv_budget_tokens"
+        )
+        raise ModelError(msg)
+    return tokens

@@ -1,0 +1,57 @@
+"""Which executors exist, what each can do, and loading the chosen one.
+
+A table, not an if/else: each entry names its class as "module:Class", imported only when
+chosen (torch and transformers are heavy), so nothing here imports an executor and no
+executor imports this module. `shares_prefixes` tells the planner whether the executor can
+reuse a shared prefix's KV; one that cannot is planned without sharing, so the plan predicts
+exactly what it computes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from prefixbatch.config import ModelSpec
+from prefixbatch.errors import ModelError
+from prefixbatch.executors.base import Executor
+from prefixbatch.executors.config import ExecutorSpec
+from prefixbatch.executors.memory import keep_freed_memory
+
+
+@dataclass(frozen=True)
+class ExecutorKind:
+    name: str
+    target: str  # "module:Class"
+    shares_prefixes: bool
+
+
+EXECUTORS = {
+    "native": ExecutorKind("native", "prefixbatch.executors.native.executor:NativeExecutor", True),
+    "hf": ExecutorKind("hf", "prefixbatch.executors.hf:HfExecutor", False),
+}
+
+
+def resolve_kind(model: ModelSpec, executor: ExecutorSpec) -> str:
+    """`executor.kind`, with `auto` as `native` when our engine implements the model, else `hf`."""
+    if executor.kind != "auto":
+        return executor.kind
+    from prefixbatch.executors.native.config import model_config_from_hf
+    from prefixbatch.model_folder import read_config
+
+    try:
+        model_config_from_hf(read_config(model.path))
+    except ModelError:
+        return "hf"
+    return "native"
+
+
+def create_executor(model: ModelSpec, executor: ExecutorSpec) -> Executor:
+    """Load the model for the chosen executor kind."""
+    kind = EXECUTORS[resolve_kind(model, executor)]
+    keep_freed_memory()
+    module, name = kind.target.split(":")
+    return getattr(importlib.import_module(module), name)(model, executor)
+
+
+__all__ = ["EXECUTORS", "ExecutorKind", "create_executor", "resolve_kind"]

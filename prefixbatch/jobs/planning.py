@@ -1,0 +1,79 @@
+"""The one place a job's plan is made: settings resolved once, then `plan_requests`.
+
+`prefixbatch plan` and `prefixbatch run` both call `plan_job`, so the plan a user previews
+is the plan the run executes: same settings, same digest. Every setting that shapes it is
+resolved here, with its one default:
+
+- the KV budget: `executor.kv_budget_tokens`, else on CUDA what free device memory holds
+  after the weights (bytes per KV token from the model's config.json; no weights loaded),
+  else `DEFAULT_CPU_KV_BUDGET`; a group may take `GROUP_SHARE` of it;
+- prefix sharing: `executor.prefix_sharing`, and off for an executor that cannot share
+  (`hf`), so the plan predicts exactly what that executor computes;
+- shards: 1 in one process; on Dask, workers × `cluster.shards_per_worker`.
+
+in: the spec + the requests to run → out: `PlannedRequests`, and its summary for reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prefixbatch.executors.registry import EXECUTORS, resolve_kind
+from prefixbatch.jobs.spec import JobSpec
+from prefixbatch.model_folder import kv_budget_for_memory, kv_bytes_per_token, read_config, weights_bytes
+from prefixbatch.prefix_tree import PlannedRequests, PlanSettings, plan_requests
+from prefixbatch.types import Request
+
+DEFAULT_CPU_KV_BUDGET = 131_072  # tokens held at once on the CPU (2 GiB of fp32 KV for the `small` model)
+
+
+def plan_settings(spec: JobSpec, *, num_shards: int) -> PlanSettings:
+    """Every setting that shapes the job's plan, resolved from the spec and the machine."""
+    kind = resolve_kind(spec.model, spec.executor)
+    return PlanSettings(
+        kv_budget_tokens=kv_budget_tokens(spec),
+        num_shards=num_shards,
+        prefix_sharing=spec.executor.prefix_sharing and EXECUTORS[kind].shares_prefixes,
+    )
+
+
+def kv_budget_tokens(spec: JobSpec) -> int:
+    """`executor.kv_budget_tokens`, else sized from free CUDA memory, else the CPU default."""
+    if spec.executor.kv_budget_tokens is not None:
+        return spec.executor.kv_budget_tokens
+    if spec.executor.device == "cpu" or spec.cluster.kind == "dask":  # workers' devices: not seen here
+        return DEFAULT_CPU_KV_BUDGET
+    from prefixbatch.executors.device import free_device_bytes, resolve_device, resolve_dtype
+
+    device = resolve_device(spec.executor.device)
+    if device.type != "cuda":
+        return DEFAULT_CPU_KV_BUDGET
+    dtype = resolve_dtype(spec.model.dtype, device)
+    config = read_config(spec.model.path)
+    return kv_budget_for_memory(
+        free_bytes=free_device_bytes(device),
+        weights_bytes=weights_bytes(spec.model.path, config, dtype.itemsize),
+        bytes_per_token=kv_bytes_per_token(config, dtype.itemsize),
+    )
+
+
+def plan_job(spec: JobSpec, requests: Sequence[Request], *, num_shards: int = 1, decode=None) -> PlannedRequests:
+    """The job's plan over `requests` (the rows not committed yet)."""
+    return plan_requests(requests, plan_settings(spec, num_shards=num_shards), decode=decode)
+
+
+def plan_summary(work: PlannedRequests) -> dict:
+    """What the plan predicts, as `plan --json` and `_summary.json` both show it."""
+    plan = work.plan
+    return {
+        "digest": plan.digest(),
+        "requests": plan.num_requests,
+        "groups": plan.num_groups,
+        "shards": plan.num_shards,
+        "prefill_tokens": plan.num_prefill_tokens,
+        "decode_tokens": plan.num_decode_tokens,
+        "peak_kv_tokens": plan.peak_kv_tokens,
+        "kv_budget_tokens": plan.kv_budget_tokens,
+        "group_budget_tokens": plan.group_budget_tokens,
+        "prefix_sharing": plan.prefix_sharing,
+    }
