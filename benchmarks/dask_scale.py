@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from distributed import LocalCluster
 
-    from prefixbatch.executors.test_model import make_test_model
+    from prefixbatch.executors.random_model import make_test_model
     from prefixbatch.jobs.run import run_job
     from prefixbatch.jobs.spec import spec_from_dict
 

@@ -50,7 +50,7 @@ from prefixbatch.executors.base import ExecutorStats
 from prefixbatch.executors.config import ExecutorSpec, ModelSpec
 from prefixbatch.executors.hf import HfExecutor
 from prefixbatch.executors.native.executor import DEFAULT_CPU_KV_BUDGET, NativeExecutor
-from prefixbatch.executors.test_model import make_test_model
+from prefixbatch.executors.random_model import make_test_model
 from prefixbatch.prefix_tree import build_plan
 from prefixbatch.prefix_tree.requests import prompt_arrays
 from prefixbatch.types import Request, SamplingParams

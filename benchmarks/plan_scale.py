@@ -176,7 +176,7 @@ def main() -> None:
 
 def tokenization_rate(tokens: np.ndarray, offsets: np.ndarray, num_prompts: int) -> float:
     """Tokens/s of the pipeline's tokenizer call on text as long as `num_prompts` prompts."""
-    from prefixbatch.executors.test_model import SIZES, train_tokenizer
+    from prefixbatch.executors.random_model import SIZES, train_tokenizer
 
     shape = SIZES["small"]
     tokenizer = train_tokenizer(vocab_size=shape["vocab_size"], model_max_length=1 << 20)

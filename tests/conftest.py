@@ -2,7 +2,7 @@
 
 Each fixture returns a folder that `AutoTokenizer.from_pretrained` and
 `AutoModelForCausalLM.from_pretrained` load as they would a downloaded model (see
-`prefixbatch.executors.test_model`). Tests must not write into these folders; copy one
+`prefixbatch.executors.random_model`). Tests must not write into these folders; copy one
 first (`shutil.copytree`) to make a broken variant.
 """
 
@@ -20,7 +20,7 @@ import pytest
 
 def _make(tmp_path_factory: pytest.TempPathFactory, arch: str) -> Path:
     # Imported here so that collecting tests that need no model never imports torch.
-    from prefixbatch.executors.test_model import make_test_model
+    from prefixbatch.executors.random_model import make_test_model
 
     return make_test_model(tmp_path_factory.mktemp(f"tiny_{arch}"), arch=arch, size="tiny")
 

@@ -158,7 +158,7 @@ def _positive(text: str) -> int:
 
 
 def cmd_make_test_model(args: argparse.Namespace) -> int:
-    from prefixbatch.executors.test_model import make_test_model
+    from prefixbatch.executors.random_model import make_test_model
 
     folder = make_test_model(args.dir, arch=args.arch, size=args.size, seed=args.seed)
     print(f"wrote a {args.size} {args.arch} test model to {folder}")

@@ -75,7 +75,7 @@ def demo_prompts() -> pa.Table:
 
 
 def run_demo(directory: str | Path, *, log: Callable[[str], None] = print) -> Path:
-    from prefixbatch.executors.test_model import make_test_model
+    from prefixbatch.executors.random_model import make_test_model
     from prefixbatch.jobs.run import run_job
     from prefixbatch.jobs.spec import load_spec
 

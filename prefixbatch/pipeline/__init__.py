@@ -1,4 +1,6 @@
-"""Pipeline: Parquet and fsspec I/O, input validation, tokenization, and output writing.
+"""Pipeline: input files (Parquet over fsspec), validation, tokenization, and the output
+folder (parts, commit records, resume).
 
-Knows about tables and token ids; hands `Request`s to executors and takes `Completion`s back.
+Knows about tables and token ids: turns rows into `Request`s and error rows, and writes
+`Completion`s back as committed parts. Never imports an executor or torch.
 """

@@ -20,6 +20,7 @@ from prefixbatch.executors.device import resolve_device, resolve_dtype
 from prefixbatch.executors.hf import HfExecutor, plan_batches
 from prefixbatch.executors.sampling import SeededSampler, filter_logits
 from prefixbatch.types import Completion, Request, SamplingParams
+from tests.executors.planned import planned
 
 PROMPTS = [
     "def",
@@ -76,13 +77,13 @@ def reference(folder: Path) -> dict[int, tuple[list[int], str]]:
 @cache
 def executor(folder: Path, max_batch_size: int = 32, max_batch_tokens: int = 16384) -> HfExecutor:
     spec = ExecutorSpec(
-        device="cpu", max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens
+        device="cpu", hf={"max_batch_size": max_batch_size, "max_batch_tokens": max_batch_tokens}
     )
     return HfExecutor(ModelSpec(path=str(folder)), spec)
 
 
 def run(hf: HfExecutor, requests: list[Request]) -> dict[int, Completion]:
-    completions = list(hf.generate(requests))
+    completions = list(hf.generate(planned(requests, kind="hf")))
     assert sorted(c.row_index for c in completions) == sorted(r.row_index for r in requests)
     return {c.row_index: c for c in completions}
 

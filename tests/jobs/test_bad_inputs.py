@@ -55,7 +55,7 @@ def corpus(tmp_path, tiny_llama) -> dict:
         "model": {"path": str(tiny_llama)},
         "sampling": {"max_tokens": 4},
         # 'too-long' is truncated to 2,044 tokens under input.truncate; small steps keep it cheap.
-        "executor": {"kind": "native", "max_batch_tokens": 512},
+        "executor": {"kind": "native", "native": {"max_step_tokens": 512}},
     }
 
 

@@ -62,7 +62,7 @@ def write_spec(path: Path, model: Path, inputs: Path, output: str, storage_optio
         "model": {"path": str(model)},
         "sampling": {"max_tokens": 6},
         # Small budgets: several groups one after another, prefill in chunks of 24 tokens.
-        "executor": {"kind": "native", "kv_budget_tokens": 400, "max_batch_tokens": 24},
+        "executor": {"kind": "native", "kv_budget_tokens": 400, "native": {"max_step_tokens": 24}},
     }
     path.write_text(json.dumps(spec))
     return path

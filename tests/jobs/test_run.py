@@ -106,7 +106,7 @@ def write_spec(folder: Path, input_path: str, output_path: str, model: Path, kin
         "output": {"path": output_path, "rows_per_part": 64},
         "model": {"path": str(model)},
         "sampling": {"max_tokens": 12, "seed": 1},
-        "executor": {"kind": kind, "max_batch_size": 16},
+        "executor": {"kind": kind, "hf": {"max_batch_size": 16}},
     }
     path = folder / "job.json"
     path.write_text(json.dumps(spec))

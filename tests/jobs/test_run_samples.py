@@ -49,7 +49,7 @@ def write_job(folder: Path, model: Path) -> Path:
         "output": {"path": "out", "rows_per_part": 4},
         "model": {"path": str(model)},
         "sampling": {"max_tokens": 10, "seed": 3},
-        "executor": {"kind": "hf", "max_batch_size": 3},
+        "executor": {"kind": "hf", "hf": {"max_batch_size": 3}},
     }
     path = folder / "job.json"
     path.write_text(json.dumps(spec))

@@ -16,8 +16,7 @@ from transformers import AutoTokenizer
 from prefixbatch.executors.config import ExecutorSpec, ModelSpec
 from prefixbatch.executors.hf import HfExecutor
 from prefixbatch.executors.native.executor import NativeExecutor
-from prefixbatch.prefix_tree import build_plan
-from prefixbatch.prefix_tree.requests import prompt_arrays
+from tests.executors.planned import planned
 from prefixbatch.types import Request, SamplingParams
 
 SYSTEMS = [
@@ -65,7 +64,7 @@ def model_dir(request):
 @pytest.fixture(scope="module")
 def hf_outputs(model_dir):
     executor = HfExecutor(ModelSpec(path=str(model_dir), dtype="float32"), ExecutorSpec(kind="hf", device="cpu"))
-    return by_request(executor.generate(make_requests(model_dir)))
+    return by_request(executor.generate(planned(make_requests(model_dir), kind="hf")))
 
 
 @pytest.mark.parametrize(
@@ -74,16 +73,16 @@ def hf_outputs(model_dir):
 )
 def test_native_greedy_equals_hf_and_prefills_each_prefix_once(model_dir, hf_outputs, kv_budget, step_tokens):
     requests = make_requests(model_dir)
-    spec = ExecutorSpec(kind="native", device="cpu", kv_budget_tokens=kv_budget, max_batch_tokens=step_tokens)
+    spec = ExecutorSpec(kind="native", device="cpu", kv_budget_tokens=kv_budget, native={"max_step_tokens": step_tokens})
     executor = NativeExecutor(ModelSpec(path=str(model_dir), dtype="float32"), spec)
-    native = by_request(executor.generate(requests))
+    work = planned(requests, spec)
+    native = by_request(executor.generate(work))
     assert native.keys() == hf_outputs.keys()
     for key, want in hf_outputs.items():
         got = native[key]
         assert (got.token_ids, got.finish_reason, got.text) == (want.token_ids, want.finish_reason, want.text), key
 
-    tokens, offsets, max_tokens = prompt_arrays(requests)
-    plan = build_plan(tokens, offsets, max_tokens, kv_budget_tokens=kv_budget)
+    plan = work.plan  # the plan the engine ran
     if kv_budget < 1000:
         assert plan.num_groups > 1  # the small budget really split the job
     unique = plan.stats.num_unique_tokens
@@ -96,15 +95,15 @@ def test_native_greedy_equals_hf_and_prefills_each_prefix_once(model_dir, hf_out
 def test_seeded_samples_do_not_depend_on_batch_mates_or_order(tiny_llama):
     requests = make_requests(tiny_llama, temperature=0.9)
     executor = NativeExecutor(ModelSpec(path=str(tiny_llama), dtype="float32"), ExecutorSpec(kind="native", device="cpu"))
-    planned = by_request(executor.generate(requests))
+    together = by_request(executor.generate(planned(requests)))
     shuffled = requests[:]
     random.Random(3).shuffle(shuffled)
-    reordered = by_request(executor.generate(shuffled))
+    reordered = by_request(executor.generate(planned(shuffled)))
     alone = {
-        (r.row_index, r.sample_index): next(iter(executor.generate([r]))) for r in requests[::5] + requests[-3:]
+        (r.row_index, r.sample_index): next(iter(executor.generate(planned([r])))) for r in requests[::5] + requests[-3:]
     }
     for key, completion in alone.items():
-        assert planned[key].token_ids == reordered[key].token_ids == completion.token_ids, key
-    assert all(planned[k].token_ids == reordered[k].token_ids for k in planned)
-    samples = [planned[(len(requests) - 3, k)].token_ids for k in (1, 2, 3)]
+        assert together[key].token_ids == reordered[key].token_ids == completion.token_ids, key
+    assert all(together[k].token_ids == reordered[k].token_ids for k in together)
+    samples = [together[(len(requests) - 3, k)].token_ids for k in (1, 2, 3)]
     assert len(set(samples)) > 1  # samples of one prompt differ (their own seeds)

@@ -6,15 +6,16 @@ from prefixbatch.executors.config import ExecutorSpec, ModelSpec
 from prefixbatch.executors.hf import HfExecutor
 from prefixbatch.executors.native.executor import NativeExecutor
 from tests.executors.native.test_engine import by_request, make_requests
+from tests.executors.planned import planned
 
 
 def test_without_sharing_outputs_equal_hf_and_every_prompt_is_prefilled(tiny_llama):
     requests = make_requests(tiny_llama)
     model = ModelSpec(path=str(tiny_llama), dtype="float32")
-    want = by_request(HfExecutor(model, ExecutorSpec(kind="hf", device="cpu")).generate(requests))
+    want = by_request(HfExecutor(model, ExecutorSpec(kind="hf", device="cpu")).generate(planned(requests, kind="hf")))
     spec = ExecutorSpec(kind="native", device="cpu", kv_budget_tokens=2_000, prefix_sharing=False)
     executor = NativeExecutor(model, spec)
-    got = by_request(executor.generate(requests))
+    got = by_request(executor.generate(planned(requests, spec)))
 
     assert got.keys() == want.keys()
     for key, completion in want.items():
@@ -30,8 +31,9 @@ def test_peak_kv_counts_the_shared_prefix_once(tiny_llama):
     model = ModelSpec(path=str(tiny_llama), dtype="float32")
     peaks = {}
     for share in (True, False):
-        executor = NativeExecutor(model, ExecutorSpec(kind="native", device="cpu", prefix_sharing=share))
-        list(executor.generate(requests))
+        spec = ExecutorSpec(kind="native", device="cpu", prefix_sharing=share)
+        executor = NativeExecutor(model, spec)
+        list(executor.generate(planned(requests, spec)))
         peaks[share] = executor.stats.peak_kv_tokens
     # One group holds the whole job: every prompt's KV (or the tree's) plus every output segment.
     outputs = sum(r.sampling.max_tokens for r in requests)

@@ -17,7 +17,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from prefixbatch.executors.test_model import (
+from prefixbatch.executors.random_model import (
     BOS,
     EOS,
     IM_END,

@@ -1,4 +1,4 @@
-"""Builds small, real Hugging Face checkpoints with random weights, for tests and the demo.
+"""Random-weight Hugging Face checkpoints for tests, the demo and benchmarks (`make-test-model`).
 
 No machine here can download weights, yet the executors must load a model exactly as they
 would load a downloaded one. `make_test_model` writes a folder that plain
