@@ -29,7 +29,7 @@ from prefixbatch.executors.native.kv import KVStore
 from prefixbatch.executors.native.rope import inverse_frequencies
 from prefixbatch.executors.native.tree_attention import TreeAttention
 from prefixbatch.executors.native.weights import load_model
-from prefixbatch.executors.test_model import randomize_parameters
+from prefixbatch.executors.random_model import randomize_parameters
 from tests.executors.native.helpers import ContiguousKV, greedy
 
 # Logits have std ~8 and reach ~40 (test_model.LOGIT_STD). Measured: ours and transformers
