@@ -17,11 +17,13 @@ ids); requests are greedy except in (d).
 `--scale s` multiplies every count and length (and max_tokens) by s, at least 1.
 
 Each executor is loaded once per process and reused by every repeat (loading is not timed);
-one warm-up call runs first. A run is `list(executor.generate(requests))`, timed wall clock;
+one warm-up call runs first. A run is planning the requests as a job's run does
+(`plan_requests` with the executor's settings: hf without sharing) and
+`list(executor.generate(plan))`, timed wall clock;
 the figures are the median run of `--repeats`, executors (and e's three orders) alternating
 within a repeat so that drift in the load of the shared machine hits them alike. Reported per scenario and executor: requests/s,
 output tokens/s, prefill tokens computed (`executor.stats.num_prefill_tokens`) against the
-planner's unique prompt tokens (`build_plan(...).stats.num_unique_tokens`, the least any
+planner's unique prompt tokens (`plan.stats.num_unique_tokens`, the least any
 executor must compute), native/hf output tokens/s, and for native the peak KV tokens held
 (`stats.peak_kv_tokens`) against the KV budget. `native-noshare` is the native engine with
 `executor.prefix_sharing: false` (the ablation), run on (a), (b), (d).
@@ -49,10 +51,10 @@ import torch
 from prefixbatch.executors.base import ExecutorStats
 from prefixbatch.executors.config import ExecutorSpec, ModelSpec
 from prefixbatch.executors.hf import HfExecutor
-from prefixbatch.executors.native.executor import DEFAULT_CPU_KV_BUDGET, NativeExecutor
+from prefixbatch.executors.native.executor import NativeExecutor
+from prefixbatch.jobs.planning import DEFAULT_CPU_KV_BUDGET
 from prefixbatch.executors.random_model import make_test_model
-from prefixbatch.prefix_tree import build_plan
-from prefixbatch.prefix_tree.requests import prompt_arrays
+from prefixbatch.prefix_tree import PlanSettings, plan_requests
 from prefixbatch.types import Request, SamplingParams
 
 ABLATION_SCENARIOS = ("a", "b", "d")
@@ -211,9 +213,12 @@ def load_executors(model_dir: Path, names: list[str], kv_budget: int | None) -> 
                 prefix_sharing=name == "native",
             )
             executors[name] = NativeExecutor(model, spec)
+        executors[name].plan_settings = PlanSettings(
+            kv_budget_tokens=kv_budget or DEFAULT_CPU_KV_BUDGET, prefix_sharing=name == "native"
+        )
     warm_up = [Request(0, tuple(range(5, 69)), _greedy(4))]
     for executor in executors.values():
-        list(executor.generate(warm_up))
+        list(executor.generate(plan_requests(warm_up, executor.plan_settings)))
     return executors
 
 
@@ -226,7 +231,7 @@ def _reset_stats(executor: object) -> None:
 def timed_run(executor: object, requests: list[Request]) -> tuple[float, int, ExecutorStats]:
     _reset_stats(executor)
     start = time.perf_counter()
-    completions = list(executor.generate(requests))
+    completions = list(executor.generate(plan_requests(requests, executor.plan_settings)))
     seconds = time.perf_counter() - start
     assert len(completions) == len(requests)
     return seconds, sum(c.num_output_tokens for c in completions), executor.stats
@@ -259,9 +264,9 @@ def run_scenario(
             )
     results = []
     for workload in workloads:
-        tokens, offsets, max_tokens = prompt_arrays(workload.requests)
-        plan = build_plan(tokens, offsets, max_tokens, kv_budget_tokens=kv_budget)
-        results += _results(workload, runs, int(offsets[-1]), plan.stats.num_unique_tokens, kv_budget)
+        plan = plan_requests(workload.requests, PlanSettings(kv_budget_tokens=kv_budget)).plan
+        num_prompt_tokens = sum(r.num_prompt_tokens for r in workload.requests)
+        results += _results(workload, runs, num_prompt_tokens, plan.stats.num_unique_tokens, kv_budget)
     return results
 
 
