@@ -35,7 +35,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
 WORDS = """
 time year people way day man thing woman life child world school state family student group
 country problem hand part place case week company system program question work government

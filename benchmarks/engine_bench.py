@@ -52,8 +52,8 @@ from prefixbatch.executors.base import ExecutorStats
 from prefixbatch.executors.config import ExecutorSpec, ModelSpec
 from prefixbatch.executors.hf import HfExecutor
 from prefixbatch.executors.native.executor import NativeExecutor
-from prefixbatch.jobs.planning import DEFAULT_CPU_KV_BUDGET
 from prefixbatch.executors.random_model import make_test_model
+from prefixbatch.jobs.planning import DEFAULT_CPU_KV_BUDGET
 from prefixbatch.prefix_tree import PlanSettings, plan_requests
 from prefixbatch.types import Request, SamplingParams
 

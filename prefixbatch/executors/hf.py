@@ -35,15 +35,15 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from prefixbatch.errors import ModelError
 from prefixbatch.config import ModelSpec
+from prefixbatch.errors import ModelError
 from prefixbatch.executors.base import ExecutorStats
 from prefixbatch.executors.config import ExecutorSpec
 from prefixbatch.executors.device import resolve_device, resolve_dtype
-from prefixbatch.model_folder import check_model_folder
-from prefixbatch.prefix_tree import PlannedRequests
 from prefixbatch.executors.sampling import SeededSampler
 from prefixbatch.executors.stopping import RowFinish, RowStopper, StopRule, cut_at_stop
+from prefixbatch.model_folder import check_model_folder
+from prefixbatch.prefix_tree import PlannedRequests
 from prefixbatch.types import Completion, Request
 
 __all__ = ["HfExecutor", "plan_batches"]

@@ -20,7 +20,12 @@ from collections.abc import Sequence
 
 from prefixbatch.executors.registry import EXECUTORS, resolve_kind
 from prefixbatch.jobs.spec import JobSpec
-from prefixbatch.model_folder import kv_budget_for_memory, kv_bytes_per_token, read_config, weights_bytes
+from prefixbatch.model_folder import (
+    kv_budget_for_memory,
+    kv_bytes_per_token,
+    read_config,
+    weights_bytes,
+)
 from prefixbatch.prefix_tree import PlannedRequests, PlanSettings, plan_requests
 from prefixbatch.types import Request
 

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
-import pyarrow as pa
 
 import prefixbatch
 from prefixbatch.executors.base import Executed, ExecutorStats
@@ -28,10 +27,10 @@ from prefixbatch.jobs.planning import plan_job, plan_settings, plan_summary
 from prefixbatch.jobs.progress import JobProgress
 from prefixbatch.jobs.spec import JobSpec
 from prefixbatch.model_folder import check_model_folder
-from prefixbatch.pipeline.prepare import PreparedInput, input_columns
-from prefixbatch.pipeline.reader import batch_schema
 from prefixbatch.pipeline.commits import SUMMARY, CommitRecord, OutputFolder, indices_to_ranges
 from prefixbatch.pipeline.parts import PartWriter, RowColumns, samples_per_row
+from prefixbatch.pipeline.prepare import PreparedInput, input_columns
+from prefixbatch.pipeline.reader import batch_schema
 from prefixbatch.pipeline.writer import output_schema
 
 

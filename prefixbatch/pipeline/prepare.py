@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-
 import pyarrow as pa
 
 from prefixbatch.pipeline.config import SAMPLING_FIELDS, InputSpec, SamplingSpec

@@ -21,7 +21,12 @@ system uses (it calls `build_plan`): nothing outside this package plans.
 from prefixbatch.prefix_tree.groups import Schedule, schedule_groups
 from prefixbatch.prefix_tree.inputs import PlanInputError, check_prompts, prompts_from_arrow
 from prefixbatch.prefix_tree.plan import Group, Plan, Shard, assemble_plan, build_plan
-from prefixbatch.prefix_tree.planned import GROUP_SHARE, PlannedRequests, PlanSettings, plan_requests
+from prefixbatch.prefix_tree.planned import (
+    GROUP_SHARE,
+    PlannedRequests,
+    PlanSettings,
+    plan_requests,
+)
 from prefixbatch.prefix_tree.policies import DEFAULT_POLICY, POLICIES, OrderPolicy, SubtreeTotals
 from prefixbatch.prefix_tree.shards import Shards, cut_shards
 from prefixbatch.prefix_tree.stats import SharedPrefix, TreeStats, tree_stats

@@ -133,7 +133,7 @@ def test_local_disk_failing_the_nth_write_or_rename(job, tmp_path, operation, ca
         if not reached:  # this run does fewer operations: every failure point was covered
             break
         failures += 1
-        check_folder_then_resume(path, url, clean, lambda: fs.exists(f"{tmp_path}/out-{operation}-{fail_at}/_SUCCESS"))
+        check_folder_then_resume(path, url, clean, lambda fail_at=fail_at: fs.exists(f"{tmp_path}/out-{operation}-{fail_at}/_SUCCESS"))
     assert failures >= 10  # job file, 3 parts, 3 commits, manifest, summary, _SUCCESS
 
 
@@ -148,5 +148,5 @@ def test_object_store_failing_the_nth_put(job, capsys):
         if not reached:
             break
         failures += 1
-        check_folder_then_resume(path, url, clean, lambda: fs.exists(f"{root}/_SUCCESS"))
+        check_folder_then_resume(path, url, clean, lambda root=root: fs.exists(f"{root}/_SUCCESS"))
     assert failures >= 10

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from prefixbatch.errors import SpecError
 from prefixbatch.jobs.spec import JobSpec, load_spec
@@ -62,7 +63,7 @@ def test_single_stop_string_is_a_list_of_one(tmp_path):
 
 def test_spec_is_frozen(tmp_path):
     spec = load_spec(write(tmp_path, "job.json", json.dumps(BASE)))
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         spec.sampling.max_tokens = 3  # type: ignore[misc]
 
 

@@ -17,7 +17,10 @@ from prefixbatch.pipeline.tokenize import PromptTokenizer
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
-def prepare(tmp_path, table: pa.Table, model, *, sampling=SamplingSpec(max_tokens=8), template="auto", **spec):
+EIGHT_TOKENS = SamplingSpec(max_tokens=8)
+
+
+def prepare(tmp_path, table: pa.Table, model, *, sampling=EIGHT_TOKENS, template="auto", **spec):
     pq.write_table(table, tmp_path / "in.parquet")
     input_spec = InputSpec(path=str(tmp_path / "in.parquet"), **spec)
     kind = "messages" if input_spec.messages_column else "prompt"

@@ -16,8 +16,8 @@ from transformers import AutoTokenizer
 from prefixbatch.executors.config import ExecutorSpec, ModelSpec
 from prefixbatch.executors.hf import HfExecutor
 from prefixbatch.executors.native.executor import NativeExecutor
-from tests.executors.planned import planned
 from prefixbatch.types import Request, SamplingParams
+from tests.executors.planned import planned
 
 SYSTEMS = [
     "You are a helpful assistant who answers questions about gardening, soil and seasons.",
