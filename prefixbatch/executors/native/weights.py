@@ -25,9 +25,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from prefixbatch.errors import ModelError
-from prefixbatch.model_folder import check_model_folder
 from prefixbatch.executors.native.config import ModelConfig, model_config_from_hf
 from prefixbatch.executors.native.model import CausalLM
+from prefixbatch.model_folder import check_model_folder
 
 __all__ = ["load_model", "read_model_config", "safetensors_files"]
 

@@ -15,10 +15,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prefixbatch.executors.native import tree_attention
 from prefixbatch.executors.native.attention import reference_attention
 from prefixbatch.executors.native.attention_plan import KeySpan, QueryRun, SegmentKV, build_plan
 from prefixbatch.executors.native.kv import KVStore
-from prefixbatch.executors.native import tree_attention
 from prefixbatch.executors.native.tree_attention import TreeAttention
 
 TOL = 1e-5
