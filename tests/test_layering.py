@@ -151,7 +151,7 @@ def test_the_check_fails_on_an_upward_import_and_on_a_cycle(tmp_path):
 def test_only_the_planning_entry_point_plans():
     """`build_plan` and its stages are called inside prefix_tree only; everything else goes
     through `plan_requests`, and executors call neither: they run the plan they are given."""
-    stages = {"build_plan", "schedule_groups", "assemble_plan", "cut_shards", "build_tree"}
+    stages = {"build_plan", "schedule_groups", "assemble_plan", "cut_shards"}
     callers: dict[str, set[str]] = {}
     for file in PACKAGE.rglob("*.py"):
         name = module_name(PACKAGE, file)

@@ -5,7 +5,7 @@ exact shared-prefix (tree) attention.
 - `rope`, `model`: the transformer; attention over the cache is a callback (`AttentionFn`).
 - `weights`: safetensors (single or sharded) → `CausalLM`.
 - `attention`: `attend` over one KV segment → (out, lse); exact `merge`; `reference_attention`.
-- `attention_plan`: plain data saying which rows attend to which slots (`build_plan`).
+- `attention_plan`: plain data saying which rows attend to which slots (`plan_attention`).
 - `tree_attention`: runs a plan on tensors; `TreeAttention` is the model's callback.
 - `kv`: `KVStore`, per-layer K/V buffers with a contiguous slot range per segment.
 

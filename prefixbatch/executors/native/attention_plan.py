@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["AttentionPlan", "KeySpan", "QueryRun", "SegmentKV", "build_plan"]
+__all__ = ["AttentionPlan", "KeySpan", "QueryRun", "SegmentKV", "plan_attention"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class AttentionPlan:
     positions: tuple[int, ...]  # row → absolute position in its sequence (rope's input)
 
 
-def build_plan(segments: Sequence[SegmentKV], runs: Sequence[QueryRun]) -> AttentionPlan:
+def plan_attention(segments: Sequence[SegmentKV], runs: Sequence[QueryRun]) -> AttentionPlan:
     """The spans, write slots and positions of a step's runs over the segment tree."""
     by_id = {segment.segment_id: segment for segment in segments}
     num_rows = sum(run.num_tokens for run in runs)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from prefixbatch.executors.native import tree_attention
 from prefixbatch.executors.native.attention import reference_attention
-from prefixbatch.executors.native.attention_plan import KeySpan, QueryRun, SegmentKV, build_plan
+from prefixbatch.executors.native.attention_plan import KeySpan, QueryRun, SegmentKV, plan_attention
 from prefixbatch.executors.native.kv import KVStore
 from prefixbatch.executors.native.tree_attention import TreeAttention
 
@@ -108,7 +108,7 @@ def run_case(
     for segment, offset, num_tokens in case.runs:
         runs.append(QueryRun(segment, row, offset, num_tokens))
         row += num_tokens
-    plan = build_plan(segments, runs)
+    plan = plan_attention(segments, runs)
     attention = TreeAttention(store, plan, scale=SCALE, fused=fused)
 
     for layer in range(NUM_LAYERS):
@@ -175,7 +175,7 @@ def test_decode_of_many_sequences_under_one_node_is_one_span():
     run_case(case)
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
     segments = [SegmentKV(i, p, s, n) for i, (p, s, n) in enumerate(zip(parents, starts, lengths))]
-    plan = build_plan(segments, [QueryRun(s, row, o, n) for row, (s, o, n) in enumerate(runs)])
+    plan = plan_attention(segments, [QueryRun(s, row, o, n) for row, (s, o, n) in enumerate(runs)])
     assert plan.spans[0] == KeySpan(tuple(range(12)), 0, 7, None)  # all 12 queries, one product
     assert len(plan.spans) == 13
 
@@ -200,7 +200,7 @@ def test_chunked_prefill_next_to_decodes_in_shuffled_rows(heads):
 def test_plan_spans_positions_and_slots():
     segments = [SegmentKV(10, None, 100, 4), SegmentKV(11, 10, 200, 3), SegmentKV(12, 10, 300, 1)]
     runs = [QueryRun(11, 0, 1, 2), QueryRun(12, 2, 0, 1)]
-    plan = build_plan(segments, runs)
+    plan = plan_attention(segments, runs)
     assert plan.spans == (
         KeySpan((0, 1, 2), 100, 4, None),
         KeySpan((0, 1), 200, 3, 1),
@@ -222,10 +222,10 @@ def test_plan_spans_positions_and_slots():
 def test_plan_rejects_inconsistent_runs(runs, message):
     segments = [SegmentKV(0, None, 0, 4), SegmentKV(1, 0, 4, 3)]
     with pytest.raises(ValueError, match=message):
-        build_plan(segments, runs)
+        plan_attention(segments, runs)
 
 
 def test_plan_rejects_cycles():
     segments = [SegmentKV(0, 1, 0, 4), SegmentKV(1, 0, 4, 3)]
     with pytest.raises(ValueError, match="cycle"):
-        build_plan(segments, [QueryRun(1, 0, 0, 1)])
+        plan_attention(segments, [QueryRun(1, 0, 0, 1)])
