@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from prefixbatch.pipeline.config import SAMPLING_FIELDS
+from prefixbatch.pipeline.config import SAMPLING_FIELDS, SamplingSpec
 
 
 def _decoded(t: pa.DataType) -> pa.DataType:
@@ -78,24 +78,19 @@ _NUMBER = ("a float or an integer", _is_number)
 _STOP = ("a string or a list of strings", lambda t: is_string(t) or _is_list_of(is_string)(t))
 _INTEGERS = ("a list of integers", _is_list_of(_is_integer))
 
-# Per-row sampling overrides: name -> (expected, accepts, type in batches). Read where a
-# file has the column, all null where it does not.
-_OVERRIDES = {
-    "max_tokens": (*_INTEGER, pa.int64()),
-    "temperature": (*_NUMBER, pa.float64()),
-    "top_p": (*_NUMBER, pa.float64()),
-    "top_k": (*_INTEGER, pa.int64()),
-    "seed": (*_INTEGER, pa.int64()),
-    "stop": (*_STOP, pa.list_(pa.string())),  # a plain string becomes a one-element list
-    "stop_token_ids": (*_INTEGERS, pa.list_(pa.int64())),
-    "n": (*_INTEGER, pa.int64()),
+# Per-row sampling overrides, one per `SamplingSpec` field, by the field's Python type:
+# (expected, accepts, type in batches). Read where a file has the column, all null where not.
+_BY_TYPE = {
+    int: (*_INTEGER, pa.int64()),
+    int | None: (*_INTEGER, pa.int64()),
+    float: (*_NUMBER, pa.float64()),
+    tuple[str, ...]: (*_STOP, pa.list_(pa.string())),  # a plain string becomes a one-element list
+    tuple[int, ...]: (*_INTEGERS, pa.list_(pa.int64())),
 }
+_OVERRIDES = {name: _BY_TYPE[field.annotation] for name, field in SamplingSpec.model_fields.items()}
 OVERRIDE_TYPES: dict[str, pa.DataType] = {name: t for name, (*_, t) in _OVERRIDES.items()}
 OVERRIDE_RULES: dict[str, ColumnRule] = {
     name: ColumnRule(expected, accepts, _always(t))
     for name, (expected, accepts, t) in _OVERRIDES.items()
 }
-SAMPLING_OVERRIDE_COLUMNS: tuple[str, ...] = tuple(OVERRIDE_RULES)
-
-# The spec's sampling fields and the override columns must never drift apart.
-assert SAMPLING_OVERRIDE_COLUMNS == SAMPLING_FIELDS
+SAMPLING_OVERRIDE_COLUMNS: tuple[str, ...] = SAMPLING_FIELDS

@@ -1,7 +1,9 @@
 """The `input`, `output` and `sampling` sections of a job spec.
 
 `sampling` holds the job's defaults; an input column of the same name overrides a field
-per row (see `pipeline.requests`).
+per row (see `pipeline.requests`). `SamplingSpec` is the one list of sampling fields: the
+override columns and their types (`columns`), the per-request params (`requests`) and the
+README table are derived from it, so a new option is one field here plus its use.
 """
 
 from __future__ import annotations
@@ -11,12 +13,6 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from prefixbatch.config import StrictModel
-
-# Per-row override columns: an input column with one of these names overrides the default.
-SAMPLING_FIELDS = (
-    "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "n"
-)
-
 
 class InputSpec(StrictModel):
     """Where the prompts are and which columns hold what."""
@@ -133,3 +129,7 @@ class SamplingSpec(StrictModel):
     n: int = Field(1, ge=1)
     """Completions per prompt: a row becomes n output rows (`sample_index` 0..n-1), each sampled
     with its own seed. The samples share the prompt's KV in the native engine."""
+
+
+# Per-row override columns: an input column named like a sampling field overrides it.
+SAMPLING_FIELDS: tuple[str, ...] = tuple(SamplingSpec.model_fields)

@@ -14,7 +14,7 @@ temperature > 0 and a row's sample k is the same in every run.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -43,6 +43,14 @@ def row_sampling(defaults: SamplingSpec, overrides: dict[str, Any]) -> SamplingS
             for e in exc.errors()
         )
         return RowError("invalid_sampling", problems)
+
+
+_PARAMS = tuple(f.name for f in fields(SamplingParams))
+
+
+def request_params(sampling: SamplingSpec) -> dict[str, Any]:
+    """The spec fields a request carries (all but `n`, which makes n requests), by name."""
+    return {name: getattr(sampling, name) for name in _PARAMS}
 
 
 def sample_seed(base_seed: int, sample_index: int) -> int:
@@ -83,15 +91,7 @@ def make_requests(
             return RowError("max_tokens_over_context", msg)
         max_tokens = min(max_tokens, room)
     seed = sampling.seed if has_row_seed else row_seed(job_seed, row_id)
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        seed=seed,
-        stop=sampling.stop,
-        stop_token_ids=sampling.stop_token_ids,
-    )
+    params = SamplingParams(**{**request_params(sampling), "max_tokens": max_tokens, "seed": seed})
     prompt = tuple(token_ids)
     return [
         Request(row_index, prompt, replace(params, seed=sample_seed(seed, k)), sample_index=k)
