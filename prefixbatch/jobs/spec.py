@@ -125,9 +125,18 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+# Fields that moved: where each went (a spec written for an earlier version gets told).
+MOVED = {
+    "executor.max_batch_size": "executor.hf.max_batch_size",
+    "executor.max_batch_tokens": "executor.hf.max_batch_tokens (hf) or executor.native.max_step_tokens (native)",
+}
+
+
 def _describe(error: dict[str, Any]) -> str:
     loc = ".".join(str(part) for part in error["loc"]) or "(top level)"
     kind = error["type"]
+    if kind == "extra_forbidden" and loc in MOVED:
+        return f"{loc}: this setting moved to {MOVED[loc]}"
     if kind == "extra_forbidden":
         allowed = _allowed_fields(error["loc"])
         guess = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1, cutoff=0.8)

@@ -61,6 +61,14 @@ def test_single_stop_string_is_a_list_of_one(tmp_path):
     assert spec.sampling.stop == ("\n",)
 
 
+def test_a_moved_field_says_where_it_went(tmp_path):
+    path = write(tmp_path, "job.json", json.dumps({**BASE, "executor": {"max_batch_tokens": 64}}))
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    assert "executor.max_batch_tokens: this setting moved to executor.hf.max_batch_tokens (hf) or" in str(e.value)
+    assert "executor.native.max_step_tokens (native)" in str(e.value)
+
+
 def test_spec_is_frozen(tmp_path):
     spec = load_spec(write(tmp_path, "job.json", json.dumps(BASE)))
     with pytest.raises(ValidationError, match="frozen"):
