@@ -10,7 +10,12 @@ import pytest
 from safetensors import safe_open
 
 from prefixbatch.errors import ModelError
-from prefixbatch.model_folder import kv_budget_for_memory, kv_bytes_per_token, read_config, weights_bytes
+from prefixbatch.model_folder import (
+    kv_budget_for_memory,
+    kv_bytes_per_token,
+    read_config,
+    weights_bytes,
+)
 
 QWEN25_05B = {  # the shape of Qwen2.5-0.5B's config.json
     "hidden_size": 896, "num_attention_heads": 14, "num_key_value_heads": 2, "num_hidden_layers": 24,
