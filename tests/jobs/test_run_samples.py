@@ -103,10 +103,15 @@ def test_n_samples_per_row(tmp_path, tiny_llama):
 
 def test_plan_counts_samples_as_requests(tmp_path, tiny_llama, capsys):
     spec = write_job(tmp_path, tiny_llama)
-    assert main(["plan", str(spec), "--json"]) == 0
+    assert main(["plan", str(spec), "--json", "--set", "executor.kind=native"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["rows"] == len(ROWS) and report["requests"] == NUM_OUTPUT_ROWS - 1
     assert report["error_rows"] == 1
     # g3's 3 samples and g1 are one prompt: the tree holds it once.
     assert report["prefill_tokens"]["with_sharing"] < report["prefill_tokens"]["without_sharing"]
     assert report["top_prefixes"][0]["requests"] == 4
+    # The job's own executor, hf, cannot share: its plan prefills every prompt in full.
+    assert main(["plan", str(spec), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["plan"]["prefix_sharing"] is False
+    assert report["prefill_tokens"]["with_sharing"] == report["prefill_tokens"]["without_sharing"]
