@@ -3,6 +3,8 @@
 Layout: `keys` and `values` are each `[num_layers, capacity_tokens, Hkv, D]`, allocated
 once. A segment (a tree node's shared tokens, or a sequence's own suffix + output) owns one
 contiguous range of slots, the same range in every layer, reserved whole when allocated.
+Which slots are whose is plain data, `packing.slots.SlotAllocator` (`allocator`), shared
+with the step scheduler that admits groups against it; this owns the tensors.
 
 Why contiguous ranges rather than fixed-size blocks (paged KV):
 - A segment's keys are one slice, `keys[layer, start:stop]`, a view: the attention of all
@@ -25,30 +27,16 @@ in → out: segment id + token count → `SlotRange` (or None: does not fit); k,
 
 from __future__ import annotations
 
-import bisect
-from dataclasses import dataclass
-
 import torch
 
 from prefixbatch.executors.native.config import ModelConfig
+from prefixbatch.packing.slots import SlotAllocator, SlotRange
 
 __all__ = ["KVStore", "SlotRange"]
 
 
-@dataclass(frozen=True)
-class SlotRange:
-    """Slots [start, stop) of the store, the same in every layer."""
-
-    start: int
-    num_slots: int
-
-    @property
-    def stop(self) -> int:
-        return self.start + self.num_slots
-
-
 class KVStore:
-    """Per-layer K/V buffers and a first-fit allocator of contiguous slot ranges by segment id."""
+    """Per-layer K/V buffers, and which slots are whose (`packing.slots.SlotAllocator`)."""
 
     def __init__(
         self,
@@ -65,14 +53,15 @@ class KVStore:
             raise ValueError(f"`capacity_tokens` must be at least 1, got {capacity_tokens}")
         shape = (num_layers, capacity_tokens, num_kv_heads, head_dim)
         size = num_layers * capacity_tokens * num_kv_heads * head_dim
-        if buffer is None or buffer.numel() < 2 * size or buffer.dtype != dtype or not _on(buffer, device):
+        is_reusable = buffer is not None and buffer.numel() >= 2 * size and buffer.dtype == dtype
+        if not (is_reusable and _on(buffer, device)):
             buffer = torch.empty(2 * size, dtype=dtype, device=device)
         self.buffer = buffer  # keys and values are views of it; a later store may reuse it
         self.keys = buffer[:size].view(shape).zero_()  # [L, capacity, Hkv, D]
         self.values = buffer[size : 2 * size].view(shape).zero_()  # [L, capacity, Hkv, D]
         self.capacity_tokens = capacity_tokens
-        self._free: list[SlotRange] = [SlotRange(0, capacity_tokens)]  # sorted by start, coalesced
-        self._segments: dict[int, SlotRange] = {}
+        # The bookkeeping is plain data, so the step scheduler admits groups against it directly.
+        self.allocator = SlotAllocator(capacity_tokens)
 
     @classmethod
     def for_model(
@@ -84,7 +73,7 @@ class KVStore:
         device: torch.device | str,
         buffer: torch.Tensor | None = None,
     ) -> KVStore:
-        """A store for `config`'s layers; in `buffer` (zeroed) when it is large enough, else in new memory."""
+        """A store for `config`'s layers: in `buffer` (zeroed) when it is large enough, else new."""
         return cls(
             num_layers=config.num_layers,
             num_kv_heads=config.num_kv_heads,
@@ -103,64 +92,31 @@ class KVStore:
 
     @property
     def num_used_tokens(self) -> int:
-        return sum(r.num_slots for r in self._segments.values())
+        return self.allocator.num_used_tokens
 
     @property
     def num_free_tokens(self) -> int:
-        return self.capacity_tokens - self.num_used_tokens
+        return self.allocator.num_free_tokens
 
     @property
     def largest_free_range(self) -> int:
         """The most tokens one `allocate` can get now."""
-        return max((r.num_slots for r in self._free), default=0)
+        return self.allocator.largest_free_range
 
     def __contains__(self, segment_id: int) -> bool:
-        return segment_id in self._segments
+        return segment_id in self.allocator
 
     def allocate(self, segment_id: int, num_tokens: int) -> SlotRange | None:
-        """Reserves `num_tokens` contiguous slots for a new segment; None when no free range fits."""
-        if segment_id in self._segments:
-            raise ValueError(
-                f"segment {segment_id} already holds slots {self._segments[segment_id]}"
-            )
-        if num_tokens < 1:
-            raise ValueError(
-                f"`num_tokens` must be at least 1, got {num_tokens} for segment {segment_id}"
-            )
-        index = next((i for i, r in enumerate(self._free) if r.num_slots >= num_tokens), None)
-        if index is None:
-            return None
-        free = self._free[index]
-        taken = SlotRange(free.start, num_tokens)
-        if free.num_slots == num_tokens:
-            del self._free[index]
-        else:
-            self._free[index] = SlotRange(taken.stop, free.num_slots - num_tokens)
-        self._segments[segment_id] = taken
-        return taken
+        """Reserves `num_tokens` contiguous slots for a new segment; None if no free range fits."""
+        return self.allocator.allocate(segment_id, num_tokens)
 
     def free(self, segment_id: int) -> None:
         """Returns a segment's slots to the free list, merged with free neighbours."""
-        released = self._segments.pop(segment_id, None)
-        if released is None:
-            raise KeyError(f"segment {segment_id} holds no slots")
-        index = bisect.bisect(self._free, released.start, key=lambda r: r.start)
-        self._free.insert(index, released)
-        # Merge with the right neighbour first, so `index` still points at `released`.
-        if index + 1 < len(self._free) and self._free[index + 1].start == released.stop:
-            right = self._free.pop(index + 1)
-            self._free[index] = SlotRange(released.start, released.num_slots + right.num_slots)
-        if index > 0 and self._free[index - 1].stop == self._free[index].start:
-            merged = self._free.pop(index)
-            left = self._free[index - 1]
-            self._free[index - 1] = SlotRange(left.start, left.num_slots + merged.num_slots)
+        self.allocator.free(segment_id)
 
     def slots(self, segment_id: int) -> SlotRange:
         """The slot range a segment holds."""
-        slot_range = self._segments.get(segment_id)
-        if slot_range is None:
-            raise KeyError(f"segment {segment_id} holds no slots")
-        return slot_range
+        return self.allocator.slots(segment_id)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stores k, v: [T, Hkv, D] at slots [T] (int64, on the store's device) of one layer."""
