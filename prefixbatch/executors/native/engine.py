@@ -60,7 +60,7 @@ class _Sequence:
 
 
 class Engine:
-    """Runs plans on one model, within a KV store of `kv_budget_tokens` (None: the plan's)."""
+    """Runs plans on one model; each in a KV store of the plan's `kv_budget_tokens`."""
 
     def __init__(
         self,
@@ -69,13 +69,11 @@ class Engine:
         eos_token_ids: Sequence[int],
         decode: Callable[[list[int]], str],
         max_step_tokens: int,
-        kv_budget_tokens: int | None = None,
     ) -> None:
         self.model = model
         self.eos_token_ids = tuple(eos_token_ids)
         self.decode = decode
         self.max_step_tokens = max_step_tokens
-        self.kv_budget_tokens = kv_budget_tokens
         self.stats = ExecutorStats()
         self.kv_buffer: torch.Tensor | None = None  # the last run's KV memory, reused by the next
 
@@ -98,10 +96,8 @@ class _PlanRun:
         self.plan = plan
         self.tokens = tokens
         max_tokens = [request.sampling.max_tokens for request in requests]
-        budget = engine.kv_budget_tokens
-        if budget is None:  # what the plan was made for: its groups fit it
-            budget = plan.kv_budget_tokens
-        capacity = store_capacity(plan, max_tokens, kv_budget_tokens=budget)
+        # The budget the plan was made for (its groups fit it): one setting, recorded there.
+        capacity = store_capacity(plan, max_tokens, kv_budget_tokens=plan.kv_budget_tokens)
         self.store = KVStore.for_model(
             engine.model.config,
             capacity_tokens=capacity,

@@ -23,7 +23,7 @@ from transformers import (
 )
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from prefixbatch.executors.native.attention_plan import QueryRun, SegmentKV, build_plan
+from prefixbatch.executors.native.attention_plan import QueryRun, SegmentKV, plan_attention
 from prefixbatch.executors.native.config import model_config_from_hf
 from prefixbatch.executors.native.kv import KVStore
 from prefixbatch.executors.native.rope import inverse_frequencies
@@ -250,7 +250,7 @@ class OneLevelTree:
             SegmentKV(i, None if i == 0 else 0, slots.start, num_stored)
             for i, (slots, num_stored) in enumerate(zip(self.slots, self.num_stored))
         ]
-        plan = build_plan(segments, runs)
+        plan = plan_attention(segments, runs)
         attention = TreeAttention(self.store, plan, scale=self.model.config.attention_scale)
         return self.model(torch.tensor(token_ids), torch.tensor(plan.positions), attention)
 
