@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from prefixbatch.config import StrictModel
 
+
 class InputSpec(StrictModel):
     """Where the prompts are and which columns hold what."""
 
