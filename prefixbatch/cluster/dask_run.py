@@ -35,7 +35,7 @@ import numpy as np
 from prefixbatch.cluster.config import ClusterJob, ClusterSpec, Progress
 from prefixbatch.cluster.worker import CRASH_MESSAGE, PLUGIN_NAME, EnginePlugin, ShardTask
 from prefixbatch.errors import UserError
-from prefixbatch.executors.base import Executed
+from prefixbatch.executors.base import Executed, StopFlag
 from prefixbatch.executors.registry import resolve_kind
 from prefixbatch.pipeline.commits import OutputFolder
 from prefixbatch.pipeline.parts import PartWriter, RowColumns
@@ -113,8 +113,8 @@ class DaskSession:
         return max(workers, 1) * self.spec.cluster.shards_per_worker
 
     def run(self, work: PlannedRequests, todo: PreparedInput, output: OutputFolder, writer: PartWriter,
-            progress: Progress, *, log) -> Executed:
-        return run_on_dask(self.spec, self.client, work, todo, output, writer, progress, log=log)
+            progress: Progress, *, log, stop: StopFlag | None = None) -> Executed:
+        return run_on_dask(self.spec, self.client, work, todo, output, writer, progress, log=log, stop=stop)
 
     def tokenize_on_workers(self, files: list, committed: np.ndarray, progress: Progress) -> tuple[list, list]:
         """One task per input file: read and tokenize it on a worker (kept there); the
@@ -138,7 +138,7 @@ class DaskSession:
         return chunks, keys
 
     def run_partitions(self, files: list, chunks: list, keys: list, settings: PlanSettings, output: OutputFolder,
-                       writer: PartWriter, progress: Progress, *, log) -> Executed:
+                       writer: PartWriter, progress: Progress, *, log, stop: StopFlag | None = None) -> Executed:
         """The prompts range-partitioned by leading tokens, each partition a shard."""
         from prefixbatch.cluster.partition import PartitionTask, partition_rows
 
@@ -155,7 +155,7 @@ class DaskSession:
             # Placed on free workers like shards (left alone, Dask would run every partition
             # where the file chunks are: one worker for a one-file input).
             tasks.append(PartitionTask(str(p), rows, [chunks[k] for k in holding], shard_fields, settings))
-        run_tasks(client, spec, tasks, shard_fields["progress_topic"], output, writer, result, progress, log)
+        run_tasks(client, spec, tasks, shard_fields["progress_topic"], output, writer, result, progress, log, stop)
         return result
 
 
@@ -181,6 +181,7 @@ def run_on_dask(
     progress: Progress,
     *,
     log: Callable[[str], None],
+    stop: StopFlag | None = None,
 ) -> Executed:
     """Run each shard of the plan on the cluster; commit every shard's parts through `output`."""
     result = Executed(resolve_kind(spec.model, spec.executor))
@@ -192,21 +193,22 @@ def run_on_dask(
         ShardTask(str(k), part, columns.subset(r.row_index for r in part.requests), **fields)
         for k, part in enumerate(parts)
     ]
-    run_tasks(client, spec, tasks, fields["progress_topic"], output, writer, result, progress, log)
+    run_tasks(client, spec, tasks, fields["progress_topic"], output, writer, result, progress, log, stop)
     return result
 
 
-def run_tasks(client, spec: ClusterJob, tasks: list, topic: str, output, writer, result, progress, log) -> None:
+def run_tasks(client, spec: ClusterJob, tasks: list, topic: str, output, writer, result, progress, log,
+              stop: StopFlag | None = None) -> None:
     """Run shard tasks (`ShardTask` or `PartitionTask`), show their progress, commit them."""
 
     def on_progress(event: tuple[float, dict]) -> None:  # on the client's event loop
         report = event[1]
-        progress.running(report["key"], report["rows"], report["tokens"])
+        progress.running(report["key"], report["rows"], report["tokens"], report.get("prefill", 0))
 
     client.subscribe_topic(topic, on_progress)
     try:
         with client.as_current():  # for `distributed.wait` in this thread
-            _Placer(client, spec, progress, log).run(tasks, output, writer, result)
+            _Placer(client, spec, progress, log, stop).run(tasks, output, writer, result)
     finally:
         client.unsubscribe_topic(topic)
 
@@ -222,8 +224,8 @@ class _Placer:
     error row. Only the driver retries (Dask's own retries are off for a LocalCluster the
     run starts; a running cluster's `allowed-failures` still applies before the driver's)."""
 
-    def __init__(self, client, spec: ClusterJob, progress: Progress, log) -> None:
-        self.client, self.spec, self.progress, self.log = client, spec, progress, log
+    def __init__(self, client, spec: ClusterJob, progress: Progress, log, stop: StopFlag | None = None) -> None:
+        self.client, self.spec, self.progress, self.log, self.stop = client, spec, progress, log, stop
         self.resources = spec.cluster.resources or None
         self.out: dict[Any, tuple[Any, str | None]] = {}  # future → (task, worker it was given to)
         self.deaths: dict[str, int] = {}  # shard id → worker deaths it caused
@@ -233,6 +235,9 @@ class _Placer:
 
         waiting = deque(tasks)
         while waiting or self.out:
+            if self.stop is not None and self.stop.is_set():  # commit what is done, start nothing
+                self.client.cancel(list(self.out))
+                return
             free = self._free_threads()
             while waiting and free:
                 self._submit(waiting.popleft(), free.pop(0))
@@ -290,7 +295,10 @@ class _Placer:
         for record in shard.records:
             output.commit(record)
         result.add(shard)
-        self.progress.advance(shard.num_requests, shard.output_tokens, settles=future.key)
+        self.progress.advance(
+            shard.num_requests, shard.output_tokens, settles=future.key,
+            prefill_tokens=shard.stats.num_prefill_tokens, unused_tokens=shard.unused_tokens,
+        )
         return []
 
 
@@ -340,7 +348,7 @@ def _crash_rows(task: ShardTask, writer: PartWriter, progress: Progress) -> None
     tokens = len(task.requests[0].token_ids)
     writer.add_in_place_of_row(error_completion(row, "worker_crash", CRASH_MESSAGE, num_prompt_tokens=tokens))
     writer.flush()
-    progress.advance(len(task.requests), 0)
+    progress.advance(len(task.requests), 0, unused_tokens=sum(r.sampling.max_tokens for r in task.requests))
 
 
 __all__ = ["DaskSession", "count_shards", "run_on_dask"]

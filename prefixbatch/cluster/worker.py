@@ -105,6 +105,7 @@ class ShardResult:
     engine_loaded_at: float = 0.0  # time.time() the worker's engine was ready: one value per load
     generate_s: float = 0.0
     finished: float = 0.0
+    unused_tokens: int = 0  # max_tokens its rows did not use (stopped early): done work for the ETA
 
 
 class EnginePlugin(WorkerPlugin):
@@ -161,6 +162,7 @@ class _Reporter:
         self.worker, self.topic, self.stats = worker, topic, stats
         self.key = worker.get_current_task()
         self.tokens_before = stats.num_decode_tokens
+        self.prefill_before = stats.num_prefill_tokens
         self.rows = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="prefixbatch-progress", daemon=True)
@@ -176,7 +178,9 @@ class _Reporter:
     def _loop(self) -> None:
         while not self._stop.wait(PROGRESS_EVERY_S):
             tokens = self.stats.num_decode_tokens - self.tokens_before
-            self.worker.log_event(self.topic, {"key": self.key, "rows": self.rows, "tokens": tokens})
+            prefill = self.stats.num_prefill_tokens - self.prefill_before
+            report = {"key": self.key, "rows": self.rows, "tokens": tokens, "prefill": prefill}
+            self.worker.log_event(self.topic, report)
 
 
 def run_shard(task: ShardTask) -> ShardResult:
@@ -203,11 +207,13 @@ def run_shard(task: ShardTask) -> ShardResult:
     )
     for error in task.errors:
         writer.add(error)
-    output_tokens = 0
+    output_tokens = unused = 0
+    budgets = {(r.row_index, r.sample_index): r.sampling.max_tokens for r in task.requests}
     with _Reporter(worker, task.progress_topic, executor.stats) as reporter:
         for completion in executor.generate(task.work) if task.work is not None else ():
             writer.add(completion)
             output_tokens += completion.num_output_tokens
+            unused += max(budgets[completion.row_index, completion.sample_index] - completion.num_output_tokens, 0)
             reporter.rows += 1
     generated = time.time()
     writer.flush()
@@ -228,6 +234,7 @@ def run_shard(task: ShardTask) -> ShardResult:
         engine_loaded_at=plugin.loaded_at,
         generate_s=generated - loaded,
         finished=time.time(),
+        unused_tokens=unused,
     )
 
 

@@ -28,12 +28,19 @@ class ExecutorStats:
     num_groups: int = 0  # plan groups run
 
 
+class StopFlag(Protocol):
+    """Set when the run must stop (a signal, the user): a `threading.Event` is one."""
+
+    def is_set(self) -> bool: ...
+
+
 class Executor(Protocol):
     kind: str  # the registry's name for it
     stats: ExecutorStats
 
-    def generate(self, work: PlannedRequests) -> Iterator[Completion]:
-        """One completion per request of `work`, yielded as they finish."""
+    def generate(self, work: PlannedRequests, *, stop: StopFlag | None = None) -> Iterator[Completion]:
+        """One completion per request of `work`, yielded as they finish. Once `stop` is set
+        it returns within a step or a batch, yielding no completion it has not finished."""
         ...
 
 
@@ -57,4 +64,4 @@ class Executed:
                 setattr(self.stats, key, getattr(self.stats, key) + value)
 
 
-__all__ = ["Executed", "Executor", "ExecutorStats"]
+__all__ = ["Executed", "Executor", "ExecutorStats", "StopFlag"]

@@ -31,13 +31,14 @@ from transformers import (
     AutoTokenizer,
     GenerationConfig,
     LogitsProcessorList,
+    StoppingCriteria,
     StoppingCriteriaList,
 )
 from transformers.utils import logging as hf_logging
 
 from prefixbatch.config import ModelSpec
 from prefixbatch.errors import ModelError
-from prefixbatch.executors.base import ExecutorStats
+from prefixbatch.executors.base import ExecutorStats, StopFlag
 from prefixbatch.executors.config import ExecutorSpec
 from prefixbatch.executors.device import resolve_device, resolve_dtype
 from prefixbatch.executors.sampling import SeededSampler
@@ -89,14 +90,17 @@ class HfExecutor:
         # generate() fills every unset field from the model's config: keep nothing else there.
         self.model.generation_config = GenerationConfig(**self.special_ids, do_sample=False)
 
-    def generate(self, work: PlannedRequests) -> Iterator[Completion]:
+    def generate(self, work: PlannedRequests, *, stop: StopFlag | None = None) -> Iterator[Completion]:
         """One completion per request, group by group in the plan's order; (row_index,
-        sample_index) names each."""
+        sample_index) names each. Once `stop` is set, the batch under way ends at its next
+        token and its rows are dropped (not completed)."""
         for group in work.groups():
-            yield from self._run_group(group)
+            yield from self._run_group(group, stop)
+            if stop is not None and stop.is_set():
+                return
             self.stats.num_groups += 1
 
-    def _run_group(self, requests: Sequence[Request]) -> Iterator[Completion]:
+    def _run_group(self, requests: Sequence[Request], stop: StopFlag | None) -> Iterator[Completion]:
         for request in [r for r in requests if r.sampling.max_tokens < 1]:
             yield Completion(
                 request.row_index, (), "", "length", request.num_prompt_tokens,
@@ -108,12 +112,17 @@ class HfExecutor:
             max_batch_tokens=self.spec.max_batch_tokens,
         )
         for batch in batches:
-            yield from self._run_batch(batch)
+            if stop is not None and stop.is_set():
+                return
+            completions = self._run_batch(batch, stop)
+            if stop is not None and stop.is_set():
+                return  # cut short: its rows are not done
+            yield from completions
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
-    def _run_batch(self, batch: list[Request]) -> list[Completion]:
+    def _run_batch(self, batch: list[Request], stop: StopFlag | None = None) -> list[Completion]:
         input_ids, attention_mask = self._left_pad([r.token_ids for r in batch])  # [B, P]
         prompt_len = input_ids.shape[1]
         params = [r.sampling for r in batch]
@@ -128,7 +137,7 @@ class HfExecutor:
                 attention_mask=attention_mask,
                 generation_config=config,
                 logits_processor=LogitsProcessorList([SeededSampler(params, self.device)]),
-                stopping_criteria=StoppingCriteriaList([stopper]),
+                stopping_criteria=StoppingCriteriaList([stopper, _StopWhenSet(stop)]),
             )  # [B, P + num_steps]
         generated = output[:, prompt_len:].tolist()  # finished rows continue with pad ids
         self.stats.num_prefill_tokens += sum(r.num_prompt_tokens for r in batch)
@@ -162,6 +171,17 @@ class HfExecutor:
             input_ids[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
             attention_mask[row, longest - len(prompt) :] = 1
         return input_ids.to(self.device), attention_mask.to(self.device)
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends `generate` at the next token once the run's stop flag is set."""
+
+    def __init__(self, stop: StopFlag | None) -> None:
+        self.stop = stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        done = self.stop is not None and self.stop.is_set()
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 def plan_batches(

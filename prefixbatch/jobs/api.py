@@ -54,12 +54,18 @@ def plan(job: JobLike, *, num_shards: int | None = None):
     return preview_job(load_job(job), num_shards=num_shards)
 
 
-def run(job: JobLike, *, progress: bool = False, log: Callable[[str], None] | None = None):
+def run(
+    job: JobLike, *, progress: bool = False, log: Callable[[str], None] | None = None, stop: Any = None
+):
     """Run the job to its output folder; the `RunSummary`. `progress=True` shows a live bar
-    on a terminal; `log` receives the run's log lines (default: dropped)."""
+    on a terminal; `log` receives the run's log lines (default: dropped). Setting `stop` (a
+    `threading.Event`) from another thread stops the run gracefully: it commits the whole
+    rows generated so far and raises `JobStopped`; run again with `output.mode: resume`."""
     from prefixbatch.jobs.run import run_job
 
-    return run_job(load_job(job), live_progress=None if progress else False, log=log or (lambda _: None))
+    return run_job(
+        load_job(job), live_progress=None if progress else False, log=log or (lambda _: None), stop=stop
+    )
 
 
 __all__ = ["JobLike", "load_job", "plan", "run", "validate"]

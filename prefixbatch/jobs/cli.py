@@ -1,13 +1,16 @@
 """The `prefixbatch` command: run, validate, plan, make-test-model, demo.
 
 Exit codes: 0 success; 2 a user's mistake (one message, no traceback; `--debug` shows it);
-3 the job finished but more rows than `max_error_fraction` are error rows; 1 an internal error. Verbs are thin: each calls one function of `jobs/`.
+3 the job finished but more rows than `max_error_fraction` are error rows; 130 / 143 `run`
+stopped by SIGINT (Ctrl-C) / SIGTERM after committing what was complete; 1 an internal
+error. Verbs are thin: each calls one function of `jobs/`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import traceback
 from collections.abc import Sequence
@@ -43,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="same as --set output.mode=overwrite")
     run.add_argument("--resume", action="store_true", help="same as --set output.mode=resume")
     run.add_argument("--no-progress", action="store_true", help="plain log lines instead of a live bar")
+    run.add_argument(
+        "--log-every", type=float, default=5.0, metavar="SECONDS",
+        help="seconds between progress lines when there is no live bar (default 5)",
+    )
     run.set_defaults(func=cmd_run)
 
     validate = verbs.add_parser("validate", help="check the spec, input files and model folder; load no weights")
@@ -94,26 +101,22 @@ def _load(args: argparse.Namespace, extra: Sequence[str] = ()):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from prefixbatch.jobs.run import run_job
+    from prefixbatch.jobs.signals import GracefulStop, JobStopped
 
     if args.overwrite and args.resume:
         raise UserError("--overwrite and --resume cannot be used together")
     mode = ["output.mode=overwrite"] if args.overwrite else ["output.mode=resume"] if args.resume else []
     spec = _load(args, mode)
-    summary = run_job(spec, live_progress=False if args.no_progress else None, log=_info)
-    inputs = f" from {summary.input_rows} input rows" if summary.input_rows != summary.rows else ""
-    _info(
-        f"done: {summary.rows} rows{inputs} ({summary.error_rows} errors), "
-        f"{summary.output_tokens} output tokens, "
-        f"{summary.output_tokens_per_s:.1f} tok/s while generating, {summary.wall_s:.1f}s in all "
-        f"→ {summary.output_path}"
-    )
-    _info(
-        f"{summary.executor} executor: computed {summary.prefill_tokens_computed} prefill tokens for "
-        f"{summary.prompt_tokens} prompt tokens ({summary.cached_prompt_tokens} reused), "
-        f"{summary.decode_tokens_computed} decode tokens"
-    )
-    if summary.errors_by_code:
-        _info("error rows by code: " + ", ".join(f"{k}={v}" for k, v in summary.errors_by_code.items()))
+    with GracefulStop(_info) as stop:
+        try:
+            summary = run_job(
+                spec, live_progress=False if args.no_progress else None, log=_info, stop=stop.event,
+                log_every_s=args.log_every,
+            )
+        except JobStopped as stopped:
+            _info(f"{stopped}; to finish the job, run:\n  {_resume_command(args)}")
+            return stop.exit_code
+    _report_run(summary)
     error_fraction = summary.error_rows / max(summary.input_rows, 1)
     if error_fraction > spec.max_error_fraction:
         print(
@@ -124,6 +127,37 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         return 3
     return 0
+
+
+def _report_run(summary) -> None:
+    inputs = f" from {summary.input_rows} input rows" if summary.input_rows != summary.rows else ""
+    earlier = f", {summary.resumed_rows} of them committed by earlier runs" if summary.resumed_rows else ""
+    _info(
+        f"done: {summary.rows} rows{inputs}{earlier} ({summary.error_rows} errors), "
+        f"{summary.output_tokens} output tokens, "
+        f"{summary.output_tokens_per_s:.1f} tok/s while generating, {summary.wall_s:.1f}s in all "
+        f"→ {summary.output_path}"
+    )
+    if summary.executor == "none":
+        _info("nothing was left to generate: every row was committed before (or is an error row)")
+    else:
+        _info(
+            f"{summary.executor} executor: computed {summary.prefill_tokens_computed} prefill tokens for "
+            f"{summary.prompt_tokens} prompt tokens ({summary.cached_prompt_tokens} reused), "
+            f"{summary.decode_tokens_computed} decode tokens"
+        )
+    if summary.errors_by_code:
+        _info("error rows by code: " + ", ".join(f"{k}={v}" for k, v in summary.errors_by_code.items()))
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that finishes a stopped run: the same spec and overrides, with --resume."""
+    words = ["prefixbatch", "run", args.spec]
+    for override in args.overrides:
+        words += ["--set", override]
+    if args.no_progress:
+        words.append("--no-progress")
+    return shlex.join([*words, "--resume"])
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -186,7 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(
+            "stopped at once (interrupted): what was committed is kept; run the same command with"
+            " --resume to finish the job",
+            file=sys.stderr,
+        )
         return 130
     except Exception as exc:
         if args.debug:

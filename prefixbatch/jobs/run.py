@@ -10,6 +10,7 @@ exactly once.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -18,16 +19,23 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 import prefixbatch
-from prefixbatch.executors.base import Executed, ExecutorStats
+from prefixbatch.executors.base import Executed, ExecutorStats, StopFlag
 from prefixbatch.executors.registry import create_executor
 from prefixbatch.faults import fault_point
 from prefixbatch.jobs.fingerprint import job_fingerprint
 from prefixbatch.jobs.inputs import read_job_input, scan_job_input
 from prefixbatch.jobs.planning import plan_job, plan_settings, plan_summary
 from prefixbatch.jobs.progress import JobProgress
+from prefixbatch.jobs.signals import JobStopped
 from prefixbatch.jobs.spec import JobSpec
 from prefixbatch.model_folder import check_model_folder
-from prefixbatch.pipeline.commits import SUMMARY, CommitRecord, OutputFolder, indices_to_ranges
+from prefixbatch.pipeline.commits import (
+    SUMMARY,
+    CommitRecord,
+    OutputFolder,
+    committed_rows,
+    indices_to_ranges,
+)
 from prefixbatch.pipeline.parts import PartWriter, RowColumns, samples_per_row
 from prefixbatch.pipeline.prepare import PreparedInput, input_columns
 from prefixbatch.pipeline.reader import batch_schema
@@ -108,71 +116,166 @@ def _output_folder(spec: JobSpec) -> OutputFolder:
     return OutputFolder(spec.output.path, mode=spec.output.mode, storage_options=spec.output.storage_options)
 
 
-def run_job(spec: JobSpec, *, live_progress: bool | None = None, log: Callable[[str], None] = print) -> RunSummary:
+def run_job(
+    spec: JobSpec,
+    *,
+    live_progress: bool | None = None,
+    log: Callable[[str], None] = print,
+    stop: StopFlag | None = None,
+    log_every_s: float = 5.0,
+) -> RunSummary:
     """Read, claim the output, generate what is not committed yet, commit part by part, finish.
 
     Killed at any point, the same call with `output.mode: resume` runs only the rows no
-    commit covers; the finished output equals that of a run that never stopped.
+    commit covers; the finished output equals that of a run that never stopped. Once `stop`
+    is set, no new step or shard starts, the whole rows generated so far are committed, and
+    `JobStopped` says how many rows are in.
     """
     start = time.monotonic()
     check_model_folder(spec.model.path)
+    show = _Show(live_progress, log, stop, log_every_s)
     if spec.cluster.kind != "dask":
-        return _run(spec, None, start, live_progress, log)
+        return _run(spec, None, start, show)
     from prefixbatch.cluster.config import ClusterJob
     from prefixbatch.cluster.dask_run import DaskSession
 
     with DaskSession(ClusterJob.of(spec)) as cluster:  # workers load the engine while the driver reads
         run = _run_planned_on_workers if spec.cluster.plan_on == "workers" else _run
-        summary = run(spec, cluster, start, live_progress, log)
+        summary = run(spec, cluster, start, show)
     # Once the run's own workers are gone: a part that a worker the scheduler had given up
     # for dead wrote late is not the result's (never committed, never read), but not left.
     _output_folder(spec).remove_stray_parts()
     return summary
 
 
-def _run(spec: JobSpec, cluster, start: float, live_progress: bool | None, log: Callable[[str], None]) -> RunSummary:
-    prepared = read_job_input(spec, show_progress=True, live_progress=live_progress)
+@dataclass(frozen=True)
+class _Show:
+    """How a run talks to its user: progress display, log lines, and the stop flag it obeys."""
+
+    live: bool | None
+    log: Callable[[str], None]
+    stop: StopFlag | None
+    log_every_s: float
+
+    def progress(self, total: int, **options) -> JobProgress:
+        return JobProgress(total, live=self.live, log_every_s=self.log_every_s, **options)
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
+
+def _run(spec: JobSpec, cluster, start: float, show: _Show) -> RunSummary:
+    prepared = read_job_input(spec, show_progress=True, live_progress=show.live)
     fault_point("tokenized")
+    log = show.log
     log(f"read {prepared.num_rows} rows: {len(prepared.requests)} to generate, {len(prepared.errors)} error rows")
     output, writer, committed = _open_output(spec, prepared, log)
     todo = prepared.without_rows(committed)
     work = plan_job(spec, todo.requests, num_shards=cluster.num_shards() if cluster else 1)
     plan = work.plan
-    log(f"plan {plan.digest()}: {plan.num_groups} groups, {plan.num_shards} shards, {plan.num_prefill_tokens} prefill tokens")
-    with JobProgress(todo.num_output_rows, live=live_progress) as progress:
+    log(
+        f"plan {plan.digest()}: {_count(plan.num_groups, 'group')}, {_count(plan.num_shards, 'shard')},"
+        f" {plan.num_prefill_tokens} prefill tokens, up to {plan.num_decode_tokens} output tokens"
+    )
+    with show.progress(todo.num_output_rows, work=(plan.num_prefill_tokens, plan.num_decode_tokens)) as progress:
         for completion in todo.errors:
             writer.add(completion)
             progress.advance(1, 0)
         writer.flush()
-        if cluster is not None and todo.requests:
-            executed = cluster.run(work, todo, output, writer, progress, log=log)
+        if cluster is not None and todo.requests and not show.stopping:
+            executed = cluster.run(work, todo, output, writer, progress, log=log, stop=show.stop)
         else:
-            executor = create_executor(spec.model, spec.executor) if todo.requests else None
-            for completion in executor.generate(work) if executor is not None else ():
-                writer.add(completion)
-                progress.advance(1, completion.num_output_tokens)
-            executed = Executed(executor.kind, executor.stats) if executor is not None else None
+            executed = _generate_here(spec, work, writer, progress, show) if todo.requests else None
         writer.flush()
+    if show.stopping:
+        raise _stopped(spec, prepared, output)
     return _finish(spec, prepared, output, writer, executed, committed, progress, start, plan=plan_summary(work))
 
 
-def _run_planned_on_workers(spec: JobSpec, cluster, start: float, live_progress: bool | None, log) -> RunSummary:
+def _generate_here(spec: JobSpec, work, writer: PartWriter, progress: JobProgress, show: _Show) -> Executed | None:
+    """The plan on this process's executor; its work shown while steps run, rows as they finish."""
+    if show.stopping:
+        return None
+    executor = create_executor(spec.model, spec.executor)
+    budgets = {(r.row_index, r.sample_index): r.sampling.max_tokens for r in work.requests}
+    with _Watch(executor, progress):
+        for completion in executor.generate(work, stop=show.stop):
+            writer.add(completion)
+            unused = budgets[completion.row_index, completion.sample_index] - completion.num_output_tokens
+            progress.advance(1, completion.num_output_tokens, unused_tokens=max(unused, 0))
+    return Executed(executor.kind, executor.stats)
+
+
+class _Watch:
+    """Shows an executor's prefill and decode tokens every `every_s` while it generates (rows
+    finish in bursts; tokens flow every step). Output tokens of finished rows are counted by
+    `advance`; the decode tokens of rows still running show as running work."""
+
+    def __init__(self, executor, progress: JobProgress, every_s: float = 0.5) -> None:
+        self.executor, self.progress, self.every_s = executor, progress, every_s
+        self.before = ExecutorStats(**vars(executor.stats))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="prefixbatch-progress", daemon=True)
+
+    def __enter__(self) -> _Watch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._report()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._report()
+
+    def _report(self) -> None:
+        stats, progress = self.executor.stats, self.progress
+        prefill = stats.num_prefill_tokens - self.before.num_prefill_tokens
+        decode = stats.num_decode_tokens - self.before.num_decode_tokens
+        progress.running("here", 0, max(decode - progress.output_tokens, 0), prefill)
+
+
+def _stopped(spec: JobSpec, prepared: PreparedInput, output: OutputFolder) -> JobStopped:
+    records, _ = output.load_records()
+    return JobStopped(
+        reason="stop requested",
+        committed_rows=len(committed_rows(records)),
+        total_rows=prepared.num_rows,
+        output_path=spec.output.path,
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _run_planned_on_workers(spec: JobSpec, cluster, start: float, show: _Show) -> RunSummary:
     """`cluster.plan_on: workers`: the driver reads only ids; the workers tokenize, the driver
     partitions by leading tokens, each partition is planned and run on a worker."""
     files, ids, skipped = scan_job_input(spec)
     carry = batch_schema(files, input_columns(spec.input)).empty_table().select(list(spec.input.carry_columns))
     prepared = PreparedInput([], [], ids, carry, num_clamped=0, files=files, skipped_files=skipped)
+    log = show.log
     output, writer, committed = _open_output(spec, prepared, log)
-    with JobProgress(prepared.num_rows, label="tokenizing", count_tokens=False, live=live_progress) as progress:
+    with show.progress(prepared.num_rows, label="tokenizing", count_tokens=False) as progress:
         chunks, keys = cluster.tokenize_on_workers(files, committed, progress)
     prepared = replace(
         prepared, num_clamped=sum(k.num_clamped for k in keys), num_truncated=sum(k.num_truncated for k in keys)
     )
     total = sum(len(k.request_rows) + len(k.error_rows) for k in keys)
     log(f"read {prepared.num_rows} rows on the workers: {total} output rows to write")
-    with JobProgress(total, live=live_progress) as progress:
+    with show.progress(total) as progress:
         settings = plan_settings(spec, num_shards=1)  # each partition is one shard, planned on its worker
-        executed = cluster.run_partitions(files, chunks, keys, settings, output, writer, progress, log=log) if total else None
+        executed = None
+        if total and not show.stopping:
+            executed = cluster.run_partitions(
+                files, chunks, keys, settings, output, writer, progress, log=log, stop=show.stop
+            )
+    if show.stopping:
+        raise _stopped(spec, prepared, output)
     return _finish(spec, prepared, output, writer, executed, committed, progress, start, plan=None)
 
 

@@ -33,7 +33,7 @@ from operator import attrgetter
 import numpy as np
 import torch
 
-from prefixbatch.executors.base import ExecutorStats
+from prefixbatch.executors.base import ExecutorStats, StopFlag
 from prefixbatch.executors.native.attention_plan import QueryRun, SegmentKV, plan_attention
 from prefixbatch.executors.native.kv import KVStore
 from prefixbatch.executors.native.model import CausalLM
@@ -78,11 +78,12 @@ class Engine:
         self.kv_buffer: torch.Tensor | None = None  # the last run's KV memory, reused by the next
 
     def run(
-        self, requests: Sequence[Request], plan: Plan, tokens: np.ndarray
+        self, requests: Sequence[Request], plan: Plan, tokens: np.ndarray, *, stop: StopFlag | None = None
     ) -> Iterator[Completion]:
-        """Completions of `requests` (plan request i = requests[i]) over the plan's `tokens`."""
+        """Completions of `requests` (plan request i = requests[i]) over the plan's `tokens`.
+        Once `stop` is set, no further step runs: sequences in flight are not completed."""
         if requests:
-            yield from _PlanRun(self, requests, plan, tokens).completions()
+            yield from _PlanRun(self, requests, plan, tokens).completions(stop)
 
 
 class _PlanRun:
@@ -115,9 +116,9 @@ class _PlanRun:
         self.node_logits: dict[int, torch.Tensor] = {}  # [V] logits after a node's last token
         self.done: list[Completion] = []
 
-    def completions(self) -> Iterator[Completion]:
+    def completions(self, stop: StopFlag | None) -> Iterator[Completion]:
         scheduler = self.scheduler
-        while not scheduler.is_done:
+        while not scheduler.is_done and not (stop is not None and stop.is_set()):
             while (admission := scheduler.admit()) is not None:
                 scheduler.report(self._admit(admission))
             stats = self.engine.stats

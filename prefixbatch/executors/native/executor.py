@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prefixbatch.config import ModelSpec
-from prefixbatch.executors.base import ExecutorStats
+from prefixbatch.executors.base import ExecutorStats, StopFlag
 from prefixbatch.executors.config import ExecutorSpec
 from prefixbatch.executors.device import resolve_device, resolve_dtype
 from prefixbatch.executors.native.engine import Engine
@@ -47,11 +47,12 @@ class NativeExecutor:
     def stats(self) -> ExecutorStats:
         return self.engine.stats
 
-    def generate(self, work: PlannedRequests) -> Iterator[Completion]:
+    def generate(self, work: PlannedRequests, *, stop: StopFlag | None = None) -> Iterator[Completion]:
         """One completion per request, group by group in the plan's order."""
         fault_point("planned")
-        yield from self.engine.run(work.requests, work.plan, work.tokens)
-        self.engine.stats.num_groups += work.plan.num_groups
+        yield from self.engine.run(work.requests, work.plan, work.tokens, stop=stop)
+        if stop is None or not stop.is_set():
+            self.engine.stats.num_groups += work.plan.num_groups
 
 
 def _tokenizer_eos(tokenizer: object) -> tuple[int, ...]:
