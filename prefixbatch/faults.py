@@ -2,7 +2,8 @@
 
 `PREFIXBATCH_FAULT=point[:n]` in the environment makes the n-th time (default the first)
 the process reaches `fault_point("point")` a SIGKILL of itself: no exception handler, no
-`finally`, no flush runs, as when a machine dies. Unset (always, outside tests), a fault
+`finally`, no flush runs, as when a machine dies. `PREFIXBATCH_FAULT_SIGNAL=TERM` (or
+`INT`) sends that signal instead, as a scheduler or a user would, at a known moment. Unset (always, outside tests), a fault
 point is one dictionary lookup.
 
 Points: `tokenized` (input read and tokenized), `planned` (the native plan built),
@@ -40,7 +41,7 @@ def fault_point(name: str) -> None:
         return
     _hits[name] += 1
     if _hits[name] == target[1] and _first_to_claim():
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.Signals[f"SIG{os.environ.get('PREFIXBATCH_FAULT_SIGNAL', 'KILL')}"])
 
 
 def _first_to_claim() -> bool:

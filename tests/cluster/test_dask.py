@@ -133,6 +133,30 @@ def test_a_driver_killed_mid_job_resumes_on_the_cluster(job, tmp_path, plan_on):
     assert without_cached(output) == without_cached(local)
 
 
+def test_a_driver_stopped_by_sigterm_mid_job_commits_what_is_done_and_resumes_on_the_cluster(job, tmp_path):
+    """SIGTERM reaches the driver right after its first commit, while other shards decode on
+    the workers: it places no more shards, exits 143 naming the committed rows and the resume
+    command; resuming on the same cluster gives the local output exactly."""
+    from distributed import LocalCluster
+
+    folder, base, local = job
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        spec = dask_spec(base, tmp_path / "out")
+        spec["cluster"] = {"kind": "dask", "address": cluster.scheduler_address, "shards_per_worker": 2}
+        path = tmp_path / "job.json"
+        path.write_text(json.dumps(spec))
+        stopped = run_cli(path, fault="committed:1", fault_signal="TERM")
+        assert stopped.returncode == 143, stopped.stderr
+        assert "SIGTERM: stopping" in stopped.stderr and "input rows are committed in" in stopped.stderr
+        assert stopped.stderr.strip().endswith(f"prefixbatch run {path} --no-progress --resume")
+        resumed = run_cli(path, fault=None)
+        assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert 0 < summary["resumed_rows"] < NUM_ROWS
+    output = {r["id"]: r for r in finished_output(str(tmp_path / "out"))}
+    assert without_cached(output) == without_cached(local)
+
+
 def test_shards_run_only_on_workers_with_the_resources_and_none_is_a_user_error(job, tmp_path):
     from distributed import LocalCluster
 

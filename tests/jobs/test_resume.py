@@ -68,8 +68,8 @@ def write_spec(path: Path, model: Path, inputs: Path, output: str, storage_optio
     return path
 
 
-def run_cli(spec: Path, fault: str | None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run_cli(spec: Path, fault: str | None, fault_signal: str = "KILL") -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFIXBATCH_FAULT_SIGNAL": fault_signal}
     env.pop("PREFIXBATCH_FAULT", None)
     if fault:
         env["PREFIXBATCH_FAULT"] = fault
