@@ -4,7 +4,8 @@ A table, not an if/else: each entry names its class as "module:Class", imported 
 chosen (torch and transformers are heavy), so nothing here imports an executor and no
 executor imports this module. `shares_prefixes` tells the planner whether the executor can
 reuse a shared prefix's KV; one that cannot is planned without sharing, so the plan predicts
-exactly what it computes.
+exactly what it computes. `resumes_generations`: whether runs checkpoint its generations in
+flight and continue them on resume (an executor that cannot restarts such rows).
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ class ExecutorKind:
     name: str
     target: str  # "module:Class"
     shares_prefixes: bool
+    # continues a generation from an earlier run's tokens (`Request.num_generated`) and tells
+    # what is in flight (`in_flight()`), so runs checkpoint and resume mid-generation
+    resumes_generations: bool
 
 
 EXECUTORS = {
-    "native": ExecutorKind("native", "prefixbatch.executors.native.executor:NativeExecutor", True),
-    "hf": ExecutorKind("hf", "prefixbatch.executors.hf:HfExecutor", False),
+    "native": ExecutorKind("native", "prefixbatch.executors.native.executor:NativeExecutor", True, True),
+    "hf": ExecutorKind("hf", "prefixbatch.executors.hf:HfExecutor", False, False),
 }
 
 

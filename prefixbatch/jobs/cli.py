@@ -132,6 +132,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _report_run(summary) -> None:
     inputs = f" from {summary.input_rows} input rows" if summary.input_rows != summary.rows else ""
     earlier = f", {summary.resumed_rows} of them committed by earlier runs" if summary.resumed_rows else ""
+    if summary.rows_resumed_mid_generation:
+        earlier += (
+            f", {summary.rows_resumed_mid_generation} continued from checkpoints"
+            f" ({summary.tokens_reused_from_checkpoints} generated tokens reused)"
+        )
     _info(
         f"done: {summary.rows} rows{inputs}{earlier} ({summary.error_rows} errors), "
         f"{summary.output_tokens} output tokens, "

@@ -137,7 +137,7 @@ def write_plan_report(job: JobPlan, spec: JobSpec, path: str | Path) -> Path:
     tokenizer = job_tokenizer(spec).tokenizer
     work = job.work
     offsets = np.zeros(len(work.requests) + 1, np.int64)
-    np.cumsum([r.num_prompt_tokens for r in work.requests], out=offsets[1:])
+    np.cumsum([len(r.token_ids) for r in work.requests], out=offsets[1:])
     tokens = np.fromiter((t for r in work.requests for t in r.token_ids), np.int32, int(offsets[-1]))
     return write_report(
         path,

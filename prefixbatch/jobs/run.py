@@ -20,7 +20,7 @@ import numpy as np
 
 import prefixbatch
 from prefixbatch.executors.base import Executed, ExecutorStats, StopFlag
-from prefixbatch.executors.registry import create_executor
+from prefixbatch.executors.registry import EXECUTORS, create_executor, resolve_kind
 from prefixbatch.faults import fault_point
 from prefixbatch.jobs.fingerprint import job_fingerprint
 from prefixbatch.jobs.inputs import read_job_input, scan_job_input
@@ -29,6 +29,7 @@ from prefixbatch.jobs.progress import JobProgress
 from prefixbatch.jobs.signals import JobStopped
 from prefixbatch.jobs.spec import JobSpec
 from prefixbatch.model_folder import check_model_folder
+from prefixbatch.pipeline.checkpoints import Checkpoints, merge
 from prefixbatch.pipeline.commits import (
     SUMMARY,
     CommitRecord,
@@ -62,6 +63,8 @@ class RunSummary:
     rows_with_truncated_prompt: int  # input.truncate left / right
     skipped_input_files: list[str]  # unreadable files left out (input.ignore_corrupt_files)
     resumed_rows: int  # input rows committed by earlier runs into the same folder (resume)
+    rows_resumed_mid_generation: int  # input rows this run continued from a checkpoint's tokens
+    tokens_reused_from_checkpoints: int  # generated tokens it did not generate again
     wall_s: float  # the whole run: reading, loading the model, generating, writing
     generate_s: float  # from the first request handed to the executor to the last part written
     output_tokens_per_s: float  # this run's output tokens / generate_s
@@ -172,6 +175,8 @@ def _run(spec: JobSpec, cluster, start: float, show: _Show) -> RunSummary:
     log(f"read {prepared.num_rows} rows: {len(prepared.requests)} to generate, {len(prepared.errors)} error rows")
     output, writer, committed = _open_output(spec, prepared, log)
     todo = prepared.without_rows(committed)
+    checkpoints = Checkpoints(output)
+    todo, partials = _continue_from_checkpoints(spec, todo, checkpoints, log)
     work = plan_job(spec, todo.requests, num_shards=cluster.num_shards() if cluster else 1)
     plan = work.plan
     log(
@@ -186,25 +191,95 @@ def _run(spec: JobSpec, cluster, start: float, show: _Show) -> RunSummary:
         if cluster is not None and todo.requests and not show.stopping:
             executed = cluster.run(work, todo, output, writer, progress, log=log, stop=show.stop)
         else:
-            executed = _generate_here(spec, work, writer, progress, show) if todo.requests else None
+            executed = None
+            if todo.requests:
+                executed = _generate_here(spec, work, writer, progress, show, checkpoints, partials)
         writer.flush()
     if show.stopping:
         raise _stopped(spec, prepared, output)
-    return _finish(spec, prepared, output, writer, executed, committed, progress, start, plan=plan_summary(work))
+    resumed = {"rows": len({k[0] for k in partials}), "tokens": sum(map(len, partials.values()))}
+    return _finish(
+        spec, prepared, output, writer, executed, committed, progress, start, plan=plan_summary(work), partials=resumed
+    )
 
 
-def _generate_here(spec: JobSpec, work, writer: PartWriter, progress: JobProgress, show: _Show) -> Executed | None:
-    """The plan on this process's executor; its work shown while steps run, rows as they finish."""
+def _continue_from_checkpoints(spec: JobSpec, todo: PreparedInput, checkpoints: Checkpoints, log):
+    """The requests with an earlier run's checkpointed tokens carried on (executors that can
+    continue them); the partial generations used, by (row, sample)."""
+    if not EXECUTORS[resolve_kind(spec.model, spec.executor)].resumes_generations:
+        return todo, {}
+    found = checkpoints.load()
+    requests, used = [], {}
+    for request in todo.requests:
+        tokens = found.get((request.row_index, request.sample_index), ())
+        if 0 < len(tokens) < request.sampling.max_tokens:
+            request = replace(request, token_ids=request.token_ids + tokens, num_generated=len(tokens))
+            used[request.row_index, request.sample_index] = tokens
+        requests.append(request)
+    if used:
+        log(
+            f"resuming mid-generation: {len(used)} samples continue from {sum(map(len, used.values()))}"
+            " tokens checkpointed by an earlier run"
+        )
+    return replace(todo, requests=requests), used
+
+
+def _generate_here(
+    spec: JobSpec, work, writer: PartWriter, progress: JobProgress, show: _Show, checkpoints: Checkpoints, partials
+) -> Executed | None:
+    """The plan on this process's executor; its work shown while steps run, rows as they
+    finish, its generations in flight checkpointed every `output.checkpoint_seconds`."""
     if show.stopping:
         return None
     executor = create_executor(spec.model, spec.executor)
     budgets = {(r.row_index, r.sample_index): r.sampling.max_tokens for r in work.requests}
-    with _Watch(executor, progress):
+    every_s = spec.output.checkpoint_seconds if hasattr(executor, "in_flight") else None
+    saver = _Checkpointer(executor, checkpoints, partials, writer, every_s)
+    with _Watch(executor, progress), saver:
         for completion in executor.generate(work, stop=show.stop):
             writer.add(completion)
             unused = budgets[completion.row_index, completion.sample_index] - completion.num_output_tokens
             progress.advance(1, completion.num_output_tokens, unused_tokens=max(unused, 0))
+        if show.stopping:
+            writer.flush()  # commit the whole rows, then checkpoint the rest
+            saver.save()
     return Executed(executor.kind, executor.stats)
+
+
+class _Checkpointer:
+    """Every `every_s` (None: never) from a thread, and on request: one checkpoint of the
+    generations under way, merged with the earlier run's that have not run again yet, less
+    the rows committed since."""
+
+    def __init__(self, executor, checkpoints: Checkpoints, partials, writer: PartWriter, every_s: float | None) -> None:
+        self.executor, self.checkpoints, self.writer, self.every_s = executor, checkpoints, writer, every_s
+        self.known = dict(partials)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="prefixbatch-checkpoint", daemon=True)
+
+    def __enter__(self) -> _Checkpointer:
+        if self.every_s is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.save()
+
+    def save(self) -> None:
+        if self.every_s is None:
+            return
+        with self._lock:
+            self.known = merge(self.known, self.executor.in_flight())
+            done = {row for record in list(self.writer.records) for row in record.row_indices().tolist()}
+            self.known = {k: v for k, v in self.known.items() if k[0] not in done}
+            self.checkpoints.write(self.known)
 
 
 class _Watch:
@@ -280,7 +355,8 @@ def _run_planned_on_workers(spec: JobSpec, cluster, start: float, show: _Show) -
 
 
 def _finish(
-    spec: JobSpec, prepared: PreparedInput, output, writer, executed, committed, progress, start: float, *, plan: dict | None
+    spec: JobSpec, prepared: PreparedInput, output, writer, executed, committed, progress, start: float, *,
+    plan: dict | None, partials: dict | None = None,
 ) -> RunSummary:
     """Manifest, summary and `_SUCCESS` once every row is committed."""
     records = output.write_manifest(
@@ -293,6 +369,7 @@ def _finish(
         executed,
         plan=plan,
         resumed_rows=len(committed),
+        partials=partials or {"rows": 0, "tokens": 0},
         run_output_tokens=sum(r.stats["output_tokens"] for r in [*writer.records, *_shard_records(executed)]),
         parts=output.part_urls(records),
         wall_s=time.monotonic() - start,
@@ -330,6 +407,7 @@ def summarize(
     *,
     plan: dict | None,
     resumed_rows: int,
+    partials: dict,
     run_output_tokens: int,
     parts: list[str],
     wall_s: float,
@@ -362,6 +440,8 @@ def summarize(
         rows_with_truncated_prompt=prepared.num_truncated,
         skipped_input_files=prepared.skipped_files,
         resumed_rows=resumed_rows,
+        rows_resumed_mid_generation=partials["rows"],
+        tokens_reused_from_checkpoints=partials["tokens"],
         wall_s=round(wall_s, 3),
         generate_s=round(generate_s, 3),
         output_tokens_per_s=round(run_output_tokens / max(generate_s, 1e-9), 2),

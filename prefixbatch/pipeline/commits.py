@@ -12,6 +12,7 @@ Layout of a folder:
 
     _job.json              the job's fingerprint (`jobs.fingerprint`), written first
     _commits/<unit>.json   one commit record per committed part
+    _checkpoints/<n>.json  tokens generated so far by rows not yet committed (`checkpoints`)
     part-<unit>.parquet    the parts; <unit> = <attempt tag>-<sequence>, unique per attempt
     _manifest.json         every committed part with its rows (written when all rows are in)
     _summary.json          what the runs did
@@ -51,6 +52,7 @@ OutputMode = Literal["error", "overwrite", "resume"]
 
 JOB_FILE = "_job.json"
 COMMITS = "_commits"
+CHECKPOINTS = "_checkpoints"
 MANIFEST = "_manifest.json"
 SUMMARY = "_summary.json"
 SUCCESS = "_SUCCESS"
@@ -176,10 +178,10 @@ class OutputFolder:
             if path == self._path:
                 continue
             name, is_dir = path.rsplit("/", 1)[-1], info["type"] == "directory"
-            if name == COMMITS and is_dir:
+            if name in (COMMITS, CHECKPOINTS) and is_dir:
                 inner = self._fs.ls(path, detail=True)
                 foreign += [
-                    f"{COMMITS}/{n}"
+                    f"{name}/{n}"
                     for i in inner
                     if (n := i["name"].rstrip("/").rsplit("/", 1)[-1]) and not (i["type"] != "directory" and _is_our_file(n, _RECORD))
                 ]
@@ -309,6 +311,8 @@ class OutputFolder:
             if path.rstrip("/").rsplit("/", 1)[-1] not in named:
                 self._fs.rm(path)
         self._remove_unreferenced(records)
+        if self._fs.isdir(self._file(CHECKPOINTS)):  # every row is in: nothing is in flight
+            self._fs.rm(self._file(CHECKPOINTS), recursive=True)
         self._write(SUCCESS, b"")
 
     def remove_stray_parts(self) -> None:
@@ -324,6 +328,24 @@ class OutputFolder:
         self._write(name, _json_bytes(obj))
         return self._url_of(name)
 
+    def write_file(self, name: str, data: bytes) -> None:
+        """Write `name` (a path inside the folder) whole or not at all."""
+        self._write(name, data)
+
+    def read_file(self, name: str) -> bytes:
+        return self._fs.cat_file(self._file(name))
+
+    def list_files(self, folder: str) -> list[str]:
+        """Names (inside the folder) of the files in a sub-folder, sorted; none if it is missing."""
+        path = self._file(folder)
+        self._fs.invalidate_cache(path)  # another process may have written there (object stores cache listings)
+        if not self._fs.isdir(path):
+            return []
+        return sorted(f"{folder}/{p.rstrip('/').rsplit('/', 1)[-1]}" for p in self._fs.ls(path, detail=False))
+
+    def remove_file(self, name: str) -> None:
+        self._fs.rm(self._file(name))
+
     def read_part(self, record: CommitRecord) -> pa.Table:
         with self._fs.open(self._file(record.part), "rb") as f:
             return pq.read_table(f)
@@ -333,7 +355,7 @@ class OutputFolder:
 
     def _remove_unreferenced(self, records: Sequence[CommitRecord]) -> None:
         """Delete parts no record names and temporaries of interrupted writes; keep the rest."""
-        keep = {r.part for r in records} | {JOB_FILE, COMMITS, SUMMARY, MANIFEST, SUCCESS}
+        keep = {r.part for r in records} | {JOB_FILE, COMMITS, CHECKPOINTS, SUMMARY, MANIFEST, SUCCESS}
         for entry in self._entries():
             name = entry.rstrip("/").rsplit("/", 1)[-1]
             if name in keep:
@@ -417,6 +439,7 @@ def _difference(key: str, stored: Any, now: Any) -> str:
 
 
 __all__ = [
+    "CHECKPOINTS",
     "COMMITS",
     "JOB_FILE",
     "MANIFEST",

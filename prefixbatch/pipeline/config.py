@@ -91,6 +91,11 @@ class OutputSpec(StrictModel):
     rows_per_part: int = Field(10_000, ge=1)
     """Rows per output part file."""
 
+    checkpoint_seconds: float | None = Field(60.0, gt=0)
+    """Seconds between checkpoints of the generations in flight (also written on Ctrl-C /
+    SIGTERM): a killed run resumed with `--resume` continues each row from its checkpoint
+    instead of from its prompt. Null: no checkpoints (a kill loses all work in flight)."""
+
     storage_options: dict[str, Any] = Field(default_factory=dict)
     """Passed to fsspec for the output filesystem."""
 

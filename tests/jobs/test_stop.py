@@ -94,6 +94,12 @@ def test_a_signal_mid_decode_stops_within_seconds_and_says_how_to_resume(tmp_pat
     whole = subprocess.run([sys.executable, "-m", "prefixbatch", "run", str(other), "--no-progress"], env=env,
                            capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr
+    # The stop checkpointed every generation in flight: the resumed run continues them all and
+    # recomputes no decode token of an uninterrupted run (it loses no work at all).
+    after = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    before = json.loads((tmp_path / "uninterrupted" / "_summary.json").read_text())
+    assert after["rows_resumed_mid_generation"] == 6 and after["tokens_reused_from_checkpoints"] >= 20
+    assert after["decode_tokens_computed"] <= before["decode_tokens_computed"] - after["tokens_reused_from_checkpoints"]
     got = without_cached({(r["id"], r["sample_index"]): r for r in finished_output(str(tmp_path / "out"))})
     want = without_cached({(r["id"], r["sample_index"]): r for r in finished_output(str(tmp_path / "uninterrupted"))})
     assert got == want and len(got) == 7

@@ -25,6 +25,7 @@ in → out: requests + their plan → completions, as they finish.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -76,6 +77,7 @@ class Engine:
         self.max_step_tokens = max_step_tokens
         self.stats = ExecutorStats()
         self.kv_buffer: torch.Tensor | None = None  # the last run's KV memory, reused by the next
+        self.current: _PlanRun | None = None  # the run under way (or the last), for checkpoints
 
     def run(
         self, requests: Sequence[Request], plan: Plan, tokens: np.ndarray, *, stop: StopFlag | None = None
@@ -83,7 +85,12 @@ class Engine:
         """Completions of `requests` (plan request i = requests[i]) over the plan's `tokens`.
         Once `stop` is set, no further step runs: sequences in flight are not completed."""
         if requests:
-            yield from _PlanRun(self, requests, plan, tokens).completions(stop)
+            self.current = _PlanRun(self, requests, plan, tokens)
+            yield from self.current.completions(stop)
+
+    def in_flight(self) -> dict[tuple[int, int], tuple[int, ...]]:
+        """The generations under way in the current (or last) run: see `_PlanRun.in_flight`."""
+        return self.current.in_flight() if self.current is not None else {}
 
 
 class _PlanRun:
@@ -96,7 +103,7 @@ class _PlanRun:
         self.requests = requests
         self.plan = plan
         self.tokens = tokens
-        max_tokens = [request.sampling.max_tokens for request in requests]
+        max_tokens = [request.max_new_tokens for request in requests]  # own segments' slots
         # The budget the plan was made for (its groups fit it): one setting, recorded there.
         capacity = store_capacity(plan, max_tokens, kv_budget_tokens=plan.kv_budget_tokens)
         self.store = KVStore.for_model(
@@ -113,8 +120,20 @@ class _PlanRun:
         self.position = np.empty(plan.num_requests, np.int64)  # request id → position in order
         self.position[plan.request_order] = np.arange(plan.num_requests)
         self.sequences: dict[int, _Sequence] = {}  # by request id, admitted and not finished
+        self.lock = threading.Lock()  # `in_flight` (a checkpoint thread) against token appends
         self.node_logits: dict[int, torch.Tensor] = {}  # [V] logits after a node's last token
         self.done: list[Completion] = []
+
+    def in_flight(self) -> dict[tuple[int, int], tuple[int, ...]]:
+        """(row, sample) → tokens generated so far (resumed ones included) of every sequence
+        under way. Safe to call from another thread: each sequence's tokens are a prefix of
+        its generation."""
+        with self.lock:  # never a sequence caught between its last token and its finish
+            return {
+                (s.request.row_index, s.request.sample_index): tuple(s.generated)
+                for s in self.sequences.values()
+                if s.generated and s.finish is None
+            }
 
     def completions(self, stop: StopFlag | None) -> Iterator[Completion]:
         scheduler = self.scheduler
@@ -141,12 +160,16 @@ class _PlanRun:
         generator = None
         if not params.is_greedy:
             generator = torch.Generator(device=self.engine.model.device).manual_seed(params.seed)
+            for _ in range(request.num_generated):  # where an earlier run's draws left it
+                torch.rand((), generator=generator, device=generator.device)
+        cached = int(self.plan.request_num_cached_tokens[self.position[request_id]])
         return _Sequence(
             request_id=request_id,
             request=request,
-            num_cached_tokens=int(self.plan.request_num_cached_tokens[self.position[request_id]]),
+            num_cached_tokens=min(cached, request.num_prompt_tokens),
             rule=StopRule.of(params, self.engine.eos_token_ids),
             generator=generator,
+            generated=list(request.generated),  # stop rules and max_tokens count them too
         )
 
     def _run(self, step: Step) -> list[int]:
@@ -186,11 +209,13 @@ class _PlanRun:
         if not sequences:
             return []
         finished = []
-        for sequence, token in zip(sequences, _next_tokens(sequences, logits), strict=True):
-            if self._append(sequence, token):
-                del self.sequences[sequence.request_id]
-                self.done.append(self._completion(sequence))
-                finished.append(sequence.request_id)
+        tokens = _next_tokens(sequences, logits)
+        with self.lock:
+            for sequence, token in zip(sequences, tokens, strict=True):
+                if self._append(sequence, token):
+                    del self.sequences[sequence.request_id]
+                    self.done.append(self._completion(sequence))
+                    finished.append(sequence.request_id)
         return finished
 
     def _append(self, sequence: _Sequence, token: int) -> bool:

@@ -55,6 +55,11 @@ class NativeExecutor:
             self.engine.stats.num_groups += work.plan.num_groups
 
 
+    def in_flight(self) -> dict[tuple[int, int], tuple[int, ...]]:
+        """(row, sample) → tokens generated so far, of the generations under way."""
+        return self.engine.in_flight()
+
+
 def _tokenizer_eos(tokenizer: object) -> tuple[int, ...]:
     eos = getattr(tokenizer, "eos_token_id", None)
     return () if eos is None else (eos,)

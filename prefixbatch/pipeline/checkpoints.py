@@ -1,0 +1,77 @@
+"""Checkpoints of generations in flight: a kill loses at most `output.checkpoint_seconds`.
+
+A run writes, every `checkpoint_seconds` and when it stops gracefully, one file
+`_checkpoints/<attempt>-<n>.json` holding, for every sample under way whose row is not
+committed, the tokens generated so far. It is written whole or not at all (the commit
+protocol's atomic write), and only then are the older checkpoint files removed, so a kill
+at any moment leaves at least one whole checkpoint. A resumed run reads them all and keeps,
+per (row, sample), the longest generation: generation is deterministic (greedy, or each
+sample's own seeded generator), so a shorter one is a prefix of a longer one. It continues
+each from there (`Request.num_generated`): the tokens are prefilled like the prompt, the
+sampler is advanced past the draws they took, and stop strings and `max_tokens` count them.
+
+Checkpoints never become output rows; `_SUCCESS` removes them. Rows committed meanwhile are
+dropped from the next checkpoint, and ignored if an older one still names them.
+
+in: (row, sample) → tokens → files; out: the same mapping, merged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from prefixbatch.pipeline.commits import CHECKPOINTS, OutputFolder
+
+Partials = dict[tuple[int, int], tuple[int, ...]]
+
+
+class Checkpoints:
+    """This run's checkpoint files in an output folder."""
+
+    def __init__(self, output: OutputFolder) -> None:
+        self.output = output
+        self._num_written = 0
+
+    def load(self) -> Partials:
+        """Every generation the folder's checkpoints hold, the longest per (row, sample)."""
+        partials: Partials = {}
+        for name in self.output.list_files(CHECKPOINTS):
+            if not _is_checkpoint(name):
+                continue  # a temporary of a write that died
+            try:
+                entries = json.loads(self.output.read_file(name))["partials"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # cannot happen with atomic writes; never trust it if it does
+            for row, sample, tokens in entries:
+                if len(tokens) > len(partials.get((row, sample), ())):
+                    partials[row, sample] = tuple(tokens)
+        return partials
+
+    def write(self, partials: Mapping[tuple[int, int], tuple[int, ...]]) -> None:
+        """One new checkpoint of `partials`, then the older files removed."""
+        before = [n for n in self.output.list_files(CHECKPOINTS) if _is_checkpoint(n)]
+        name = f"{CHECKPOINTS}/{self.output.attempt}-{self._num_written:06d}.json"
+        self._num_written += 1
+        entries = [[row, sample, list(tokens)] for (row, sample), tokens in sorted(partials.items())]
+        self.output.write_file(name, json.dumps({"partials": entries}, separators=(",", ":")).encode())
+        for old in before:
+            if old != name:
+                self.output.remove_file(old)
+
+
+def merge(older: Partials, newer: Partials) -> Partials:
+    """Per (row, sample) the longer generation of the two."""
+    merged = dict(older)
+    for key, tokens in newer.items():
+        if len(tokens) >= len(merged.get(key, ())):
+            merged[key] = tokens
+    return merged
+
+
+def _is_checkpoint(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return base.endswith(".json") and not base.startswith("_")
+
+
+__all__ = ["Checkpoints", "Partials", "merge"]
