@@ -2,7 +2,7 @@
 
 Two jobs on the `small` test model (fp32, CPU, 2 threads), each run with
 `output.checkpoint_seconds: 1` (sixty times the default's rate) and with checkpoints off
-(`null`), alternating, `--repeats` times; reported: the median `generate_s` and output
+(`null`), alternating (and alternating which goes first), `--repeats` times; reported: the median `generate_s` and output
 tokens/s of each, their ratio, and how many checkpoints the "on" runs wrote.
 
     a     like engine_bench (a): 64 prompts = one ~1,000-token shared system prompt + a unique
@@ -80,18 +80,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model-dir", type=Path, default=Path(".cache/engine_bench/small-llama"))
+    parser.add_argument("--jobs", default="a,long", help="comma-separated: a, long")
     args = parser.parse_args()
+    args.model_dir = args.model_dir.resolve()
     torch.set_num_threads(2)
     if not (args.model_dir / "config.json").exists():
         make_test_model(args.model_dir, arch="llama", size="small")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for job in ("a", "long"):
+        for job in args.jobs.split(","):
             run_once(args.model_dir, Path(tmp), job, None)  # warm-up: model load, page cache
             times: dict[str, list[tuple[float, float]]] = {"on": [], "off": []}
             with CountWrites() as writes:
-                for _ in range(args.repeats):
-                    for mode, every_s in (("off", None), ("on", 1.0)):
+                for repeat in range(args.repeats):  # which goes first alternates too
+                    pair = (("off", None), ("on", 1.0))
+                    for mode, every_s in pair if repeat % 2 == 0 else pair[::-1]:
                         times[mode].append(run_once(args.model_dir, Path(tmp), job, every_s))
             med = {m: (statistics.median(t for t, _ in v), statistics.median(r for _, r in v)) for m, v in times.items()}
             rows.append({

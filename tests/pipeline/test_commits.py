@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from prefixbatch.errors import OutputError
+from prefixbatch.pipeline.checkpoints import Checkpoints
 from prefixbatch.pipeline.commits import (
     CommitRecord,
     OutputFolder,
@@ -76,6 +77,7 @@ def a_finished_job(tmp_path) -> tuple[str, list[str]]:
     folder.write_json("_summary.json", {"rows": 3})
     folder.mark_success(folder.write_manifest(3, extra={}))
     folder.write_part(sample_table(), metadata=METADATA)  # a stray part written after
+    Checkpoints(folder).write({(3, 0): (5, 6, 7)})  # an interrupted run's tokens in flight
     (tmp_path / "out" / f"_{record.part}.{uuid.uuid4().hex}.tmp").write_bytes(b"half")
     (tmp_path / "out" / "_commits" / f"_{record.unit}.json.{uuid.uuid4().hex}.tmp").write_bytes(b"{")
     return url, names(tmp_path / "out")
@@ -83,7 +85,7 @@ def a_finished_job(tmp_path) -> tuple[str, list[str]]:
 
 def test_mode_overwrite_removes_only_what_a_job_wrote(tmp_path):
     url, before = a_finished_job(tmp_path)
-    assert len(before) == 8
+    assert len(before) == 9 and "_checkpoints" in before
     (tmp_path / "keep").write_text("outside")
     OutputFolder(f"file://{url}/", mode="overwrite").open(FINGERPRINT)
     assert names(tmp_path / "out") == ["_job.json"]
@@ -92,7 +94,8 @@ def test_mode_overwrite_removes_only_what_a_job_wrote(tmp_path):
 
 @pytest.mark.parametrize(
     "foreign",
-    [["notes.txt"], ["sub/important.csv"], ["_commits/mine.txt"], ["part-00000.parquet"], ["_job.json.bak", ".hidden"]],
+    [["notes.txt"], ["sub/important.csv"], ["_commits/mine.txt"], ["_checkpoints/x.txt"], ["part-00000.parquet"],
+     ["_job.json.bak", ".hidden"]],
 )
 def test_mode_overwrite_refuses_a_folder_with_foreign_files_and_deletes_nothing(tmp_path, foreign):
     url, _ = a_finished_job(tmp_path)
@@ -102,7 +105,7 @@ def test_mode_overwrite_refuses_a_folder_with_foreign_files_and_deletes_nothing(
     before = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "out").rglob("*"))
     with pytest.raises(OutputError) as e:
         OutputFolder(url, mode="overwrite").open(FINGERPRINT)
-    shown = sorted(n if "/" not in n or n.startswith("_commits") else n.split("/")[0] + "/" for n in foreign)
+    shown = sorted(n if "/" not in n or n.startswith("_c") else n.split("/")[0] + "/" for n in foreign)
     assert str(e.value) == (
         f"output folder {url} holds files that prefixbatch did not write ({', '.join(shown)});"
         " output.mode: overwrite only removes the files of an earlier prefixbatch job, so nothing"
