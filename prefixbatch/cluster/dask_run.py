@@ -167,6 +167,7 @@ def _shard_fields(spec: ClusterJob, writer: PartWriter) -> dict[str, Any]:
         schema=writer.schema,
         metadata=writer.metadata,
         rows_per_part=spec.output.rows_per_part,
+        checkpoint_seconds=spec.output.checkpoint_seconds,
         progress_topic=f"prefixbatch-progress-{os.urandom(6).hex()}",  # this run's: a cluster may be shared
     )
 

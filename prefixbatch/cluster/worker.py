@@ -26,6 +26,7 @@ from prefixbatch.cluster import LOAD_LOCK
 from prefixbatch.errors import UserError
 from prefixbatch.executors.base import ExecutorStats
 from prefixbatch.faults import crash_if_row
+from prefixbatch.pipeline.checkpoints import Checkpointer, Checkpoints
 from prefixbatch.pipeline.commits import OutputFolder
 from prefixbatch.pipeline.parts import PartWriter, RowColumns, samples_per_row
 from prefixbatch.prefix_tree import PlannedRequests
@@ -49,6 +50,7 @@ class ShardTask:
     metadata: dict[str, str]
     rows_per_part: int
     progress_topic: str  # where the worker reports rows done while the shard runs
+    checkpoint_seconds: float | None  # how often the worker checkpoints its generations in flight
     errors: list[Completion] = field(default_factory=list)  # error rows the shard writes too
     counted_rows: int | None = None  # output rows the driver's progress expects (default: all)
 
@@ -209,7 +211,9 @@ def run_shard(task: ShardTask) -> ShardResult:
         writer.add(error)
     output_tokens = unused = 0
     budgets = {(r.row_index, r.sample_index): r.sampling.max_tokens for r in task.requests}
-    with _Reporter(worker, task.progress_topic, executor.stats) as reporter:
+    every_s = task.checkpoint_seconds if hasattr(executor, "in_flight") else None
+    saver = Checkpointer(getattr(executor, "in_flight", dict), Checkpoints(output), every_s)
+    with _Reporter(worker, task.progress_topic, executor.stats) as reporter, saver:
         for completion in executor.generate(task.work) if task.work is not None else ():
             writer.add(completion)
             output_tokens += completion.num_output_tokens

@@ -29,7 +29,7 @@ from prefixbatch.jobs.progress import JobProgress
 from prefixbatch.jobs.signals import JobStopped
 from prefixbatch.jobs.spec import JobSpec
 from prefixbatch.model_folder import check_model_folder
-from prefixbatch.pipeline.checkpoints import Checkpoints, merge
+from prefixbatch.pipeline.checkpoints import Checkpointer, Checkpoints
 from prefixbatch.pipeline.commits import (
     SUMMARY,
     CommitRecord,
@@ -234,7 +234,9 @@ def _generate_here(
     executor = create_executor(spec.model, spec.executor)
     budgets = {(r.row_index, r.sample_index): r.sampling.max_tokens for r in work.requests}
     every_s = spec.output.checkpoint_seconds if hasattr(executor, "in_flight") else None
-    saver = _Checkpointer(executor, checkpoints, partials, writer, every_s)
+    saver = Checkpointer(
+        getattr(executor, "in_flight", dict), checkpoints, every_s, known=partials, done_rows=writer.committed_rows
+    )
     with _Watch(executor, progress), saver:
         for completion in executor.generate(work, stop=show.stop):
             writer.add(completion)
@@ -244,42 +246,6 @@ def _generate_here(
             writer.flush()  # commit the whole rows, then checkpoint the rest
             saver.save()
     return Executed(executor.kind, executor.stats)
-
-
-class _Checkpointer:
-    """Every `every_s` (None: never) from a thread, and on request: one checkpoint of the
-    generations under way, merged with the earlier run's that have not run again yet, less
-    the rows committed since."""
-
-    def __init__(self, executor, checkpoints: Checkpoints, partials, writer: PartWriter, every_s: float | None) -> None:
-        self.executor, self.checkpoints, self.writer, self.every_s = executor, checkpoints, writer, every_s
-        self.known = dict(partials)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="prefixbatch-checkpoint", daemon=True)
-
-    def __enter__(self) -> _Checkpointer:
-        if self.every_s is not None:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.save()
-
-    def save(self) -> None:
-        if self.every_s is None:
-            return
-        with self._lock:
-            self.known = merge(self.known, self.executor.in_flight())
-            done = {row for record in list(self.writer.records) for row in record.row_indices().tolist()}
-            self.known = {k: v for k, v in self.known.items() if k[0] not in done}
-            self.checkpoints.write(self.known)
 
 
 class _Watch:

@@ -1,10 +1,11 @@
 """Checkpoints of generations in flight: a kill loses at most `output.checkpoint_seconds`.
 
-A run writes, every `checkpoint_seconds` and when it stops gracefully, one file
-`_checkpoints/<attempt>-<n>.json` holding, for every sample under way whose row is not
-committed, the tokens generated so far. It is written whole or not at all (the commit
-protocol's atomic write), and only then are the older checkpoint files removed, so a kill
-at any moment leaves at least one whole checkpoint. A resumed run reads them all and keeps,
+A run (or each Dask shard attempt) writes, every `checkpoint_seconds` and when it stops
+gracefully, one file `_checkpoints/<attempt>-<n>.json` holding, for every sample under way
+whose row is not committed, the tokens generated so far. It is written whole or not at all
+(the commit protocol's atomic write), and only then is that writer's previous file removed,
+so a kill at any moment leaves a whole checkpoint; other writers' files stay (several shards
+write side by side) until `_SUCCESS` removes the folder. A resumed run reads them all and keeps,
 per (row, sample), the longest generation: generation is deterministic (greedy, or each
 sample's own seeded generator), so a shorter one is a prefix of a longer one. It continues
 each from there (`Request.num_generated`): the tokens are prefilled like the prompt, the
@@ -19,7 +20,8 @@ in: (row, sample) → tokens → files; out: the same mapping, merged.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 
 from prefixbatch.pipeline.commits import CHECKPOINTS, OutputFolder
 
@@ -49,15 +51,57 @@ class Checkpoints:
         return partials
 
     def write(self, partials: Mapping[tuple[int, int], tuple[int, ...]]) -> None:
-        """One new checkpoint of `partials`, then the older files removed."""
-        before = [n for n in self.output.list_files(CHECKPOINTS) if _is_checkpoint(n)]
+        """One new checkpoint of `partials`, then this writer's previous one removed."""
         name = f"{CHECKPOINTS}/{self.output.attempt}-{self._num_written:06d}.json"
-        self._num_written += 1
         entries = [[row, sample, list(tokens)] for (row, sample), tokens in sorted(partials.items())]
         self.output.write_file(name, json.dumps({"partials": entries}, separators=(",", ":")).encode())
-        for old in before:
-            if old != name:
-                self.output.remove_file(old)
+        if self._num_written:
+            self.output.remove_file(f"{CHECKPOINTS}/{self.output.attempt}-{self._num_written - 1:06d}.json")
+        self._num_written += 1
+
+
+class Checkpointer:
+    """Every `every_s` (None: never) from a thread, and on `save()`: one checkpoint of what
+    `in_flight()` returns, merged with `known` (an earlier run's that have not run again
+    yet), less the rows `done_rows()` names (committed since)."""
+
+    def __init__(
+        self,
+        in_flight: Callable[[], Partials],
+        checkpoints: Checkpoints,
+        every_s: float | None,
+        *,
+        known: Partials | None = None,
+        done_rows: Callable[[], set[int]] = set,
+    ) -> None:
+        self.in_flight, self.checkpoints, self.every_s, self.done_rows = in_flight, checkpoints, every_s, done_rows
+        self.known = dict(known or {})
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="prefixbatch-checkpoint", daemon=True)
+
+    def __enter__(self) -> Checkpointer:
+        if self.every_s is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.save()
+
+    def save(self) -> None:
+        if self.every_s is None:
+            return
+        with self._lock:
+            done = self.done_rows()
+            merged = merge(self.known, self.in_flight())
+            self.known = {key: tokens for key, tokens in merged.items() if key[0] not in done}
+            self.checkpoints.write(self.known)
 
 
 def merge(older: Partials, newer: Partials) -> Partials:
@@ -74,4 +118,4 @@ def _is_checkpoint(name: str) -> bool:
     return base.endswith(".json") and not base.startswith("_")
 
 
-__all__ = ["Checkpoints", "Partials", "merge"]
+__all__ = ["Checkpointer", "Checkpoints", "Partials", "merge"]

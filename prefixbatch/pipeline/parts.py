@@ -93,6 +93,11 @@ class PartWriter:
         self.samples_left[completion.row_index] = 1
         self.add(completion)
 
+    def committed_rows(self) -> set[int]:
+        """Input rows of the parts this writer wrote (committed, with `commit=True`); safe
+        from another thread."""
+        return {row for record in list(self.records) for row in record.row_indices().tolist()}
+
     def flush(self) -> None:
         """Write (and commit) the whole rows collected so far."""
         if not self.ready:

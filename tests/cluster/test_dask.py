@@ -230,3 +230,54 @@ def test_planning_on_the_workers_with_several_files_error_rows_samples_and_carri
     assert without_cached(output) == without_cached(local)
     assert {r["finish_reason"] for r in output.values()} >= {"error", "length"} and len(output) > len(inputs)
     assert summary.errors_by_code == local_summary.errors_by_code and summary.input_rows == len(inputs)
+
+
+def test_workers_checkpoint_their_generations_and_a_resume_continues_them(tmp_path, tiny_llama):
+    """A long generation on a cluster that outlives its driver: the driver is SIGKILLed once
+    the workers' checkpoints hold tokens; resuming on the same cluster continues those
+    generations (fewer decode tokens) and gives the one-process output exactly (greedy)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from distributed import LocalCluster
+
+    from prefixbatch.pipeline.checkpoints import Checkpoints
+    from prefixbatch.pipeline.commits import OutputFolder
+
+    prompts = [f"Chapter {i}. The lighthouse keeper {i} wrote in the log" for i in range(8)]
+    pq.write_table(pa.table({"id": [f"c{i}" for i in range(8)], "prompt": prompts}), tmp_path / "in.parquet")
+    base = {
+        "name": "dask-checkpoints",
+        "input": {"path": str(tmp_path / "in.parquet"), "prompt_column": "prompt"},
+        "output": {"path": str(tmp_path / "local"), "checkpoint_seconds": 0.3},
+        "model": {"path": str(tiny_llama)},
+        "sampling": {"max_tokens": 700},
+        "executor": {"kind": "native", "device": "cpu"},
+    }
+    local = run_job(spec_from_dict(base, base_dir=tmp_path, source="test"), live_progress=False, log=lambda _: None)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PREFIXBATCH_FAULT", None)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        spec = {**base, "output": {**base["output"], "path": str(tmp_path / "out")},
+                "cluster": {"kind": "dask", "address": cluster.scheduler_address, "shards_per_worker": 1}}
+        path = tmp_path / "job.json"
+        path.write_text(json.dumps(spec))
+        command = [sys.executable, "-m", "prefixbatch", "run", str(path), "--no-progress"]
+        driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        folder = OutputFolder(str(tmp_path / "out"), mode="resume")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and sum(map(len, Checkpoints(folder).load().values())) < 100:
+            assert driver.poll() is None, "the job ended before the workers checkpointed"
+            time.sleep(0.05)
+        driver.kill()
+        driver.wait(timeout=10)
+        resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert summary["tokens_reused_from_checkpoints"] >= 100 and summary["rows_resumed_mid_generation"] >= 1
+    assert summary["decode_tokens_computed"] <= local.decode_tokens_computed - summary["tokens_reused_from_checkpoints"]
+    got = {r["id"]: r for r in finished_output(str(tmp_path / "out"))}
+    want = {r["id"]: r for r in finished_output(str(tmp_path / "local"))}
+    assert without_cached(got) == without_cached(want)

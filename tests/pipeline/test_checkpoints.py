@@ -15,13 +15,14 @@ def test_a_new_checkpoint_replaces_the_older_and_resume_keeps_the_longest(tmp_pa
     first.write({(0, 0): (1, 2), (1, 0): (9,)})
     first.write({(0, 0): (1, 2, 3)})
     assert [p.name for p in (tmp_path / "out" / "_checkpoints").iterdir()] == [f"{folder.attempt}-000001.json"]
-    # a later attempt's checkpoint, written before the first one's removal (a kill between)
+    # another writer's (a later attempt, or another shard): both stay, the longest wins
     later = OutputFolder(str(tmp_path / "out"), mode="resume")
     (tmp_path / "out" / "_checkpoints" / f"{later.attempt}-000000.json").write_text(
         '{"partials": [[0, 0, [1]], [2, 1, [4, 4]]]}'
     )
     (tmp_path / "out" / "_checkpoints" / "_x.json.123.tmp").write_text("{")  # a write that died
     assert Checkpoints(later).load() == {(0, 0): (1, 2, 3), (2, 1): (4, 4)}
+    assert len(list((tmp_path / "out" / "_checkpoints").glob("*.json"))) == 2
     assert merge({(0, 0): (1,), (5, 0): (7,)}, {(0, 0): (1, 2)}) == {(0, 0): (1, 2), (5, 0): (7,)}
 
 
