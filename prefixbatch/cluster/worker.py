@@ -26,6 +26,7 @@ from prefixbatch.cluster import LOAD_LOCK
 from prefixbatch.errors import UserError
 from prefixbatch.executors.base import ExecutorStats
 from prefixbatch.faults import crash_if_row
+from prefixbatch.periodic import Periodic
 from prefixbatch.pipeline.checkpoints import Checkpointer, Checkpoints
 from prefixbatch.pipeline.commits import OutputFolder
 from prefixbatch.pipeline.parts import PartWriter, RowColumns, samples_per_row
@@ -157,32 +158,28 @@ class EnginePlugin(WorkerPlugin):
 
 
 class _Reporter:
-    """Reports a running shard's rows done and tokens generated to the driver every
+    """Reports a running shard's rows done and tokens computed to the driver every
     `PROGRESS_EVERY_S`, from a thread (rows finish in bursts; tokens flow every step)."""
 
     def __init__(self, worker: Any, topic: str, stats: ExecutorStats) -> None:
         self.worker, self.topic, self.stats = worker, topic, stats
         self.key = worker.get_current_task()
-        self.tokens_before = stats.num_decode_tokens
-        self.prefill_before = stats.num_prefill_tokens
+        self.before = ExecutorStats(**vars(stats))
         self.rows = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="prefixbatch-progress", daemon=True)
+        self.periodic = Periodic(PROGRESS_EVERY_S, self._report, name="prefixbatch-progress")
 
     def __enter__(self) -> _Reporter:
-        self._thread.start()
+        self.periodic.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        self.periodic.__exit__(*exc)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(PROGRESS_EVERY_S):
-            tokens = self.stats.num_decode_tokens - self.tokens_before
-            prefill = self.stats.num_prefill_tokens - self.prefill_before
-            report = {"key": self.key, "rows": self.rows, "tokens": tokens, "prefill": prefill}
-            self.worker.log_event(self.topic, report)
+    def _report(self) -> None:
+        tokens = self.stats.num_decode_tokens - self.before.num_decode_tokens
+        prefill = self.stats.num_prefill_tokens - self.before.num_prefill_tokens
+        report = {"key": self.key, "rows": self.rows, "tokens": tokens, "prefill": prefill}
+        self.worker.log_event(self.topic, report)
 
 
 def run_shard(task: ShardTask) -> ShardResult:

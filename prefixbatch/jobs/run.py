@@ -10,7 +10,6 @@ exactly once.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from prefixbatch.jobs.progress import JobProgress
 from prefixbatch.jobs.signals import JobStopped
 from prefixbatch.jobs.spec import JobSpec
 from prefixbatch.model_folder import check_model_folder
+from prefixbatch.periodic import Periodic
 from prefixbatch.pipeline.checkpoints import Checkpointer, Checkpoints
 from prefixbatch.pipeline.commits import (
     SUMMARY,
@@ -254,23 +254,16 @@ class _Watch:
     `advance`; the decode tokens of rows still running show as running work."""
 
     def __init__(self, executor, progress: JobProgress, every_s: float = 0.5) -> None:
-        self.executor, self.progress, self.every_s = executor, progress, every_s
+        self.executor, self.progress = executor, progress
         self.before = ExecutorStats(**vars(executor.stats))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="prefixbatch-progress", daemon=True)
+        self.periodic = Periodic(every_s, self._report, name="prefixbatch-progress", final=True)
 
     def __enter__(self) -> _Watch:
-        self._thread.start()
+        self.periodic.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._report()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self._report()
+        self.periodic.__exit__(*exc)
 
     def _report(self) -> None:
         stats, progress = self.executor.stats, self.progress

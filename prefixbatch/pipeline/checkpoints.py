@@ -23,6 +23,7 @@ import json
 import threading
 from collections.abc import Callable, Mapping
 
+from prefixbatch.periodic import Periodic
 from prefixbatch.pipeline.commits import CHECKPOINTS, OutputFolder
 
 Partials = dict[tuple[int, int], tuple[int, ...]]
@@ -77,22 +78,14 @@ class Checkpointer:
         self.in_flight, self.checkpoints, self.every_s, self.done_rows = in_flight, checkpoints, every_s, done_rows
         self.known = dict(known or {})
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="prefixbatch-checkpoint", daemon=True)
+        self.periodic = Periodic(every_s, self.save, name="prefixbatch-checkpoint")
 
     def __enter__(self) -> Checkpointer:
-        if self.every_s is not None:
-            self._thread.start()
+        self.periodic.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.save()
+        self.periodic.__exit__(*exc)
 
     def save(self) -> None:
         if self.every_s is None:
