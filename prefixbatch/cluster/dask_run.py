@@ -43,7 +43,8 @@ from prefixbatch.pipeline.prepare import PreparedInput
 from prefixbatch.prefix_tree import PlannedRequests, PlanSettings
 from prefixbatch.types import error_completion
 
-WORKERS_EVERY_S = 2.0  # the driver's count of workers alive
+STOP_WAIT_S = 8.0  # a graceful stop waits this long for running shards to hand back their rows
+STOP_CHECK_S = 0.5  # how soon the driver notices a stop, a free worker thread, and workers alive
 
 
 class DaskSession:
@@ -155,7 +156,7 @@ class DaskSession:
             # Placed on free workers like shards (left alone, Dask would run every partition
             # where the file chunks are: one worker for a one-file input).
             tasks.append(PartitionTask(str(p), rows, [chunks[k] for k in holding], shard_fields, settings))
-        run_tasks(client, spec, tasks, shard_fields["progress_topic"], output, writer, result, progress, log, stop)
+        run_tasks(client, spec, tasks, shard_fields, output, writer, result, progress, log, stop)
         return result
 
 
@@ -169,6 +170,7 @@ def _shard_fields(spec: ClusterJob, writer: PartWriter) -> dict[str, Any]:
         rows_per_part=spec.output.rows_per_part,
         checkpoint_seconds=spec.output.checkpoint_seconds,
         progress_topic=f"prefixbatch-progress-{os.urandom(6).hex()}",  # this run's: a cluster may be shared
+        stop_event=f"prefixbatch-stop-{os.urandom(6).hex()}",
     )
 
 
@@ -194,13 +196,15 @@ def run_on_dask(
         ShardTask(str(k), part, columns.subset(r.row_index for r in part.requests), **fields)
         for k, part in enumerate(parts)
     ]
-    run_tasks(client, spec, tasks, fields["progress_topic"], output, writer, result, progress, log, stop)
+    run_tasks(client, spec, tasks, fields, output, writer, result, progress, log, stop)
     return result
 
 
-def run_tasks(client, spec: ClusterJob, tasks: list, topic: str, output, writer, result, progress, log,
+def run_tasks(client, spec: ClusterJob, tasks: list, fields: dict[str, Any], output, writer, result, progress, log,
               stop: StopFlag | None = None) -> None:
-    """Run shard tasks (`ShardTask` or `PartitionTask`), show their progress, commit them."""
+    """Run shard tasks (`ShardTask` or `PartitionTask`), show their progress, commit them.
+    `fields`: the run's shared `ShardTask` fields (its progress topic and stop event)."""
+    topic = fields["progress_topic"]
 
     def on_progress(event: tuple[float, dict]) -> None:  # on the client's event loop
         report = event[1]
@@ -209,7 +213,7 @@ def run_tasks(client, spec: ClusterJob, tasks: list, topic: str, output, writer,
     client.subscribe_topic(topic, on_progress)
     try:
         with client.as_current():  # for `distributed.wait` in this thread
-            _Placer(client, spec, progress, log, stop).run(tasks, output, writer, result)
+            _Placer(client, spec, progress, log, stop, fields["stop_event"]).run(tasks, output, writer, result)
     finally:
         client.unsubscribe_topic(topic)
 
@@ -225,34 +229,44 @@ class _Placer:
     error row. Only the driver retries (Dask's own retries are off for a LocalCluster the
     run starts; a running cluster's `allowed-failures` still applies before the driver's)."""
 
-    def __init__(self, client, spec: ClusterJob, progress: Progress, log, stop: StopFlag | None = None) -> None:
+    def __init__(self, client, spec: ClusterJob, progress: Progress, log, stop: StopFlag | None = None,
+                 stop_event: str = "") -> None:
         self.client, self.spec, self.progress, self.log, self.stop = client, spec, progress, log, stop
+        self.stop_event = stop_event
         self.resources = spec.cluster.resources or None
         self.out: dict[Any, tuple[Any, str | None]] = {}  # future → (task, worker it was given to)
         self.deaths: dict[str, int] = {}  # shard id → worker deaths it caused
 
     def run(self, tasks: list, output: OutputFolder, writer: PartWriter, result: Executed) -> None:
-        from distributed import wait
+        from distributed import Event, wait
 
         waiting = deque(tasks)
+        stopping_since = None
         while waiting or self.out:
-            if self.stop is not None and self.stop.is_set():  # commit what is done, start nothing
+            if stopping_since is None and self.stop is not None and self.stop.is_set():
+                # Start nothing more; the running shards stop within a step, checkpoint what is
+                # in flight and return their whole rows, which are committed below.
+                stopping_since = time.monotonic()
+                waiting.clear()
+                Event(self.stop_event, client=self.client).set()
+            if stopping_since is not None and (not self.out or time.monotonic() - stopping_since > STOP_WAIT_S):
                 self.client.cancel(list(self.out))
                 return
-            free = self._free_threads()
+            free = self._free_threads() if stopping_since is None else []
             while waiting and free:
                 self._submit(waiting.popleft(), free.pop(0))
             if not self.out:  # no worker is up (restarting after a death): wait for one
                 time.sleep(0.2)
                 continue
             try:
-                done = wait(list(self.out), timeout=WORKERS_EVERY_S, return_when="FIRST_COMPLETED").done
+                done = wait(list(self.out), timeout=STOP_CHECK_S, return_when="FIRST_COMPLETED").done
             except TimeoutError:
                 continue
             for future in done:
                 task, _ = self.out.pop(future)
                 again = self._finished(future, task, output, writer, result)
-                waiting.extendleft(reversed(again))
+                if stopping_since is None:
+                    waiting.extendleft(reversed(again))
 
     def _free_threads(self) -> list[str]:
         """A worker address per free thread of the usable workers, least busy first."""

@@ -51,6 +51,7 @@ class ShardTask:
     metadata: dict[str, str]
     rows_per_part: int
     progress_topic: str  # where the worker reports rows done while the shard runs
+    stop_event: str  # name of the run's Dask Event the driver sets to stop gracefully
     checkpoint_seconds: float | None  # how often the worker checkpoints its generations in flight
     errors: list[Completion] = field(default_factory=list)  # error rows the shard writes too
     counted_rows: int | None = None  # output rows the driver's progress expects (default: all)
@@ -182,6 +183,24 @@ class _Reporter:
         self.worker.log_event(self.topic, report)
 
 
+class _DriverStop:
+    """The driver's graceful stop, seen from a worker: its Dask Event, asked at most every
+    `PROGRESS_EVERY_S` (the engine asks before every step)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._set = False
+        self._asked = 0.0
+
+    def is_set(self) -> bool:
+        if not self._set and time.monotonic() - self._asked >= PROGRESS_EVERY_S:
+            from distributed import Event
+
+            self._asked = time.monotonic()
+            self._set = Event(self.name).is_set()
+        return self._set
+
+
 def run_shard(task: ShardTask) -> ShardResult:
     """On a worker: generate the shard with the worker's engine, write its parts, return their records."""
     from distributed import get_worker
@@ -210,12 +229,15 @@ def run_shard(task: ShardTask) -> ShardResult:
     budgets = {(r.row_index, r.sample_index): r.sampling.max_tokens for r in task.requests}
     every_s = task.checkpoint_seconds if hasattr(executor, "in_flight") else None
     saver = Checkpointer(getattr(executor, "in_flight", dict), Checkpoints(output), every_s)
+    stop = _DriverStop(task.stop_event)
     with _Reporter(worker, task.progress_topic, executor.stats) as reporter, saver:
-        for completion in executor.generate(task.work) if task.work is not None else ():
+        for completion in executor.generate(task.work, stop=stop) if task.work is not None else ():
             writer.add(completion)
             output_tokens += completion.num_output_tokens
             unused += max(budgets[completion.row_index, completion.sample_index] - completion.num_output_tokens, 0)
             reporter.rows += 1
+        if stop.is_set():  # what is in flight is saved; the whole rows below are committed
+            saver.save()
     generated = time.time()
     writer.flush()
     after = executor.stats
@@ -227,7 +249,9 @@ def run_shard(task: ShardTask) -> ShardResult:
         os.getpid(),
         writer.records,
         stats,
-        task.counted_rows if task.counted_rows is not None else len(task.requests) + len(task.errors),
+        (reporter.rows + len(task.errors)) if stop.is_set() else (
+            task.counted_rows if task.counted_rows is not None else len(task.requests) + len(task.errors)
+        ),
         output_tokens,
         task.rows,
         started=started,

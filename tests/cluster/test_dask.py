@@ -232,6 +232,69 @@ def test_planning_on_the_workers_with_several_files_error_rows_samples_and_carri
     assert summary.errors_by_code == local_summary.errors_by_code and summary.input_rows == len(inputs)
 
 
+def long_job(tmp_path, tiny_llama) -> tuple[dict, object]:
+    """8 rows generating 1,500 tokens each, checkpointed every 0.3 s; its one-process summary."""
+    prompts = [f"Chapter {i}. The lighthouse keeper {i} wrote in the log" for i in range(8)]
+    pq.write_table(pa.table({"id": [f"c{i}" for i in range(8)], "prompt": prompts}), tmp_path / "in.parquet")
+    base = {
+        "name": "dask-checkpoints",
+        "input": {"path": str(tmp_path / "in.parquet"), "prompt_column": "prompt"},
+        "output": {"path": str(tmp_path / "local"), "checkpoint_seconds": 0.3},
+        "model": {"path": str(tiny_llama)},
+        "sampling": {"max_tokens": 1500},
+        "executor": {"kind": "native", "device": "cpu"},
+    }
+    local = run_job(spec_from_dict(base, base_dir=tmp_path, source="test"), live_progress=False, log=lambda _: None)
+    return base, local
+
+
+def check_resumed_from_checkpoints(tmp_path, local, at_least: int) -> None:
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert summary["tokens_reused_from_checkpoints"] >= at_least and summary["rows_resumed_mid_generation"] >= 1
+    assert summary["decode_tokens_computed"] <= local.decode_tokens_computed - summary["tokens_reused_from_checkpoints"]
+    got = {r["id"]: r for r in finished_output(str(tmp_path / "out"))}
+    want = {r["id"]: r for r in finished_output(str(tmp_path / "local"))}
+    assert without_cached(got) == without_cached(want)
+
+
+def test_sigterm_mid_decode_stops_the_workers_within_a_step_and_they_checkpoint(tmp_path, tiny_llama):
+    """SIGTERM to the driver while every shard decodes: the workers stop within a step, save
+    what is in flight, hand back their whole rows; exit 143 within 10 s; the resume on the same
+    cluster continues every generation (no decode token of the stopped run is recomputed)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import time
+
+    from distributed import LocalCluster
+
+    base, local = long_job(tmp_path, tiny_llama)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PREFIXBATCH_FAULT", None)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        spec = {**base, "output": {**base["output"], "path": str(tmp_path / "out"), "checkpoint_seconds": 600},
+                "cluster": {"kind": "dask", "address": cluster.scheduler_address, "shards_per_worker": 1}}
+        path = tmp_path / "job.json"
+        path.write_text(json.dumps(spec))
+        command = [sys.executable, "-m", "prefixbatch", "run", str(path), "--no-progress", "--log-every", "0.2"]
+        driver = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+        for line in driver.stderr:
+            tokens = re.search(r"generating: \d+/\d+ rows, .* (\d+) output tokens", line)
+            if tokens and int(tokens.group(1)) >= 300:
+                break
+        signalled = time.monotonic()
+        driver.send_signal(signal.SIGTERM)
+        rest = driver.stderr.read()
+        assert driver.wait(timeout=15) == 143, rest
+        assert time.monotonic() - signalled < 10
+        assert "input rows are committed in" in rest and "--resume" in rest
+        resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr
+    # checkpoints every 600 s: what the resume reuses was saved by the workers at the stop
+    check_resumed_from_checkpoints(tmp_path, local, at_least=300)
+
+
 def test_workers_checkpoint_their_generations_and_a_resume_continues_them(tmp_path, tiny_llama):
     """A long generation on a cluster that outlives its driver: the driver is SIGKILLed once
     the workers' checkpoints hold tokens; resuming on the same cluster continues those
@@ -246,17 +309,7 @@ def test_workers_checkpoint_their_generations_and_a_resume_continues_them(tmp_pa
     from prefixbatch.pipeline.checkpoints import Checkpoints
     from prefixbatch.pipeline.commits import OutputFolder
 
-    prompts = [f"Chapter {i}. The lighthouse keeper {i} wrote in the log" for i in range(8)]
-    pq.write_table(pa.table({"id": [f"c{i}" for i in range(8)], "prompt": prompts}), tmp_path / "in.parquet")
-    base = {
-        "name": "dask-checkpoints",
-        "input": {"path": str(tmp_path / "in.parquet"), "prompt_column": "prompt"},
-        "output": {"path": str(tmp_path / "local"), "checkpoint_seconds": 0.3},
-        "model": {"path": str(tiny_llama)},
-        "sampling": {"max_tokens": 700},
-        "executor": {"kind": "native", "device": "cpu"},
-    }
-    local = run_job(spec_from_dict(base, base_dir=tmp_path, source="test"), live_progress=False, log=lambda _: None)
+    base, local = long_job(tmp_path, tiny_llama)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PREFIXBATCH_FAULT", None)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
@@ -275,9 +328,4 @@ def test_workers_checkpoint_their_generations_and_a_resume_continues_them(tmp_pa
         driver.wait(timeout=10)
         resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
         assert resumed.returncode == 0, resumed.stderr
-    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
-    assert summary["tokens_reused_from_checkpoints"] >= 100 and summary["rows_resumed_mid_generation"] >= 1
-    assert summary["decode_tokens_computed"] <= local.decode_tokens_computed - summary["tokens_reused_from_checkpoints"]
-    got = {r["id"]: r for r in finished_output(str(tmp_path / "out"))}
-    want = {r["id"]: r for r in finished_output(str(tmp_path / "local"))}
-    assert without_cached(got) == without_cached(want)
+    check_resumed_from_checkpoints(tmp_path, local, at_least=100)
