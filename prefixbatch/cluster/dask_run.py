@@ -108,10 +108,7 @@ class DaskSession:
 
     def num_shards(self) -> int:
         """Shards the job's plan is cut into: workers × `cluster.shards_per_worker`."""
-        workers = self.spec.cluster.local_workers
-        if workers is None:
-            workers = len(_usable_worker_addresses(self.spec.cluster, self.client.scheduler_info()["workers"]))
-        return max(workers, 1) * self.spec.cluster.shards_per_worker
+        return count_shards(self.spec.cluster, self.client)
 
     def run(self, work: PlannedRequests, todo: PreparedInput, output: OutputFolder, writer: PartWriter,
             progress: Progress, *, log, stop: StopFlag | None = None) -> Executed:
@@ -317,16 +314,19 @@ class _Placer:
         return []
 
 
-def count_shards(spec: ClusterSpec) -> int:
-    """The shards a run on this cluster cuts its plan into, found without starting one: a
-    LocalCluster's `local_workers`, or the workers a running cluster has now."""
+def count_shards(spec: ClusterSpec, client: Any = None) -> int:
+    """The shards a run on this cluster cuts its plan into: a LocalCluster's `local_workers`,
+    or the workers a running cluster has now (asked through `client`, or a short connection:
+    `plan` counts them without starting a run), × `shards_per_worker`."""
     workers = spec.local_workers
-    if workers is None:
+    if workers is None and client is not None:
+        workers = len(_usable_worker_addresses(spec, client.scheduler_info()["workers"]))
+    elif workers is None:
         from distributed import Client
 
         try:
-            with Client(spec.address, timeout=spec.connect_timeout_s, set_as_default=False) as client:
-                workers = len(_usable_worker_addresses(spec, client.scheduler_info()["workers"]))
+            with Client(spec.address, timeout=spec.connect_timeout_s, set_as_default=False) as connected:
+                return count_shards(spec, connected)
         except (OSError, ValueError) as exc:
             raise UserError(f"cluster.address {spec.address}: cannot reach the Dask scheduler ({exc})") from exc
     return max(workers, 1) * spec.shards_per_worker

@@ -158,28 +158,20 @@ class EnginePlugin(WorkerPlugin):
         return self._executor
 
 
-class _Reporter:
+class _Reporter(Periodic):
     """Reports a running shard's rows done and tokens computed to the driver every
     `PROGRESS_EVERY_S`, from a thread (rows finish in bursts; tokens flow every step)."""
 
     def __init__(self, worker: Any, topic: str, stats: ExecutorStats) -> None:
+        super().__init__(PROGRESS_EVERY_S, self._report, name="prefixbatch-progress")
         self.worker, self.topic, self.stats = worker, topic, stats
         self.key = worker.get_current_task()
-        self.before = ExecutorStats(**vars(stats))
+        self.before = stats.copy()
         self.rows = 0
-        self.periodic = Periodic(PROGRESS_EVERY_S, self._report, name="prefixbatch-progress")
-
-    def __enter__(self) -> _Reporter:
-        self.periodic.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.periodic.__exit__(*exc)
 
     def _report(self) -> None:
-        tokens = self.stats.num_decode_tokens - self.before.num_decode_tokens
-        prefill = self.stats.num_prefill_tokens - self.before.num_prefill_tokens
-        report = {"key": self.key, "rows": self.rows, "tokens": tokens, "prefill": prefill}
+        done = self.stats.since(self.before)
+        report = {"key": self.key, "rows": self.rows, "tokens": done.num_decode_tokens, "prefill": done.num_prefill_tokens}
         self.worker.log_event(self.topic, report)
 
 
@@ -212,7 +204,7 @@ def run_shard(task: ShardTask) -> ShardResult:
     loaded = time.time()
     for request in task.requests:
         crash_if_row(request.row_index)
-    before = ExecutorStats(**vars(executor.stats))
+    before = executor.stats.copy()
     output = OutputFolder(task.output_url, mode="resume", storage_options=task.storage_options)
     writer = PartWriter(
         output,
@@ -226,7 +218,6 @@ def run_shard(task: ShardTask) -> ShardResult:
     for error in task.errors:
         writer.add(error)
     output_tokens = unused = 0
-    budgets = {(r.row_index, r.sample_index): r.sampling.max_tokens for r in task.requests}
     every_s = task.checkpoint_seconds if hasattr(executor, "in_flight") else None
     saver = Checkpointer(getattr(executor, "in_flight", dict), Checkpoints(output), every_s)
     stop = _DriverStop(task.stop_event)
@@ -234,15 +225,13 @@ def run_shard(task: ShardTask) -> ShardResult:
         for completion in executor.generate(task.work, stop=stop) if task.work is not None else ():
             writer.add(completion)
             output_tokens += completion.num_output_tokens
-            unused += max(budgets[completion.row_index, completion.sample_index] - completion.num_output_tokens, 0)
+            unused += task.work.unused_tokens(completion)
             reporter.rows += 1
         if stop.is_set():  # what is in flight is saved; the whole rows below are committed
             saver.save()
     generated = time.time()
     writer.flush()
-    after = executor.stats
-    stats = ExecutorStats(**{k: getattr(after, k) - getattr(before, k) for k in vars(after) if k != "peak_kv_tokens"})
-    stats.peak_kv_tokens = after.peak_kv_tokens
+    stats = executor.stats.since(before)
     return ShardResult(
         task.shard_id,
         worker.address,

@@ -27,6 +27,15 @@ class ExecutorStats:
     peak_kv_tokens: int = 0  # most KV-cache tokens held at once (native)
     num_groups: int = 0  # plan groups run
 
+    def copy(self) -> ExecutorStats:
+        return ExecutorStats(**vars(self))
+
+    def since(self, before: ExecutorStats) -> ExecutorStats:
+        """The work done after `before` (a copy taken then); the peak is the peak so far."""
+        delta = ExecutorStats(**{k: v - getattr(before, k) for k, v in vars(self).items()})
+        delta.peak_kv_tokens = self.peak_kv_tokens
+        return delta
+
 
 class StopFlag(Protocol):
     """Set when the run must stop (a signal, the user): a `threading.Event` is one."""

@@ -135,13 +135,12 @@ def write_plan_report(job: JobPlan, spec: JobSpec, path: str | Path) -> Path:
     from prefixbatch.prefix_tree import build_tree
 
     tokenizer = job_tokenizer(spec).tokenizer
-    work = job.work
+    work = job.work  # its token array is the prompts' in request order
     offsets = np.zeros(len(work.requests) + 1, np.int64)
     np.cumsum([len(r.token_ids) for r in work.requests], out=offsets[1:])
-    tokens = np.fromiter((t for r in work.requests for t in r.token_ids), np.int32, int(offsets[-1]))
     return write_report(
         path,
-        build_tree(tokens, offsets, share=work.plan.prefix_sharing),
+        build_tree(work.tokens, offsets, share=work.plan.prefix_sharing),
         job.plan.stats,
         title=f"prefixbatch plan: {spec.name}",
         decode=lambda ids: tokenizer.decode(ids.tolist()),

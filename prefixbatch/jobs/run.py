@@ -232,7 +232,6 @@ def _generate_here(
     if show.stopping:
         return None
     executor = create_executor(spec.model, spec.executor)
-    budgets = {(r.row_index, r.sample_index): r.sampling.max_tokens for r in work.requests}
     every_s = spec.output.checkpoint_seconds if hasattr(executor, "in_flight") else None
     saver = Checkpointer(
         getattr(executor, "in_flight", dict), checkpoints, every_s, known=partials, done_rows=writer.committed_rows
@@ -240,36 +239,27 @@ def _generate_here(
     with _Watch(executor, progress), saver:
         for completion in executor.generate(work, stop=show.stop):
             writer.add(completion)
-            unused = budgets[completion.row_index, completion.sample_index] - completion.num_output_tokens
-            progress.advance(1, completion.num_output_tokens, unused_tokens=max(unused, 0))
+            progress.advance(1, completion.num_output_tokens, unused_tokens=work.unused_tokens(completion))
         if show.stopping:
             writer.flush()  # commit the whole rows, then checkpoint the rest
             saver.save()
     return Executed(executor.kind, executor.stats)
 
 
-class _Watch:
+class _Watch(Periodic):
     """Shows an executor's prefill and decode tokens every `every_s` while it generates (rows
     finish in bursts; tokens flow every step). Output tokens of finished rows are counted by
     `advance`; the decode tokens of rows still running show as running work."""
 
     def __init__(self, executor, progress: JobProgress, every_s: float = 0.5) -> None:
+        super().__init__(every_s, self._report, name="prefixbatch-progress", final=True)
         self.executor, self.progress = executor, progress
-        self.before = ExecutorStats(**vars(executor.stats))
-        self.periodic = Periodic(every_s, self._report, name="prefixbatch-progress", final=True)
-
-    def __enter__(self) -> _Watch:
-        self.periodic.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.periodic.__exit__(*exc)
+        self.before = executor.stats.copy()
 
     def _report(self) -> None:
-        stats, progress = self.executor.stats, self.progress
-        prefill = stats.num_prefill_tokens - self.before.num_prefill_tokens
-        decode = stats.num_decode_tokens - self.before.num_decode_tokens
-        progress.running("here", 0, max(decode - progress.output_tokens, 0), prefill)
+        done, progress = self.executor.stats.since(self.before), self.progress
+        decoding = max(done.num_decode_tokens - progress.output_tokens, 0)
+        progress.running("here", 0, decoding, done.num_prefill_tokens)
 
 
 def _stopped(spec: JobSpec, prepared: PreparedInput, output: OutputFolder) -> JobStopped:

@@ -61,7 +61,7 @@ class Checkpoints:
         self._num_written += 1
 
 
-class Checkpointer:
+class Checkpointer(Periodic):
     """Every `every_s` (None: never) from a thread, and on `save()`: one checkpoint of what
     `in_flight()` returns, merged with `known` (an earlier run's that have not run again
     yet), less the rows `done_rows()` names (committed since)."""
@@ -75,17 +75,10 @@ class Checkpointer:
         known: Partials | None = None,
         done_rows: Callable[[], set[int]] = set,
     ) -> None:
-        self.in_flight, self.checkpoints, self.every_s, self.done_rows = in_flight, checkpoints, every_s, done_rows
+        super().__init__(every_s, self.save, name="prefixbatch-checkpoint")
+        self.in_flight, self.checkpoints, self.done_rows = in_flight, checkpoints, done_rows
         self.known = dict(known or {})
         self._lock = threading.Lock()
-        self.periodic = Periodic(every_s, self.save, name="prefixbatch-checkpoint")
-
-    def __enter__(self) -> Checkpointer:
-        self.periodic.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.periodic.__exit__(*exc)
 
     def save(self) -> None:
         if self.every_s is None:

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 
 from prefixbatch.prefix_tree.plan import Plan, build_plan
 from prefixbatch.prefix_tree.policies import DEFAULT_POLICY
 from prefixbatch.prefix_tree.requests import prompt_arrays
-from prefixbatch.types import Request
+from prefixbatch.types import Completion, Request
 
 GROUP_SHARE = 0.5  # of the KV budget one group may take: the next group prefills beside it
 
@@ -52,6 +53,16 @@ class PlannedRequests:
     plan: Plan
     requests: tuple[Request, ...]
     tokens: np.ndarray  # [T] int32: `plan.node_token_start` / `node_num_tokens` index it
+
+    @cached_property
+    def _max_tokens(self) -> dict[tuple[int, int], int]:
+        return {(r.row_index, r.sample_index): r.sampling.max_tokens for r in self.requests}
+
+    def unused_tokens(self, completion: Completion) -> int:
+        """Of its request's `max_tokens`, how many a finished completion did not use (it
+        stopped early): planned work that is done without being computed."""
+        budget = self._max_tokens[completion.row_index, completion.sample_index]
+        return max(budget - completion.num_output_tokens, 0)
 
     def in_order(self) -> Iterator[Request]:
         """The requests in the plan's execution order."""
