@@ -5,9 +5,11 @@ the plan (KV budget, prefix sharing) are the section's own; settings only one en
 live in that engine's sub-section (`native`, `hf`), so no field means two things.
 """
 
+from __future__ import annotations
+
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from prefixbatch.config import ModelSpec, StrictModel
 
@@ -15,11 +17,18 @@ __all__ = ["ExecutorSpec", "HfSettings", "ModelSpec", "NativeSettings"]
 
 
 class NativeSettings(StrictModel):
-    """`executor.native`: the native engine's step size."""
+    """`executor.native`: the native engine's step size and numerics."""
 
     max_step_tokens: int = Field(16384, ge=1)
     """Most tokens in one forward step: every running sequence's decode token, then prefill
     chunks (long prompt segments are chunked to fit)."""
+
+    batch_invariant: bool = False
+    """true: a row's logits are the same to the last bit whatever it is computed with (its
+    batch mates, prefill or decode), so a seeded sampled row draws the same completion in any
+    job and across a resume. Costs speed (attention reads each row's prefix keys on its own);
+    CPU only. false: exact up to fp32 rounding, which a seeded sample notices about once in
+    ten thousand tokens."""
 
 
 class HfSettings(StrictModel):
@@ -56,3 +65,15 @@ class ExecutorSpec(StrictModel):
 
     native: NativeSettings = NativeSettings()
     hf: HfSettings = HfSettings()
+
+    @model_validator(mode="after")
+    def _invariant_on_cpu(self) -> ExecutorSpec:
+        if self.native.batch_invariant and self.device == "cuda":
+            raise ValueError(INVARIANT_CPU_ONLY)
+        return self
+
+
+INVARIANT_CPU_ONLY = (
+    "executor.native.batch_invariant is supported on the CPU only (CUDA's matmul kernels "
+    "change with the batch's shape); set executor.device: cpu, or batch_invariant: false"
+)

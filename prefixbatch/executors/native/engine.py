@@ -36,6 +36,7 @@ import torch
 
 from prefixbatch.executors.base import ExecutorStats, StopFlag
 from prefixbatch.executors.native.attention_plan import QueryRun, SegmentKV, plan_attention
+from prefixbatch.executors.native.invariant import ROW_MULTIPLE, InvariantAttention
 from prefixbatch.executors.native.kv import KVStore
 from prefixbatch.executors.native.model import CausalLM
 from prefixbatch.executors.native.tree_attention import TreeAttention
@@ -70,8 +71,10 @@ class Engine:
         eos_token_ids: Sequence[int],
         decode: Callable[[list[int]], str],
         max_step_tokens: int,
+        batch_invariant: bool = False,
     ) -> None:
         self.model = model
+        self.batch_invariant = batch_invariant  # see `invariant`: exact whatever the step
         self.eos_token_ids = tuple(eos_token_ids)
         self.decode = decode
         self.max_step_tokens = max_step_tokens
@@ -186,7 +189,7 @@ class _PlanRun:
         if decoding:
             fault_point("decode")
         model = self.engine.model
-        logits = _forward(model, self.store, step, token_ids)  # [len(step.logits_rows), V]
+        logits = _forward(model, self.store, step, token_ids, self.engine.batch_invariant)  # [len(step.logits_rows), V]
         stats = self.engine.stats
         stats.num_steps += 1
         stats.num_decode_tokens += len(decoding)
@@ -255,7 +258,9 @@ def _next_tokens(sequences: list[_Sequence], logits: torch.Tensor) -> list[int]:
     return tokens.tolist()
 
 
-def _forward(model: CausalLM, store: KVStore, step: Step, token_ids: list[int]) -> torch.Tensor:
+def _forward(
+    model: CausalLM, store: KVStore, step: Step, token_ids: list[int], batch_invariant: bool
+) -> torch.Tensor:
     """Logits [len(step.logits_rows), V] fp32 of one packed step; its rows' KV lands in `store`."""
     segments = [
         SegmentKV(s.segment_id, s.parent_id, s.key_start, s.num_keys) for s in step.segments
@@ -263,12 +268,19 @@ def _forward(model: CausalLM, store: KVStore, step: Step, token_ids: list[int]) 
     runs = [QueryRun(row.segment_id, i, row.offset, 1) for i, row in enumerate(step.decode_rows)]
     runs += [QueryRun(c.node_id, c.first_row, c.offset, c.num_tokens) for c in step.prefill_chunks]
     scale = model.config.attention_scale
-    attention = TreeAttention(store, plan_attention(segments, runs), scale=scale)
+    plan = plan_attention(segments, runs)
+    if batch_invariant:
+        attention = InvariantAttention(store, plan, scale=scale)
+        positions, row_multiple = attention.positions, ROW_MULTIPLE
+    else:
+        attention = TreeAttention(store, plan, scale=scale)
+        positions, row_multiple = attention.plan.positions, 1
     device = model.device
     with torch.inference_mode():
         return model(
             torch.tensor(token_ids, dtype=torch.long, device=device),  # [T]
-            attention.plan.positions,
+            positions,
             attention,
             logits_rows=torch.tensor(step.logits_rows, dtype=torch.long, device=device),
+            row_multiple=row_multiple,
         )

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prefixbatch.config import ModelSpec
+from prefixbatch.errors import UserError
 from prefixbatch.executors.base import ExecutorStats, StopFlag
-from prefixbatch.executors.config import ExecutorSpec
+from prefixbatch.executors.config import INVARIANT_CPU_ONLY, ExecutorSpec
 from prefixbatch.executors.device import resolve_device, resolve_dtype
 from prefixbatch.executors.native.engine import Engine
 from prefixbatch.executors.native.weights import load_model, read_model_config
@@ -33,6 +34,8 @@ class NativeExecutor:
         read_model_config(model.path)  # an unsupported architecture: ModelError naming `hf`
         self.device = resolve_device(executor.device)
         self.dtype = resolve_dtype(model.dtype, self.device)
+        if executor.native.batch_invariant and self.device.type != "cpu":
+            raise UserError(INVARIANT_CPU_ONLY)  # `device: auto` found a GPU
         hf_logging.disable_progress_bar()
         self.tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
         self.model = load_model(model.path, dtype=self.dtype, device=self.device)
@@ -41,6 +44,7 @@ class NativeExecutor:
             eos_token_ids=eos_token_ids(model.path) or _tokenizer_eos(self.tokenizer),
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
             max_step_tokens=executor.native.max_step_tokens,
+            batch_invariant=executor.native.batch_invariant,
         )
 
     @property
@@ -53,7 +57,6 @@ class NativeExecutor:
         yield from self.engine.run(work.requests, work.plan, work.tokens, stop=stop)
         if stop is None or not stop.is_set():
             self.engine.stats.num_groups += work.plan.num_groups
-
 
     def in_flight(self) -> dict[tuple[int, int], tuple[int, ...]]:
         """(row, sample) → tokens generated so far, of the generations under way."""

@@ -195,18 +195,35 @@ class CausalLM(nn.Module):
         attention: AttentionFn,
         *,
         logits_rows: torch.Tensor | None = None,
+        row_multiple: int = 1,
     ) -> torch.Tensor:
-        """Logits [N, V] fp32 of the rows `logits_rows` (all T rows when None)."""
+        """Logits [N, V] fp32 of the rows `logits_rows` (all T rows when None).
+
+        row_multiple: every dense layer sees a row count rounded up to a multiple of this
+        (padding rows of token 0 at position 0, computed and dropped), so that the BLAS runs
+        the same kernel on every row whatever T (`invariant`). The attention callback then
+        gets the padding rows last and must leave them alone."""
         assert token_ids.ndim == 1 and positions.shape == token_ids.shape, (
             token_ids.shape,
             positions.shape,
         )
-        hidden = F.embedding(token_ids, self.embed_tokens)  # [T, E]
+        num_rows = token_ids.shape[0]
+        if logits_rows is None and row_multiple > 1:
+            logits_rows = torch.arange(num_rows, device=token_ids.device)
+        token_ids, positions = _pad_rows(token_ids, row_multiple), _pad_rows(positions, row_multiple)
+        hidden = F.embedding(token_ids, self.embed_tokens)  # [T', E]
         cos, sin = rope_angles(positions, self.inv_freq)  # [T, D/2] each
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, attention)
         if logits_rows is not None:
             # Norm and lm_head are per token: only the rows that will be sampled pay for the
             # vocabulary projection, the largest matmul of a decode step.
-            hidden = hidden[logits_rows]  # [N, E]
-        return self.lm_head(self.norm(hidden)).float()  # [N, V]
+            hidden = hidden[_pad_rows(logits_rows, row_multiple)]  # [N', E]
+        logits = self.lm_head(self.norm(hidden)).float()  # [N', V]
+        return logits[: num_rows if logits_rows is None else logits_rows.shape[0]]  # [N, V]
+
+
+def _pad_rows(index: torch.Tensor, multiple: int) -> torch.Tensor:
+    """A 1-d tensor with zeros appended up to a multiple of `multiple` entries."""
+    missing = -index.shape[0] % multiple
+    return F.pad(index, (0, missing)) if missing else index
