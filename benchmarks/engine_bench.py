@@ -26,7 +26,9 @@ output tokens/s, prefill tokens computed (`executor.stats.num_prefill_tokens`) a
 planner's unique prompt tokens (`plan.stats.num_unique_tokens`, the least any
 executor must compute), native/hf output tokens/s, and for native the peak KV tokens held
 (`stats.peak_kv_tokens`) against the KV budget. `native-noshare` is the native engine with
-`executor.prefix_sharing: false` (the ablation), run on (a), (b), (d).
+`executor.prefix_sharing: false` (the ablation), run on (a), (b), (d). `native-invariant`
+is the native engine with `executor.native.batch_invariant: true` (exact seeded samples
+whatever the batch; what that costs), run only when named in `--executors`.
 
     .venv/bin/python benchmarks/engine_bench.py                       # everything, full scale
     .venv/bin/python benchmarks/engine_bench.py --scenario a --scale 0.25 --repeats 1
@@ -58,7 +60,8 @@ from prefixbatch.prefix_tree import PlanSettings, plan_requests
 from prefixbatch.types import Request, SamplingParams
 
 ABLATION_SCENARIOS = ("a", "b", "d")
-EXECUTORS = ("native", "native-noshare", "hf")
+EXECUTORS = ("native", "native-noshare", "hf", "native-invariant")
+DEFAULT_EXECUTORS = ("native", "native-noshare", "hf")
 
 
 @dataclass(frozen=True)
@@ -210,11 +213,13 @@ def load_executors(model_dir: Path, names: list[str], kv_budget: int | None) -> 
                 kind="native",
                 device="cpu",
                 kv_budget_tokens=kv_budget,
-                prefix_sharing=name == "native",
+                prefix_sharing=name != "native-noshare",
+                native={"batch_invariant": name == "native-invariant"},
             )
             executors[name] = NativeExecutor(model, spec)
         executors[name].plan_settings = PlanSettings(
-            kv_budget_tokens=kv_budget or DEFAULT_CPU_KV_BUDGET, prefix_sharing=name == "native"
+            kv_budget_tokens=kv_budget or DEFAULT_CPU_KV_BUDGET,
+            prefix_sharing=name not in ("native-noshare", "hf"),
         )
     warm_up = [Request(0, tuple(range(5, 69)), _greedy(4))]
     for executor in executors.values():
@@ -329,8 +334,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply counts and lengths (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per executor; the median is reported")
     parser.add_argument(
-        "--executors", default=",".join(EXECUTORS),
-        help=f"comma-separated subset of {','.join(EXECUTORS)} (default: all)",
+        "--executors", default=",".join(DEFAULT_EXECUTORS),
+        help=f"comma-separated subset of {','.join(EXECUTORS)} (default: {','.join(DEFAULT_EXECUTORS)})",
     )
     parser.add_argument("--kv-budget", type=int, default=None, help=f"native KV budget (default {DEFAULT_CPU_KV_BUDGET})")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")

@@ -16,9 +16,10 @@ freed. This module runs its decisions, one unit each:
   from those logits (kept while the node lives, so members of later groups reuse them).
 
 Invariants: each node's KV is computed exactly once (prefill tokens == the plan's unique
-tokens); every request draws from its own seeded generator, so its completion depends
-neither on its batch mates nor on the order the job runs in; attention is exact (tree
-attention merged by log-sum-exp), so greedy outputs match full attention.
+tokens); every request draws from its own seeded generator, so its draws depend neither on
+its batch mates nor on the order the job runs in (its logits do, in fp32's last bits, unless
+`batch_invariant`: see `invariant`); attention is exact (tree attention merged by
+log-sum-exp), so greedy outputs match full attention.
 
 in → out: requests + their plan → completions, as they finish.
 """
@@ -36,7 +37,7 @@ import torch
 
 from prefixbatch.executors.base import ExecutorStats, StopFlag
 from prefixbatch.executors.native.attention_plan import QueryRun, SegmentKV, plan_attention
-from prefixbatch.executors.native.invariant import ROW_MULTIPLE, InvariantAttention
+from prefixbatch.executors.native.invariant import InvariantAttention
 from prefixbatch.executors.native.kv import KVStore
 from prefixbatch.executors.native.model import CausalLM
 from prefixbatch.executors.native.tree_attention import TreeAttention
@@ -271,10 +272,10 @@ def _forward(
     plan = plan_attention(segments, runs)
     if batch_invariant:
         attention = InvariantAttention(store, plan, scale=scale)
-        positions, row_multiple = attention.positions, ROW_MULTIPLE
+        positions = attention.positions
     else:
         attention = TreeAttention(store, plan, scale=scale)
-        positions, row_multiple = attention.plan.positions, 1
+        positions = attention.plan.positions
     device = model.device
     with torch.inference_mode():
         return model(
@@ -282,5 +283,5 @@ def _forward(
             positions,
             attention,
             logits_rows=torch.tensor(step.logits_rows, dtype=torch.long, device=device),
-            row_multiple=row_multiple,
+            batch_invariant=batch_invariant,
         )

@@ -2,136 +2,303 @@
 
 The default engine's rounding depends on what a token is computed with: the BLAS picks
 another kernel for a matmul of 5 rows than of 64, tree attention splits a row's keys into
-spans by the shape of the prefix tree and of the step, and a prefill chunk attends through
-another kernel than a decode token. Each is exact arithmetic up to fp32 rounding (~1e-5),
-and greedy decoding does not notice; a seeded sample does, about once in ten thousand
-tokens, when its uniform number lands within that rounding of a boundary between two
-tokens. Then the same request draws another completion when its batch mates differ, or
+spans by the shape of the prefix tree and of the step, a prefill chunk attends through
+another kernel than a decode token, and a vectorised activation takes a scalar path for the
+last few elements of a thread's range. Each is exact arithmetic up to fp32 rounding
+(~1e-5), and greedy decoding does not notice; a seeded sample does, about once in ten
+thousand tokens, when its uniform number lands within that rounding of a boundary between
+two tokens. Then the same request draws another completion when its batch mates differ, or
 when a resumed run recomputes its checkpointed tokens by prefill instead of decode.
 
 With `executor.native.batch_invariant`, every operation a token goes through is made
 independent of the step around it:
-- dense layers see a row count rounded up to `ROW_MULTIPLE` (padding rows are computed and
-  thrown away): the BLAS then runs the same kernel on every row, whatever the step's size;
-- attention gathers each row's whole context (ancestor segments, then its own segment up to
-  itself) in position order, cuts it into blocks of `KEY_BLOCK` keys aligned to position 0,
-  computes each block with fixed-size products, and merges the blocks by a running sum in
-  position order (`cumsum` adds left to right; the padding blocks add exact zeros). Its
-  products are batched over rows rounded up to `ROW_MULTIPLE` too (MKL's batched matmul
-  takes another path for a batch of one row and one block). A row's keys and the order
-  they are summed in are the same in a prefill chunk and in decode, alone or beside others.
-The price: attention reads each row's keys on its own (no shared-prefix product; the
-prefix's KV is still computed and stored once) and dense layers compute up to 15 padding
-rows. Verified bit for bit on the CPU (MKL); CUDA's BLAS picks split-K kernels by shape, so
+- every matrix product has a row count that is a multiple of `ROW_MULTIPLE` (padding rows
+  are computed and dropped): MKL then computes each row with the same kernel and the same
+  summation order whatever the row count (checked for 16 to 2,048 rows, 1 to 4 threads);
+- attention: each *query group* (the tokens of one run, a prefill chunk or a decode token,
+  which see one list of keys: their ancestor segments whole, then their own segment) takes
+  its keys in position order, cut into blocks of `KEY_BLOCK` keys aligned to position 0.
+  Each block is one fixed-shape product for all the group's queries (its kv heads' query
+  heads stacked, rounded up to `ROW_MULTIPLE` rows), masked per row, and a row's blocks are
+  merged by a running sum in position order (`cumsum` adds left to right; blocks a row does
+  not see add exact zeros). A row's keys, blocks and summation order are the same in a
+  prefill chunk and in decode, alone or beside others;
+- SiLU is x / (1 + exp(-x)), whose every element is computed alike (`F.silu` takes another
+  path for the tail of a vector).
+The price: decode tokens read their prefix's keys on their own (no shared-prefix product;
+the prefix's KV is still computed and stored once), and products compute padding rows.
+Exact on the CPU for a given thread count; CUDA's BLAS picks split-K kernels by shape, so
 the setting is refused there (see `executor.config`).
 
-in → out: the step's `AttentionPlan` → per-row context slots; q + the layer's KV → out.
+in → out: the step's `AttentionPlan` → query groups; q + the layer's KV → out.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from prefixbatch.executors.native.attention_plan import AttentionPlan
 from prefixbatch.executors.native.kv import KVStore
 
-__all__ = ["KEY_BLOCK", "ROW_MULTIPLE", "InvariantAttention", "blocked_attention", "context_slots"]
+__all__ = ["KEY_BLOCK", "ROW_MULTIPLE", "Blocks", "InvariantAttention", "attend_blocks", "query_groups", "silu"]
 
-ROW_MULTIPLE = 16  # dense layers' row count is a multiple of this (the BLAS's row blocking)
+ROW_MULTIPLE = 16  # rows of every matrix product are a multiple of this
 KEY_BLOCK = 64  # keys per attention block (a multiple of every SIMD width)
+# Most fp32 elements of the keys gathered (or scores computed) at once: a long prompt's
+# chunk or many long decode rows are cut into pieces of rows (each row alike either way).
+MAX_ELEMENTS = 1 << 24
 
 
-def padded_rows(num_rows: int) -> int:
-    return -(-num_rows // ROW_MULTIPLE) * ROW_MULTIPLE
+def padded(count: int, multiple: int) -> int:
+    return -(-count // multiple) * multiple
 
 
-def context_slots(plan: AttentionPlan) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's context as store slots in position order, padded to whole `KEY_BLOCK`s.
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU with every element computed alike, wherever it falls in the tensor."""
+    return x / (1.0 + torch.exp(-x))
 
-    → (slots [T', L] int64, valid [T', L] bool): T' = `padded_rows(T)` (padding rows see no
-    key), L a multiple of KEY_BLOCK. Ancestor spans come first in the plan, root first, so
-    appending spans in plan order is position order."""
-    ranges: list[list[tuple[int, int]]] = [[] for _ in range(plan.num_rows)]
+
+@dataclass(frozen=True)
+class QueryGroup:
+    """Consecutive rows of the step that see one key list: row i its first `visible[i]` keys.
+
+    The list is the slots of the group's ancestor segments, root first, then of its own."""
+
+    first_row: int
+    ancestors: tuple[range, ...]  # slot ranges, root first
+    own: range  # slots of its own segment, up to its last row
+    visible: np.ndarray  # [n] int64 keys each row sees (its position + 1)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.visible)
+
+    @property
+    def num_ancestor_keys(self) -> int:
+        return sum(len(r) for r in self.ancestors)
+
+    def slots(self, skip: int = 0) -> np.ndarray:
+        """[L] int64 the key list's slots from its `skip`-th on, padded with 0 to whole blocks."""
+        slots = np.concatenate([np.arange(r.start, r.stop, dtype=np.int64) for r in (*self.ancestors, self.own)])
+        slots = slots[skip:]
+        return np.pad(slots, (0, padded(max(len(slots), 1), KEY_BLOCK) - len(slots)))
+
+
+def query_groups(plan: AttentionPlan) -> list[QueryGroup]:
+    """One group per run of the plan (its causal span), with its ancestors' keys first.
+
+    Ancestor spans come first in the plan, root first, so a run's ancestors in plan order
+    are in position order."""
+    ancestors_of: dict[int, list[range]] = {}  # row → its ancestors' slots
     for span in plan.spans:
-        for i, row in enumerate(span.rows):
-            visible = span.num_keys if span.causal_offset is None else span.causal_offset + i + 1
-            ranges[row].append((span.key_start, span.key_start + visible))
-    lengths = [sum(stop - start for start, stop in row) for row in ranges]
-    for row, length in enumerate(lengths):  # a row sees exactly the tokens before it, and itself
-        assert length == plan.positions[row] + 1, (row, length, plan.positions[row])
-    width = max(-(-max(lengths, default=1) // KEY_BLOCK) * KEY_BLOCK, KEY_BLOCK)
-    slots = np.zeros((padded_rows(plan.num_rows), width), np.int64)
-    valid = np.zeros(slots.shape, bool)
-    for row, row_ranges in enumerate(ranges):
-        slots[row, : lengths[row]] = np.concatenate([np.arange(a, b) for a, b in row_ranges])
-        valid[row, : lengths[row]] = True
-    return slots, valid
+        if span.causal_offset is None:
+            for row in span.rows:
+                ancestors_of.setdefault(row, []).append(range(span.key_start, span.key_start + span.num_keys))
+    groups = []
+    for span in plan.spans:
+        if span.causal_offset is None:
+            continue
+        first = span.rows[0]
+        ancestors = tuple(ancestors_of.get(first, ()))
+        above = sum(len(r) for r in ancestors)
+        visible = above + span.causal_offset + 1 + np.arange(len(span.rows), dtype=np.int64)
+        # A row sees exactly the tokens before it, and itself.
+        assert visible[0] == plan.positions[first] + 1, (span, visible[0], plan.positions[first])
+        groups.append(QueryGroup(first, ancestors, range(span.key_start, span.key_start + span.num_keys), visible))
+    return groups
 
 
-def blocked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, *, scale: float
-) -> torch.Tensor:
-    """q [R, H, D]; k, v [R, L, Hkv, D] (each row's context, L = nb · KEY_BLOCK); valid [R, L]
-    → out [R, H, D] fp32, each row computed the same whatever L beyond its own keys, and
-    whatever R ≥ ROW_MULTIPLE (rows without a valid key come out 0)."""
-    num_rows, num_heads, head_dim = q.shape
-    width, num_kv_heads = k.shape[1], k.shape[2]
+@dataclass(frozen=True)
+class Blocks:
+    """Per-block attention partials of some rows, each row's blocks in position order.
+
+    max [R, Hkv, nb, G, 1] (a block's top score, 0 where none), sum [R, Hkv, nb, G, 1]
+    (Σ exp(score − max)), out [R, Hkv, nb, G, D] (Σ exp(score − max) · v), seen [R, 1, nb, G, 1]
+    (the row sees a key of the block). Blocks of one row may come from several calls: a
+    block's partials depend on the row's query and the block's keys only."""
+
+    max: torch.Tensor
+    sum: torch.Tensor
+    out: torch.Tensor
+    seen: torch.Tensor
+
+    def then(self, later: Blocks) -> Blocks:
+        """These blocks followed by `later`'s, row by row (same rows)."""
+        return Blocks(*(torch.cat([a, b], dim=2) for a, b in zip(self.fields(), later.fields(), strict=True)))
+
+    def fields(self) -> tuple[torch.Tensor, ...]:
+        return self.max, self.sum, self.out, self.seen
+
+    def rows(self, index: torch.Tensor | slice) -> Blocks:
+        return Blocks(*(field[index] for field in self.fields()))
+
+    def merged(self) -> torch.Tensor:
+        """The attention output [R, H, D] fp32: blocks merged by a running sum, left to right."""
+        top = torch.where(self.seen, self.max, float("-inf")).amax(dim=2, keepdim=True)  # [R, Hkv, 1, G, 1]
+        weight = torch.where(self.seen, torch.exp(self.max - top), 0.0)
+        # The last entry of a running sum is the total: ≥ 1 for a row with keys (its top
+        # block's weight is 1); blocks a row does not see add exact zeros.
+        total = torch.cumsum(weight * self.sum, dim=2)[:, :, -1].clamp_min(1.0)  # [R, Hkv, G, 1]
+        out = torch.cumsum(weight * self.out, dim=2)[:, :, -1] / total  # [R, Hkv, G, D]
+        return out.flatten(1, 2)  # [R, H, D]: query head h = kv head · G + g
+
+
+def attend_blocks(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, *, scale: float
+) -> Blocks:
+    """Groups of rows, each group against its own keys, cut into blocks.
+
+    q [Gn, n, H, D]; keys, values [Gn, L, Hkv, D], L a multiple of KEY_BLOCK; visible [Gn, n]
+    (how many of its group's keys each row sees, from the first) → the Gn·n rows' `Blocks`.
+    A row's partials depend on its query and the keys it sees, nothing else: not Gn, n, L,
+    or the other rows (every product has a multiple of ROW_MULTIPLE rows)."""
+    num_groups, num_rows, num_heads, head_dim = q.shape
+    width, num_kv_heads = keys.shape[1], keys.shape[2]
     group, num_blocks = num_heads // num_kv_heads, width // KEY_BLOCK
-    q_grouped = q.float().view(num_rows, num_kv_heads, group, head_dim)  # [R, Hkv, G, D]
-    # [R, Hkv, nb, B, D]: each block one fixed-size product per (row, kv head).
-    k_blocks = k.float().view(num_rows, num_blocks, KEY_BLOCK, num_kv_heads, head_dim)
-    k_blocks = k_blocks.permute(0, 3, 1, 2, 4)
-    v_blocks = v.float().view(num_rows, num_blocks, KEY_BLOCK, num_kv_heads, head_dim)
-    v_blocks = v_blocks.permute(0, 3, 1, 2, 4)
-    # scores [R, Hkv, nb, G, B]
-    scores = torch.matmul(q_grouped[:, :, None], k_blocks.transpose(-1, -2)) * scale
-    mask = valid.view(num_rows, 1, num_blocks, 1, KEY_BLOCK)
+    rows = num_rows * group  # a kv head's queries: row i's query heads at i·G … i·G + G − 1
+    extra = padded(rows, ROW_MULTIPLE) - rows
+    # [Gn, Hkv, M, D], M = n·G rounded up
+    q_rows = q.float().view(num_groups, num_rows, num_kv_heads, group, head_dim).permute(0, 2, 1, 3, 4)
+    q_rows = F.pad(q_rows.reshape(num_groups, num_kv_heads, rows, head_dim), (0, 0, 0, extra))
+    # [Gn, Hkv, nb, B, D]
+    k_blocks = keys.float().view(num_groups, num_blocks, KEY_BLOCK, num_kv_heads, head_dim).permute(0, 3, 1, 2, 4)
+    v_blocks = values.float().view(num_groups, num_blocks, KEY_BLOCK, num_kv_heads, head_dim).permute(0, 3, 1, 2, 4)
+    scores = torch.matmul(q_rows[:, :, None], k_blocks.transpose(-1, -2)) * scale  # [Gn, Hkv, nb, M, B]
+    # Key j of block b is visible to query row m when b·B + j < visible of m's row.
+    row_visible = F.pad(visible.repeat_interleave(group, dim=1), (0, extra))  # [Gn, M]; padding: none
+    key_index = torch.arange(width, device=q.device).view(num_blocks, 1, KEY_BLOCK)
+    mask = key_index < row_visible[:, None, None, :, None]  # [Gn, 1, nb, M, B]
     scores = scores.masked_fill(~mask, float("-inf"))
-    block_max = scores.amax(dim=-1, keepdim=True)  # [R, Hkv, nb, G, 1]; -inf: no key
-    block_max = torch.where(torch.isfinite(block_max), block_max, torch.zeros_like(block_max))
-    exps = torch.exp(scores - block_max)  # padding: exactly 0
-    block_sum = exps.sum(dim=-1, keepdim=True)  # [R, Hkv, nb, G, 1]
-    block_out = torch.matmul(exps, v_blocks)  # [R, Hkv, nb, G, D]
-    has_keys = mask.any(dim=-1, keepdim=True)  # [R, 1, nb, 1, 1]
-    top = torch.where(has_keys, block_max, torch.full_like(block_max, float("-inf")))
-    top = top.amax(dim=2, keepdim=True)  # [R, Hkv, 1, G, 1]
-    weight = torch.where(has_keys, torch.exp(block_max - top), torch.zeros_like(block_max))
-    # Running sums over blocks, left to right: the last entry is the total (≥ 1 for a row
-    # with keys: its top block's weight is 1).
-    total = torch.cumsum(weight * block_sum, dim=2)[:, :, -1].clamp_min(1.0)  # [R, Hkv, G, 1]
-    out = torch.cumsum(weight * block_out, dim=2)[:, :, -1] / total  # [R, Hkv, G, D]
-    return out.reshape(num_rows, num_heads, head_dim)
+    seen = mask.any(dim=-1, keepdim=True)  # [Gn, 1, nb, M, 1]
+    block_max = torch.where(seen, scores.amax(dim=-1, keepdim=True), 0.0)
+    exps = torch.exp(scores - block_max)  # hidden keys: exactly 0
+    parts = (block_max, exps.sum(dim=-1, keepdim=True), torch.matmul(exps, v_blocks), seen)
+
+    def per_row(part: torch.Tensor) -> torch.Tensor:  # [Gn, h, nb, M, X] → [Gn·n, h, nb, G, X]
+        part = part[:, :, :, :rows].unflatten(3, (num_rows, group)).permute(0, 3, 1, 2, 4, 5)
+        return part.flatten(0, 1)
+
+    return Blocks(*(per_row(part) for part in parts))
+
+
+@dataclass(frozen=True)
+class _Decoding:
+    """Decode tokens (groups of one row) under the same ancestors: the ancestors' whole
+    blocks are computed once for all of them (one product per block, as a prefill chunk
+    computes them), the rest of each row's keys gathered on its own."""
+
+    rows: torch.Tensor  # [r] rows of the step
+    shared: torch.Tensor | None  # [S] slots of the ancestors' whole blocks (None: none)
+    own: torch.Tensor  # [r, Lo] each row's remaining slots, padded to whole blocks
+    visible: torch.Tensor  # [r, 1] of its remaining keys
 
 
 class InvariantAttention:
-    """The model's attention callback in batch-invariant mode (see the module docstring)."""
+    """The model's attention callback in batch-invariant mode (see the module docstring).
+
+    Decode tokens are batched by ancestors (`_Decoding`); prefill chunks run one by one
+    against their key list, gathered once. Each is cut into pieces of rows of at most
+    `MAX_ELEMENTS` gathered keys or scores."""
 
     def __init__(self, store: KVStore, plan: AttentionPlan, *, scale: float) -> None:
         device = store.keys.device
-        slots, valid = context_slots(plan)
         self.store = store
         self.num_rows = plan.num_rows
         self.scale = scale
         self.write_slots = torch.tensor(plan.write_slots, dtype=torch.int64, device=device)
         self.positions = torch.tensor(plan.positions, dtype=torch.int64, device=device)
-        self.slots = torch.from_numpy(slots).to(device)
-        self.valid = torch.from_numpy(valid).to(device)
+        groups = query_groups(plan)
+        self.chunks = [
+            (g.first_row, torch.from_numpy(g.slots()).to(device), torch.from_numpy(g.visible).to(device)[None])
+            for g in groups
+            if g.num_rows > 1
+        ]
+        self.decoding = [_decoding(gs, n, device) for (n, _), gs in _by_shared_ancestors(groups).items()]
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        # q: [T', H, D], k, v: [T', Hkv, D]: the model's rows, padded as `context_slots` pads.
-        assert q.shape[0] == self.slots.shape[0], (q.shape, self.slots.shape)
+        # q: [T', H, D], k, v: [T', Hkv, D]; rows past the plan's are the model's padding.
         self.store.write(layer, self.write_slots, k[: self.num_rows], v[: self.num_rows])
         keys, values = self.store.keys[layer], self.store.values[layer]
-        shape = (*self.slots.shape, *keys.shape[1:])  # [T', L, Hkv, D]
-        flat = self.slots.flatten()
-        out = blocked_attention(
-            q,
-            keys.index_select(0, flat).view(shape),
-            values.index_select(0, flat).view(shape),
-            self.valid,
-            scale=self.scale,
-        )
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # padding rows: 0
+        attend = _Attend(keys, values, self.scale)
+        for d in self.decoding:
+            own_width = d.own.shape[1] * keys.shape[1] * keys.shape[2]  # elements gathered per row
+            shared_width = 0 if d.shared is None else len(d.shared) * q.shape[1]  # scores per row
+            step = max(1, MAX_ELEMENTS // max(own_width, shared_width))
+            shared = None if d.shared is None else attend.gather(d.shared[None])
+            for piece in _pieces(len(d.rows), step):
+                rows = d.rows[piece]
+                blocks = attend.blocks(q[rows][:, None], attend.gather(d.own[piece]), d.visible[piece])
+                if shared is not None:
+                    everything = torch.full_like(d.visible[piece].T, len(d.shared))  # [1, r]
+                    blocks = attend.blocks(q[None, rows], shared, everything).then(blocks)
+                out[rows] = blocks.merged()
+        for first_row, slots, visible in self.chunks:
+            chunk = attend.gather(slots[None])  # one copy of the chunk's keys
+            step = max(1, MAX_ELEMENTS // (len(slots) * q.shape[1]))  # scores per row
+            for piece in _pieces(visible.shape[1], step):
+                rows = slice(first_row + piece.start, first_row + piece.stop)
+                out[rows] = attend.blocks(q[None, rows], chunk, visible[:, piece]).merged()
         return out.to(q.dtype)
+
+
+@dataclass(frozen=True)
+class _Attend:
+    """One layer's keys and values: gather slots, run `attend_blocks`."""
+
+    keys: torch.Tensor  # [capacity, Hkv, D]
+    values: torch.Tensor
+    scale: float
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots [G, L] → keys, values [G, L, Hkv, D]."""
+        shape = (*slots.shape, *self.keys.shape[1:])
+        flat = slots.flatten()
+        return self.keys.index_select(0, flat).view(shape), self.values.index_select(0, flat).view(shape)
+
+    def blocks(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], visible: torch.Tensor) -> Blocks:
+        return attend_blocks(q, *kv, visible, scale=self.scale)
+
+
+def _pieces(count: int, step: int) -> list[slice]:
+    return [slice(start, min(start + step, count)) for start in range(0, count, step)]
+
+
+def _by_shared_ancestors(groups: list[QueryGroup]) -> dict[tuple[int, tuple[range, ...]], list[QueryGroup]]:
+    """The decode tokens by (whole-block keys they share, the ancestors those lie in): each
+    token's ancestors that another decode token of the step has too, root first, cut to
+    whole blocks ((0, ()) for tokens that share nothing)."""
+    singles = [g for g in groups if g.num_rows == 1]
+    count: dict[range, int] = {}
+    for g in singles:
+        for r in g.ancestors:
+            count[r] = count.get(r, 0) + 1
+    by: dict[tuple[int, tuple[range, ...]], list[QueryGroup]] = {}
+    for g in singles:
+        depth = 0
+        while depth < len(g.ancestors) and count[g.ancestors[depth]] > 1:
+            depth += 1
+        shared = g.ancestors[:depth]
+        shared_keys = sum(len(r) for r in shared) // KEY_BLOCK * KEY_BLOCK
+        by.setdefault((shared_keys, shared) if shared_keys else (0, ()), []).append(g)
+    return by
+
+
+def _decoding(groups: list[QueryGroup], shared_keys: int, device: torch.device) -> _Decoding:
+    shared = None
+    if shared_keys:
+        shared = torch.from_numpy(groups[0].slots()[:shared_keys]).to(device)
+    own = [g.slots(skip=shared_keys) for g in groups]
+    width = max(len(slots) for slots in own)
+    return _Decoding(
+        rows=torch.tensor([g.first_row for g in groups], dtype=torch.int64, device=device),
+        shared=shared,
+        own=torch.from_numpy(np.stack([np.pad(s, (0, width - len(s))) for s in own])).to(device),
+        visible=torch.tensor([[g.visible[0] - shared_keys] for g in groups], dtype=torch.int64, device=device),
+    )

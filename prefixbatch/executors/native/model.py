@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prefixbatch.executors.native import invariant
 from prefixbatch.executors.native.config import ModelConfig
 from prefixbatch.executors.native.rope import apply_rope, inverse_frequencies, rope_angles
 
@@ -134,9 +135,10 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, **kind)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, **kind)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        act = invariant.silu if batch_invariant else F.silu
+        return self.down_proj(act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -151,10 +153,15 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, **kind)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention: AttentionFn,
+        batch_invariant: bool = False,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), batch_invariant)
 
 
 class CausalLM(nn.Module):
@@ -195,26 +202,27 @@ class CausalLM(nn.Module):
         attention: AttentionFn,
         *,
         logits_rows: torch.Tensor | None = None,
-        row_multiple: int = 1,
+        batch_invariant: bool = False,
     ) -> torch.Tensor:
         """Logits [N, V] fp32 of the rows `logits_rows` (all T rows when None).
 
-        row_multiple: every dense layer sees a row count rounded up to a multiple of this
-        (padding rows of token 0 at position 0, computed and dropped), so that the BLAS runs
-        the same kernel on every row whatever T (`invariant`). The attention callback then
-        gets the padding rows last and must leave them alone."""
+        batch_invariant: every row computed the same whatever the others (`invariant`): dense
+        layers see a row count rounded up to `invariant.ROW_MULTIPLE` (padding rows of token 0
+        at position 0, computed and dropped; the attention callback gets them last and must
+        leave them alone), and SiLU is `invariant.silu`."""
         assert token_ids.ndim == 1 and positions.shape == token_ids.shape, (
             token_ids.shape,
             positions.shape,
         )
         num_rows = token_ids.shape[0]
-        if logits_rows is None and row_multiple > 1:
+        row_multiple = invariant.ROW_MULTIPLE if batch_invariant else 1
+        if logits_rows is None and batch_invariant:
             logits_rows = torch.arange(num_rows, device=token_ids.device)
         token_ids, positions = _pad_rows(token_ids, row_multiple), _pad_rows(positions, row_multiple)
         hidden = F.embedding(token_ids, self.embed_tokens)  # [T', E]
         cos, sin = rope_angles(positions, self.inv_freq)  # [T, D/2] each
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, attention)
+            hidden = layer(hidden, cos, sin, attention, batch_invariant)
         if logits_rows is not None:
             # Norm and lm_head are per token: only the rows that will be sampled pay for the
             # vocabulary projection, the largest matmul of a decode step.

@@ -19,7 +19,9 @@ import torch
 from prefixbatch.executors.config import ExecutorSpec, ModelSpec
 from prefixbatch.executors.hf import HfExecutor
 from prefixbatch.executors.native import engine as engine_module
+from prefixbatch.executors.native.attention import reference_attention
 from prefixbatch.executors.native.executor import NativeExecutor
+from prefixbatch.executors.native.invariant import attend_blocks
 from tests.executors.native.test_engine import by_request, make_requests
 from tests.executors.planned import planned
 
@@ -109,3 +111,27 @@ def test_greedy_in_the_mode_equals_hf(tiny_qwen2):
 def test_the_setting_is_refused_on_cuda():
     with pytest.raises(ValueError, match="batch_invariant is supported on the CPU only"):
         ExecutorSpec(device="cuda", native={"batch_invariant": True})
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 2, 16), (14, 2, 64), (8, 8, 32)])
+def test_attend_blocks_is_attention_and_alike_for_every_row(heads, kv_heads, head_dim):
+    torch.manual_seed(0)
+    length = 150  # three blocks, the last partial
+    q = torch.randn(length, heads, head_dim)
+    k, v = torch.randn(length, kv_heads, head_dim), torch.randn(length, kv_heads, head_dim)
+    keys = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, 192 - length))[None]  # [1, 192, Hkv, D]
+    values = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, 192 - length))[None]
+    visible = torch.arange(1, length + 1)[None]  # a causal chunk: row i sees keys 0..i
+    chunk = attend_blocks(q[None], keys, values, visible, scale=0.3).merged()
+    want = reference_attention(q, k, v, scale=0.3, causal_offset=0)
+    torch.testing.assert_close(chunk, want, rtol=1e-5, atol=1e-5)
+    for row in (0, 63, 64, 149):  # alone, as a decode token would be, with more padding
+        wide = torch.nn.functional.pad(keys, (0, 0, 0, 0, 0, 128))
+        wide_values = torch.nn.functional.pad(values, (0, 0, 0, 0, 0, 128))
+        alone = attend_blocks(q[None, row : row + 1], wide, wide_values, visible[:, row : row + 1], scale=0.3)
+        assert torch.equal(alone.merged()[0], chunk[row]), row
+        if row >= 64:  # its first block computed with other rows, the rest alone
+            first = attend_blocks(q[None, :row + 1], keys[:, :64], values[:, :64], torch.full((1, row + 1), 64), scale=0.3)
+            rest = attend_blocks(q[None, row : row + 1], keys[:, 64:], values[:, 64:], visible[:, row : row + 1] - 64,
+                                 scale=0.3)
+            assert torch.equal(first.rows(slice(row, row + 1)).then(rest).merged()[0], chunk[row]), row
