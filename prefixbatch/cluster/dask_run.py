@@ -37,6 +37,7 @@ from prefixbatch.cluster.worker import CRASH_MESSAGE, PLUGIN_NAME, EnginePlugin,
 from prefixbatch.errors import UserError
 from prefixbatch.executors.base import Executed, StopFlag
 from prefixbatch.executors.registry import resolve_kind
+from prefixbatch.pipeline.checkpoints import Partials
 from prefixbatch.pipeline.commits import OutputFolder
 from prefixbatch.pipeline.parts import PartWriter, RowColumns
 from prefixbatch.pipeline.prepare import PreparedInput
@@ -136,8 +137,10 @@ class DaskSession:
         return chunks, keys
 
     def run_partitions(self, files: list, chunks: list, keys: list, settings: PlanSettings, output: OutputFolder,
-                       writer: PartWriter, progress: Progress, *, log, stop: StopFlag | None = None) -> Executed:
-        """The prompts range-partitioned by leading tokens, each partition a shard."""
+                       writer: PartWriter, progress: Progress, *, log, stop: StopFlag | None = None,
+                       partials: Partials | None = None) -> Executed:
+        """The prompts range-partitioned by leading tokens, each partition a shard; `partials`:
+        checkpointed generations, each handed to the partition of its row."""
         from prefixbatch.cluster.partition import PartitionTask, partition_rows
 
         spec, client = self.spec, self.client
@@ -152,7 +155,9 @@ class DaskSession:
             holding = np.unique(np.searchsorted(starts, rows, side="right") - 1)  # files with its rows
             # Placed on free workers like shards (left alone, Dask would run every partition
             # where the file chunks are: one worker for a one-file input).
-            tasks.append(PartitionTask(str(p), rows, [chunks[k] for k in holding], shard_fields, settings))
+            mine = set(rows.tolist())
+            its = {key: tokens for key, tokens in (partials or {}).items() if key[0] in mine}
+            tasks.append(PartitionTask(str(p), rows, [chunks[k] for k in holding], shard_fields, settings, partials=its))
         run_tasks(client, spec, tasks, shard_fields, output, writer, result, progress, log, stop)
         return result
 

@@ -26,7 +26,7 @@ in: the spec, the scanned files, the committed rows → out: `PartitionTask`s to
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from prefixbatch.cluster import LOAD_LOCK
 from prefixbatch.cluster.worker import CRASH_MESSAGE, ShardTask, run_shard
+from prefixbatch.pipeline.checkpoints import Partials, continue_from
 from prefixbatch.pipeline.parts import RowColumns
 from prefixbatch.pipeline.prepare import PreparedInput, in_rows, prepare_input
 from prefixbatch.pipeline.reader import InputFile
@@ -76,6 +77,7 @@ class PartitionTask:
     shard_fields: dict[str, Any]  # the `ShardTask` fields every partition shares
     settings: PlanSettings  # the job's, resolved by the driver; one shard
     crashed: bool = False  # run no request: write the row as a `worker_crash` error row
+    partials: Partials = field(default_factory=dict)  # its rows' checkpointed generations
 
     @property
     def num_rows(self) -> int:
@@ -93,7 +95,8 @@ class PartitionTask:
 
     def call(self) -> tuple[Any, tuple]:
         """The function and arguments of this partition's Dask task."""
-        return run_partition, (self.shard_id, self.rows, self.crashed, self.shard_fields, self.settings, *self.chunks)
+        args = (self.shard_id, self.rows, self.crashed, self.shard_fields, self.settings, self.partials)
+        return run_partition, (*args, *self.chunks)
 
 
 _tokenizers: dict[tuple[str, bool], PromptTokenizer] = {}  # a worker's, by model settings
@@ -171,8 +174,9 @@ def partition_rows(keys: list[ChunkKeys], num_partitions: int) -> list[np.ndarra
 
 
 def run_partition(shard_id: str, rows: np.ndarray, crashed: bool, shard_fields: dict, settings: PlanSettings,
-                  *chunks: FileChunk):
-    """On a worker: the partition's rows gathered from the file chunks, planned, run as a shard."""
+                  partials: Partials, *chunks: FileChunk):
+    """On a worker: the partition's rows gathered from the file chunks, each continued from
+    its checkpointed tokens (if any), planned, run as a shard."""
     requests, errors, columns = [], [], []
     for chunk in chunks:
         mine_requests = in_rows(chunk.prepared.requests, rows)
@@ -186,6 +190,7 @@ def run_partition(shard_id: str, rows: np.ndarray, crashed: bool, shard_fields: 
         [row] = rows.tolist()
         tokens = len(requests[0].token_ids) if requests else 0
         requests, errors = [], [error_completion(row, "worker_crash", CRASH_MESSAGE, num_prompt_tokens=tokens)]
+    requests, used = continue_from(requests, partials)
     task = ShardTask(
         shard_id,
         plan_requests(requests, settings) if requests else None,
@@ -194,7 +199,9 @@ def run_partition(shard_id: str, rows: np.ndarray, crashed: bool, shard_fields: 
         counted_rows=counted,
         **shard_fields,
     )
-    return run_shard(task)
+    result = run_shard(task)
+    result.resumed = (len({row for row, _ in used}), sum(map(len, used.values())))
+    return result
 
 
 def _concat_columns(parts: list[RowColumns]) -> RowColumns:

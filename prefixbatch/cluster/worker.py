@@ -110,6 +110,7 @@ class ShardResult:
     generate_s: float = 0.0
     finished: float = 0.0
     unused_tokens: int = 0  # max_tokens its rows did not use (stopped early): done work for the ETA
+    resumed: tuple[int, int] = (0, 0)  # plan_on workers: (rows, tokens) continued from checkpoints
 
 
 class EnginePlugin(WorkerPlugin):

@@ -29,7 +29,7 @@ from prefixbatch.jobs.signals import JobStopped
 from prefixbatch.jobs.spec import JobSpec
 from prefixbatch.model_folder import check_model_folder
 from prefixbatch.periodic import Periodic
-from prefixbatch.pipeline.checkpoints import Checkpointer, Checkpoints
+from prefixbatch.pipeline.checkpoints import Checkpointer, Checkpoints, continue_from
 from prefixbatch.pipeline.commits import (
     SUMMARY,
     CommitRecord,
@@ -208,14 +208,7 @@ def _continue_from_checkpoints(spec: JobSpec, todo: PreparedInput, checkpoints: 
     continue them); the partial generations used, by (row, sample)."""
     if not EXECUTORS[resolve_kind(spec.model, spec.executor)].resumes_generations:
         return todo, {}
-    found = checkpoints.load()
-    requests, used = [], {}
-    for request in todo.requests:
-        tokens = found.get((request.row_index, request.sample_index), ())
-        if 0 < len(tokens) < request.sampling.max_tokens:
-            request = replace(request, token_ids=request.token_ids + tokens, num_generated=len(tokens))
-            used[request.row_index, request.sample_index] = tokens
-        requests.append(request)
+    requests, used = continue_from(todo.requests, checkpoints.load())
     if used:
         log(
             f"resuming mid-generation: {len(used)} samples continue from {sum(map(len, used.values()))}"
@@ -291,16 +284,24 @@ def _run_planned_on_workers(spec: JobSpec, cluster, start: float, show: _Show) -
     )
     total = sum(len(k.request_rows) + len(k.error_rows) for k in keys)
     log(f"read {prepared.num_rows} rows on the workers: {total} output rows to write")
+    found = {}
+    if EXECUTORS[resolve_kind(spec.model, spec.executor)].resumes_generations:
+        done = set(np.asarray(committed).tolist())
+        found = {key: tokens for key, tokens in Checkpoints(output).load().items() if key[0] not in done}
+    if found:
+        log(f"resuming mid-generation: {len(found)} samples have checkpointed tokens; their workers continue them")
     with show.progress(total) as progress:
         settings = plan_settings(spec, num_shards=1)  # each partition is one shard, planned on its worker
         executed = None
         if total and not show.stopping:
             executed = cluster.run_partitions(
-                files, chunks, keys, settings, output, writer, progress, log=log, stop=show.stop
+                files, chunks, keys, settings, output, writer, progress, log=log, stop=show.stop, partials=found
             )
     if show.stopping:
         raise _stopped(spec, prepared, output)
-    return _finish(spec, prepared, output, writer, executed, committed, progress, start, plan=None)
+    shards = executed.shards if executed is not None else []
+    resumed = {"rows": sum(s.resumed[0] for s in shards), "tokens": sum(s.resumed[1] for s in shards)}
+    return _finish(spec, prepared, output, writer, executed, committed, progress, start, plan=None, partials=resumed)
 
 
 def _finish(

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 from prefixbatch.periodic import Periodic
 from prefixbatch.pipeline.commits import CHECKPOINTS, OutputFolder
+from prefixbatch.types import Request
 
 Partials = dict[tuple[int, int], tuple[int, ...]]
 
@@ -90,6 +92,20 @@ class Checkpointer(Periodic):
             self.checkpoints.write(self.known)
 
 
+def continue_from(requests: Sequence[Request], partials: Partials) -> tuple[list[Request], Partials]:
+    """The requests, each with its checkpointed tokens (if any) carried on as generated
+    ones; the partial generations so used. A generation as long as its `max_tokens` is not
+    used (the row had finished but was not committed: it runs again)."""
+    out, used = [], {}
+    for request in requests:
+        tokens = partials.get((request.row_index, request.sample_index), ())
+        if 0 < len(tokens) < request.sampling.max_tokens:
+            request = replace(request, token_ids=request.token_ids + tokens, num_generated=len(tokens))
+            used[request.row_index, request.sample_index] = tokens
+        out.append(request)
+    return out, used
+
+
 def merge(older: Partials, newer: Partials) -> Partials:
     """Per (row, sample) the longer generation of the two."""
     merged = dict(older)
@@ -104,4 +120,4 @@ def _is_checkpoint(name: str) -> bool:
     return base.endswith(".json") and not base.startswith("_")
 
 
-__all__ = ["Checkpointer", "Checkpoints", "Partials", "merge"]
+__all__ = ["Checkpointer", "Checkpoints", "Partials", "continue_from", "merge"]

@@ -295,10 +295,12 @@ def test_sigterm_mid_decode_stops_the_workers_within_a_step_and_they_checkpoint(
     check_resumed_from_checkpoints(tmp_path, local, at_least=300)
 
 
-def test_workers_checkpoint_their_generations_and_a_resume_continues_them(tmp_path, tiny_llama):
+@pytest.mark.parametrize("plan_on", ["driver", "workers"])
+def test_workers_checkpoint_their_generations_and_a_resume_continues_them(tmp_path, tiny_llama, plan_on):
     """A long generation on a cluster that outlives its driver: the driver is SIGKILLed once
     the workers' checkpoints hold tokens; resuming on the same cluster continues those
-    generations (fewer decode tokens) and gives the one-process output exactly (greedy)."""
+    generations (fewer decode tokens) and gives the one-process output exactly (greedy),
+    whether the driver plans or each partition is planned on its worker."""
     import os
     import subprocess
     import sys
@@ -314,7 +316,8 @@ def test_workers_checkpoint_their_generations_and_a_resume_continues_them(tmp_pa
     env.pop("PREFIXBATCH_FAULT", None)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         spec = {**base, "output": {**base["output"], "path": str(tmp_path / "out")},
-                "cluster": {"kind": "dask", "address": cluster.scheduler_address, "shards_per_worker": 1}}
+                "cluster": {"kind": "dask", "address": cluster.scheduler_address, "shards_per_worker": 1,
+                            "plan_on": plan_on}}
         path = tmp_path / "job.json"
         path.write_text(json.dumps(spec))
         command = [sys.executable, "-m", "prefixbatch", "run", str(path), "--no-progress"]

@@ -51,6 +51,7 @@ KEY_BLOCK = 64  # keys per attention block (a multiple of every SIMD width)
 # Most fp32 elements of the keys gathered (or scores computed) at once: a long prompt's
 # chunk or many long decode rows are cut into pieces of rows (each row alike either way).
 MAX_ELEMENTS = 1 << 24
+CHUNK_PIECE_ROWS = 128  # a prefill chunk's rows per piece: each piece skips the blocks it cannot see
 
 
 def padded(count: int, multiple: int) -> int:
@@ -152,34 +153,34 @@ def attend_blocks(
 ) -> Blocks:
     """Groups of rows, each group against its own keys, cut into blocks.
 
-    q [Gn, n, H, D]; keys, values [Gn, L, Hkv, D], L a multiple of KEY_BLOCK; visible [Gn, n]
-    (how many of its group's keys each row sees, from the first) → the Gn·n rows' `Blocks`.
-    A row's partials depend on its query and the keys it sees, nothing else: not Gn, n, L,
-    or the other rows (every product has a multiple of ROW_MULTIPLE rows)."""
+    q [Gn, n, H, D]; keys, values [Hkv, Gn, L, D] (kv head first: each block a contiguous
+    matrix), L a multiple of KEY_BLOCK; visible [Gn, n] (how many of its group's keys each row
+    sees, from the first) → the Gn·n rows' `Blocks`. A row's partials depend on its query and
+    the keys it sees, nothing else: not Gn, n, L, or the other rows (every product is a
+    [M, D] × [D, B] or [M, B] × [B, D] matrix product with M a multiple of ROW_MULTIPLE)."""
     num_groups, num_rows, num_heads, head_dim = q.shape
-    width, num_kv_heads = keys.shape[1], keys.shape[2]
+    num_kv_heads, width = keys.shape[0], keys.shape[2]
     group, num_blocks = num_heads // num_kv_heads, width // KEY_BLOCK
     rows = num_rows * group  # a kv head's queries: row i's query heads at i·G … i·G + G − 1
     extra = padded(rows, ROW_MULTIPLE) - rows
-    # [Gn, Hkv, M, D], M = n·G rounded up
-    q_rows = q.float().view(num_groups, num_rows, num_kv_heads, group, head_dim).permute(0, 2, 1, 3, 4)
-    q_rows = F.pad(q_rows.reshape(num_groups, num_kv_heads, rows, head_dim), (0, 0, 0, extra))
-    # [Gn, Hkv, nb, B, D]
-    k_blocks = keys.float().view(num_groups, num_blocks, KEY_BLOCK, num_kv_heads, head_dim).permute(0, 3, 1, 2, 4)
-    v_blocks = values.float().view(num_groups, num_blocks, KEY_BLOCK, num_kv_heads, head_dim).permute(0, 3, 1, 2, 4)
-    scores = torch.matmul(q_rows[:, :, None], k_blocks.transpose(-1, -2)) * scale  # [Gn, Hkv, nb, M, B]
+    # [Hkv, Gn, 1, M, D], M = n·G rounded up
+    q_rows = q.float().view(num_groups, num_rows, num_kv_heads, group, head_dim).permute(2, 0, 1, 3, 4)
+    q_rows = F.pad(q_rows.reshape(num_kv_heads, num_groups, 1, rows, head_dim), (0, 0, 0, extra))
+    block_shape = (num_kv_heads, num_groups, num_blocks, KEY_BLOCK, head_dim)
+    k_blocks, v_blocks = keys.float().view(block_shape), values.float().view(block_shape)  # [Hkv, Gn, nb, B, D]
+    scores = torch.matmul(q_rows, k_blocks.transpose(-1, -2)) * scale  # [Hkv, Gn, nb, M, B]
     # Key j of block b is visible to query row m when b·B + j < visible of m's row.
     row_visible = F.pad(visible.repeat_interleave(group, dim=1), (0, extra))  # [Gn, M]; padding: none
     key_index = torch.arange(width, device=q.device).view(num_blocks, 1, KEY_BLOCK)
-    mask = key_index < row_visible[:, None, None, :, None]  # [Gn, 1, nb, M, B]
+    mask = key_index < row_visible[None, :, None, :, None]  # [1, Gn, nb, M, B]
     scores = scores.masked_fill(~mask, float("-inf"))
-    seen = mask.any(dim=-1, keepdim=True)  # [Gn, 1, nb, M, 1]
+    seen = mask.any(dim=-1, keepdim=True)  # [1, Gn, nb, M, 1]
     block_max = torch.where(seen, scores.amax(dim=-1, keepdim=True), 0.0)
     exps = torch.exp(scores - block_max)  # hidden keys: exactly 0
     parts = (block_max, exps.sum(dim=-1, keepdim=True), torch.matmul(exps, v_blocks), seen)
 
-    def per_row(part: torch.Tensor) -> torch.Tensor:  # [Gn, h, nb, M, X] → [Gn·n, h, nb, G, X]
-        part = part[:, :, :, :rows].unflatten(3, (num_rows, group)).permute(0, 3, 1, 2, 4, 5)
+    def per_row(part: torch.Tensor) -> torch.Tensor:  # [h, Gn, nb, M, X] → [Gn·n, h, nb, G, X]
+        part = part[:, :, :, :rows].unflatten(3, (num_rows, group)).permute(1, 3, 0, 2, 4, 5)
         return part.flatten(0, 1)
 
     return Blocks(*(per_row(part) for part in parts))
@@ -240,11 +241,14 @@ class InvariantAttention:
                     blocks = attend.blocks(q[None, rows], shared, everything).then(blocks)
                 out[rows] = blocks.merged()
         for first_row, slots, visible in self.chunks:
-            chunk = attend.gather(slots[None])  # one copy of the chunk's keys
-            step = max(1, MAX_ELEMENTS // (len(slots) * q.shape[1]))  # scores per row
-            for piece in _pieces(visible.shape[1], step):
+            keys_, values_ = attend.gather(slots[None])  # one copy of the chunk's keys
+            # Pieces of rows, each against the blocks its last row sees (a causal chunk's
+            # first rows see few): blocks a row does not see would only add zeros.
+            step = min(CHUNK_PIECE_ROWS, max(1, MAX_ELEMENTS // (len(slots) * q.shape[1])))
+            for piece, seen in zip(_pieces(visible.shape[1], step), _seen_keys(visible, step), strict=True):
                 rows = slice(first_row + piece.start, first_row + piece.stop)
-                out[rows] = attend.blocks(q[None, rows], chunk, visible[:, piece]).merged()
+                kv = keys_[:, :, :seen].contiguous(), values_[:, :, :seen].contiguous()
+                out[rows] = attend.blocks(q[None, rows], kv, visible[:, piece]).merged()
         return out.to(q.dtype)
 
 
@@ -257,13 +261,20 @@ class _Attend:
     scale: float
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """slots [G, L] → keys, values [G, L, Hkv, D]."""
-        shape = (*slots.shape, *self.keys.shape[1:])
+        """slots [G, L] → keys, values [Hkv, G, L, D] (kv head first, as `attend_blocks` takes them)."""
+        shape = (*slots.shape, *self.keys.shape[1:])  # [G, L, Hkv, D]
         flat = slots.flatten()
-        return self.keys.index_select(0, flat).view(shape), self.values.index_select(0, flat).view(shape)
+        # A gather of whole slots (fast), then one reordering copy.
+        return tuple(t.index_select(0, flat).view(shape).permute(2, 0, 1, 3).contiguous() for t in (self.keys, self.values))
 
     def blocks(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], visible: torch.Tensor) -> Blocks:
         return attend_blocks(q, *kv, visible, scale=self.scale)
+
+
+def _seen_keys(visible: torch.Tensor, step: int) -> list[int]:
+    """Per piece of `step` rows: the keys its last row sees, rounded up to whole blocks."""
+    last = visible[0, step - 1 :: step].tolist() + ([] if visible.shape[1] % step == 0 else [visible[0, -1].item()])
+    return [padded(int(n), KEY_BLOCK) for n in last]
 
 
 def _pieces(count: int, step: int) -> list[slice]:

@@ -119,19 +119,22 @@ def test_attend_blocks_is_attention_and_alike_for_every_row(heads, kv_heads, hea
     length = 150  # three blocks, the last partial
     q = torch.randn(length, heads, head_dim)
     k, v = torch.randn(length, kv_heads, head_dim), torch.randn(length, kv_heads, head_dim)
-    keys = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, 192 - length))[None]  # [1, 192, Hkv, D]
-    values = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, 192 - length))[None]
+
+    def layout(t, width):  # [L, Hkv, D] → [Hkv, 1, width, D], zero keys past L
+        return torch.nn.functional.pad(t.transpose(0, 1), (0, 0, 0, width - length))[:, None].contiguous()
+
+    keys, values = layout(k, 192), layout(v, 192)
     visible = torch.arange(1, length + 1)[None]  # a causal chunk: row i sees keys 0..i
     chunk = attend_blocks(q[None], keys, values, visible, scale=0.3).merged()
     want = reference_attention(q, k, v, scale=0.3, causal_offset=0)
     torch.testing.assert_close(chunk, want, rtol=1e-5, atol=1e-5)
     for row in (0, 63, 64, 149):  # alone, as a decode token would be, with more padding
-        wide = torch.nn.functional.pad(keys, (0, 0, 0, 0, 0, 128))
-        wide_values = torch.nn.functional.pad(values, (0, 0, 0, 0, 0, 128))
-        alone = attend_blocks(q[None, row : row + 1], wide, wide_values, visible[:, row : row + 1], scale=0.3)
+        alone = attend_blocks(q[None, row : row + 1], layout(k, 320), layout(v, 320), visible[:, row : row + 1],
+                              scale=0.3)
         assert torch.equal(alone.merged()[0], chunk[row]), row
         if row >= 64:  # its first block computed with other rows, the rest alone
-            first = attend_blocks(q[None, :row + 1], keys[:, :64], values[:, :64], torch.full((1, row + 1), 64), scale=0.3)
-            rest = attend_blocks(q[None, row : row + 1], keys[:, 64:], values[:, 64:], visible[:, row : row + 1] - 64,
-                                 scale=0.3)
+            first = attend_blocks(q[None, : row + 1], keys[:, :, :64].contiguous(), values[:, :, :64].contiguous(),
+                                  torch.full((1, row + 1), 64), scale=0.3)
+            rest = attend_blocks(q[None, row : row + 1], keys[:, :, 64:].contiguous(), values[:, :, 64:].contiguous(),
+                                 visible[:, row : row + 1] - 64, scale=0.3)
             assert torch.equal(first.rows(slice(row, row + 1)).then(rest).merged()[0], chunk[row]), row
