@@ -26,9 +26,9 @@ class NativeSettings(StrictModel):
     batch_invariant: bool = False
     """true: a row's logits are the same to the last bit whatever it is computed with (its
     batch mates, prefill or decode), so a seeded sampled row draws the same completion in any
-    job and across a resume. Costs speed (attention reads each row's prefix keys on its own);
-    CPU only. false: exact up to fp32 rounding, which a seeded sample notices about once in
-    ten thousand tokens."""
+    job and across a resume. Costs speed (attention in fixed blocks instead of the fused
+    kernel: 0.5–0.73× in BENCHMARKS.md); CPU only. false: exact up to fp32 rounding, which a
+    seeded sample notices about once in ten thousand tokens."""
 
 
 class HfSettings(StrictModel):
