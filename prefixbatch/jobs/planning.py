@@ -17,6 +17,7 @@ in: the spec + the requests to run → out: `PlannedRequests`, and its summary f
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from prefixbatch.executors.registry import EXECUTORS, resolve_kind
 from prefixbatch.jobs.spec import JobSpec
@@ -43,13 +44,19 @@ def plan_settings(spec: JobSpec, *, num_shards: int) -> PlanSettings:
 
 
 def kv_budget_tokens(spec: JobSpec) -> int:
-    """`executor.kv_budget_tokens`, else sized from free CUDA memory, else the CPU default."""
+    """`executor.kv_budget_tokens`, else vLLM's CPU cache, else sized from free CUDA memory,
+    else the CPU default."""
     if spec.executor.kv_budget_tokens is not None:
         return spec.executor.kv_budget_tokens
-    if spec.executor.device == "cpu" or spec.cluster.kind == "dask":  # workers' devices: not seen here
-        return DEFAULT_CPU_KV_BUDGET
     from prefixbatch.executors.device import free_device_bytes, resolve_device, resolve_dtype
 
+    on_cpu = spec.executor.device == "cpu" or (
+        spec.executor.device == "auto" and resolve_device("auto").type == "cpu"
+    )
+    if on_cpu and resolve_kind(spec.model, spec.executor) == "vllm":
+        return vllm_cpu_cache_tokens(spec)
+    if spec.executor.device == "cpu" or spec.cluster.kind == "dask":  # workers' devices: not seen here
+        return DEFAULT_CPU_KV_BUDGET
     device = resolve_device(spec.executor.device)
     if device.type != "cuda":
         return DEFAULT_CPU_KV_BUDGET
@@ -62,9 +69,28 @@ def kv_budget_tokens(spec: JobSpec) -> int:
     )
 
 
-def plan_job(spec: JobSpec, requests: Sequence[Request], *, num_shards: int = 1, decode=None) -> PlannedRequests:
-    """The job's plan over `requests` (the rows not committed yet)."""
-    return plan_requests(requests, plan_settings(spec, num_shards=num_shards), decode=decode)
+def vllm_cpu_cache_tokens(spec: JobSpec) -> int:
+    """The KV tokens vLLM's CPU engine holds: `executor.vllm.cpu_kv_cache_gib` in whole blocks
+    of the model's KV bytes per token (what the engine allocates, and reads back as its size)."""
+    from prefixbatch.executors.device import resolve_device, resolve_dtype
+    from prefixbatch.executors.vllm_engine import cpu_block_size
+
+    settings = spec.executor.vllm
+    block = cpu_block_size(settings.block_size, "cpu")
+    dtype = resolve_dtype(spec.model.dtype, resolve_device("cpu"))
+    per_token = kv_bytes_per_token(read_config(spec.model.path), dtype.itemsize)
+    return settings.cpu_kv_cache_gib * 2**30 // (per_token * block) * block
+
+
+def plan_job(
+    spec: JobSpec, requests: Sequence[Request], *, num_shards: int = 1, decode=None, kv_budget_tokens: int | None = None
+) -> PlannedRequests:
+    """The job's plan over `requests` (the rows not committed yet); `kv_budget_tokens`: an
+    executor's own cache size, read back once it started (vLLM), over the spec's."""
+    settings = plan_settings(spec, num_shards=num_shards)
+    if kv_budget_tokens is not None and spec.executor.kv_budget_tokens is None:
+        settings = replace(settings, kv_budget_tokens=kv_budget_tokens)
+    return plan_requests(requests, settings, decode=decode)
 
 
 def plan_summary(work: PlannedRequests) -> dict:

@@ -177,7 +177,17 @@ def _run(spec: JobSpec, cluster, start: float, show: _Show) -> RunSummary:
     todo = prepared.without_rows(committed)
     checkpoints = Checkpoints(output)
     todo, partials = _continue_from_checkpoints(spec, todo, checkpoints, log)
-    work = plan_job(spec, todo.requests, num_shards=cluster.num_shards() if cluster else 1)
+    executor = None
+    if cluster is None and todo.requests and not show.stopping:
+        # Loaded before planning: an engine that sizes its own KV cache (vLLM) tells the plan
+        # what it really holds.
+        executor = create_executor(spec.model, spec.executor)
+    work = plan_job(
+        spec,
+        todo.requests,
+        num_shards=cluster.num_shards() if cluster else 1,
+        kv_budget_tokens=getattr(executor, "kv_cache_tokens", None),
+    )
     plan = work.plan
     log(
         f"plan {plan.digest()}: {_count(plan.num_groups, 'group')}, {_count(plan.num_shards, 'shard')},"
@@ -192,8 +202,8 @@ def _run(spec: JobSpec, cluster, start: float, show: _Show) -> RunSummary:
             executed = cluster.run(work, todo, output, writer, progress, log=log, stop=show.stop)
         else:
             executed = None
-            if todo.requests:
-                executed = _generate_here(spec, work, writer, progress, show, checkpoints, partials)
+            if executor is not None:
+                executed = _generate_here(spec, executor, work, writer, progress, show, checkpoints, partials)
         writer.flush()
     if show.stopping:
         raise _stopped(spec, prepared, output)
@@ -218,13 +228,13 @@ def _continue_from_checkpoints(spec: JobSpec, todo: PreparedInput, checkpoints: 
 
 
 def _generate_here(
-    spec: JobSpec, work, writer: PartWriter, progress: JobProgress, show: _Show, checkpoints: Checkpoints, partials
+    spec: JobSpec, executor, work, writer: PartWriter, progress: JobProgress, show: _Show, checkpoints: Checkpoints,
+    partials,
 ) -> Executed | None:
     """The plan on this process's executor; its work shown while steps run, rows as they
     finish, its generations in flight checkpointed every `output.checkpoint_seconds`."""
     if show.stopping:
         return None
-    executor = create_executor(spec.model, spec.executor)
     every_s = spec.output.checkpoint_seconds if hasattr(executor, "in_flight") else None
     saver = Checkpointer(
         getattr(executor, "in_flight", dict), checkpoints, every_s, known=partials, done_rows=writer.committed_rows

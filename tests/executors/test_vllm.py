@@ -1,0 +1,119 @@
+"""`executor.kind: vllm` against the native engine and the hf oracle, on real tiny checkpoints.
+
+vLLM's CPU build runs in this process (one engine per test model for the whole session: a
+start costs seconds). Greedy outputs must equal `native` (itself equal to hf token for
+token) and hf for every request; vLLM reuses a shared prefix in whole blocks of its cache,
+so the prompt tokens it computes are at most the planner's unique tokens plus one partial
+block per request. Seeded samples do not depend on batch mates or order: vLLM draws each
+seeded request from its own generator (its documented guarantee is per-request seeds; the
+kernels' rounding could still differ with the batch, which these tests would catch).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from prefixbatch.executors.config import ExecutorSpec, ModelSpec
+from prefixbatch.executors.hf import HfExecutor
+from prefixbatch.executors.native.executor import NativeExecutor
+from tests.executors.native.test_engine import by_request, make_requests
+from tests.executors.planned import planned
+
+pytest.importorskip("vllm")
+
+SPEC = ExecutorSpec(kind="vllm", device="cpu", vllm={"cpu_kv_cache_gib": 1})
+
+
+@pytest.fixture(scope="session")
+def vllm_engines():
+    """One vLLM executor per test model, started once."""
+    from prefixbatch.executors.vllm_engine import VllmExecutor
+
+    engines: dict = {}
+
+    def get(model_dir):
+        if model_dir not in engines:
+            engines[model_dir] = VllmExecutor(ModelSpec(path=str(model_dir), dtype="float32"), SPEC)
+        return engines[model_dir]
+
+    return get
+
+
+def fresh_stats(executor):
+    from prefixbatch.executors.base import ExecutorStats
+
+    executor.stats = ExecutorStats()
+    return executor
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_qwen2", "tiny_qwen3"])
+def test_vllm_greedy_equals_native_and_hf(model_name, request, vllm_engines):
+    model_dir = request.getfixturevalue(model_name)
+    requests = make_requests(model_dir)
+    model = ModelSpec(path=str(model_dir), dtype="float32")
+    executor = fresh_stats(vllm_engines(model_dir))
+    work = planned(requests, SPEC, kind="vllm")
+    got = by_request(executor.generate(work))
+    native = by_request(NativeExecutor(model, ExecutorSpec(kind="native", device="cpu")).generate(planned(requests)))
+    hf = by_request(HfExecutor(model, ExecutorSpec(kind="hf", device="cpu")).generate(planned(requests, kind="hf")))
+    assert got.keys() == native.keys() == hf.keys()
+    for key in native:
+        row = (got[key].token_ids, got[key].finish_reason, got[key].text)
+        assert row == (native[key].token_ids, native[key].finish_reason, native[key].text) == (
+            hf[key].token_ids, hf[key].finish_reason, hf[key].text), key
+    unique = work.plan.stats.num_unique_tokens
+    prompt_tokens = sum(r.num_prompt_tokens for r in requests)
+    computed = executor.stats.num_prefill_tokens
+    assert computed <= unique + len(requests) * (executor.block_size - 1)  # whole blocks only
+    assert computed < prompt_tokens  # the prefix cache really served shared prefixes
+    assert sum(c.num_cached_prompt_tokens for c in got.values()) == prompt_tokens - computed
+    assert executor.stats.num_groups == work.plan.num_groups
+
+
+def test_vllm_seeded_samples_do_not_depend_on_batch_mates_or_order(tiny_llama, vllm_engines):
+    requests = make_requests(tiny_llama, temperature=0.9)
+    executor = vllm_engines(tiny_llama)
+    together = by_request(executor.generate(planned(requests, SPEC, kind="vllm")))
+    shuffled = requests[:]
+    random.Random(3).shuffle(shuffled)
+    reordered = by_request(executor.generate(planned(shuffled, SPEC, kind="vllm")))
+    for r in requests[::5] + requests[-3:]:
+        alone = next(iter(executor.generate(planned([r], SPEC, kind="vllm"))))
+        assert alone.token_ids == together[(r.row_index, r.sample_index)].token_ids
+    assert all(together[k].token_ids == reordered[k].token_ids for k in together)
+    samples = [together[(len(requests) - 3, k)].token_ids for k in (1, 2, 3)]
+    assert len(set(samples)) > 1  # samples of one prompt differ (their own seeds)
+
+
+def test_a_small_cache_admits_groups_one_after_another(tiny_llama, vllm_engines):
+    """The plan's groups go in as the engine's real cache allows: never more in flight."""
+    executor = fresh_stats(vllm_engines(tiny_llama))
+    requests = make_requests(tiny_llama)
+    spec = ExecutorSpec(kind="vllm", device="cpu", kv_budget_tokens=150)
+    work = planned(requests, spec, kind="vllm")
+    assert work.plan.num_groups > 1
+    real = executor.kv_cache_tokens
+    try:
+        executor.kv_cache_tokens = 300  # as if the engine held only this much
+        got = by_request(executor.generate(work))
+    finally:
+        executor.kv_cache_tokens = real
+    assert len(got) == len(requests)
+    largest = max(executor._group_need(work.plan.group(g).num_kv_tokens, n)
+                  for g, n in enumerate(len(members) for members in work.groups()))
+    assert executor.stats.peak_kv_tokens <= max(300, largest)
+    assert executor.stats.num_groups == work.plan.num_groups
+
+
+def test_the_plan_budget_is_the_engine_cache(tiny_llama, vllm_engines, tmp_path):
+    from prefixbatch.jobs.planning import kv_budget_tokens
+    from prefixbatch.jobs.spec import spec_from_dict
+
+    spec = spec_from_dict(
+        {"name": "x", "input": {"path": "in.parquet", "prompt_column": "p"}, "output": {"path": "out"},
+         "model": {"path": str(tiny_llama)}, "executor": SPEC.model_dump()},
+        base_dir=tmp_path, source="job.yaml",
+    )
+    assert kv_budget_tokens(spec) == vllm_engines(tiny_llama).kv_cache_tokens == 2**30 // 2048
