@@ -35,6 +35,7 @@ from prefixbatch.executors.base import ExecutorStats, StopFlag
 from prefixbatch.executors.config import ExecutorSpec
 from prefixbatch.executors.device import resolve_device, resolve_dtype
 from prefixbatch.executors.stopping import cut_at_stop
+from prefixbatch.faults import fault_point
 from prefixbatch.model_folder import eos_token_ids
 from prefixbatch.prefix_tree import PlannedRequests
 from prefixbatch.types import Completion, Request, error_completion
@@ -62,6 +63,7 @@ class VllmExecutor:
         settings = executor.vllm
         device = resolve_device(executor.device)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would drown our progress
         if device.type == "cpu":
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kv_cache_gib)
             if settings.cpu_threads_bind is not None:
@@ -108,6 +110,7 @@ class VllmExecutor:
 
     def generate(self, work: PlannedRequests, *, stop: StopFlag | None = None) -> Iterator[Completion]:
         """One completion per request, groups in the plan's order, as they finish."""
+        fault_point("planned")
         plan, groups = work.plan, list(work.groups())
         needs = [self._group_need(plan.group(g).num_kv_tokens, len(groups[g])) for g in range(len(groups))]
         admitted = in_use = 0
@@ -157,6 +160,7 @@ class VllmExecutor:
                 if admitted >= len(groups) and leader is None:
                     return
                 continue
+            fault_point("decode")
             outputs = self.engine.step()
             self.stats.num_steps += 1
             for output in outputs:
