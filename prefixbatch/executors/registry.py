@@ -11,10 +11,11 @@ flight and continue them on resume (an executor that cannot restarts such rows).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 
 from prefixbatch.config import ModelSpec
-from prefixbatch.errors import ModelError
+from prefixbatch.errors import ModelError, UserError
 from prefixbatch.executors.base import Executor
 from prefixbatch.executors.config import ExecutorSpec
 from prefixbatch.executors.memory import keep_freed_memory
@@ -28,12 +29,15 @@ class ExecutorKind:
     # continues a generation from an earlier run's tokens (`Request.num_generated`) and tells
     # what is in flight (`in_flight()`), so runs checkpoint and resume mid-generation
     resumes_generations: bool
+    needs: str | None = None  # a package that is not a dependency, as "module:install hint"
 
 
 EXECUTORS = {
     "native": ExecutorKind("native", "prefixbatch.executors.native.executor:NativeExecutor", True, True),
     "hf": ExecutorKind("hf", "prefixbatch.executors.hf:HfExecutor", False, False),
-    "vllm": ExecutorKind("vllm", "prefixbatch.executors.vllm_engine:VllmExecutor", True, True),
+    "vllm": ExecutorKind(
+        "vllm", "prefixbatch.executors.vllm_engine:VllmExecutor", True, True, needs="vllm:INSTALL_HINT"
+    ),
 }
 
 
@@ -51,6 +55,18 @@ def resolve_kind(model: ModelSpec, executor: ExecutorSpec) -> str:
     return "native"
 
 
+def check_available(model: ModelSpec, executor: ExecutorSpec) -> None:
+    """The chosen executor's extra package is installed, else a `UserError` saying how to
+    install it (at `validate`, and before a run writes anything)."""
+    kind = EXECUTORS[resolve_kind(model, executor)]
+    if kind.needs is None:
+        return
+    package, hint = kind.needs.split(":")
+    if importlib.util.find_spec(package) is None:
+        module = importlib.import_module(kind.target.split(":")[0])
+        raise UserError(getattr(module, hint))
+
+
 def create_executor(model: ModelSpec, executor: ExecutorSpec) -> Executor:
     """Load the model for the chosen executor kind."""
     kind = EXECUTORS[resolve_kind(model, executor)]
@@ -59,4 +75,4 @@ def create_executor(model: ModelSpec, executor: ExecutorSpec) -> Executor:
     return getattr(importlib.import_module(module), name)(model, executor)
 
 
-__all__ = ["EXECUTORS", "ExecutorKind", "create_executor", "resolve_kind"]
+__all__ = ["EXECUTORS", "ExecutorKind", "check_available", "create_executor", "resolve_kind"]

@@ -19,7 +19,7 @@ import numpy as np
 
 import prefixbatch
 from prefixbatch.executors.base import Executed, ExecutorStats, StopFlag
-from prefixbatch.executors.registry import EXECUTORS, create_executor, resolve_kind
+from prefixbatch.executors.registry import EXECUTORS, check_available, create_executor, resolve_kind
 from prefixbatch.faults import fault_point
 from prefixbatch.jobs.fingerprint import job_fingerprint
 from prefixbatch.jobs.inputs import read_job_input, scan_job_input
@@ -100,6 +100,7 @@ def _open_output(spec: JobSpec, prepared: PreparedInput, log: Callable[[str], No
 def check_job(spec: JobSpec) -> str:
     """Everything `run` checks before loading weights, without writing anything."""
     check_model_folder(spec.model.path)
+    check_available(spec.model, spec.executor)
     prepared = read_job_input(spec)
     output = _output_folder(spec)
     committed = len(output.check(job_fingerprint(spec, prepared.files)))
@@ -136,6 +137,7 @@ def run_job(
     """
     start = time.monotonic()
     check_model_folder(spec.model.path)
+    check_available(spec.model, spec.executor)
     show = _Show(live_progress, log, stop, log_every_s)
     if spec.cluster.kind != "dask":
         return _run(spec, None, start, show)

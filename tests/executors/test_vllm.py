@@ -117,3 +117,4 @@ def test_the_plan_budget_is_the_engine_cache(tiny_llama, vllm_engines, tmp_path)
         base_dir=tmp_path, source="job.yaml",
     )
     assert kv_budget_tokens(spec) == vllm_engines(tiny_llama).kv_cache_tokens == 2**30 // 2048
+
