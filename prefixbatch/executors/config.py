@@ -68,6 +68,10 @@ class VllmSettings(StrictModel):
     """Tokens per KV block, the prefix cache's unit: a shared prefix is reused in whole
     blocks. Null: 32 on the CPU (the smallest it accepts), 16 on CUDA."""
 
+    kv_cache_tokens: int | None = Field(None, ge=1)
+    """Cap the KV cache at this many tokens, in whole blocks (vLLM's
+    `num_gpu_blocks_override`; null: all the memory the settings above give it)."""
+
     cpu_kv_cache_gib: int = Field(4, ge=1)
     """CPU: whole GiB of KV cache (sets `VLLM_CPU_KVCACHE_SPACE`)."""
 

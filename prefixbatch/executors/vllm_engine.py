@@ -76,6 +76,7 @@ class VllmExecutor:
 
         eager = settings.enforce_eager if settings.enforce_eager is not None else device.type == "cpu"
         dtype = resolve_dtype(model.dtype, device)  # as the other executors resolve `auto`
+        block = cpu_block_size(settings.block_size, device.type)
         args = EngineArgs(
             model=model.path,
             tokenizer=model.path,
@@ -83,7 +84,8 @@ class VllmExecutor:
             trust_remote_code=model.trust_remote_code,
             seed=0,
             enable_prefix_caching=True,
-            block_size=cpu_block_size(settings.block_size, device.type),
+            block_size=block,
+            num_gpu_blocks_override=None if settings.kv_cache_tokens is None else settings.kv_cache_tokens // block,
             max_model_len=settings.max_model_len,
             max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,

@@ -79,7 +79,10 @@ def vllm_cpu_cache_tokens(spec: JobSpec) -> int:
     block = cpu_block_size(settings.block_size, "cpu")
     dtype = resolve_dtype(spec.model.dtype, resolve_device("cpu"))
     per_token = kv_bytes_per_token(read_config(spec.model.path), dtype.itemsize)
-    return settings.cpu_kv_cache_gib * 2**30 // (per_token * block) * block
+    blocks = settings.cpu_kv_cache_gib * 2**30 // (per_token * block)
+    if settings.kv_cache_tokens is not None:
+        blocks = settings.kv_cache_tokens // block
+    return blocks * block
 
 
 def plan_job(
