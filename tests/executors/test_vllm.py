@@ -23,7 +23,8 @@ from tests.executors.planned import planned
 
 pytest.importorskip("vllm")
 
-SPEC = ExecutorSpec(kind="vllm", device="cpu", vllm={"cpu_kv_cache_gib": 1})
+# nobind: vLLM would pin this test process's OpenMP threads (the engine runs in it) for the tests after.
+SPEC = ExecutorSpec(kind="vllm", device="cpu", vllm={"cpu_kv_cache_gib": 1, "cpu_threads_bind": "nobind"})
 
 
 @pytest.fixture(scope="session")

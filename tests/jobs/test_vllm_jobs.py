@@ -21,7 +21,7 @@ from tests.output_helpers import finished_output, without_cached
 
 pytest.importorskip("vllm")
 
-VLLM = {"kind": "vllm", "device": "cpu", "vllm": {"cpu_kv_cache_gib": 1}}
+VLLM = {"kind": "vllm", "device": "cpu", "vllm": {"cpu_kv_cache_gib": 1, "cpu_threads_bind": "nobind"}}
 STOP = ["e "]  # ends many rows of the random model's text early
 
 
