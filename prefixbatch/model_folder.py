@@ -50,8 +50,9 @@ def check_model_folder(path: str) -> dict:
     return config
 
 
-def eos_token_ids(path: str) -> tuple[int, ...]:
-    """The ids that end generation: generation_config.json's eos (one id or a list), else config.json's."""
+def eos_token_ids(path: str, tokenizer: object = None) -> tuple[int, ...]:
+    """The ids that end generation: generation_config.json's eos (one id or a list), else
+    config.json's, else the tokenizer's (when one is given)."""
     for name in ("generation_config.json", "config.json"):
         file = Path(path) / name
         if not file.is_file():
@@ -62,7 +63,8 @@ def eos_token_ids(path: str) -> tuple[int, ...]:
             continue
         if eos is not None:
             return tuple(eos) if isinstance(eos, list) else (int(eos),)
-    return ()
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return () if eos is None else (eos,)
 
 
 def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:

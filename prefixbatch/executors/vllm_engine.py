@@ -104,7 +104,7 @@ class VllmExecutor:
         self.kv_cache_tokens = int(cache.num_gpu_blocks) * cache.block_size  # what it really holds
         self.max_model_len = self.engine.vllm_config.model_config.max_model_len
         self.tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
-        self.eos_token_ids = frozenset(eos_token_ids(model.path) or _tokenizer_eos(self.tokenizer))
+        self.eos_token_ids = frozenset(eos_token_ids(model.path, self.tokenizer))
         self.stats = ExecutorStats()
         self._ids = count()
         self._lock = threading.Lock()
@@ -270,7 +270,3 @@ def _error(request: Request, message: str) -> Completion:
     completion = error_completion(request.row_index, "executor_refused", message, request.num_prompt_tokens)
     return Completion(**{**vars(completion), "sample_index": request.sample_index})
 
-
-def _tokenizer_eos(tokenizer: object) -> tuple[int, ...]:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return () if eos is None else (eos,)

@@ -83,7 +83,7 @@ def test_spec_is_frozen(tmp_path):
         ({"sampling": {"max_tokens": "many"}}, "sampling.max_tokens: Input should be a valid integer"),
         ({"sampling": {"max_tokens": 0}}, "sampling.max_tokens: Input should be greater than or equal to 1 (got 0)"),
         ({"sampling": {"top_p": 1.5}}, "sampling.top_p: Input should be less than or equal to 1"),
-        ({"executor": {"kind": "magic"}}, "executor.kind: Input should be 'auto', 'native' or 'hf' (got 'magic')"),
+        ({"executor": {"kind": "magic"}}, "executor.kind: Input should be 'auto', 'native', 'hf' or 'vllm' (got 'magic')"),
         ({"output": {"path": "o", "mode": "append"}}, "output.mode: Input should be 'error', 'overwrite' or 'resume'"),
         ({"input": {"path": "x", "prompt_column": "p", "messages_column": "m"}},
          "input: exactly one of `prompt_column` and `messages_column` must be set"),

@@ -41,7 +41,7 @@ class NativeExecutor:
         self.model = load_model(model.path, dtype=self.dtype, device=self.device)
         self.engine = Engine(
             self.model,
-            eos_token_ids=eos_token_ids(model.path) or _tokenizer_eos(self.tokenizer),
+            eos_token_ids=eos_token_ids(model.path, self.tokenizer),
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
             max_step_tokens=executor.native.max_step_tokens,
             batch_invariant=executor.native.batch_invariant,
@@ -62,7 +62,3 @@ class NativeExecutor:
         """(row, sample) → tokens generated so far, of the generations under way."""
         return self.engine.in_flight()
 
-
-def _tokenizer_eos(tokenizer: object) -> tuple[int, ...]:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return () if eos is None else (eos,)
