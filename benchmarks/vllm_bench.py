@@ -1,8 +1,8 @@
-"""vLLM alone vs vLLM through prefixbatch (the plan's order) vs the native engine.
+"""The peer benchmark: vLLM alone vs vLLM through prefixbatch (the plan's order) vs native.
 
-Each variant runs in a process of its own (`--variant`), timed from the process's start to
-its last completion (start-up included: imports, model load, engine start), on the same
-token-id prompts; variants alternate within each repeat, the median of `--repeats` is kept.
+Each variant runs in a process of its own (`--variant`), so each starts cold and vLLM's
+prefix cache starts empty; variants alternate within each repeat and the median of
+`--repeats` is kept. Every variant gets the same token-id requests:
 
     vllm-alone        vLLM's engine as a user drives it: every request added at once, in
                       input order, prefix caching on (vLLM's own first-come-first-served
@@ -11,21 +11,28 @@ token-id prompts; variants alternate within each repeat, the median of `--repeat
                       group by group (`prefixbatch.executors.vllm_engine`)
     native            `executor.kind: native`, planned with the same KV budget
 
-Jobs (fp32, CPU, greedy, 2 threads):
+vLLM: the CPU build (`make install-vllm`), in-process engine, eager, 32-token blocks, 1 GiB
+of KV cache; fp32, 2 threads everywhere.
 
-    a        the `small` model: 64 prompts = one 1,024-token prefix + a unique 64-token
-             suffix; 32 new tokens (engine_bench scenario a)
-    over     the `small` model: 40 documents (900–1,100 tokens) × 4 questions (16–48), 16
-             new tokens, in interleaved order (question 1 of every document, then question
-             2, ...) and in random order; the vLLM cache is capped at 8,192 tokens, so the
-             documents (~40K tokens) are five times what it holds
+Jobs (`--jobs`, comma-separated):
 
-Reported: wall s (start-up included), output tok/s over that wall, prompt tokens computed
-(vLLM: prompt − cached tokens; native: its prefill) against the planner's unique tokens and
-the bound vLLM's blocks allow (unique + one partial block per request), greedy agreement
-with the first variant.
+    a, b, c, d, e-random, e-tiled, e-interleaved
+                      engine_bench.py's scenarios (system prompt; few-shot tree; no sharing;
+                      n samples, T = 1.0, seeded; document QA in three orders)
+    over-interleaved, over-random
+                      40 documents (900–1,100 tokens) × 4 questions (16–48), 16 new tokens,
+                      vLLM's cache capped at 8,192 tokens: the documents (~40K tokens) are
+                      five times what it holds
+    long              4 prompts of 256 tokens, 1,024 new tokens each
+
+Reported per job and variant: wall s from the process's start to its last completion
+(imports, model load and engine start included), generate s (the requests only), output
+tok/s over generate s, prompt tokens computed (vLLM: prompt − cached tokens; native: its
+prefill) against the planner's unique tokens and the bound vLLM's blocks allow (unique + one
+partial block per request), and agreement with the first variant (token for token).
 
     .venv/bin/python benchmarks/vllm_bench.py --repeats 3
+    .venv/bin/python benchmarks/vllm_bench.py --jobs a,c --model qwen2.5-0.5b --variants vllm-alone,native
 """
 
 from __future__ import annotations
@@ -39,33 +46,49 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 START = time.perf_counter()
 BLOCK = 32  # vLLM's smallest CPU block: a shared prefix is reused in whole blocks of it
 VARIANTS = ("vllm-alone", "vllm-prefixbatch", "native")
+DEFAULT_JOBS = "a,over-interleaved,over-random"
+MODELS = {
+    "small": Path(".cache/engine_bench/small-llama"),
+    "qwen2.5-0.5b": Path(".cache/bench-models/qwen2.5-0.5b"),
+    "llama-3.2-1b": Path(".cache/bench-models/llama-3.2-1b"),
+}
 
 
-def make_jobs(tokenizer_dir: dict[str, Path]) -> dict[str, tuple[str, list[list[int]], int]]:
-    """job → (model size, prompts as token ids, max new tokens)."""
+def make_jobs(model_dir: Path, names: list[str]) -> dict[str, list]:
+    """job → its requests (token ids and sampling), the same in every process."""
+    import numpy as np
     from transformers import AutoTokenizer
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    import engine_bench
+
+    from prefixbatch.types import Request, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     jobs = {}
-    rng = np.random.default_rng(0)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir["small"])
-    regular = np.setdiff1d(np.arange(len(tokenizer)), tokenizer.all_special_ids)
+    for name in names:
+        prompts = engine_bench.Prompts(len(tokenizer), tokenizer.all_special_ids, 1.0, seed=0)
+        scenario = name.split("-")[0]
+        if scenario in engine_bench.SCENARIOS and name not in ("over-interleaved", "over-random"):
+            jobs[name] = next(w.requests for w in engine_bench.SCENARIOS[scenario](prompts) if w.name == name)
+            continue
+        rng = np.random.default_rng(0)
 
-    def tokens(n: int) -> list[int]:
-        return rng.choice(regular, size=n).tolist()
+        def tokens(n: int) -> list[int]:
+            return rng.choice(prompts.regular, size=n).tolist()  # noqa: B023 (used at once)
 
-    prefix = tokens(1024)
-    jobs["a"] = ("small", [prefix + tokens(64) for _ in range(64)], 32)
-    docs = [tokens(int(rng.integers(900, 1101))) for _ in range(40)]
-    questions = [[tokens(int(rng.integers(16, 49))) for _ in range(4)] for _ in docs]
-    interleaved = [docs[d] + questions[d][q] for q in range(4) for d in range(len(docs))]
-    jobs["over-interleaved"] = ("small", interleaved, 16)
-    order = rng.permutation(len(interleaved))
-    jobs["over-random"] = ("small", [interleaved[i] for i in order], 16)
+        if name == "long":
+            jobs[name] = [Request(i, tuple(tokens(256)), SamplingParams(max_tokens=1024)) for i in range(4)]
+            continue
+        docs = [tokens(int(rng.integers(900, 1101))) for _ in range(40)]
+        questions = [[tokens(int(rng.integers(16, 49))) for _ in range(4)] for _ in docs]
+        interleaved = [docs[d] + questions[d][q] for q in range(4) for d in range(len(docs))]
+        if name == "over-random":
+            interleaved = [interleaved[i] for i in rng.permutation(len(interleaved))]
+        jobs[name] = [Request(i, tuple(p), SamplingParams(max_tokens=16)) for i, p in enumerate(interleaved)]
     return jobs
 
 
@@ -76,20 +99,20 @@ def engine_settings(job: str) -> dict:
     return settings
 
 
-def run_variant(variant: str, model_dir: Path, prompts: list[list[int]], max_tokens: int, job: str) -> dict:
+def run_variant(variant: str, model_dir: Path, requests: list, job: str) -> dict:
     """In this process: one variant on one job → its measurements."""
     import torch
 
     torch.set_num_threads(2)
     from prefixbatch.executors.config import ExecutorSpec, ModelSpec
     from prefixbatch.prefix_tree import PlanSettings, plan_requests
-    from prefixbatch.types import Request, SamplingParams
 
-    requests = [Request(i, tuple(p), SamplingParams(max_tokens=max_tokens)) for i, p in enumerate(prompts)]
     model = ModelSpec(path=str(model_dir), dtype="float32")
     settings = engine_settings(job)
     if variant == "vllm-alone":
-        outputs, computed = _vllm_alone(model_dir, requests, settings)
+        engine = _vllm_engine(model_dir, settings)
+        started = time.perf_counter()
+        outputs, computed = _vllm_alone(engine, requests)
         budget = None
     else:
         from prefixbatch.executors.registry import create_executor
@@ -97,30 +120,40 @@ def run_variant(variant: str, model_dir: Path, prompts: list[list[int]], max_tok
         kind = "vllm" if variant == "vllm-prefixbatch" else "native"
         executor = create_executor(model, ExecutorSpec(kind=kind, device="cpu", vllm=settings))
         budget = getattr(executor, "kv_cache_tokens", settings.get("kv_cache_tokens", 131_072))
+        started = time.perf_counter()
         work = plan_requests(requests, PlanSettings(kv_budget_tokens=budget))
-        outputs = {c.row_index: list(c.token_ids) for c in executor.generate(work)}
+        index = {(r.row_index, r.sample_index): i for i, r in enumerate(requests)}
+        outputs = {index[c.row_index, c.sample_index]: list(c.token_ids) for c in executor.generate(work)}
         computed = executor.stats.num_prefill_tokens
-    wall = time.perf_counter() - START
-    return {"wall_s": wall, "computed": computed, "outputs": outputs, "kv_budget": budget,
-            "output_tokens": sum(len(t) for t in outputs.values())}
+    end = time.perf_counter()
+    return {"wall_s": end - START, "generate_s": end - started, "computed": computed, "outputs": outputs,
+            "kv_budget": budget, "output_tokens": sum(len(t) for t in outputs.values())}
 
 
-def _vllm_alone(model_dir: Path, requests, settings: dict) -> tuple[dict, int]:
+def _vllm_engine(model_dir: Path, settings: dict):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings["cpu_kv_cache_gib"])
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from vllm import EngineArgs, LLMEngine, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import EngineArgs, LLMEngine
 
     override = settings.get("kv_cache_tokens")
-    engine = LLMEngine.from_engine_args(EngineArgs(
+    return LLMEngine.from_engine_args(EngineArgs(
         model=str(model_dir), dtype="float32", seed=0, enable_prefix_caching=True, block_size=BLOCK,
         enforce_eager=True, distributed_executor_backend="uni", disable_log_stats=True,
         num_gpu_blocks_override=None if override is None else override // BLOCK,
     ))
-    for r in requests:
-        engine.add_request(str(r.row_index), TokensPrompt(prompt_token_ids=list(r.token_ids)),
-                           SamplingParams(max_tokens=r.sampling.max_tokens, temperature=0.0))
+
+
+def _vllm_alone(engine, requests) -> tuple[dict, int]:
+    """Every request at once, in input order; stepped until all finish."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    for i, r in enumerate(requests):
+        p = r.sampling
+        engine.add_request(str(i), TokensPrompt(prompt_token_ids=list(r.token_ids)), SamplingParams(
+            max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or 0,
+            seed=None if p.is_greedy else p.seed))
     outputs, computed = {}, 0
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -130,67 +163,70 @@ def _vllm_alone(model_dir: Path, requests, settings: dict) -> tuple[dict, int]:
     return outputs, computed
 
 
-def model_dirs() -> dict[str, Path]:
+def model_dir(name: str) -> Path:
     from prefixbatch.executors.random_model import make_test_model
 
-    dirs = {"small": Path(".cache/engine_bench/small-llama")}
-    for size, folder in dirs.items():
-        if not (folder / "config.json").exists():
-            make_test_model(folder, arch="llama", size=size)
-    return dirs
+    folder = MODELS[name]
+    if not (folder / "config.json").exists():
+        make_test_model(folder, arch="llama", size=name)
+    return folder
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--jobs", default="a,over-interleaved,over-random")
+    parser.add_argument("--jobs", default=DEFAULT_JOBS)
+    parser.add_argument("--model", choices=sorted(MODELS), default="small")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--variant", help=argparse.SUPPRESS)
-    parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    dirs = model_dirs()
-    jobs = make_jobs(dirs)
+    folder = model_dir(args.model)
+    names = [j for j in args.jobs.split(",") if j]
     if args.variant:  # a child: one measurement, as JSON on stdout
-        size, prompts, max_tokens = jobs[args.job]
-        print(json.dumps(run_variant(args.variant, dirs[size], prompts, max_tokens, args.job)))
+        [job] = names
+        print(json.dumps(run_variant(args.variant, folder, make_jobs(folder, names)[job], job)))
         return
     from prefixbatch.prefix_tree import PlanSettings, plan_requests
-    from prefixbatch.types import Request, SamplingParams
 
-    names = [j for j in args.jobs.split(",") if j]
+    variants = [v for v in args.variants.split(",") if v]
+    jobs = make_jobs(folder, names)
     runs: dict[tuple[str, str], list[dict]] = {}
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     for repeat in range(args.repeats):
         for job in names:
-            for variant in VARIANTS:
-                command = [sys.executable, __file__, "--variant", variant, "--job", job]
-                done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+            for variant in variants:
+                command = [sys.executable, __file__, "--variant", variant, "--jobs", job, "--model", args.model]
+                done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
                 if done.returncode != 0:
                     sys.exit(f"{variant} on {job} failed:\n{done.stderr[-3000:]}")
                 result = json.loads(done.stdout.strip().splitlines()[-1])
                 runs.setdefault((job, variant), []).append(result)
-                print(f"  {job:17s} {variant:17s} run {repeat + 1}: {result['wall_s']:6.1f} s, "
-                      f"{result['computed']} prompt tokens computed", file=sys.stderr, flush=True)
-    print("| job | variant | wall s (with start-up) | output tok/s | prompt tokens computed | planner unique "
-          "| unique + 1 partial block per request | prompt tokens | greedy agreement |")
-    print("|---|---|---|---|---|---|---|---|---|")
+                print(f"  {job:17s} {variant:17s} run {repeat + 1}: {result['wall_s']:6.1f} s wall, "
+                      f"{result['generate_s']:6.1f} s generating, {result['computed']} prompt tokens computed",
+                      file=sys.stderr, flush=True)
+    print(f"model {args.model}, {args.repeats} repeats (median)\n")
+    print("| job | variant | wall s (with start-up) | generate s | output tok/s | prompt tokens computed | "
+          "planner unique | unique + 1 partial block per request | prompt tokens | agreement |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     report = {}
     for job in names:
-        size, prompts, max_tokens = jobs[job]
-        requests = [Request(i, tuple(p), SamplingParams(max_tokens=max_tokens)) for i, p in enumerate(prompts)]
-        budget = runs[(job, "vllm-prefixbatch")][0]["kv_budget"]
-        unique = plan_requests(requests, PlanSettings(kv_budget_tokens=budget)).plan.stats.num_unique_tokens
+        requests = jobs[job]
+        unique = plan_requests(requests, PlanSettings(kv_budget_tokens=131_072)).plan.stats.num_unique_tokens
         bound = unique + len(requests) * (BLOCK - 1)
-        reference = runs[(job, VARIANTS[0])][0]["outputs"]
-        for variant in VARIANTS:
+        reference = runs[(job, variants[0])][0]["outputs"]
+        for variant in variants:
             measured = runs[(job, variant)]
-            median = sorted(measured, key=lambda r: r["wall_s"])[len(measured) // 2]
+            median = sorted(measured, key=lambda r: r["generate_s"])[len(measured) // 2]
             agree = sum(median["outputs"][k] == reference[k] for k in reference)
             wall = statistics.median(r["wall_s"] for r in measured)
-            print(f"| {job} | {variant} | {wall:.1f} | {median['output_tokens'] / wall:.1f} | {median['computed']:,} "
-                  f"| {unique:,} | {bound:,} | {sum(len(p) for p in prompts):,} | {agree}/{len(reference)} |")
-            report[f"{job}/{variant}"] = {"walls": [r["wall_s"] for r in measured], "computed": median["computed"],
-                                          "unique": unique, "bound": bound}
+            generate = statistics.median(r["generate_s"] for r in measured)
+            print(f"| {job} | {variant} | {wall:.1f} | {generate:.2f} | {median['output_tokens'] / generate:.1f} | "
+                  f"{median['computed']:,} | {unique:,} | {bound:,} | {sum(r.num_prompt_tokens for r in requests):,} "
+                  f"| {agree}/{len(reference)} |")
+            report[f"{job}/{variant}"] = {"walls": [r["wall_s"] for r in measured],
+                                          "generates": [r["generate_s"] for r in measured],
+                                          "computed": median["computed"], "unique": unique, "bound": bound}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -14,8 +14,9 @@ Invariants:
   flip the argmax). Every parameter is non-trivial (biases non-zero, norm weights not all
   one), so an implementation that drops one of them cannot agree with the oracle by luck.
 - The tokenizer is a byte-level BPE trained offline on the stdlib's `pydoc_data` topics,
-  which every Python installation ships; the model's vocabulary is exactly the tokenizer's,
-  and AutoTokenizer loads the same tokenizer for every arch.
+  which every Python installation ships; the model's vocabulary is exactly the tokenizer's
+  (but for the benchmark sizes with real checkpoints' shapes, `REAL_SHAPES`), and
+  AutoTokenizer loads the same tokenizer for every arch.
 - Special tokens, ids 0..4: <|bos|> <|eos|> <|pad|> <|im_start|> <|im_end|>. Encoding with
   special tokens prepends <|bos|>; the chat template starts with <|bos|> itself. Generation
   stops at <|eos|> or <|im_end|> (generation_config.eos_token_id is both).
@@ -57,7 +58,7 @@ from transformers.utils import logging as hf_logging
 __all__ = ["BOS", "EOS", "IM_END", "IM_START", "PAD", "Arch", "Size", "make_test_model"]
 
 Arch = Literal["llama", "qwen2", "qwen3"]
-Size = Literal["tiny", "small"]
+Size = Literal["tiny", "small", "qwen2.5-0.5b", "llama-3.2-1b"]
 
 BOS = "<|bos|>"
 EOS = "<|eos|>"
@@ -100,6 +101,31 @@ SIZES: dict[str, dict[str, int]] = {
     },
 }
 
+# Benchmark sizes with the shapes of real checkpoints (random weights; never in the test
+# suite): what dominates at real shapes (a 128K–152K vocabulary, 16–24 layers, GQA with 2–8
+# KV heads) is what the engine must be fast at. Each fixes its architecture; the tokenizer
+# is trained to `vocab_size` as for the others, and the embedding and lm_head have the real
+# checkpoint's `model_vocab_size` rows (ids past the tokenizer's are never in a prompt).
+REAL_SHAPES: dict[str, dict] = {
+    "qwen2.5-0.5b": {  # Qwen/Qwen2.5-0.5B-Instruct
+        "arch": "qwen2",
+        "model_vocab_size": 151_936,
+        "tie_word_embeddings": True,
+        "shape": {"vocab_size": 8192, "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
+                  "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 4864,
+                  "max_position_embeddings": 32768},
+    },
+    "llama-3.2-1b": {  # meta-llama/Llama-3.2-1B-Instruct
+        "arch": "llama",
+        "model_vocab_size": 128_256,
+        "tie_word_embeddings": True,
+        "shape": {"vocab_size": 8192, "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
+                  "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 8192,
+                  "max_position_embeddings": 131072},
+    },
+}
+SIZES.update({name: real["shape"] for name, real in REAL_SHAPES.items()})
+
 CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
     "llama": LlamaConfig,
     "qwen2": Qwen2Config,
@@ -125,6 +151,7 @@ def make_test_model(
     """Writes config.json, generation_config.json, model.safetensors, tokenizer files (with chat template) into directory; returns it."""
     _check_choice("arch", arch, Arch)
     _check_choice("size", size, Size)
+    arch = REAL_SHAPES[size]["arch"] if size in REAL_SHAPES else arch  # a real shape fixes its arch
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
@@ -202,12 +229,13 @@ def _set_qwen2_pipeline(bpe: Tokenizer) -> None:
 
 
 def build_config(arch: str, size: str, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
-    shape = dict(SIZES[size], vocab_size=len(tokenizer))
+    real = REAL_SHAPES.get(size, {})
+    shape = dict(SIZES[size], vocab_size=real.get("model_vocab_size", len(tokenizer)))
     return CONFIG_CLASSES[arch](
         **shape,
         rope_theta=10000.0,
         rms_norm_eps=1e-6,
-        tie_word_embeddings=TIE_WORD_EMBEDDINGS[arch],
+        tie_word_embeddings=real.get("tie_word_embeddings", TIE_WORD_EMBEDDINGS[arch]),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -75,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     make_model = verbs.add_parser("make-test-model", help="write a small random-weight Hugging Face model folder")
     make_model.add_argument("dir", help="folder to write the checkpoint into")
     make_model.add_argument("--arch", choices=["llama", "qwen2", "qwen3"], default="llama")
-    make_model.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    make_model.add_argument(
+        "--size", choices=["tiny", "small", "qwen2.5-0.5b", "llama-3.2-1b"], default="tiny",
+        help="tiny/small: test sizes; qwen2.5-0.5b/llama-3.2-1b: those checkpoints' shapes and "
+        "architecture, random weights, for benchmarks",
+    )
     make_model.add_argument("--seed", type=int, default=0)
     make_model.set_defaults(func=cmd_make_test_model)
 
@@ -197,10 +201,11 @@ def _positive(text: str) -> int:
 
 
 def cmd_make_test_model(args: argparse.Namespace) -> int:
-    from prefixbatch.executors.random_model import make_test_model
+    from prefixbatch.executors.random_model import REAL_SHAPES, make_test_model
 
     folder = make_test_model(args.dir, arch=args.arch, size=args.size, seed=args.seed)
-    print(f"wrote a {args.size} {args.arch} test model to {folder}")
+    arch = REAL_SHAPES.get(args.size, {}).get("arch", args.arch)
+    print(f"wrote a {args.size} {arch} test model to {folder}")
     return 0
 
 
