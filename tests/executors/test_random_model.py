@@ -222,3 +222,18 @@ def test_config_names_its_dtype_and_rope(folder: Path) -> None:
 def test_unknown_arch_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"`arch` must be one of .*got 'gpt2'"):
         make_test_model(tmp_path, arch="gpt2")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("size", "arch", "layers", "vocab"), [("qwen2.5-0.5b", "qwen2", 24, 151_936),
+                                                               ("llama-3.2-1b", "llama", 16, 128_256)])
+def test_real_shapes_have_the_checkpoints_shapes(size, arch, layers, vocab):
+    """The benchmark sizes: the real checkpoint's config (no weights built here)."""
+    from prefixbatch.executors.native.config import model_config_from_hf
+    from prefixbatch.executors.random_model import REAL_SHAPES, SIZES, build_config, train_tokenizer
+
+    tokenizer = train_tokenizer(vocab_size=SIZES[size]["vocab_size"], model_max_length=4096)
+    config = build_config(REAL_SHAPES[size]["arch"], size, tokenizer)
+    assert (config.model_type, config.num_hidden_layers, config.vocab_size) == (arch, layers, vocab)
+    assert config.tie_word_embeddings and len(tokenizer) < vocab  # prompt ids stay in the tokenizer's range
+    native = model_config_from_hf(config.to_dict())  # our engine runs it
+    assert native.num_kv_heads == SIZES[size]["num_key_value_heads"] and native.head_dim == 64
