@@ -7,6 +7,10 @@ so the prompt tokens it computes are at most the planner's unique tokens plus on
 block per request. Seeded samples do not depend on batch mates or order: vLLM draws each
 seeded request from its own generator (its documented guarantee is per-request seeds; the
 kernels' rounding could still differ with the batch, which these tests would catch).
+
+The engines start in this process, before any test imports Flask: vLLM's CPU start-up walks
+every imported module's globals and fails on Flask's context proxies (the S3 tests' moto
+server); whole jobs run in processes of their own (`tests/jobs/test_vllm_jobs.py`).
 """
 
 from __future__ import annotations
