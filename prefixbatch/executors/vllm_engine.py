@@ -63,7 +63,7 @@ class VllmExecutor:
         settings = executor.vllm
         device = resolve_device(executor.device)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would drown our progress
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its INFO and WARNING lines would drown our progress
         if device.type == "cpu":
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kv_cache_gib)
             if settings.cpu_threads_bind is not None:
