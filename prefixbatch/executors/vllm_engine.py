@@ -152,7 +152,8 @@ class VllmExecutor:
                 self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, in_use)
                 request_id, refused = self._add(first)
                 if refused is None:
-                    group_of[request_id], leader = g, request_id
+                    group_of[request_id] = g
+                    leader = request_id if followers else None  # a group of one waits for nobody
                 else:  # no leader to wait for
                     finished(g)
                     yield refused
