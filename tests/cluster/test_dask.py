@@ -242,7 +242,8 @@ def long_job(tmp_path, tiny_llama) -> tuple[dict, object]:
         "output": {"path": str(tmp_path / "local"), "checkpoint_seconds": 0.3},
         "model": {"path": str(tiny_llama)},
         "sampling": {"max_tokens": 1500},
-        "executor": {"kind": "native", "device": "cpu"},
+        # Exact across resumes and batch mates (workers vs one process): see test_checkpoints.
+        "executor": {"kind": "native", "device": "cpu", "native": {"batch_invariant": True}},
     }
     local = run_job(spec_from_dict(base, base_dir=tmp_path, source="test"), live_progress=False, log=lambda _: None)
     return base, local
