@@ -82,7 +82,9 @@ class Completion:
         return len(self.token_ids)
 
 
-def error_completion(row_index: int, code: str, message: str, num_prompt_tokens: int = 0) -> Completion:
+def error_completion(
+    row_index: int, code: str, message: str, num_prompt_tokens: int = 0, sample_index: int = 0
+) -> Completion:
     """An error row: the job goes on, the row is accounted for."""
     return Completion(
         row_index=row_index,
@@ -91,6 +93,7 @@ def error_completion(row_index: int, code: str, message: str, num_prompt_tokens:
         finish_reason="error",
         num_prompt_tokens=num_prompt_tokens,
         error=f"{code}: {message}",
+        sample_index=sample_index,
     )
 
 

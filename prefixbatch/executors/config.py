@@ -79,6 +79,14 @@ class VllmSettings(StrictModel):
     """CPU: which cores vLLM's OpenMP threads are pinned to, e.g. `0-1` or `nobind` (sets
     `VLLM_CPU_OMP_THREADS_BIND`; null: vLLM's `auto`)."""
 
+    @model_validator(mode="after")
+    def _cache_holds_a_block(self) -> VllmSettings:
+        block = self.block_size or 32  # the larger of the backends' defaults
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < block:
+            msg = f"executor.vllm.kv_cache_tokens must hold at least one block of {block} tokens, got {self.kv_cache_tokens}"
+            raise ValueError(msg)
+        return self
+
 
 class ExecutorSpec(StrictModel):
     """Which engine runs the plan, on which device, with how much KV memory."""

@@ -40,7 +40,7 @@ from prefixbatch.model_folder import eos_token_ids
 from prefixbatch.prefix_tree import PlannedRequests
 from prefixbatch.types import Completion, Request, error_completion
 
-__all__ = ["INSTALL_HINT", "VllmExecutor", "cpu_block_size"]
+__all__ = ["INSTALL_HINT", "VllmExecutor", "block_size_for"]
 
 INSTALL_HINT = (
     "executor.kind is 'vllm' but vLLM is not installed: on a CPU machine `make install-vllm` "
@@ -49,7 +49,7 @@ INSTALL_HINT = (
 )
 
 
-def cpu_block_size(settings_block_size: int | None, device_type: str) -> int:
+def block_size_for(settings_block_size: int | None, device_type: str) -> int:
     """Tokens per KV block: the setting, else the smallest each backend accepts."""
     return settings_block_size or (32 if device_type == "cpu" else 16)
 
@@ -76,7 +76,7 @@ class VllmExecutor:
 
         eager = settings.enforce_eager if settings.enforce_eager is not None else device.type == "cpu"
         dtype = resolve_dtype(model.dtype, device)  # as the other executors resolve `auto`
-        block = cpu_block_size(settings.block_size, device.type)
+        block = block_size_for(settings.block_size, device.type)
         args = EngineArgs(
             model=model.path,
             tokenizer=model.path,
@@ -102,7 +102,6 @@ class VllmExecutor:
         cache = self.engine.vllm_config.cache_config
         self.block_size = cache.block_size
         self.kv_cache_tokens = int(cache.num_gpu_blocks) * cache.block_size  # what it really holds
-        self.max_model_len = self.engine.vllm_config.model_config.max_model_len
         self.tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
         self.eos_token_ids = frozenset(eos_token_ids(model.path, self.tokenizer))
         self.stats = ExecutorStats()
@@ -194,6 +193,7 @@ class VllmExecutor:
     def _add(self, request: Request) -> tuple[str, Completion | None]:
         """Hands one request to the engine → (its id, None); or an error row if vLLM refuses it."""
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
 
         request_id = str(next(self._ids))
@@ -214,8 +214,12 @@ class VllmExecutor:
                     skip_special_tokens=True,
                 ),
             )
-        except ValueError as exc:  # e.g. longer than max_model_len
-            return request_id, _error(request, f"vLLM refused the request: {exc}")
+        except (ValueError, VLLMValidationError) as exc:  # e.g. longer than max_model_len
+            refused = error_completion(
+                request.row_index, "executor_refused", f"vLLM refused the request: {exc}",
+                request.num_prompt_tokens, request.sample_index,
+            )
+            return request_id, refused
         with self._lock:
             self._running[request_id] = _Running(request)
         return request_id, None
@@ -266,8 +270,4 @@ class _Running:
         self.request = request
         self.tokens: tuple[int, ...] = ()
 
-
-def _error(request: Request, message: str) -> Completion:
-    completion = error_completion(request.row_index, "executor_refused", message, request.num_prompt_tokens)
-    return Completion(**{**vars(completion), "sample_index": request.sample_index})
 

@@ -55,11 +55,9 @@ def kv_budget_tokens(spec: JobSpec) -> int:
     )
     if on_cpu and resolve_kind(spec.model, spec.executor) == "vllm":
         return vllm_cpu_cache_tokens(spec)
-    if spec.executor.device == "cpu" or spec.cluster.kind == "dask":  # workers' devices: not seen here
+    if on_cpu or spec.cluster.kind == "dask":  # a cluster's workers' devices: not seen here
         return DEFAULT_CPU_KV_BUDGET
     device = resolve_device(spec.executor.device)
-    if device.type != "cuda":
-        return DEFAULT_CPU_KV_BUDGET
     dtype = resolve_dtype(spec.model.dtype, device)
     config = read_config(spec.model.path)
     return kv_budget_for_memory(
@@ -73,10 +71,10 @@ def vllm_cpu_cache_tokens(spec: JobSpec) -> int:
     """The KV tokens vLLM's CPU engine holds: `executor.vllm.cpu_kv_cache_gib` in whole blocks
     of the model's KV bytes per token (what the engine allocates, and reads back as its size)."""
     from prefixbatch.executors.device import resolve_device, resolve_dtype
-    from prefixbatch.executors.vllm_engine import cpu_block_size
+    from prefixbatch.executors.vllm_engine import block_size_for
 
     settings = spec.executor.vllm
-    block = cpu_block_size(settings.block_size, "cpu")
+    block = block_size_for(settings.block_size, "cpu")
     dtype = resolve_dtype(spec.model.dtype, resolve_device("cpu"))
     per_token = kv_bytes_per_token(read_config(spec.model.path), dtype.itemsize)
     blocks = settings.cpu_kv_cache_gib * 2**30 // (per_token * block)

@@ -123,3 +123,19 @@ def test_the_plan_budget_is_the_engine_cache(tiny_llama, vllm_engines, tmp_path)
     )
     assert kv_budget_tokens(spec) == vllm_engines(tiny_llama).kv_cache_tokens == 2**30 // 2048
 
+
+
+def test_a_request_vllm_refuses_is_an_error_row_and_the_others_run(tiny_qwen2):
+    from dataclasses import replace
+
+    from prefixbatch.executors.vllm_engine import VllmExecutor
+
+    spec = SPEC.model_copy(update={"vllm": SPEC.vllm.model_copy(update={"max_model_len": 64})})
+    executor = VllmExecutor(ModelSpec(path=str(tiny_qwen2), dtype="float32"), spec)
+    requests = make_requests(tiny_qwen2)[:3]
+    too_long = replace(requests[0], row_index=99, sample_index=1, token_ids=requests[0].token_ids * 8)
+    got = by_request(executor.generate(planned([*requests, too_long], spec, kind="vllm")))
+    assert got.keys() == {(r.row_index, r.sample_index) for r in [*requests, too_long]}
+    refused = got[(99, 1)]
+    assert refused.finish_reason == "error" and refused.error.startswith("executor_refused: vLLM refused the request")
+    assert all(got[(r.row_index, r.sample_index)].finish_reason in ("stop", "length") for r in requests)

@@ -84,6 +84,8 @@ def test_spec_is_frozen(tmp_path):
         ({"sampling": {"max_tokens": 0}}, "sampling.max_tokens: Input should be greater than or equal to 1 (got 0)"),
         ({"sampling": {"top_p": 1.5}}, "sampling.top_p: Input should be less than or equal to 1"),
         ({"executor": {"kind": "magic"}}, "executor.kind: Input should be 'auto', 'native', 'hf' or 'vllm' (got 'magic')"),
+        ({"executor": {"vllm": {"kv_cache_tokens": 5}}},
+         "executor.vllm.kv_cache_tokens must hold at least one block of 32 tokens, got 5"),
         ({"output": {"path": "o", "mode": "append"}}, "output.mode: Input should be 'error', 'overwrite' or 'resume'"),
         ({"input": {"path": "x", "prompt_column": "p", "messages_column": "m"}},
          "input: exactly one of `prompt_column` and `messages_column` must be set"),
