@@ -10,6 +10,9 @@ prefix cache starts empty; variants alternate within each repeat and the median 
     vllm-prefixbatch  `executor.kind: vllm`: the same engine settings, fed the job's plan
                       group by group (`prefixbatch.executors.vllm_engine`)
     native            `executor.kind: native`, planned with the same KV budget
+    vllm-prefixbatch-compiled
+                      vllm-prefixbatch with `executor.vllm.enforce_eager: false` (torch.compile),
+                      only when named in `--variants`
 
 vLLM: the CPU build (`make install-vllm`), in-process engine, eager, 32-token blocks, 1 GiB
 of KV cache; fp32, 2 threads everywhere.
@@ -49,6 +52,7 @@ from pathlib import Path
 START = time.perf_counter()
 BLOCK = 32  # vLLM's smallest CPU block: a shared prefix is reused in whole blocks of it
 VARIANTS = ("vllm-alone", "vllm-prefixbatch", "native")
+COMPILED = "vllm-prefixbatch-compiled"
 DEFAULT_JOBS = "a,over-interleaved,over-random"
 MODELS = {
     "small": Path(".cache/engine_bench/small-llama"),
@@ -117,7 +121,9 @@ def run_variant(variant: str, model_dir: Path, requests: list, job: str) -> dict
     else:
         from prefixbatch.executors.registry import create_executor
 
-        kind = "vllm" if variant == "vllm-prefixbatch" else "native"
+        kind = "native" if variant == "native" else "vllm"
+        if variant == COMPILED:
+            settings["enforce_eager"] = False
         executor = create_executor(model, ExecutorSpec(kind=kind, device="cpu", vllm=settings))
         budget = getattr(executor, "kv_cache_tokens", settings.get("kv_cache_tokens", 131_072))
         started = time.perf_counter()

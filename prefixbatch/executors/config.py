@@ -55,8 +55,8 @@ class VllmSettings(StrictModel):
     """Most tokens in one engine step (null: vLLM's default)."""
 
     enforce_eager: bool | None = None
-    """true: no torch.compile / CUDA graphs. Null: true on the CPU (compiling costs ~30 s at
-    every start), false on CUDA."""
+    """true: no torch.compile / CUDA graphs. Null: true on the CPU (compiling costs 10–30 s at
+    every start for 7–11% faster generation), false on CUDA."""
 
     tensor_parallel_size: int = Field(1, ge=1)
     """GPUs one engine spans."""
