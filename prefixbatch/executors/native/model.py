@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prefixbatch.executors.native import invariant
+from prefixbatch.executors.native import dense, invariant
 from prefixbatch.executors.native.config import ModelConfig
 from prefixbatch.executors.native.rope import apply_rope, inverse_frequencies, rope_angles
 
@@ -55,7 +55,10 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
 
 
 class Linear(nn.Module):
-    """y = x Wᵀ (+ b), with W: [out, in] as in the checkpoints; no init (the loader fills it)."""
+    """y = x Wᵀ (+ b), with W: [out, in] as in the checkpoints; no init (the loader fills it).
+
+    `pack` (once loaded) trades W for `dense.PackedWeight`, a copy laid out for the CPU's
+    GEMM kernel: same products, computed 2-3x faster on CPUs the default BLAS underserves."""
 
     def __init__(
         self, num_in: int, num_out: int, *, bias: bool, dtype: torch.dtype, device: torch.device
@@ -63,8 +66,16 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = _empty(num_out, num_in, dtype=dtype, device=device)
         self.bias = _empty(num_out, dtype=dtype, device=device) if bias else None
+        self.packed: dense.PackedWeight | None = None
+
+    def pack(self) -> None:
+        """Packs W (`dense.PackedWeight`); this module drops its reference to the dense W."""
+        self.packed = dense.PackedWeight.of(self.weight)
+        self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed.linear(x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -192,6 +203,17 @@ class CausalLM(nn.Module):
         return self.embed_tokens.dtype
 
     @property
+    def is_packed(self) -> bool:
+        return self.lm_head.packed is not None
+
+    def pack(self) -> None:
+        """Every linear layer's weight packed for the CPU (`dense`); call once, after loading.
+        Then not `batch_invariant` (its guarantees hold for the dense path)."""
+        for module in self.modules():
+            if isinstance(module, Linear) and module.packed is None:
+                module.pack()
+
+    @property
     def device(self) -> torch.device:
         return self.embed_tokens.device
 
@@ -214,6 +236,7 @@ class CausalLM(nn.Module):
             token_ids.shape,
             positions.shape,
         )
+        assert not (batch_invariant and self.is_packed), "batch_invariant needs the dense path"
         num_rows = token_ids.shape[0]
         row_multiple = invariant.ROW_MULTIPLE if batch_invariant else 1
         if logits_rows is None and batch_invariant:
