@@ -11,10 +11,12 @@ import random
 from dataclasses import replace
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from prefixbatch.executors.config import ExecutorSpec, ModelSpec
 from prefixbatch.executors.hf import HfExecutor
+from prefixbatch.executors.native.dense import packing_available
 from prefixbatch.executors.native.executor import NativeExecutor
 from prefixbatch.types import Request, SamplingParams
 from tests.executors.planned import planned
@@ -107,3 +109,11 @@ def test_seeded_samples_do_not_depend_on_batch_mates_or_order(tiny_llama):
     assert all(together[k].token_ids == reordered[k].token_ids for k in together)
     samples = [together[(len(requests) - 3, k)].token_ids for k in (1, 2, 3)]
     assert len(set(samples)) > 1  # samples of one prompt differ (their own seeds)
+
+
+@pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.float32), reason="needs oneDNN")
+def test_cpu_fp32_runs_packed_weights_and_batch_invariant_runs_dense(tiny_llama):
+    model = ModelSpec(path=str(tiny_llama), dtype="float32")
+    assert NativeExecutor(model, ExecutorSpec(kind="native", device="cpu")).model.is_packed
+    invariant = ExecutorSpec.model_validate({"kind": "native", "device": "cpu", "native": {"batch_invariant": True}})
+    assert not NativeExecutor(model, invariant).model.is_packed

@@ -25,7 +25,9 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from prefixbatch.executors.native.attention_plan import QueryRun, SegmentKV, plan_attention
 from prefixbatch.executors.native.config import model_config_from_hf
+from prefixbatch.executors.native.dense import packing_available
 from prefixbatch.executors.native.kv import KVStore
+from prefixbatch.executors.native.model import Linear
 from prefixbatch.executors.native.rope import inverse_frequencies
 from prefixbatch.executors.native.tree_attention import TreeAttention
 from prefixbatch.executors.native.weights import load_model
@@ -52,8 +54,16 @@ def hf_model(folder: Path):
 
 
 @cache
-def native_model(folder: Path):
-    return load_model(folder, dtype=torch.float32, device="cpu")
+def native_model(folder: Path, packed: bool = False):
+    model = load_model(folder, dtype=torch.float32, device="cpu")
+    if packed:
+        model.pack()  # the executor's path on CPU fp32 (`dense`)
+    return model
+
+
+# Dense layers through F.linear (the loaded model) and through oneDNN's packed weights.
+PACKED = [False, pytest.param(True, marks=pytest.mark.skipif(
+    not packing_available(torch.device("cpu"), torch.float32), reason="needs oneDNN"))]
 
 
 @cache
@@ -83,9 +93,9 @@ def hf_generate(
 
 
 def assert_matches_transformers(
-    folder: Path, prompt: list[int], num_steps: int = NUM_STEPS
+    folder: Path, prompt: list[int], num_steps: int = NUM_STEPS, *, packed: bool = False
 ) -> None:
-    prompt_logits, ids, step_logits = greedy(native_model(folder), prompt, num_steps)
+    prompt_logits, ids, step_logits = greedy(native_model(folder, packed), prompt, num_steps)
     hf_prompt_logits, hf_ids, hf_step_logits = hf_generate(folder, prompt, num_steps)
     torch.testing.assert_close(prompt_logits, hf_prompt_logits, atol=LOGITS_TOL, rtol=0)
     assert ids[: len(hf_ids)] == hf_ids
@@ -93,11 +103,12 @@ def assert_matches_transformers(
         torch.testing.assert_close(ours, theirs[0], atol=LOGITS_TOL, rtol=0)
 
 
+@pytest.mark.parametrize("packed", PACKED)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_tiny_checkpoints_match_transformers(arch, request):
+def test_tiny_checkpoints_match_transformers(arch, packed, request):
     folder = request.getfixturevalue(arch)
     for prompt in prompts(folder):
-        assert_matches_transformers(folder, prompt)
+        assert_matches_transformers(folder, prompt, packed=packed)
 
 
 def test_greedy_continuations_are_context_dependent(tiny_llama):
@@ -163,13 +174,21 @@ def save_checkpoint(config: PretrainedConfig, folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.parametrize("packed", PACKED)
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_config_variants_match_transformers(name, tmp_path):
+def test_config_variants_match_transformers(name, packed, tmp_path):
     folder = save_checkpoint(CONFIGS[name](), tmp_path)
     prompt = torch.randint(
         0, SMALL["vocab_size"], (100,), generator=torch.Generator().manual_seed(1)
     ).tolist()
-    assert_matches_transformers(folder, prompt, num_steps=6)
+    assert_matches_transformers(folder, prompt, num_steps=6, packed=packed)
+
+
+def test_packing_replaces_each_dense_weight_and_keeps_the_tied_embedding(tiny_qwen2):
+    model = native_model(tiny_qwen2, True)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert model.is_packed and linears and all(m.packed is not None and m.weight is None for m in linears)
+    assert model.config.tie_word_embeddings and model.embed_tokens is not None  # still embeds
 
 
 def test_variant_configs_are_read_as_intended():
