@@ -107,7 +107,7 @@ def run_variant(variant: str, model_dir: Path, requests: list, job: str) -> dict
     """In this process: one variant on one job → its measurements."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     from prefixbatch.executors.config import ExecutorSpec, ModelSpec
     from prefixbatch.prefix_tree import PlanSettings, plan_requests
 
@@ -186,6 +186,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--hog", action="store_true",
+                        help="a process spinning on one core beside every run (contention)")
     args = parser.parse_args()
     folder = model_dir(args.model)
     names = [j for j in args.jobs.split(",") if j]
@@ -203,7 +205,16 @@ def main() -> None:
         for job in names:
             for variant in variants:
                 command = [sys.executable, __file__, "--variant", variant, "--jobs", job, "--model", args.model]
-                done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
+                hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.hog else None
+                try:
+                    # vLLM alone as a user runs it: GNU OpenMP's default spin count, not the
+                    # one importing prefixbatch sets (`prefixbatch/__init__.py`).
+                    own = {"GOMP_SPINCOUNT": "300000"} if variant == "vllm-alone" else {}
+                    done = subprocess.run(command, env=env | own, capture_output=True, text=True, timeout=3600)
+                finally:
+                    if hog is not None:
+                        hog.kill()
+                        hog.wait()
                 if done.returncode != 0:
                     sys.exit(f"{variant} on {job} failed:\n{done.stderr[-3000:]}")
                 result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -211,7 +222,7 @@ def main() -> None:
                 print(f"  {job:17s} {variant:17s} run {repeat + 1}: {result['wall_s']:6.1f} s wall, "
                       f"{result['generate_s']:6.1f} s generating, {result['computed']} prompt tokens computed",
                       file=sys.stderr, flush=True)
-    print(f"model {args.model}, {args.repeats} repeats (median)\n")
+    print(f"model {args.model}, {args.repeats} repeats (median){', one-core CPU hog running' if args.hog else ''}\n")
     print("| job | variant | wall s (with start-up) | generate s | output tok/s | prompt tokens computed | "
           "planner unique | unique + 1 partial block per request | prompt tokens | agreement |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -233,6 +244,11 @@ def main() -> None:
             report[f"{job}/{variant}"] = {"walls": [r["wall_s"] for r in measured],
                                           "generates": [r["generate_s"] for r in measured],
                                           "computed": median["computed"], "unique": unique, "bound": bound}
+    if "vllm-alone" in variants and "native" in variants:
+        print("\nnative speed ÷ vLLM alone's (generate time, median):")
+        for job in names:
+            vllm, native = (statistics.median(r["generate_s"] for r in runs[(job, v)]) for v in ("vllm-alone", "native"))
+            print(f"  {job}: {vllm / native:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

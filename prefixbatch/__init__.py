@@ -9,7 +9,18 @@ The public surface is the CLI (`prefixbatch run job.yaml`) and these names:
 The API is imported on first use, so `import prefixbatch` stays light.
 """
 
+import os
+
 from prefixbatch.errors import PrefixbatchError, UserError
+
+# OpenMP threads (PyTorch's, oneDNN's, MKL's) spin this many times at a barrier before they
+# sleep (GNU OpenMP's default: 300,000). On a busy machine a spinning thread holds a core the
+# straggler it waits for could use: with a one-core CPU hog beside a 2-thread run, the native
+# engine took 2.7x its quiet time by default and ~1.9x with 1,000, at no cost when quiet
+# (BENCHMARKS.md, "Under contention"). Read when the OpenMP runtime loads, i.e. before torch
+# is imported; a user's own GOMP_SPINCOUNT or OMP_WAIT_POLICY wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 __version__ = "0.1.0"
 
