@@ -245,7 +245,7 @@ class CausalLM(nn.Module):
             logits_rows = torch.arange(num_rows, device=token_ids.device)
         token_ids, positions = _pad_rows(token_ids, row_multiple), _pad_rows(positions, row_multiple)
         hidden = F.embedding(token_ids, self.embed_tokens)  # [T', E]
-        cos, sin = rope_angles(positions, self.inv_freq, self.dtype)  # [T, 1, D] each
+        cos, sin = rope_angles(positions, self.inv_freq)  # [T, D/2] each
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, attention, batch_invariant)
         if logits_rows is not None:

@@ -8,7 +8,7 @@ at unrelated positions. Angles are computed in fp32 from the positions on every 
 The rotation is the "rotate half" form of Hugging Face checkpoints: dimension i pairs with
 i + D/2 (their q/k projections are permuted for it), not with its neighbour.
 
-in → out: positions [T] → (cos, sin) [T, 1, D]; (x [T, n, D], cos, sin) → x rotated.
+in → out: positions [T] → (cos, sin) [T, D/2] in fp32; (x [T, n, D], cos, sin) → x rotated.
 """
 
 from __future__ import annotations
@@ -52,23 +52,17 @@ def _llama3_frequencies(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tenso
 
 
 def rope_angles(
-    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype = torch.float32
+    positions: torch.Tensor, inv_freq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin): [T, 1, D] in `dtype` for positions [T]; shared by every layer of one forward.
-
-    Full width, in the form `apply_rope` uses: cos = [cos θ, cos θ], sin = [−sin θ, sin θ]
-    (angles in fp32, then cast, as the checkpoints' reference code does)."""
+    """(cos, sin): [T, D/2] fp32 for positions [T]; shared by every layer of one forward."""
     angles = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
-    cos, sin = angles.cos(), angles.sin()
-    full_cos = torch.cat((cos, cos), dim=-1).to(dtype)[:, None, :]
-    signed_sin = torch.cat((-sin, sin), dim=-1).to(dtype)[:, None, :]
-    return full_cos, signed_sin
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, n, D] → x with each pair (i, i + D/2) rotated by its token's angle, in x's dtype.
-
-    cos, sin from `rope_angles`. x·cos + roll(x)·sin is the reference's
-    x·cos + rotate_half(x)·sin exactly (rolling by D/2 swaps the halves; the sign lives in
-    sin), in four kernels instead of ten: a decode step calls this twice per layer."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    """x: [T, n, D] → x with each pair (i, i + D/2) rotated by its token's angle, in x's dtype."""
+    # Rotating in x's dtype (not fp32) is what the checkpoints were trained and served with.
+    cos = cos.to(x.dtype)[:, None, :]  # [T, 1, D/2]
+    sin = sin.to(x.dtype)[:, None, :]
+    first, second = x.chunk(2, dim=-1)  # [T, n, D/2] each
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
