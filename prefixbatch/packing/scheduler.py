@@ -126,11 +126,16 @@ class StepScheduler:
 
     def _reserve(self, group: Group, new_nodes: list[int]) -> bool:
         """Slots for the group's new nodes and its members' segments, all or none."""
-        sizes = [(x, self._parent(x), self._node_num_tokens[x]) for x in new_nodes]
-        sizes += [
-            (self._num_nodes + r, self._request_node[r], self._max_tokens[r])
-            for r in group.request_ids
-        ]
+        # A member's own segment right after its prompt's node: where nobody else attends to
+        # that node, the two are one key range (`attention_plan`: one product, no merge).
+        members: dict[int, list[int]] = {}
+        for r in group.request_ids:
+            members.setdefault(self._request_node[r], []).append(r)
+        sizes, is_new = [], set(new_nodes)
+        for x in [*new_nodes, *(x for x in members if x not in is_new)]:
+            if x in is_new:
+                sizes.append((x, self._parent(x), self._node_num_tokens[x]))
+            sizes += [(self._num_nodes + r, x, self._max_tokens[r]) for r in members.get(x, ())]
         is_idle = not (self._running or self._waiting or self._prefill)
         if not is_idle and sum(size for *_, size in sizes) > self.slots.num_free_tokens:
             return False

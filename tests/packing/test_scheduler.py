@@ -53,13 +53,15 @@ def test_one_group_prefills_parents_first_decodes_first_and_frees_as_requests_fi
     ]  # fmt: skip
     first = driver.steps[0]
     assert first.admitted_group_ids == (0,) and first.num_rows == 4
-    # (segment, parent, first slot, keys after the step): nodes, then members in group order.
+    # (segment, parent, first slot, keys after the step): nodes in group order, each followed
+    # by the segments of the members whose prompt ends there (one key range per sequence).
     assert [(s.segment_id, s.parent_id, s.key_start, s.num_keys) for s in first.segments] == [
-        (1, None, 0, 2), (2, 1, 2, 1), (3, 2, 3, 1), (4, 2, 4, 0), (5, None, 5, 0),
-        (8, 1, 8, 0), (7, 4, 9, 0), (6, 3, 12, 0), (9, 5, 14, 0),
+        (1, None, 0, 2), (8, 1, 2, 0), (2, 1, 3, 1), (3, 2, 4, 1), (6, 3, 5, 0),
+        (4, 2, 7, 0), (7, 4, 8, 0), (5, None, 11, 0), (9, 5, 14, 0),
     ]  # fmt: skip
     assert [s.freed_segment_ids for s in driver.steps] == [(), (8,), (6,), ()]
-    assert [(s.segment_id, s.num_keys) for s in driver.steps[3].segments][-2:] == [(7, 2), (9, 1)]
+    keys = {s.segment_id: s.num_keys for s in driver.steps[3].segments}
+    assert (keys[7], keys[9]) == (2, 1)
     assert driver.scheduler.peak_used_tokens == 16 and driver.scheduler.slots.num_used_tokens == 0
 
 

@@ -11,7 +11,9 @@ The plan splits that into `KeySpan`s, each "these rows against these contiguous 
   stacked, against the node's whole KV, unmasked. This is the shared-prefix product
   (Hydragen / cascade attention): one matrix-matrix product instead of one per sequence;
 - one span per run: the run's rows against its own segment's first `offset + n` keys,
-  causal (row i sees keys ≤ offset + i).
+  causal (row i sees keys ≤ offset + i). Ancestors that only this run's rows attend to in
+  this step and that lie right before its segment in the store (a prompt nobody else shares,
+  allocated just before its sequence's own segment) join this span: one product, no merge.
 Every row appears in exactly one causal span and in one span per ancestor; the executor
 (`tree_attention`) merges a row's spans exactly by log-sum-exp. Depth is unbounded.
 
@@ -85,7 +87,7 @@ def plan_attention(segments: Sequence[SegmentKV], runs: Sequence[QueryRun]) -> A
     write_slots = [-1] * num_rows
     positions = [-1] * num_rows
     rows_under: dict[int, list[int]] = {}  # ancestor id → rows below it, insertion-ordered
-    causal_spans = []
+    chains = []
     for run in runs:
         segment = _checked_segment(run, by_id, num_rows)
         ancestors = _ancestors(segment, by_id)
@@ -97,15 +99,27 @@ def plan_attention(segments: Sequence[SegmentKV], runs: Sequence[QueryRun]) -> A
             positions[row] = first_position + i
         for ancestor in ancestors:
             rows_under.setdefault(ancestor.segment_id, []).extend(rows)
-        causal_spans.append(
-            KeySpan(rows, segment.key_start, run.offset + run.num_tokens, run.offset)
-        )
+        chains.append((run, segment, ancestors, rows))
     if len(set(write_slots)) != num_rows:
         raise ValueError("two rows of the step write the same slot: runs overlap")
+    causal_spans, absorbed = [], set()
+    for run, segment, ancestors, rows in chains:
+        # Ancestors only this run attends to this step, stored right before the keys that
+        # follow them, join its causal span: one product over one range, no merge.
+        key_start, before = segment.key_start, 0
+        for ancestor in reversed(ancestors):
+            private = len(rows_under[ancestor.segment_id]) == len(rows)
+            if not (private and ancestor.key_start + ancestor.num_keys == key_start):
+                break
+            absorbed.add(ancestor.segment_id)
+            key_start, before = ancestor.key_start, before + ancestor.num_keys
+        causal_spans.append(
+            KeySpan(rows, key_start, before + run.offset + run.num_tokens, before + run.offset)
+        )
     ancestor_spans = [
         KeySpan(tuple(sorted(rows)), by_id[sid].key_start, by_id[sid].num_keys, None)
         for sid, rows in rows_under.items()
-        if by_id[sid].num_keys > 0
+        if by_id[sid].num_keys > 0 and sid not in absorbed
     ]
     return AttentionPlan(
         num_rows, tuple(ancestor_spans + causal_spans), tuple(write_slots), tuple(positions)

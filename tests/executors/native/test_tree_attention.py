@@ -229,3 +229,21 @@ def test_plan_rejects_cycles():
     segments = [SegmentKV(0, 1, 0, 4), SegmentKV(1, 0, 4, 3)]
     with pytest.raises(ValueError, match="cycle"):
         plan_attention(segments, [QueryRun(1, 0, 0, 1)])
+
+
+def test_private_ancestors_stored_right_before_a_run_join_its_span():
+    # 10 (shared by both runs) → 11 (only run 0's) → 12, stored back to back; 13 under 10 elsewhere.
+    segments = [SegmentKV(10, None, 0, 4), SegmentKV(11, 10, 4, 3), SegmentKV(12, 11, 7, 2),
+                SegmentKV(13, 10, 50, 2)]
+    plan = plan_attention(segments, [QueryRun(12, 0, 1, 1), QueryRun(13, 1, 0, 2)])
+    assert plan.spans == (
+        KeySpan((0, 1, 2), 0, 4, None),  # the shared root: one product for all three rows
+        KeySpan((0,), 4, 5, 4),  # 11's 3 keys and 12's first 2, one causal range
+        KeySpan((1, 2), 50, 2, 0),
+    )
+    # Not right before it: a span of its own, merged as before.
+    moved = [*segments[:2], SegmentKV(12, 11, 20, 2)]
+    assert plan_attention(moved, [QueryRun(12, 0, 1, 1)]).spans == (
+        KeySpan((0,), 0, 4, None), KeySpan((0,), 4, 3, None), KeySpan((0,), 20, 2, 1))
+    # With the whole chain private and contiguous, the run is one causal range from slot 0.
+    assert plan_attention(segments[:3], [QueryRun(12, 0, 1, 1)]).spans == (KeySpan((0,), 0, 9, 8),)

@@ -1,0 +1,85 @@
+"""End to end, start-up included: `prefixbatch run` against the vLLM script a user would write.
+
+Job (a) of the peer benchmark (64 prompts under one 1,024-token system prompt, 32 new
+tokens, greedy), as text: each prompt's token ids decoded by the model's tokenizer, written
+to a Parquet file. Timed from launching the process to its exit, each in a fresh process,
+alternating, median of `--repeats`:
+
+    prefixbatch   `prefixbatch run job.yaml` (the CLI: reads the Parquet, tokenizes, plans,
+                  loads the native engine, writes the output table)
+    vllm-script   `LLM(model, dtype="float32", enable_prefix_caching=True)` and
+                  `llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0))`, vLLM's
+                  defaults otherwise (its engine in a separate process, as `LLM` starts it)
+
+    .venv/bin/python benchmarks/end_to_end.py --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+VLLM_SCRIPT = """
+import sys
+import pyarrow.parquet as pq
+from vllm import LLM, SamplingParams
+prompts = pq.read_table(sys.argv[2]).column("prompt").to_pylist()
+llm = LLM(model=sys.argv[1], dtype="float32", enable_prefix_caching=True, seed=0)
+outputs = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0))
+assert len(outputs) == len(prompts)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default="small")
+    args = parser.parse_args()
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import vllm_bench
+    from transformers import AutoTokenizer
+
+    folder = vllm_bench.model_dir(args.model).resolve()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    requests = vllm_bench.make_jobs(folder, ["a"])["a"]
+    texts = [tokenizer.decode(list(r.token_ids)) for r in requests]
+    work = Path(tempfile.mkdtemp(prefix="e2e-"))
+    prompts = work / "prompts.parquet"
+    pq.write_table(pa.table({"id": list(range(len(texts))), "prompt": texts}), prompts)
+    (work / "job.yaml").write_text(
+        f"name: e2e-a\ninput:\n  path: {prompts}\n  id_column: id\n  prompt_column: prompt\n"
+        f"output:\n  path: {work / 'out'}\nmodel:\n  path: {folder}\n  dtype: float32\n"
+        "sampling:\n  max_tokens: 32\n  temperature: 0.0\nexecutor:\n  kind: native\n  device: cpu\n"
+    )
+    (work / "vllm_script.py").write_text(VLLM_SCRIPT)
+    bin_dir = Path(sys.executable).parent
+    commands = {
+        "prefixbatch": [str(bin_dir / "prefixbatch"), "run", str(work / "job.yaml"), "--overwrite"],
+        "vllm-script": [sys.executable, str(work / "vllm_script.py"), str(folder), str(prompts)],
+    }
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for repeat in range(args.repeats):
+        for name, command in commands.items():
+            start = time.perf_counter()
+            subprocess.run(command, capture_output=True, text=True, check=True, timeout=1800)
+            times[name].append(time.perf_counter() - start)
+            print(f"  {name} run {repeat + 1}: {times[name][-1]:.1f} s", file=sys.stderr, flush=True)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    print(f"\nmodel {args.model}, job (a) as text, {args.repeats} repeats (median)\n")
+    print("| command | median s (process start to exit) | runs |\n|---|---|---|")
+    for name, runs in times.items():
+        print(f"| {name} | {medians[name]:.1f} | {', '.join(f'{t:.1f}' for t in runs)} |")
+    print(f"\nprefixbatch is {medians['vllm-script'] / medians['prefixbatch']:.1f}x faster end to end")
+
+
+if __name__ == "__main__":
+    main()
