@@ -118,6 +118,10 @@ def _flash(
     num_queries, num_heads, head_dim = q.shape
     num_keys, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
+    if num_queries == 1:  # a decode row: its G heads per kv head are G queries of one batch
+        q4 = q.view(1, num_kv_heads, group, head_dim)  # [1, Hkv, G, D]; keys read once, not G times
+        out, lse = _flash_cpu(q4, k.permute(1, 0, 2)[None], v.permute(1, 0, 2)[None], 0.0, False, scale=scale)
+        return out.reshape(1, num_heads, head_dim), lse.reshape(1, num_heads).float()
     q4 = q.view(num_queries, num_kv_heads, group, head_dim).permute(2, 1, 0, 3)  # [G, Hkv, Tq, D]
     k4 = k.permute(1, 0, 2)[None].expand(group, -1, -1, -1)  # [G, Hkv, Tk, D]
     v4 = v.permute(1, 0, 2)[None].expand(group, -1, -1, -1)
