@@ -19,9 +19,16 @@ __all__ = ["ExecutorSpec", "HfSettings", "ModelSpec", "NativeSettings", "VllmSet
 class NativeSettings(StrictModel):
     """`executor.native`: the native engine's step size and numerics."""
 
-    max_step_tokens: int = Field(16384, ge=1)
+    max_step_tokens: int | None = Field(None, ge=1)
     """Most tokens in one forward step: every running sequence's decode token, then prefill
-    chunks (long prompt segments are chunked to fit)."""
+    chunks (long prompt segments are chunked to fit). null: `default_step_tokens(device)`."""
+
+    @staticmethod
+    def default_step_tokens(device: str) -> int:
+        """2,048 on a CPU (a step's activations stay in cache and its GEMMs at the row counts
+        oneDNN runs fastest: 10% faster than 16,384 on the no-sharing benchmark), 16,384 on a
+        GPU (fewer, fuller steps)."""
+        return 2048 if device == "cpu" else 16384
 
     batch_invariant: bool = False
     """true: a row's logits are the same to the last bit whatever it is computed with (its

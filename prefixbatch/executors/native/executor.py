@@ -46,7 +46,8 @@ class NativeExecutor:
             self.model,
             eos_token_ids=eos_token_ids(model.path, self.tokenizer),
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
-            max_step_tokens=executor.native.max_step_tokens,
+            max_step_tokens=executor.native.max_step_tokens
+            or executor.native.default_step_tokens(self.device.type),
             batch_invariant=executor.native.batch_invariant,
         )
 
