@@ -17,6 +17,7 @@ alternating, median of `--repeats`:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -25,15 +26,21 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Both commands get the environment this script started with (importing prefixbatch here
+# sets GOMP_SPINCOUNT; the vLLM script must run as a user's would).
+START_ENV = dict(os.environ)
 
 VLLM_SCRIPT = """
 import sys
+
 import pyarrow.parquet as pq
 from vllm import LLM, SamplingParams
-prompts = pq.read_table(sys.argv[2]).column("prompt").to_pylist()
-llm = LLM(model=sys.argv[1], dtype="float32", enable_prefix_caching=True, seed=0)
-outputs = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0))
-assert len(outputs) == len(prompts)
+
+if __name__ == "__main__":  # vLLM starts its engine process by spawning: this file is re-imported
+    prompts = pq.read_table(sys.argv[2]).column("prompt").to_pylist()
+    llm = LLM(model=sys.argv[1], dtype="float32", enable_prefix_caching=True, seed=0)
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0))
+    assert len(outputs) == len(prompts)
 """
 
 
@@ -70,7 +77,9 @@ def main() -> None:
     for repeat in range(args.repeats):
         for name, command in commands.items():
             start = time.perf_counter()
-            subprocess.run(command, capture_output=True, text=True, check=True, timeout=1800)
+            done = subprocess.run(command, env=START_ENV, capture_output=True, text=True, timeout=1800)
+            if done.returncode != 0:
+                sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
             times[name].append(time.perf_counter() - start)
             print(f"  {name} run {repeat + 1}: {times[name][-1]:.1f} s", file=sys.stderr, flush=True)
     medians = {name: statistics.median(t) for name, t in times.items()}

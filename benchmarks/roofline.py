@@ -10,7 +10,8 @@ peak, bytes per decode step against the memory bandwidth — measured in one run
    every unique prompt token once, as the prefix tree computes them, and every decode
    token; lm_head only for the rows sampled) and attention FLOPs (4 × visible keys × heads ×
    head_dim per token and layer), and for decode the bytes a step must read (every weight
-   once, every decode row's keys and values).
+   once; every prompt key once, shared or not, as shared-prefix attention reads it; each
+   row's own generated keys).
 
 Decode tokens are counted as if every request generated its `max_tokens` (random weights
 rarely stop early), scaled to the output tokens the run reported.
@@ -94,18 +95,21 @@ def job_work(requests, config) -> dict[str, float]:
                 prefill_tokens += 1
                 prefill_keys += depth + 1
             node = child
-    decode_tokens, decode_keys = 0, 0
+    decode_tokens, decode_keys, step_keys = 0, 0, 0
     for request in requests:
         for i in range(1, request.sampling.max_tokens):  # the first token comes from prefill
             decode_tokens += 1
             decode_keys += request.num_prompt_tokens + i
+            step_keys += i  # its own tokens; the prompts' unique keys are added per step below
+    steps = max(r.sampling.max_tokens for r in requests) - 1
+    step_keys += prefill_tokens * steps  # shared-prefix attention reads each prompt key once a step
     return {
         "prefill_flops": 2 * layer_weights * layers * prefill_tokens + 2 * head_weights * len(requests)
         + attn_per_key * prefill_keys,
         "decode_flops": 2 * (layer_weights * layers + head_weights) * decode_tokens + attn_per_key * decode_keys,
         "attention_flops": attn_per_key * (prefill_keys + decode_keys),
         "weight_bytes": 4 * (layer_weights * layers + head_weights),
-        "decode_kv_bytes": 2 * 4 * kv_size * layers * decode_keys,
+        "decode_kv_bytes": 2 * 4 * kv_size * layers * step_keys,  # over all steps
         "max_tokens": sum(r.sampling.max_tokens for r in requests),
     }
 
