@@ -4,9 +4,9 @@ Why: PyTorch's CPU `F.linear` in fp32 calls its BLAS (MKL), and MKL picks a slow
 on CPUs it does not tune for: measured on this project's AMD EPYC (AVX-512) machine, 2
 threads, the model's shapes, MKL reaches 170 GFLOP/s at best where oneDNN (also in every
 PyTorch CPU build, and what vLLM's CPU backend calls) reaches 440-490 GFLOP/s; decode-sized
-products (4-16 rows) run 3-6x faster on weights packed once into oneDNN's blocked layout
-than on plain ones (the layout change otherwise happens on every call). See BENCHMARKS.md,
-"Native engine speed".
+products (4-16 rows) run 2-3x faster on weights packed once into oneDNN's blocked layout
+than on plain ones (the layout change otherwise happens on every call), 4-6x faster than
+MKL. See BENCHMARKS.md, "Native engine speed".
 
 `PackedWeight.of(W)` makes the packed copy once; `linear(x, b)` = x Wᵀ + b. The results are
 the same products summed in another order: equal to `F.linear` within fp32 rounding, not
