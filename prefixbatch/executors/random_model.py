@@ -126,6 +126,13 @@ REAL_SHAPES: dict[str, dict] = {
 }
 SIZES.update({name: real["shape"] for name, real in REAL_SHAPES.items()})
 
+
+
+def arch_for(size: str, arch: str) -> str:
+    """The architecture a model of `size` gets: a real checkpoint's shape fixes its own."""
+    return REAL_SHAPES[size]["arch"] if size in REAL_SHAPES else arch
+
+
 CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
     "llama": LlamaConfig,
     "qwen2": Qwen2Config,
@@ -151,7 +158,7 @@ def make_test_model(
     """Writes config.json, generation_config.json, model.safetensors, tokenizer files (with chat template) into directory; returns it."""
     _check_choice("arch", arch, Arch)
     _check_choice("size", size, Size)
-    arch = REAL_SHAPES[size]["arch"] if size in REAL_SHAPES else arch  # a real shape fixes its arch
+    arch = arch_for(size, arch)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
 

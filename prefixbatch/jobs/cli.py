@@ -201,11 +201,10 @@ def _positive(text: str) -> int:
 
 
 def cmd_make_test_model(args: argparse.Namespace) -> int:
-    from prefixbatch.executors.random_model import REAL_SHAPES, make_test_model
+    from prefixbatch.executors.random_model import arch_for, make_test_model
 
     folder = make_test_model(args.dir, arch=args.arch, size=args.size, seed=args.seed)
-    arch = REAL_SHAPES.get(args.size, {}).get("arch", args.arch)
-    print(f"wrote a {args.size} {arch} test model to {folder}")
+    print(f"wrote a {args.size} {arch_for(args.size, args.arch)} test model to {folder}")
     return 0
 
 

@@ -45,13 +45,11 @@ class PackedWeight:
 
     packed: torch.Tensor
     num_in: int
-    num_out: int
 
     @classmethod
     def of(cls, weight: torch.Tensor) -> PackedWeight:
-        num_out, num_in = weight.shape
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _PACK_FOR_ROWS)
-        return cls(packed, num_in, num_out)
+        return cls(packed, num_in=weight.shape[1])
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [T, in] → x Wᵀ + bias: [T, out], in x's dtype."""
