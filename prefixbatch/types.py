@@ -23,10 +23,20 @@ class SamplingParams:
     seed: int = 0  # seeds this request's own generator, so batch mates never change its draws
     stop: tuple[str, ...] = ()  # output text is cut before the first of these
     stop_token_ids: tuple[int, ...] = ()  # generation ends at these ids (eos is added by executors)
+    repetition_penalty: float = 1.0  # transformers': over prompt and output tokens; 1 is none
+    presence_penalty: float = 0.0  # OpenAI's: over output tokens
+    frequency_penalty: float = 0.0  # OpenAI's: over output tokens
+    min_tokens: int = 0  # no stop (eos, stop ids, stop strings) before this many output tokens
+    logprobs: int | None = None  # None: none; k: each output token's logprob and top k
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether any penalty changes the logits before a token is picked."""
+        return (self.repetition_penalty, self.presence_penalty, self.frequency_penalty) != (1.0, 0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,20 @@ class Request:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One output token's log-probability and the `k` most likely tokens at its step.
+
+    From the model's own distribution: fp32 log-softmax of the raw logits, before penalties,
+    temperature and top-k/top-p. Texts are each token decoded alone, special tokens kept.
+    """
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...]  # (token id, text, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class Completion:
     """The result for one request (or an error row that never reached an executor).
 
@@ -76,6 +100,7 @@ class Completion:
     num_cached_prompt_tokens: int = 0  # prompt tokens whose KV was reused, not computed
     error: str | None = None  # "code: message" for error rows
     sample_index: int = 0  # the request's sample_index; 0 for error rows (one per input row)
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token_ids entry, when asked for
 
     @property
     def num_output_tokens(self) -> int:
@@ -97,4 +122,4 @@ def error_completion(
     )
 
 
-__all__ = ["Completion", "FinishReason", "Request", "SamplingParams", "error_completion"]
+__all__ = ["Completion", "FinishReason", "Request", "SamplingParams", "TokenLogprob", "error_completion"]

@@ -2,8 +2,9 @@
 
 It is the oracle the native engine is tested against and the baseline it is benchmarked
 against, so it stays plain transformers: `AutoModelForCausalLM.generate` with
-`do_sample=False`, one logits processor (`SeededSampler`: per-row seeded sampling, greedy
-rows untouched) and one stopping criterion (`RowStopper`: per-row max_tokens, stop ids,
+`do_sample=False`, our logits processors (`LogprobRecorder`: the logprobs rows ask for, from
+the raw logits; `Penalizer`: per-row penalties and `min_tokens`; `SeededSampler`: per-row
+seeded sampling, greedy rows untouched) and one stopping criterion (`RowStopper`: per-row max_tokens, stop ids,
 stop strings). Greedy rows are therefore exactly transformers' greedy decoding.
 
 Order and batches: the plan's groups run in the plan's order (it cannot share a prefix's KV,
@@ -41,7 +42,13 @@ from prefixbatch.errors import ModelError
 from prefixbatch.executors.base import ExecutorStats, StopFlag
 from prefixbatch.executors.config import ExecutorSpec
 from prefixbatch.executors.device import resolve_device, resolve_dtype
-from prefixbatch.executors.sampling import SeededSampler
+from prefixbatch.executors.sampling import (
+    LogprobRecorder,
+    Penalizer,
+    RawLogprob,
+    SeededSampler,
+    TokenTexts,
+)
 from prefixbatch.executors.stopping import RowFinish, RowStopper, StopRule, cut_at_stop
 from prefixbatch.model_folder import check_model_folder
 from prefixbatch.prefix_tree import PlannedRequests
@@ -79,6 +86,7 @@ class HfExecutor:
             ),
         )
         self.model.to(self.device).eval()
+        self.token_texts = TokenTexts(self.tokenizer)
         checkpoint_config = self.model.generation_config
         self.eos_token_ids = _eos_token_ids(checkpoint_config, self.tokenizer)
         self.pad_token_id = _pad_token_id(checkpoint_config, self.tokenizer, self.eos_token_ids)
@@ -104,7 +112,7 @@ class HfExecutor:
         for request in [r for r in requests if r.sampling.max_tokens < 1]:
             yield Completion(
                 request.row_index, (), "", "length", request.num_prompt_tokens,
-                sample_index=request.sample_index,
+                sample_index=request.sample_index, logprobs=None if request.sampling.logprobs is None else (),
             )
         batches = plan_batches(
             [r for r in requests if r.sampling.max_tokens >= 1],
@@ -131,25 +139,36 @@ class HfExecutor:
         config = GenerationConfig(
             **self.special_ids, do_sample=False, max_new_tokens=max(p.max_tokens for p in params)
         )
+        # Raw logits → logprobs recorded; penalties and min_tokens; the row's draw (or greedy).
+        recorder = LogprobRecorder(params)
+        stop_ids = [sorted(rule.stop_token_ids) for rule in rules]
+        penalizer = Penalizer(params, [r.token_ids for r in batch], stop_ids, prompt_len)
+        processors = [recorder, penalizer, SeededSampler(params, self.device)]
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 generation_config=config,
-                logits_processor=LogitsProcessorList([SeededSampler(params, self.device)]),
+                logits_processor=LogitsProcessorList(processors),
                 stopping_criteria=StoppingCriteriaList([stopper, _StopWhenSet(stop)]),
             )  # [B, P + num_steps]
+            recorder.finish(output[:, -1].tolist())
         generated = output[:, prompt_len:].tolist()  # finished rows continue with pad ids
         self.stats.num_prefill_tokens += sum(r.num_prompt_tokens for r in batch)
         self.stats.num_decode_tokens += len(batch) * (output.shape[1] - prompt_len)
         self.stats.num_steps += output.shape[1] - prompt_len
         return [
-            self._completion(request, rule, row_ids, finish)
-            for request, rule, row_ids, finish in zip(batch, rules, generated, stopper.finishes)
+            self._completion(request, rule, row_ids, finish, recorder.found.get(row))
+            for row, (request, rule, row_ids, finish) in enumerate(zip(batch, rules, generated, stopper.finishes))
         ]
 
     def _completion(
-        self, request: Request, rule: StopRule, row_ids: list[int], finish: RowFinish | None
+        self,
+        request: Request,
+        rule: StopRule,
+        row_ids: list[int],
+        finish: RowFinish | None,
+        logprobs: list[RawLogprob] | None,
     ) -> Completion:
         # Every row ends by its rule before generate stops; the fallback is defensive.
         finish = finish or RowFinish(min(len(row_ids), rule.max_tokens), "length")
@@ -161,6 +180,7 @@ class HfExecutor:
             finish_reason=finish.reason,
             num_prompt_tokens=request.num_prompt_tokens,
             sample_index=request.sample_index,
+            logprobs=None if logprobs is None else self.token_texts.named(logprobs[: len(token_ids)]),
         )
 
     def _left_pad(self, prompts: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:

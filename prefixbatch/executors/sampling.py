@@ -12,18 +12,35 @@ everywhere but the drawn token, so greedy's argmax picks exactly that token. Gre
 
 Invariant: a request's generator is seeded with its `SamplingParams.seed` and advanced once
 per decoding step, whichever rows share its batch.
+
+Before any token is picked, `penalize` applies a row's penalties and `min_tokens` mask to its
+logits, and `token_logprobs` reads the logprobs a row asked for from the raw logits: both
+executors call the same functions, so they agree by construction on everything but the
+model's own numerics.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import LogitsProcessor
 
-from prefixbatch.types import SamplingParams
+from prefixbatch.types import SamplingParams, TokenLogprob
 
-__all__ = ["SeededSampler", "draw_tokens", "filter_logits", "inverse_cdf"]
+__all__ = [
+    "LogprobRecorder",
+    "Penalizer",
+    "SeededSampler",
+    "TokenTexts",
+    "draw_tokens",
+    "filter_logits",
+    "inverse_cdf",
+    "needs_penalize",
+    "penalize",
+    "token_logprobs",
+]
 
 
 class SeededSampler(LogitsProcessor):
@@ -50,6 +67,65 @@ class SeededSampler(LogitsProcessor):
         out[rows] = float("-inf")
         out[rows, drawn] = 0.0
         return out
+
+
+class Penalizer(LogitsProcessor):
+    """`penalize` inside `generate`: each row's penalties and `min_tokens` mask, over its own
+    prompt (unpadded) and the tokens it generated; before `SeededSampler`."""
+
+    def __init__(
+        self,
+        params: Sequence[SamplingParams],
+        prompts: Sequence[Sequence[int]],
+        stop_ids: Sequence[Sequence[int]],
+        prompt_len: int,
+    ) -> None:
+        self.params, self.prompts, self.stop_ids = list(params), list(prompts), list(stop_ids)
+        self.prompt_len = prompt_len  # padded prompt length: generated ids start here
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        num_generated = input_ids.shape[1] - self.prompt_len
+        rows = [row for row, p in enumerate(self.params) if needs_penalize(p, num_generated)]
+        if not rows:
+            return scores
+        penalized = scores[rows]  # [P, V], a copy
+        penalize(
+            penalized,
+            [self.params[row] for row in rows],
+            [self.prompts[row] for row in rows],
+            input_ids[rows, self.prompt_len :].tolist(),
+            [self.stop_ids[row] for row in rows],
+        )
+        out = scores.clone()
+        out[rows] = penalized
+        return out
+
+
+class LogprobRecorder(LogitsProcessor):
+    """Records, inside `generate`, the logprobs of the rows that ask for them (`token_logprobs`
+    on the raw logits); first in the processor list, so it sees them unchanged. A step's
+    picked tokens are known at the next call (or, for the last step, from `finish`)."""
+
+    def __init__(self, params: Sequence[SamplingParams]) -> None:
+        self.rows = [row for row, p in enumerate(params) if p.logprobs is not None]
+        self.ks = [params[row].logprobs for row in self.rows]
+        self.found: dict[int, list[RawLogprob]] = {row: [] for row in self.rows}
+        self._pending: torch.Tensor | None = None  # [R, V] raw logits of the last step
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.rows:
+            self.finish(input_ids[:, -1].tolist())
+            self._pending = scores[self.rows]  # a copy
+        return scores
+
+    def finish(self, last_tokens: Sequence[int]) -> None:
+        """Settles the pending step with the tokens it picked (one per batch row)."""
+        if self._pending is None:
+            return
+        picked = [last_tokens[row] for row in self.rows]
+        for row, logprob in zip(self.rows, token_logprobs(self._pending, picked, self.ks), strict=True):
+            self.found[row].append(logprob)
+        self._pending = None
 
 
 def draw_tokens(
@@ -96,3 +172,78 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     removed |= ((probs.cumsum(dim=-1) - probs) > top_p[:, None]) & (top_p[:, None] < 1.0)
     sorted_logits = sorted_logits.masked_fill(removed, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def needs_penalize(params: SamplingParams, num_generated: int) -> bool:
+    """Whether `penalize` changes this row's logits at a step after `num_generated` tokens."""
+    return params.has_penalties or num_generated < params.min_tokens
+
+
+def penalize(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompts: Sequence[Sequence[int]],
+    outputs: Sequence[Sequence[int]],
+    stop_ids: Sequence[Sequence[int]],
+) -> None:
+    """Each row's penalties and `min_tokens` mask, in place. logits: [S, V] fp32 (a tensor of
+    the caller's own, not a view of shared logits); per row its params, prompt tokens, output
+    tokens so far and stop ids (eos + its `stop_token_ids`).
+
+    In vLLM's order: transformers' repetition penalty over prompt and output tokens (a logit
+    above 0 divided by the penalty, one below multiplied), then OpenAI's frequency and
+    presence penalties over the output's token counts, then -inf on the stop ids while the
+    output is shorter than `min_tokens`.
+    """
+    device = logits.device
+    for row, (p, prompt, output, stops) in enumerate(zip(params, prompts, outputs, stop_ids, strict=True)):
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted({*prompt, *output}), dtype=torch.long, device=device)
+            values = logits[row, seen]
+            logits[row, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if output and (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0):
+            ids, counts = torch.tensor(output, dtype=torch.long, device=device).unique(return_counts=True)
+            logits[row, ids] -= counts.to(logits.dtype) * p.frequency_penalty + p.presence_penalty
+        if len(output) < p.min_tokens and stops:
+            logits[row, torch.tensor(list(stops), dtype=torch.long, device=device)] = float("-inf")
+
+
+# A step's logprobs before token texts are attached: (picked id, its logprob, ((id, logprob), ...)).
+RawLogprob = tuple[int, float, tuple[tuple[int, float], ...]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], ks: Sequence[int]) -> list[RawLogprob]:
+    """Per row the picked token's logprob and the top `k` of the row's distribution.
+
+    logits: [S, V], the raw logits (before penalties, temperature, top-k/top-p); tokens: the
+    S picked ids; ks: S counts (0–20). Log-softmax in fp32; top lists most likely first.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [S, V]
+    picked = logp.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    most = max(ks, default=0)
+    top_values, top_ids = torch.topk(logp, most, dim=-1) if most else (logp[:, :0], logp[:, :0].long())
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return [
+        (token, lp, tuple(zip(top_ids[row][:k], top_values[row][:k], strict=True)))
+        for row, (token, lp, k) in enumerate(zip(tokens, picked, ks, strict=True))
+    ]
+
+
+class TokenTexts:
+    """Each token id's own text (special tokens kept), decoded once per id."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def named(self, found: Sequence[RawLogprob]) -> tuple[TokenLogprob, ...]:
+        """`token_logprobs`' records with every token's text."""
+        return tuple(
+            TokenLogprob(token, self(token), lp, tuple((i, self(i), v) for i, v in top)) for token, lp, top in found
+        )

@@ -11,10 +11,12 @@ members scheduled in one step do not each compute the prefix.
 Prompts go in as token ids (our tokenization and chat templates: outputs compare across
 executors); sampling maps one to one (`n` is already one request per sample, each with its
 own seed: vLLM's per-request `seed` gives a row the same draws whatever its batch mates, up
-to the rounding of batched kernels). Text is decoded with our tokenizer, cut at stop strings
+to the rounding of batched kernels; penalties, `min_tokens` and `logprobs` too, the last
+read from vLLM's raw logprobs). Text is decoded with our tokenizer, cut at stop strings
 as the other executors cut it. Greedy generations in flight are checkpointed and resumed
 (`in_flight`); a seeded sampled row restarts on resume, since vLLM cannot advance a
-request's generator past draws made in another run.
+request's generator past draws made in another run, and so does a row with logprobs or
+presence/frequency penalties (resumed tokens would count as prompt).
 
 The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, single-process
 executor): it starts in seconds rather than tens of seconds, and one Dask worker holds one.
@@ -34,11 +36,12 @@ from prefixbatch.errors import UserError
 from prefixbatch.executors.base import ExecutorStats, StopFlag
 from prefixbatch.executors.config import ExecutorSpec
 from prefixbatch.executors.device import resolve_device, resolve_dtype
+from prefixbatch.executors.sampling import RawLogprob, TokenTexts
 from prefixbatch.executors.stopping import cut_at_stop
 from prefixbatch.faults import fault_point
 from prefixbatch.model_folder import eos_token_ids
 from prefixbatch.prefix_tree import PlannedRequests
-from prefixbatch.types import Completion, Request, error_completion
+from prefixbatch.types import Completion, Request, SamplingParams, error_completion
 
 __all__ = ["INSTALL_HINT", "VllmExecutor", "block_size_for"]
 
@@ -103,6 +106,7 @@ class VllmExecutor:
         self.block_size = cache.block_size
         self.kv_cache_tokens = int(cache.num_gpu_blocks) * cache.block_size  # what it really holds
         self.tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+        self.token_texts = TokenTexts(self.tokenizer)  # logprobs' token texts
         self.eos_token_ids = frozenset(eos_token_ids(model.path, self.tokenizer))
         self.stats = ExecutorStats()
         self._ids = count()
@@ -180,7 +184,7 @@ class VllmExecutor:
             return {
                 (r.request.row_index, r.request.sample_index): r.request.generated + r.tokens
                 for r in self._running.values()
-                if r.request.sampling.is_greedy and (r.request.generated or r.tokens)
+                if _resumable(r.request.sampling) and (r.request.generated or r.tokens)
             }
 
     # -- one request --------------------------------------------------------------------
@@ -212,6 +216,11 @@ class VllmExecutor:
                     stop=list(params.stop) or None,
                     stop_token_ids=list(params.stop_token_ids) or None,
                     skip_special_tokens=True,
+                    repetition_penalty=params.repetition_penalty,
+                    presence_penalty=params.presence_penalty,
+                    frequency_penalty=params.frequency_penalty,
+                    min_tokens=max(params.min_tokens - request.num_generated, 0),
+                    logprobs=params.logprobs,
                 ),
             )
         except (ValueError, VLLMValidationError) as exc:  # e.g. longer than max_model_len
@@ -252,6 +261,9 @@ class VllmExecutor:
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_prompt_tokens=min(cached, request.num_prompt_tokens),
             sample_index=request.sample_index,
+            logprobs=None if sample.logprobs is None else self.token_texts.named(
+                _logprobs(tokens, sample.logprobs, request.sampling.logprobs)
+            ),
         )
 
     def _abort_all(self) -> None:
@@ -261,6 +273,25 @@ class VllmExecutor:
             self.engine.abort_request(ids)
         with self._lock:
             self._running.clear()
+
+
+def _resumable(params: SamplingParams) -> bool:
+    """Whether a request continues from a checkpoint: greedy (vLLM cannot advance a seeded
+    sampler), no presence/frequency penalty (vLLM would count the resumed tokens as prompt),
+    no logprobs (the resumed tokens would have none)."""
+    return params.is_greedy and (params.presence_penalty, params.frequency_penalty) == (0.0, 0.0) and (
+        params.logprobs is None
+    )
+
+
+def _logprobs(tokens: tuple[int, ...], found: list, k: int) -> list[RawLogprob]:
+    """vLLM's per-token {id: Logprob} dicts (its raw logprobs: top k by rank, plus the picked
+    token) as `token_logprobs` records, one per output token."""
+    out = []
+    for token, by_id in zip(tokens, found, strict=False):
+        top = sorted((entry.rank, token_id, entry.logprob) for token_id, entry in by_id.items() if entry.rank <= k)
+        out.append((token, by_id[token].logprob, tuple((i, lp) for _, i, lp in top[:k])))
+    return out
 
 
 class _Running:

@@ -136,6 +136,35 @@ class SamplingSpec(StrictModel):
     """Completions per prompt: a row becomes n output rows (`sample_index` 0..n-1), each sampled
     with its own seed. The samples share the prompt's KV in the native engine."""
 
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    """transformers' repetition penalty over the prompt's and the output's tokens: a token seen
+    before has its logit divided by this when positive, multiplied when negative (1: none;
+    above 1 discourages repeats)."""
+
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    """OpenAI's presence penalty: subtracted from the logit of every token already in the
+    output (0: none; positive discourages repeats)."""
+
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    """OpenAI's frequency penalty: subtracted from a token's logit once per time it is already
+    in the output (0: none)."""
+
+    min_tokens: int = Field(0, ge=0)
+    """Output tokens before the output may stop on a token: until then the end-of-sequence and
+    `stop_token_ids` tokens are masked (stop strings still apply). At most `max_tokens`."""
+
+    logprobs: int | None = Field(None, ge=0, le=20)
+    """Log-probabilities in the output (`logprobs` column): for every output token its own and
+    the k most likely tokens' (0–20; null: no column values). From the model's distribution,
+    before penalties, temperature and top-k/top-p."""
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> SamplingSpec:
+        if self.min_tokens > self.max_tokens:
+            msg = f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+            raise ValueError(msg)
+        return self
+
 
 # Per-row override columns: an input column named like a sampling field overrides it.
 SAMPLING_FIELDS: tuple[str, ...] = tuple(SamplingSpec.model_fields)

@@ -91,7 +91,11 @@ def make_requests(
             return RowError("max_tokens_over_context", msg)
         max_tokens = min(max_tokens, room)
     seed = sampling.seed if has_row_seed else row_seed(job_seed, row_id)
-    params = SamplingParams(**{**request_params(sampling), "max_tokens": max_tokens, "seed": seed})
+    # A clamped max_tokens lowers min_tokens with it: the context holds no more.
+    min_tokens = min(sampling.min_tokens, max_tokens)
+    params = SamplingParams(
+        **{**request_params(sampling), "max_tokens": max_tokens, "min_tokens": min_tokens, "seed": seed}
+    )
     prompt = tuple(token_ids)
     return [
         Request(row_index, prompt, replace(params, seed=sample_seed(seed, k)), sample_index=k)

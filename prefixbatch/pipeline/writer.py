@@ -19,6 +19,13 @@ from prefixbatch.types import Completion
 
 OutputMode = Literal["error", "overwrite", "resume"]
 
+# `logprobs`: per output token its id, text and logprob, and the top k alternatives.
+_TOP_LOGPROB = pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())])
+LOGPROBS_TYPE = pa.list_(pa.struct([
+    ("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32()),
+    ("top_logprobs", pa.list_(_TOP_LOGPROB)),
+]))
+
 # The columns prefixbatch writes after the id and the carried columns.
 RESULT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("sample_index", pa.int32(), nullable=False),  # 0..n-1; 0 on error rows
@@ -29,6 +36,7 @@ RESULT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("num_output_tokens", pa.int32(), nullable=False),
     pa.field("num_cached_prompt_tokens", pa.int32(), nullable=False),
     pa.field("error", pa.string()),  # null, or "code: message"
+    pa.field("logprobs", LOGPROBS_TYPE),  # null unless the row asked (`sampling.logprobs`)
 )
 _RESULT_NAMES = tuple(f.name for f in RESULT_FIELDS)
 
@@ -91,7 +99,18 @@ def _result_columns(completions: Sequence[Completion]) -> dict[str, pa.Array]:
         "num_output_tokens": pa.array(np.diff(offsets)),
         "num_cached_prompt_tokens": pa.array(cached, pa.int32()),
         "error": pa.array([c.error for c in completions], pa.string()),
+        "logprobs": pa.array([_logprob_rows(c) for c in completions], LOGPROBS_TYPE),
     }
+
+
+def _logprob_rows(completion: Completion) -> list[dict[str, Any]] | None:
+    if completion.logprobs is None:
+        return None
+    return [
+        {"token_id": t.token_id, "token": t.token, "logprob": t.logprob,
+         "top_logprobs": [{"token_id": i, "token": text, "logprob": lp} for i, text, lp in t.top]}
+        for t in completion.logprobs
+    ]
 
 
 def _as_type(column: pa.Array | pa.ChunkedArray, target: pa.DataType) -> pa.Array:

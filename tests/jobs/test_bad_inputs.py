@@ -36,7 +36,16 @@ ROWS = [  # (id, prompt bytes or None, per-row overrides, expected error code or
     ("zero-max-tokens", b"hello", {"max_tokens": 0}, "invalid_sampling"),
     ("zero-n", b"hello", {"n": 0}, "invalid_sampling"),
     ("good-2", b"What is a sea shanty?", {"max_tokens": 3}, None),
+    ("big-logprobs", b"hello", {"logprobs": 21}, "invalid_sampling"),
+    ("zero-repetition", b"hello", {"repetition_penalty": 0.0}, "invalid_sampling"),
+    ("big-presence", b"hello", {"presence_penalty": 2.5}, "invalid_sampling"),
+    ("min-over-max", b"hello", {"min_tokens": 9}, "invalid_sampling"),
+    ("good-options", b"Name three rivers.", {"logprobs": 2, "repetition_penalty": 1.3, "presence_penalty": 0.5,
+                                             "frequency_penalty": -0.5, "min_tokens": 2}, None),
 ]
+OVERRIDE_TYPES = {"temperature": pa.float64(), "top_p": pa.float64(), "max_tokens": pa.int64(), "n": pa.int64(),
+                  "logprobs": pa.int64(), "repetition_penalty": pa.float64(), "presence_penalty": pa.float64(),
+                  "frequency_penalty": pa.float64(), "min_tokens": pa.int64()}
 
 
 @pytest.fixture
@@ -45,7 +54,7 @@ def corpus(tmp_path, tiny_llama) -> dict:
         "id": pa.array([r[0] for r in ROWS]),
         "prompt": invalid_utf8_strings([r[1] for r in ROWS]),
     }
-    for name, kind in (("temperature", pa.float64()), ("top_p", pa.float64()), ("max_tokens", pa.int64()), ("n", pa.int64())):
+    for name, kind in OVERRIDE_TYPES.items():
         columns[name] = pa.array([r[2].get(name) for r in ROWS], kind)
     pq.write_table(pa.table(columns), tmp_path / "in.parquet")
     return {
@@ -82,6 +91,15 @@ def test_every_bad_row_becomes_an_error_row_and_the_others_complete(tmp_path, co
     assert rows["too-long"]["error"].endswith("the model's context is 2048")
     assert "input.max_prompt_chars is 30000" in rows["huge"]["error"]
     assert "top_p" in rows["big-top-p"]["error"] and "n:" in rows["zero-n"]["error"]
+    assert "logprobs: " in rows["big-logprobs"]["error"] and "less than or equal to 20" in rows["big-logprobs"]["error"]
+    assert "repetition_penalty: " in rows["zero-repetition"]["error"]
+    assert "presence_penalty: " in rows["big-presence"]["error"]
+    assert "min_tokens (9) must not exceed max_tokens (4)" in rows["min-over-max"]["error"]
+    good = rows["good-options"]
+    assert len(good["logprobs"]) == good["num_output_tokens"] >= 2
+    assert [t["token_id"] for t in good["logprobs"]] == good["output_token_ids"]
+    assert all(len(t["top_logprobs"]) == 2 and t["logprob"] <= 0 for t in good["logprobs"])
+    assert rows["good-1"]["logprobs"] is None
     expected_counts: dict[str, int] = {}
     for *_, error in ROWS:
         if error:
@@ -117,7 +135,9 @@ def test_too_many_error_rows_exit_3_after_writing_every_row(tmp_path, corpus, ca
     code, rows, summary = run(tmp_path, corpus, "--set", "max_error_fraction=0.5")
     err = capsys.readouterr().err
     assert code == 3 and len(rows) == len(ROWS)
-    assert "10 of 12 input rows (83.3%) are error rows, above max_error_fraction 0.5" in err
+    bad = sum(1 for *_, error in ROWS if error)
+    share = f"{bad / len(ROWS):.1%}"
+    assert f"{bad} of {len(ROWS)} input rows ({share}) are error rows, above max_error_fraction 0.5" in err
     assert "Traceback" not in err
 
 
@@ -180,6 +200,24 @@ def test_invalid_spec_value(tmp_path, job, capsys):
     job["sampling"]["temperature"] = -0.5
     err = refused(tmp_path, job, capsys)
     assert "sampling.temperature" in err and "greater than or equal to 0" in err
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("logprobs", 21, "less than or equal to 20"),
+        ("logprobs", -1, "greater than or equal to 0"),
+        ("repetition_penalty", 0, "greater than 0"),
+        ("presence_penalty", -3, "greater than or equal to -2"),
+        ("frequency_penalty", 2.5, "less than or equal to 2"),
+        ("min_tokens", -1, "greater than or equal to 0"),
+        ("min_tokens", 5, "min_tokens (5) must not exceed max_tokens (2)"),
+    ],
+)
+def test_invalid_sampling_option_in_the_spec(tmp_path, job, capsys, field, value, message):
+    job["sampling"][field] = value
+    err = refused(tmp_path, job, capsys)
+    assert message in err and (f"sampling.{field}" in err or "sampling" in err and field in message), err
 
 
 @pytest.mark.parametrize(

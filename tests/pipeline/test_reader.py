@@ -337,6 +337,11 @@ def test_override_columns_are_read_where_present_and_null_elsewhere(tmp_path):
             ("stop", pa.list_(pa.string())),
             ("stop_token_ids", pa.list_(pa.int64())),
             ("n", pa.int64()),
+            ("repetition_penalty", pa.float64()),
+            ("presence_penalty", pa.float64()),
+            ("frequency_penalty", pa.float64()),
+            ("min_tokens", pa.int64()),
+            ("logprobs", pa.int64()),
         ]
     )
     assert table.to_pydict() == {
@@ -350,6 +355,8 @@ def test_override_columns_are_read_where_present_and_null_elsewhere(tmp_path):
         "stop": [["###"], None, ["a", "b"]],
         "stop_token_ids": [[1, 2], [], None],
         "n": [None, None, 3],
+        **{name: [None, None, None] for name in ("repetition_penalty", "presence_penalty", "frequency_penalty",
+                                                  "min_tokens", "logprobs")},
     }
     assert batch_schema(files, OVERRIDES) == table.schema
 

@@ -7,7 +7,7 @@ import pytest
 
 from prefixbatch.errors import SpecError
 from prefixbatch.pipeline.writer import completions_to_table, output_schema
-from prefixbatch.types import Completion, error_completion
+from prefixbatch.types import Completion, TokenLogprob, error_completion
 
 METADATA = {
     "prefixbatch.job": "demo",
@@ -44,9 +44,36 @@ def test_output_schema_is_id_then_carry_then_results():
             pa.field("num_output_tokens", pa.int32(), nullable=False),
             pa.field("num_cached_prompt_tokens", pa.int32(), nullable=False),
             pa.field("error", pa.string()),
+            pa.field("logprobs", pa.list_(pa.struct([
+                ("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32()),
+                ("top_logprobs", pa.list_(pa.struct([
+                    ("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32()),
+                ]))),
+            ]))),
         ]
     )
     assert expected == SCHEMA
+
+
+def test_logprobs_column_holds_each_output_tokens_logprob_and_alternatives():
+    logprobs = (
+        TokenLogprob(5, "hi", -0.25, ((5, "hi", -0.25), (9, "yo", -1.5))),
+        TokenLogprob(6, " there", -2.0, ((7, "!", -0.5), (6, " there", -2.0))),
+    )
+    completions = [
+        Completion(0, (5, 6), "hi there", "stop", num_prompt_tokens=4, logprobs=logprobs),
+        Completion(1, (5,), "hi", "length", num_prompt_tokens=4),
+    ]
+    table = completions_to_table(completions, ids=pa.array(["a", "b"]), carry=pa.table({"topic": ["x", "y"]}),
+                                 schema=SCHEMA)
+    asked, not_asked = table.column("logprobs").to_pylist()
+    assert not_asked is None
+    assert asked == [
+        {"token_id": 5, "token": "hi", "logprob": -0.25, "top_logprobs": [
+            {"token_id": 5, "token": "hi", "logprob": -0.25}, {"token_id": 9, "token": "yo", "logprob": -1.5}]},
+        {"token_id": 6, "token": " there", "logprob": -2.0, "top_logprobs": [
+            {"token_id": 7, "token": "!", "logprob": -0.5}, {"token_id": 6, "token": " there", "logprob": -2.0}]},
+    ]
 
 
 def test_output_schema_refuses_repeated_column_names():
@@ -68,6 +95,7 @@ def test_completions_to_table_values():
         "num_output_tokens": [2, 0, 1, 2],
         "num_cached_prompt_tokens": [3, 0, 0, 0],
         "error": [None, "prompt_too_long: 4096 tokens, the model takes 2048", None, None],
+        "logprobs": [None, None, None, None],
     }
 
 

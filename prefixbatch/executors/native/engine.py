@@ -41,7 +41,14 @@ from prefixbatch.executors.native.invariant import InvariantAttention
 from prefixbatch.executors.native.kv import KVStore
 from prefixbatch.executors.native.model import CausalLM
 from prefixbatch.executors.native.tree_attention import TreeAttention
-from prefixbatch.executors.sampling import draw_tokens
+from prefixbatch.executors.sampling import (
+    RawLogprob,
+    TokenTexts,
+    draw_tokens,
+    needs_penalize,
+    penalize,
+    token_logprobs,
+)
 from prefixbatch.executors.stopping import RowFinish, StopRule, cut_at_stop, row_finish
 from prefixbatch.faults import fault_point
 from prefixbatch.packing import Admission, Start, Step, StepScheduler, store_capacity
@@ -60,6 +67,7 @@ class _Sequence:
     generator: torch.Generator | None  # None: greedy
     generated: list[int] = field(default_factory=list)
     finish: RowFinish | None = None
+    logprobs: list[RawLogprob] | None = None  # one per generated token, when asked for
 
 
 class Engine:
@@ -71,10 +79,12 @@ class Engine:
         *,
         eos_token_ids: Sequence[int],
         decode: Callable[[list[int]], str],
+        token_texts: TokenTexts,
         max_step_tokens: int,
         batch_invariant: bool = False,
     ) -> None:
         self.model = model
+        self.token_texts = token_texts  # logprobs' token texts
         self.batch_invariant = batch_invariant  # see `invariant`: exact whatever the step
         self.eos_token_ids = tuple(eos_token_ids)
         self.decode = decode
@@ -131,12 +141,13 @@ class _PlanRun:
     def in_flight(self) -> dict[tuple[int, int], tuple[int, ...]]:
         """(row, sample) → tokens generated so far (resumed ones included) of every sequence
         under way. Safe to call from another thread: each sequence's tokens are a prefix of
-        its generation."""
+        its generation. A sequence that records logprobs is left out: a resume could not give
+        its earlier tokens theirs, so it restarts from its prompt (to the same output)."""
         with self.lock:  # never a sequence caught between its last token and its finish
             return {
                 (s.request.row_index, s.request.sample_index): tuple(s.generated)
                 for s in self.sequences.values()
-                if s.generated and s.finish is None
+                if s.generated and s.finish is None and s.logprobs is None
             }
 
     def completions(self, stop: StopFlag | None) -> Iterator[Completion]:
@@ -174,6 +185,7 @@ class _PlanRun:
             rule=StopRule.of(params, self.engine.eos_token_ids),
             generator=generator,
             generated=list(request.generated),  # stop rules and max_tokens count them too
+            logprobs=None if params.logprobs is None else [],
         )
 
     def _run(self, step: Step) -> list[int]:
@@ -239,11 +251,27 @@ class _PlanRun:
             num_prompt_tokens=sequence.request.num_prompt_tokens,
             num_cached_prompt_tokens=sequence.num_cached_tokens,
             sample_index=sequence.request.sample_index,
+            logprobs=None if sequence.logprobs is None else self.engine.token_texts.named(sequence.logprobs[: len(token_ids)]),
         )
 
 
 def _next_tokens(sequences: list[_Sequence], logits: torch.Tensor) -> list[int]:
-    """One token per row of logits [S, V]: argmax, or a draw from the sequence's generator."""
+    """One token per row of logits [S, V]: argmax, or a draw from the sequence's generator,
+    after the row's penalties; the logprobs of those that asked, from the raw logits."""
+    raw = logits
+    penalized = [i for i, s in enumerate(sequences) if needs_penalize(s.request.sampling, len(s.generated))]
+    if penalized:
+        chosen = [sequences[i] for i in penalized]
+        rows = logits[penalized]  # [P, V], a copy
+        penalize(
+            rows,
+            [s.request.sampling for s in chosen],
+            [s.request.token_ids[: s.request.num_prompt_tokens] for s in chosen],
+            [s.generated for s in chosen],
+            [sorted(s.rule.stop_token_ids) for s in chosen],
+        )
+        logits = logits.clone()  # not the shared node logits `_start` hands in
+        logits[penalized] = rows
     tokens = logits.argmax(dim=-1)  # [S] greedy; the first maximum, as transformers picks
     sampled = [i for i, s in enumerate(sequences) if s.generator is not None]
     if sampled:
@@ -256,7 +284,15 @@ def _next_tokens(sequences: list[_Sequence], logits: torch.Tensor) -> list[int]:
             torch.tensor([p.top_p for p in params], device=device),
             [sequences[i].generator for i in sampled],
         )
-    return tokens.tolist()
+    picked = tokens.tolist()
+    asked = [i for i, s in enumerate(sequences) if s.logprobs is not None]
+    if asked:
+        found = token_logprobs(
+            raw[asked], [picked[i] for i in asked], [sequences[i].request.sampling.logprobs for i in asked]
+        )
+        for i, logprob in zip(asked, found, strict=True):
+            sequences[i].logprobs.append(logprob)
+    return picked
 
 
 def _forward(

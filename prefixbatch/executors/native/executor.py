@@ -17,6 +17,7 @@ from prefixbatch.executors.device import resolve_device, resolve_dtype
 from prefixbatch.executors.native.dense import packing_available
 from prefixbatch.executors.native.engine import Engine
 from prefixbatch.executors.native.weights import load_model, read_model_config
+from prefixbatch.executors.sampling import TokenTexts
 from prefixbatch.faults import fault_point
 from prefixbatch.model_folder import eos_token_ids
 from prefixbatch.prefix_tree import PlannedRequests
@@ -46,6 +47,7 @@ class NativeExecutor:
             self.model,
             eos_token_ids=eos_token_ids(model.path, self.tokenizer),
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+            token_texts=TokenTexts(self.tokenizer),
             max_step_tokens=executor.native.max_step_tokens
             or executor.native.default_step_tokens(self.device.type),
             batch_invariant=executor.native.batch_invariant,
