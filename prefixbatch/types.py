@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-FinishReason = Literal["stop", "length", "error"]
+FinishReason = Literal["stop", "length", "error", "scored"]
 
 
 @dataclass(frozen=True)
@@ -28,10 +28,16 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: over output tokens
     min_tokens: int = 0  # no stop (eos, stop ids, stop strings) before this many output tokens
     logprobs: int | None = None  # None: none; k: each output token's logprob and top k
+    prompt_logprobs: int | None = None  # None: none; k: the same for each prompt token but the first
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def records_logprobs(self) -> bool:
+        """Whether the completion carries logprobs (its generation cannot resume mid-way)."""
+        return self.logprobs is not None or self.prompt_logprobs is not None
 
     @property
     def has_penalties(self) -> bool:
@@ -55,10 +61,23 @@ class Request:
     # earlier run (a checkpoint). They are prefilled like the prompt and count towards
     # `max_tokens` and stop strings; the completion's tokens start with them.
     num_generated: int = 0
+    # Scoring: the prompt's last `num_scored_tokens` tokens are a continuation to score (the
+    # sum of their logprobs, and whether each is the argmax); nothing is generated.
+    num_scored_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.token_ids) - self.num_generated
+
+    @property
+    def logprobs_from(self) -> int | None:
+        """First prompt position whose token's logprob is wanted (None: none): 1 for
+        `prompt_logprobs`, the continuation's first token when scoring."""
+        if self.sampling.prompt_logprobs is not None:
+            return 1
+        if self.num_scored_tokens:
+            return self.num_prompt_tokens - self.num_scored_tokens
+        return None
 
     @property
     def generated(self) -> tuple[int, ...]:
@@ -101,6 +120,10 @@ class Completion:
     error: str | None = None  # "code: message" for error rows
     sample_index: int = 0  # the request's sample_index; 0 for error rows (one per input row)
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token_ids entry, when asked for
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # prompt tokens 1.., when asked for
+    # Scoring: the continuation's summed logprob and whether every token was the argmax.
+    continuation_logprob: float | None = None
+    continuation_is_greedy: bool | None = None
 
     @property
     def num_output_tokens(self) -> int:

@@ -48,6 +48,9 @@ from prefixbatch.executors.sampling import (
     RawLogprob,
     SeededSampler,
     TokenTexts,
+    prompt_results,
+    records_k,
+    token_logprobs,
 )
 from prefixbatch.executors.stopping import RowFinish, RowStopper, StopRule, cut_at_stop
 from prefixbatch.model_folder import check_model_folder
@@ -109,11 +112,18 @@ class HfExecutor:
             self.stats.num_groups += 1
 
     def _run_group(self, requests: Sequence[Request], stop: StopFlag | None) -> Iterator[Completion]:
-        for request in [r for r in requests if r.sampling.max_tokens < 1]:
-            yield Completion(
-                request.row_index, (), "", "length", request.num_prompt_tokens,
-                sample_index=request.sample_index, logprobs=None if request.sampling.logprobs is None else (),
-            )
+        scoring = plan_batches(
+            [r for r in requests if r.sampling.max_tokens < 1],
+            max_batch_size=self.spec.max_batch_size,
+            max_batch_tokens=self.spec.max_batch_tokens,
+        )
+        for batch in scoring:  # nothing to generate: one forward pass over each batch
+            if stop is not None and stop.is_set():
+                return
+            records = self._prompt_records(batch)
+            self.stats.num_prefill_tokens += sum(r.num_prompt_tokens for r in batch)
+            for row, request in enumerate(batch):
+                yield self._scored(request, records[row])
         batches = plan_batches(
             [r for r in requests if r.sampling.max_tokens >= 1],
             max_batch_size=self.spec.max_batch_size,
@@ -139,6 +149,7 @@ class HfExecutor:
         config = GenerationConfig(
             **self.special_ids, do_sample=False, max_new_tokens=max(p.max_tokens for p in params)
         )
+        prompt_records = self._prompt_records(batch)
         # Raw logits → logprobs recorded; penalties and min_tokens; the row's draw (or greedy).
         recorder = LogprobRecorder(params)
         stop_ids = [sorted(rule.stop_token_ids) for rule in rules]
@@ -158,9 +169,49 @@ class HfExecutor:
         self.stats.num_decode_tokens += len(batch) * (output.shape[1] - prompt_len)
         self.stats.num_steps += output.shape[1] - prompt_len
         return [
-            self._completion(request, rule, row_ids, finish, recorder.found.get(row))
+            self._completion(request, rule, row_ids, finish, recorder.found.get(row), prompt_records.get(row))
             for row, (request, rule, row_ids, finish) in enumerate(zip(batch, rules, generated, stopper.finishes))
         ]
+
+    def _prompt_records(self, batch: list[Request]) -> dict[int, list[RawLogprob]]:
+        """Batch row → the records of its prompt positions from `logprobs_from` on (rows that
+        ask): one padded forward pass per slice of the batch, logits for every position."""
+        wanted = [row for row, r in enumerate(batch) if r.logprobs_from is not None]
+        found: dict[int, list[RawLogprob]] = {}
+        vocab = self.model.config.get_text_config().vocab_size
+        while wanted:  # slices whose logits stay under ~256 MB
+            longest = max(batch[row].num_prompt_tokens for row in wanted)
+            take = max(1, min(len(wanted), (64 << 20) // max(longest * vocab, 1)))
+            rows, wanted = wanted[:take], wanted[take:]
+            input_ids, attention_mask = self._left_pad([batch[row].token_ids for row in rows])
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers them
+            with torch.inference_mode():
+                logits = self.model(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
+                ).logits  # [b, L, V]
+            for i, row in enumerate(rows):
+                request = batch[row]
+                prompt_len, first = request.num_prompt_tokens, request.logprobs_from - 1
+                pad = input_ids.shape[1] - prompt_len
+                nexts = list(request.token_ids[first + 1 : prompt_len])
+                found[row] = token_logprobs(
+                    logits[i, pad + first : pad + prompt_len - 1], nexts, [records_k(request)] * len(nexts)
+                )
+        return found
+
+    def _scored(self, request: Request, records: list[RawLogprob]) -> Completion:
+        """A scoring request's completion: its continuation, summed and checked (no generation)."""
+        end = request.num_prompt_tokens
+        continuation = request.token_ids[end - request.num_scored_tokens : end]
+        return Completion(
+            row_index=request.row_index,
+            token_ids=continuation,
+            text=self.decode(continuation),
+            finish_reason="scored",
+            num_prompt_tokens=request.num_prompt_tokens,
+            sample_index=request.sample_index,
+            **prompt_results(request, records, self.token_texts),
+        )
 
     def _completion(
         self,
@@ -169,6 +220,7 @@ class HfExecutor:
         row_ids: list[int],
         finish: RowFinish | None,
         logprobs: list[RawLogprob] | None,
+        prompt_records: list[RawLogprob] | None,
     ) -> Completion:
         # Every row ends by its rule before generate stops; the fallback is defensive.
         finish = finish or RowFinish(min(len(row_ids), rule.max_tokens), "length")
@@ -181,6 +233,7 @@ class HfExecutor:
             num_prompt_tokens=request.num_prompt_tokens,
             sample_index=request.sample_index,
             logprobs=None if logprobs is None else self.token_texts.named(logprobs[: len(token_ids)]),
+            **({} if prompt_records is None else prompt_results(request, prompt_records, self.token_texts)),
         )
 
     def _left_pad(self, prompts: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:

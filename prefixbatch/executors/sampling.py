@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor
 
-from prefixbatch.types import SamplingParams, TokenLogprob
+from prefixbatch.types import Request, SamplingParams, TokenLogprob
 
 __all__ = [
     "LogprobRecorder",
@@ -39,6 +39,8 @@ __all__ = [
     "inverse_cdf",
     "needs_penalize",
     "penalize",
+    "prompt_results",
+    "records_k",
     "token_logprobs",
 ]
 
@@ -247,3 +249,24 @@ class TokenTexts:
         return tuple(
             TokenLogprob(token, self(token), lp, tuple((i, self(i), v) for i, v in top)) for token, lp, top in found
         )
+
+
+def records_k(request: Request) -> int:
+    """How many alternatives a request's prompt-logprob records need: its `prompt_logprobs`,
+    and at least the top one when scoring (whether each token is the argmax)."""
+    return max(request.sampling.prompt_logprobs or 0, 1 if request.num_scored_tokens else 0)
+
+
+def prompt_results(request: Request, records: Sequence[RawLogprob], texts: TokenTexts) -> dict[str, Any]:
+    """A completion's prompt fields from the records of its prompt positions from
+    `request.logprobs_from` on (one per token, each with ≥ `records_k` alternatives):
+    `prompt_logprobs` when asked, and a scoring request's continuation sum and greediness."""
+    fields: dict[str, Any] = {}
+    k = request.sampling.prompt_logprobs
+    if k is not None:
+        fields["prompt_logprobs"] = texts.named([(token, lp, top[:k]) for token, lp, top in records])
+    if request.num_scored_tokens:
+        scored = records[len(records) - request.num_scored_tokens :]
+        fields["continuation_logprob"] = float(sum(lp for _, lp, _ in scored))
+        fields["continuation_is_greedy"] = all(top[0][0] == token for token, _, top in scored)
+    return fields

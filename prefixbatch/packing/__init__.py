@@ -12,9 +12,18 @@ stop rules and reports back which sequences finished.
 from prefixbatch.packing.capacity import store_capacity
 from prefixbatch.packing.scheduler import StepScheduler
 from prefixbatch.packing.slots import SlotAllocator, SlotRange
-from prefixbatch.packing.steps import Admission, DecodeRow, PrefillChunk, Segment, Start, Step
+from prefixbatch.packing.steps import (
+    Admission,
+    DecodeRow,
+    PrefillChunk,
+    ScoredRows,
+    Segment,
+    Start,
+    Step,
+)
 
 __all__ = [
+    "ScoredRows",
     "Admission",
     "DecodeRow",
     "PrefillChunk",

@@ -39,7 +39,15 @@ from itertools import chain
 import numpy as np
 
 from prefixbatch.packing.slots import SlotAllocator
-from prefixbatch.packing.steps import Admission, DecodeRow, PrefillChunk, Segment, Start, Step
+from prefixbatch.packing.steps import (
+    Admission,
+    DecodeRow,
+    PrefillChunk,
+    ScoredRows,
+    Segment,
+    Start,
+    Step,
+)
 from prefixbatch.prefix_tree import ROOT, Group, Plan
 
 __all__ = ["StepScheduler"]
@@ -55,7 +63,10 @@ class StepScheduler:
         *,
         slots: SlotAllocator,
         max_step_tokens: int,
+        logits_from: Sequence[int | None] | None = None,
     ) -> None:
+        """logits_from: per node, the first token offset from which every row of the node gets
+        logits (prompt logprobs, scoring: `ScoredRows`); None (or no list): only its last."""
         if len(max_tokens) != plan.num_requests:
             msg = (
                 f"`max_tokens` must have one entry per plan request ({plan.num_requests}), "
@@ -77,6 +88,7 @@ class StepScheduler:
         self._request_node = plan.request_node.tolist()
         self._has_requests = (np.bincount(plan.request_node, minlength=plan.num_nodes) > 0).tolist()
         self._node_groups_left = (plan.node_last_group - plan.node_first_group + 1).tolist()
+        self._logits_from = list(logits_from) if logits_from is not None else [None] * plan.num_nodes
         self._next_group = 0
         self._prefill: deque[list[int]] = deque()  # [node, tokens done], parents first
         self._waiting: dict[int, list[int]] = {}  # end node → request ids awaiting its logits
@@ -178,7 +190,7 @@ class StepScheduler:
         """The next forward pass: decode rows, then prefill chunks; None when there is no row."""
         self._check_reported()
         decode_rows = self._decode_rows()
-        chunks, logits_nodes, logits_rows = self._prefill_chunks(len(decode_rows))
+        chunks, logits_nodes, logits_rows, scored = self._prefill_chunks(len(decode_rows))
         num_rows = len(decode_rows) + sum(c.num_tokens for c in chunks)
         if num_rows == 0:
             if self._waiting:  # nothing left to prefill: their nodes would never get logits
@@ -197,6 +209,7 @@ class StepScheduler:
             logits_nodes=logits_nodes,
             starts=starts,
             segments=tuple(self._segments.values()),
+            scored=scored,
         )
         self._admitted, self._freed = [], []
         self._pending = (tuple(self._running), tuple(s.request_id for s in starts))
@@ -214,9 +227,10 @@ class StepScheduler:
 
     def _prefill_chunks(
         self, num_rows: int
-    ) -> tuple[tuple[PrefillChunk, ...], tuple[int, ...], list[int]]:
-        """Chunks off the prefill queue up to the step's budget → (chunks, logits nodes, rows)."""
-        chunks, logits_nodes, logits_rows = [], [], []
+    ) -> tuple[tuple[PrefillChunk, ...], tuple[int, ...], list[int], tuple[ScoredRows, ...]]:
+        """Chunks off the prefill queue up to the step's budget → (chunks, logits nodes, their
+        rows then the scored rows, scored rows)."""
+        chunks, logits_nodes, logits_rows, scored, scored_rows = [], [], [], [], []
         while self._prefill and num_rows < self.max_step_tokens:
             chunk = self._next_chunk(num_rows)
             chunks.append(chunk)
@@ -227,7 +241,14 @@ class StepScheduler:
                 self._has_logits.add(chunk.node_id)
                 logits_nodes.append(chunk.node_id)
                 logits_rows.append(num_rows - 1)
-        return tuple(chunks), tuple(logits_nodes), logits_rows
+            first = self._logits_from[chunk.node_id]
+            if first is not None and chunk.offset + chunk.num_tokens > first:
+                first = max(first, chunk.offset)
+                count = chunk.offset + chunk.num_tokens - first
+                scored.append(ScoredRows(chunk.node_id, first, count))
+                start_row = chunk.first_row + first - chunk.offset
+                scored_rows.extend(range(start_row, start_row + count))
+        return tuple(chunks), tuple(logits_nodes), logits_rows + scored_rows, tuple(scored)
 
     def _next_chunk(self, first_row: int) -> PrefillChunk:
         entry = self._prefill[0]

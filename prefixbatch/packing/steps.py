@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Admission", "DecodeRow", "PrefillChunk", "Segment", "Start", "Step"]
+__all__ = ["Admission", "DecodeRow", "PrefillChunk", "ScoredRows", "Segment", "Start", "Step"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +48,15 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class ScoredRows:
+    """Prompt tokens of one node whose logits are computed for prompt logprobs or scoring."""
+
+    node_id: int
+    offset: int  # the first row's token offset in the node
+    num_tokens: int  # consecutive tokens (rows) from there
+
+
+@dataclass(frozen=True, slots=True)
 class Segment:
     """A live segment of the KV tree, as attention reads it in this step."""
 
@@ -75,10 +84,13 @@ class Step:
     decode_rows: tuple[DecodeRow, ...]  # rows 0..D-1, every running sequence, in a stable order
     prefill_chunks: tuple[PrefillChunk, ...]  # rows D.., parents before children
     num_rows: int  # tokens in the flat batch: decodes + chunk tokens (decodes may pass the budget)
-    logits_rows: tuple[int, ...]  # rows whose logits are computed: 0..D-1, then each node's last
-    logits_nodes: tuple[int, ...]  # node of each logits row after the first D (kept for starts)
+    # Rows whose logits are computed: 0..D-1, then each node's last (`logits_nodes`), then
+    # the rows of `scored` in order.
+    logits_rows: tuple[int, ...]
+    logits_nodes: tuple[int, ...]  # node of each node-last logits row (kept for starts)
     starts: tuple[Start, ...]  # after this step's decode rows drew, these draw a first token
     segments: tuple[Segment, ...]  # every live segment: the tree attention reads, keys counted
+    scored: tuple[ScoredRows, ...] = ()  # prompt rows whose logits give prompt logprobs
 
     @property
     def num_decode_rows(self) -> int:

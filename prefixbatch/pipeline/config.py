@@ -158,6 +158,11 @@ class SamplingSpec(StrictModel):
     the k most likely tokens' (0–20; null: no column values). From the model's distribution,
     before penalties, temperature and top-k/top-p."""
 
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    """Log-probabilities of the prompt's tokens (`prompt_logprobs` column): for every prompt
+    token after the first its own and the k most likely tokens' (0–20; null: none). A prefix
+    that rows share is scored once for all of them."""
+
     @model_validator(mode="after")
     def _min_within_max(self) -> SamplingSpec:
         if self.min_tokens > self.max_tokens:

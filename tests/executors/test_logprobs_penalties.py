@@ -199,3 +199,76 @@ def test_native_and_hf_agree_with_every_option_at_once(tiny_qwen2: Path) -> None
         for a, b in zip(completion.logprobs, hf[key].logprobs, strict=True):
             assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, **LOGPROB_TOLERANCE)
             assert [i for i, _, _ in a.top] == [i for i, _, _ in b.top]
+
+
+@pytest.mark.parametrize("kind", EXECUTORS)
+def test_prompt_logprobs_equal_a_transformers_forward_and_shared_prefixes_are_scored_once(
+    tiny_llama: Path, kind: str
+) -> None:
+    batch = requests(tiny_llama, prompt_logprobs=3, max_tokens=3)
+    batch[6] = replace(batch[6], sampling=replace(batch[6].sampling, prompt_logprobs=None))
+    found = run(kind, tiny_llama, batch)
+    for request in batch:
+        completion = found[request.row_index, 0]
+        if request.sampling.prompt_logprobs is None:
+            assert completion.prompt_logprobs is None
+            continue
+        prompt = list(request.token_ids)
+        assert [t.token_id for t in completion.prompt_logprobs] == prompt[1:]
+        expected = forward_logprobs(tiny_llama, prompt)
+        for position, record in enumerate(completion.prompt_logprobs):
+            row = expected[position]
+            assert record.logprob == pytest.approx(row[record.token_id].item(), **LOGPROB_TOLERANCE)
+            top_values, top_ids = torch.topk(row, 3)
+            assert [i for i, _, _ in record.top] == top_ids.tolist()
+            assert [lp for _, _, lp in record.top] == pytest.approx(top_values.tolist(), **LOGPROB_TOLERANCE)
+    if kind == "native":  # the shared system prompt's tokens were computed (and scored) once
+        work = planned(batch, kind="native")
+        fresh = NativeExecutor(ModelSpec(path=str(tiny_llama), dtype="float32"), ExecutorSpec(kind="native", device="cpu"))
+        list(fresh.generate(work))
+        assert fresh.stats.num_prefill_tokens == work.plan.num_prefill_tokens
+
+
+def score_requests(folder: Path) -> list[Request]:
+    """A few-shot block × questions × 4 choices: each choice a request scoring its tokens."""
+    encode = AutoTokenizer.from_pretrained(folder)
+    shots = "Q: 2 + 2? A: four\nQ: the capital of France? A: Paris\n"
+    batch = []
+    for question in range(3):
+        context = encode(f"{shots}Q: question {question}? A:")["input_ids"]
+        for choice, text in enumerate([" yes", " no", " maybe so", " 42"]):
+            continuation = encode(text, add_special_tokens=False)["input_ids"]
+            batch.append(Request(question, tuple(context + continuation), SamplingParams(max_tokens=0),
+                                 sample_index=choice, num_scored_tokens=len(continuation)))
+        greedy = []  # a fifth choice: the model's own greedy two tokens
+        for _ in range(2):
+            greedy.append(int(forward_logprobs(folder, context + greedy)[-1].argmax()))
+        batch.append(Request(question, tuple(context + greedy), SamplingParams(max_tokens=0), sample_index=4,
+                             num_scored_tokens=2))
+    return batch
+
+
+@pytest.mark.parametrize("kind", EXECUTORS)
+def test_scoring_equals_a_transformers_forward(tiny_llama: Path, kind: str) -> None:
+    batch = score_requests(tiny_llama)
+    found = run(kind, tiny_llama, batch)
+    assert len(found) == len(batch)
+    for request in batch:
+        completion = found[request.row_index, request.sample_index]
+        prompt = list(request.token_ids)
+        logp = forward_logprobs(tiny_llama, prompt)
+        start = len(prompt) - request.num_scored_tokens
+        positions = range(start - 1, len(prompt) - 1)
+        expected = sum(logp[p, prompt[p + 1]].item() for p in positions)
+        greedy = all(int(logp[p].argmax()) == prompt[p + 1] for p in positions)
+        assert completion.finish_reason == "scored"
+        assert completion.token_ids == request.token_ids[start:]
+        assert completion.continuation_logprob == pytest.approx(expected, **LOGPROB_TOLERANCE)
+        assert completion.continuation_is_greedy is greedy
+        assert greedy is (request.sample_index == 4)
+    if kind == "native":
+        work = planned(batch, kind="native")
+        fresh = NativeExecutor(ModelSpec(path=str(tiny_llama), dtype="float32"), ExecutorSpec(kind="native", device="cpu"))
+        list(fresh.generate(work))
+        assert fresh.stats.num_prefill_tokens == work.plan.num_prefill_tokens  # the scoring tree's unique tokens
+        assert work.plan.num_prefill_tokens < sum(len(r.token_ids) for r in batch) / 3

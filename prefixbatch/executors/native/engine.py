@@ -40,6 +40,7 @@ from prefixbatch.executors.native.attention_plan import QueryRun, SegmentKV, pla
 from prefixbatch.executors.native.invariant import InvariantAttention
 from prefixbatch.executors.native.kv import KVStore
 from prefixbatch.executors.native.model import CausalLM
+from prefixbatch.executors.native.prompt_scores import PromptScores
 from prefixbatch.executors.native.tree_attention import TreeAttention
 from prefixbatch.executors.sampling import (
     RawLogprob,
@@ -47,6 +48,7 @@ from prefixbatch.executors.sampling import (
     draw_tokens,
     needs_penalize,
     penalize,
+    prompt_results,
     token_logprobs,
 )
 from prefixbatch.executors.stopping import RowFinish, StopRule, cut_at_stop, row_finish
@@ -128,8 +130,10 @@ class _PlanRun:
             buffer=engine.kv_buffer,
         )
         engine.kv_buffer = self.store.buffer
+        self.prompt_scores = PromptScores(plan, requests, tokens)
         self.scheduler = StepScheduler(
-            plan, max_tokens, slots=self.store.allocator, max_step_tokens=engine.max_step_tokens
+            plan, max_tokens, slots=self.store.allocator, max_step_tokens=engine.max_step_tokens,
+            logits_from=self.prompt_scores.logits_from,
         )
         self.position = np.empty(plan.num_requests, np.int64)  # request id → position in order
         self.position[plan.request_order] = np.arange(plan.num_requests)
@@ -147,7 +151,7 @@ class _PlanRun:
             return {
                 (s.request.row_index, s.request.sample_index): tuple(s.generated)
                 for s in self.sequences.values()
-                if s.generated and s.finish is None and s.logprobs is None
+                if s.generated and s.finish is None and not s.request.sampling.records_logprobs
             }
 
     def completions(self, stop: StopFlag | None) -> Iterator[Completion]:
@@ -192,6 +196,7 @@ class _PlanRun:
         """One forward pass, then every decode row's and start's token. → request ids finished."""
         for segment_id in step.freed_segment_ids:
             self.node_logits.pop(segment_id, None)
+            self.prompt_scores.free(segment_id)
         decoding = [self.sequences[row.request_id] for row in step.decode_rows]
         token_ids = [sequence.generated[-1] for sequence in decoding]
         for chunk in step.prefill_chunks:
@@ -207,8 +212,10 @@ class _PlanRun:
         stats.num_steps += 1
         stats.num_decode_tokens += len(decoding)
         stats.num_prefill_tokens += step.num_rows - len(decoding)
-        for node, row in zip(step.logits_nodes, logits[len(decoding) :], strict=True):
+        num_node_rows = len(decoding) + len(step.logits_nodes)
+        for node, row in zip(step.logits_nodes, logits[len(decoding) : num_node_rows], strict=True):
             self.node_logits[node] = row
+        self.prompt_scores.record(step.scored, logits[num_node_rows:])
         finished = self._draw(decoding, logits[: len(decoding)])
         return finished + self._start(step.starts)
 
@@ -225,6 +232,17 @@ class _PlanRun:
         if not sequences:
             return []
         finished = []
+        keep = [i for i, s in enumerate(sequences) if s.request.max_new_tokens > 0]
+        if len(keep) < len(sequences):  # scoring: nothing to generate, done at its start
+            with self.lock:
+                for sequence in (s for s in sequences if s.request.max_new_tokens <= 0):
+                    sequence.finish = RowFinish(0, "scored")
+                    del self.sequences[sequence.request_id]
+                    self.done.append(self._completion(sequence))
+                    finished.append(sequence.request_id)
+            if not keep:
+                return finished
+            sequences, logits = [sequences[i] for i in keep], logits[keep]
         tokens = _next_tokens(sequences, logits)
         with self.lock:
             for sequence, token in zip(sequences, tokens, strict=True):
@@ -243,6 +261,12 @@ class _PlanRun:
 
     def _completion(self, sequence: _Sequence) -> Completion:
         token_ids = tuple(sequence.generated[: sequence.finish.num_tokens])
+        request = sequence.request
+        if sequence.finish.reason == "scored":  # its output is the continuation it scored
+            token_ids = request.token_ids[request.num_prompt_tokens - request.num_scored_tokens : request.num_prompt_tokens]
+        prompt = {}
+        if request.logprobs_from is not None:
+            prompt = prompt_results(request, self.prompt_scores.records(sequence.request_id, request), self.engine.token_texts)
         return Completion(
             row_index=sequence.request.row_index,
             token_ids=token_ids,
@@ -252,6 +276,7 @@ class _PlanRun:
             num_cached_prompt_tokens=sequence.num_cached_tokens,
             sample_index=sequence.request.sample_index,
             logprobs=None if sequence.logprobs is None else self.engine.token_texts.named(sequence.logprobs[: len(token_ids)]),
+            **prompt,
         )
 
 
