@@ -11,7 +11,7 @@ import difflib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -34,6 +34,12 @@ class JobSpec(StrictModel):
     name: str
     """Job name, recorded in the output's metadata and summary."""
 
+    task: Literal["generate", "score"] = "generate"
+    """`generate`: complete each prompt. `score`: generate nothing; score each of the row's
+    continuations (`input.continuations_column`) after its prompt — the sum of the
+    continuation tokens' logprobs and whether each token is the model's argmax (the
+    `loglikelihood` request of lm-evaluation-harness)."""
+
     input: InputSpec
     output: OutputSpec
     model: ModelSpec
@@ -44,6 +50,20 @@ class JobSpec(StrictModel):
     max_error_fraction: float = Field(1.0, ge=0.0, le=1.0)
     """Highest share of input rows that may end as error rows. Above it the run still writes
     every row, then exits with code 3 so a pipeline notices (1.0: never)."""
+
+    @model_validator(mode="after")
+    def _continuations_for_scoring(self) -> JobSpec:
+        if (self.task == "score") != (self.input.continuations_column is not None):
+            msg = (
+                "task 'score' needs input.continuations_column (a list of strings per row)"
+                if self.task == "score"
+                else "input.continuations_column is only read by task: score"
+            )
+            raise ValueError(msg)
+        if self.executor.kind == "vllm" and (self.task == "score" or self.sampling.prompt_logprobs is not None):
+            msg = "executor.kind 'vllm' does not score prompts yet (task: score, sampling.prompt_logprobs): use native or hf"
+            raise ValueError(msg)
+        return self
 
     @model_validator(mode="after")
     def _template_for_messages(self) -> JobSpec:

@@ -72,6 +72,7 @@ MESSAGES_RULE = ColumnRule(
     _always(MESSAGES_TYPE),
 )
 CARRY_RULE = ColumnRule("any type", lambda t: True, _decoded)
+CONTINUATIONS_RULE = ColumnRule("a list of strings", _is_list_of(is_string), _always(pa.list_(pa.string())))
 
 _INTEGER = ("an integer", _is_integer)
 _NUMBER = ("a float or an integer", _is_number)

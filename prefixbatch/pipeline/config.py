@@ -36,6 +36,11 @@ class InputSpec(StrictModel):
     carry_columns: tuple[str, ...] = ()
     """Input columns copied unchanged to the output rows."""
 
+    continuations_column: str | None = None
+    """`task: score` only: column of continuations to score after each row's prompt (a list of
+    strings per row). Each continuation becomes an output row (`sample_index` = its position
+    in the list) with its summed logprob and whether it is the greedy continuation."""
+
     storage_options: dict[str, Any] = Field(default_factory=dict)
     """Passed to fsspec for the input filesystem (e.g. `{endpoint_url: ..., key: ..., secret: ...}` for S3)."""
 

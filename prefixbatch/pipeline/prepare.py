@@ -18,7 +18,7 @@ from prefixbatch.pipeline.config import SAMPLING_FIELDS, InputSpec, SamplingSpec
 from prefixbatch.pipeline.reader import InputBatch, InputColumns, InputFile, iter_input_batches
 from prefixbatch.pipeline.requests import make_requests, row_sampling
 from prefixbatch.pipeline.tokenize import PromptTokenizer, RowError
-from prefixbatch.types import Completion, Request, error_completion
+from prefixbatch.types import Completion, Request, SamplingParams, error_completion
 
 
 @dataclass
@@ -68,6 +68,7 @@ def input_columns(spec: InputSpec) -> InputColumns:
         messages_column=spec.messages_column,
         carry_columns=spec.carry_columns,
         override_columns=SAMPLING_FIELDS,
+        continuations_column=spec.continuations_column,
     )
 
 
@@ -119,9 +120,12 @@ def _batch_requests(
     batch: InputBatch, spec: InputSpec, sampling: SamplingSpec, tokenizer: PromptTokenizer
 ) -> Iterator[Completion | tuple[list[Request], bool, bool]]:
     """Each row as an error row, or as (its requests, max_tokens clamped?, prompt truncated?)."""
+    if spec.continuations_column is not None:
+        yield from _scoring_requests(batch, spec, sampling, tokenizer)
+        return
     table = batch.table
     ids = table.column(spec.id_column).to_pylist()
-    encoded = _encode(table.column(spec.text_column), spec, tokenizer)
+    encoded = _encode(_row_values(table.column(spec.text_column)), spec, tokenizer)
     overrides = {name: table.column(name).to_pylist() for name in SAMPLING_FIELDS if name in table.column_names}
     for offset, (row_id, token_ids) in enumerate(zip(ids, encoded)):
         row_index = batch.first_row_index + offset
@@ -149,11 +153,68 @@ def _batch_requests(
             yield (requests, clamped, len(fitted.token_ids) < len(token_ids))  # type: ignore[arg-type]
 
 
-def _encode(
-    column: pa.ChunkedArray, spec: InputSpec, tokenizer: PromptTokenizer
-) -> list[list[int] | RowError]:
-    """Token ids per row, or why not: undecodable or oversized rows are refused untokenized."""
-    values = _row_values(column)
+def _scoring_requests(
+    batch: InputBatch, spec: InputSpec, sampling: SamplingSpec, tokenizer: PromptTokenizer
+) -> Iterator[Completion | tuple[list[Request], bool, bool]]:
+    """`task: score`: per row one request per continuation (`sample_index` its position), the
+    prompt's tokens then the continuation's, nothing generated; or an error row.
+
+    Tokenization (lm-evaluation-harness' convention): the context and each continuation are
+    tokenized separately and joined, the continuation without special tokens; whitespace at
+    the end of a raw-text context moves to the front of each continuation first, so
+    "Answer: " + "Paris" is scored as "Answer:" + " Paris". A chat-templated context is kept
+    as the template renders it (its generation prompt opened).
+    """
+    table = batch.table
+    continuations = table.column(spec.continuations_column).to_pylist()
+    values = _row_values(table.column(spec.text_column))
+    moved = [""] * len(values)
+    if not tokenizer.use_template:
+        for i, value in enumerate(values):
+            if isinstance(value, str):
+                kept = value.rstrip()
+                values[i], moved[i] = kept, value[len(kept) :]
+    contexts = _encode(values, spec, tokenizer)
+    overrides = {name: table.column(name).to_pylist() for name in SAMPLING_FIELDS if name in table.column_names}
+    for offset, (context, choices) in enumerate(zip(contexts, continuations, strict=True)):
+        row_index = batch.first_row_index + offset
+        settings = row_sampling(sampling, {name: values_[offset] for name, values_ in overrides.items()})
+        problem = context if isinstance(context, RowError) else settings if isinstance(settings, RowError) else None
+        problem = problem or _check_continuations(choices)
+        if problem is not None:
+            yield _error_row(row_index, problem, context)
+            continue
+        encoded = tokenizer.tokenizer([moved[offset] + c for c in choices], add_special_tokens=False)["input_ids"]
+        params = SamplingParams(max_tokens=0, prompt_logprobs=settings.prompt_logprobs)
+        requests = []
+        for choice, tokens in enumerate(encoded):
+            total = len(context) + len(tokens)
+            limit = tokenizer.context_length
+            if limit is not None and total > limit:
+                msg = f"the prompt and continuation {choice} have {total} tokens; the model's context is {limit}"
+                problem = RowError("prompt_too_long", msg)
+                break
+            requests.append(Request(row_index, tuple(context + tokens), params, sample_index=choice,
+                                    num_scored_tokens=len(tokens)))
+        if problem is not None:
+            yield _error_row(row_index, problem, context)
+        else:
+            yield (requests, False, False)
+
+
+def _check_continuations(choices: object) -> RowError | None:
+    if not isinstance(choices, list) or not choices:
+        return RowError("invalid_continuations", "the continuations must be a non-empty list of strings")
+    for position, choice in enumerate(choices):
+        if not isinstance(choice, str) or not choice.strip():
+            return RowError("invalid_continuations", f"continuation {position} is empty or null")
+    return None
+
+
+def _encode(values: list, spec: InputSpec, tokenizer: PromptTokenizer) -> list[list[int] | RowError]:
+    """Token ids per row of the text column's `values` (`_row_values`), or why not:
+    undecodable or oversized rows are refused untokenized."""
+    values = list(values)
     for i, value in enumerate(values):
         num_chars = 0 if isinstance(value, RowError) else _num_chars(value)
         if num_chars > spec.max_prompt_chars:

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from prefixbatch.errors import InputError, SpecError
 from prefixbatch.pipeline.columns import (
     CARRY_RULE,
+    CONTINUATIONS_RULE,
     ID_RULE,
     MESSAGES_RULE,
     MESSAGES_TYPE,
@@ -60,6 +61,7 @@ class InputColumns:
     messages_column: str | None = None
     carry_columns: tuple[str, ...] = ()  # copied to the output as they are
     override_columns: tuple[str, ...] = ()  # per-row sampling columns, read where present
+    continuations_column: str | None = None  # scoring: per row the continuations to score
 
     def __post_init__(self) -> None:
         if (self.prompt_column is None) == (self.messages_column is None):
@@ -82,6 +84,8 @@ class InputColumns:
         """Column name -> (rule, required), in batch column order; a name's first role wins."""
         text_rule = PROMPT_RULE if self.prompt_column else MESSAGES_RULE
         roles = [(self.id_column, ID_RULE, True), (self.text_column, text_rule, True)]
+        if self.continuations_column is not None:
+            roles.append((self.continuations_column, CONTINUATIONS_RULE, True))
         roles += [(c, OVERRIDE_RULES.get(c, CARRY_RULE), True) for c in self.carry_columns]
         roles += [(c, OVERRIDE_RULES[c], False) for c in self.override_columns]
         rules: dict[str, tuple[ColumnRule, bool]] = {}

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from prefixbatch.errors import SpecError
-from prefixbatch.types import Completion
+from prefixbatch.types import Completion, TokenLogprob
 
 OutputMode = Literal["error", "overwrite", "resume"]
 
@@ -37,6 +37,9 @@ RESULT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("num_cached_prompt_tokens", pa.int32(), nullable=False),
     pa.field("error", pa.string()),  # null, or "code: message"
     pa.field("logprobs", LOGPROBS_TYPE),  # null unless the row asked (`sampling.logprobs`)
+    pa.field("prompt_logprobs", LOGPROBS_TYPE),  # null unless asked (`sampling.prompt_logprobs`)
+    pa.field("continuation_logprob", pa.float64()),  # task score: the continuation's summed logprob
+    pa.field("continuation_is_greedy", pa.bool_()),  # task score: every token the argmax
 )
 _RESULT_NAMES = tuple(f.name for f in RESULT_FIELDS)
 
@@ -99,17 +102,20 @@ def _result_columns(completions: Sequence[Completion]) -> dict[str, pa.Array]:
         "num_output_tokens": pa.array(np.diff(offsets)),
         "num_cached_prompt_tokens": pa.array(cached, pa.int32()),
         "error": pa.array([c.error for c in completions], pa.string()),
-        "logprobs": pa.array([_logprob_rows(c) for c in completions], LOGPROBS_TYPE),
+        "logprobs": pa.array([_logprob_rows(c.logprobs) for c in completions], LOGPROBS_TYPE),
+        "prompt_logprobs": pa.array([_logprob_rows(c.prompt_logprobs) for c in completions], LOGPROBS_TYPE),
+        "continuation_logprob": pa.array([c.continuation_logprob for c in completions], pa.float64()),
+        "continuation_is_greedy": pa.array([c.continuation_is_greedy for c in completions], pa.bool_()),
     }
 
 
-def _logprob_rows(completion: Completion) -> list[dict[str, Any]] | None:
-    if completion.logprobs is None:
+def _logprob_rows(logprobs: Sequence[TokenLogprob] | None) -> list[dict[str, Any]] | None:
+    if logprobs is None:
         return None
     return [
         {"token_id": t.token_id, "token": t.token, "logprob": t.logprob,
          "top_logprobs": [{"token_id": i, "token": text, "logprob": lp} for i, text, lp in t.top]}
-        for t in completion.logprobs
+        for t in logprobs
     ]
 
 

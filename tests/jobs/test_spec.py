@@ -79,7 +79,7 @@ def test_spec_is_frozen(tmp_path):
     ("change", "expected"),
     [
         ({"sampling": {"temprature": 1}}, "sampling.temprature: unknown field (did you mean 'temperature'?)"),
-        ({"extra": 1}, "extra: unknown field; allowed here: name, input, output, model, sampling, executor"),
+        ({"extra": 1}, "extra: unknown field; allowed here: name, task, input, output, model, sampling, executor"),
         ({"sampling": {"max_tokens": "many"}}, "sampling.max_tokens: Input should be a valid integer"),
         ({"sampling": {"max_tokens": 0}}, "sampling.max_tokens: Input should be greater than or equal to 1 (got 0)"),
         ({"sampling": {"top_p": 1.5}}, "sampling.top_p: Input should be less than or equal to 1"),

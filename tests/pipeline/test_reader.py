@@ -342,6 +342,7 @@ def test_override_columns_are_read_where_present_and_null_elsewhere(tmp_path):
             ("frequency_penalty", pa.float64()),
             ("min_tokens", pa.int64()),
             ("logprobs", pa.int64()),
+            ("prompt_logprobs", pa.int64()),
         ]
     )
     assert table.to_pydict() == {
@@ -356,7 +357,7 @@ def test_override_columns_are_read_where_present_and_null_elsewhere(tmp_path):
         "stop_token_ids": [[1, 2], [], None],
         "n": [None, None, 3],
         **{name: [None, None, None] for name in ("repetition_penalty", "presence_penalty", "frequency_penalty",
-                                                  "min_tokens", "logprobs")},
+                                                  "min_tokens", "logprobs", "prompt_logprobs")},
     }
     assert batch_schema(files, OVERRIDES) == table.schema
 

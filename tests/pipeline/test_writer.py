@@ -52,6 +52,9 @@ def test_output_schema_is_id_then_carry_then_results():
             ]))),
         ]
     )
+    expected = expected.append(expected.field("logprobs").with_name("prompt_logprobs"))
+    expected = expected.append(pa.field("continuation_logprob", pa.float64()))
+    expected = expected.append(pa.field("continuation_is_greedy", pa.bool_()))
     assert expected == SCHEMA
 
 
@@ -96,6 +99,9 @@ def test_completions_to_table_values():
         "num_cached_prompt_tokens": [3, 0, 0, 0],
         "error": [None, "prompt_too_long: 4096 tokens, the model takes 2048", None, None],
         "logprobs": [None, None, None, None],
+        "prompt_logprobs": [None, None, None, None],
+        "continuation_logprob": [None, None, None, None],
+        "continuation_is_greedy": [None, None, None, None],
     }
 
 
