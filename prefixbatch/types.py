@@ -29,6 +29,9 @@ class SamplingParams:
     min_tokens: int = 0  # no stop (eos, stop ids, stop strings) before this many output tokens
     logprobs: int | None = None  # None: none; k: each output token's logprob and top k
     prompt_logprobs: int | None = None  # None: none; k: the same for each prompt token but the first
+    json_schema: str | None = None  # structured output: JSON valid against this schema (JSON text)
+    regex: str | None = None  # structured output: text matching this regex
+    choice: tuple[str, ...] | None = None  # structured output: exactly one of these strings
 
     @property
     def is_greedy(self) -> bool:
@@ -38,6 +41,11 @@ class SamplingParams:
     def records_logprobs(self) -> bool:
         """Whether the completion carries logprobs (its generation cannot resume mid-way)."""
         return self.logprobs is not None or self.prompt_logprobs is not None
+
+    @property
+    def is_constrained(self) -> bool:
+        """Whether a grammar (JSON schema, regex or choice) masks the tokens."""
+        return self.json_schema is not None or self.regex is not None or self.choice is not None
 
     @property
     def has_penalties(self) -> bool:
@@ -124,6 +132,7 @@ class Completion:
     # Scoring: the continuation's summed logprob and whether every token was the argmax.
     continuation_logprob: float | None = None
     continuation_is_greedy: bool | None = None
+    constrained: bool = False  # a grammar masked its tokens (json_schema, regex, choice)
 
     @property
     def num_output_tokens(self) -> int:

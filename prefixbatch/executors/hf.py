@@ -42,6 +42,7 @@ from prefixbatch.errors import ModelError
 from prefixbatch.executors.base import ExecutorStats, StopFlag
 from prefixbatch.executors.config import ExecutorSpec
 from prefixbatch.executors.device import resolve_device, resolve_dtype
+from prefixbatch.executors.grammar import GrammarMasker, LazyConstraints
 from prefixbatch.executors.sampling import (
     LogprobRecorder,
     Penalizer,
@@ -55,7 +56,7 @@ from prefixbatch.executors.sampling import (
 from prefixbatch.executors.stopping import RowFinish, RowStopper, StopRule, cut_at_stop
 from prefixbatch.model_folder import check_model_folder
 from prefixbatch.prefix_tree import PlannedRequests
-from prefixbatch.types import Completion, Request
+from prefixbatch.types import Completion, Request, error_completion
 
 __all__ = ["HfExecutor", "plan_batches"]
 
@@ -90,6 +91,7 @@ class HfExecutor:
         )
         self.model.to(self.device).eval()
         self.token_texts = TokenTexts(self.tokenizer)
+        self.constraints = LazyConstraints(self.tokenizer, self.model.config.get_text_config().vocab_size)
         checkpoint_config = self.model.generation_config
         self.eos_token_ids = _eos_token_ids(checkpoint_config, self.tokenizer)
         self.pad_token_id = _pad_token_id(checkpoint_config, self.tokenizer, self.eos_token_ids)
@@ -124,8 +126,17 @@ class HfExecutor:
             self.stats.num_prefill_tokens += sum(r.num_prompt_tokens for r in batch)
             for row, request in enumerate(batch):
                 yield self._scored(request, records[row])
+        runnable = []
+        for request in (r for r in requests if r.sampling.max_tokens >= 1):
+            problem = self.constraints.get().compile(request.sampling) if request.sampling.is_constrained else None
+            if isinstance(problem, str):  # a constraint that does not compile: the row's error
+                yield error_completion(
+                    request.row_index, "invalid_constraint", problem, request.num_prompt_tokens, request.sample_index
+                )
+            else:
+                runnable.append(request)
         batches = plan_batches(
-            [r for r in requests if r.sampling.max_tokens >= 1],
+            runnable,
             max_batch_size=self.spec.max_batch_size,
             max_batch_tokens=self.spec.max_batch_tokens,
         )
@@ -154,7 +165,9 @@ class HfExecutor:
         recorder = LogprobRecorder(params)
         stop_ids = [sorted(rule.stop_token_ids) for rule in rules]
         penalizer = Penalizer(params, [r.token_ids for r in batch], stop_ids, prompt_len)
-        processors = [recorder, penalizer, SeededSampler(params, self.device)]
+        matchers = [self.constraints.get().matcher(p) if p.is_constrained else None for p in params]
+        masker = GrammarMasker(matchers, self.constraints.get() if any(matchers) else None, prompt_len, stopper.finishes)
+        processors = [recorder, penalizer, masker, SeededSampler(params, self.device)]
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids,
@@ -233,6 +246,7 @@ class HfExecutor:
             num_prompt_tokens=request.num_prompt_tokens,
             sample_index=request.sample_index,
             logprobs=None if logprobs is None else self.token_texts.named(logprobs[: len(token_ids)]),
+            constrained=request.sampling.is_constrained,
             **({} if prompt_records is None else prompt_results(request, prompt_records, self.token_texts)),
         )
 

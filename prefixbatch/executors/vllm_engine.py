@@ -202,6 +202,14 @@ class VllmExecutor:
 
         request_id = str(next(self._ids))
         params = request.sampling
+        if params.prompt_logprobs is not None or request.num_scored_tokens or params.is_constrained:
+            refused = error_completion(
+                request.row_index, "executor_refused",
+                "the vllm executor does not take prompt_logprobs, task: score or structured output (json_schema,"
+                " regex, choice) yet: use native or hf",
+                request.num_prompt_tokens, request.sample_index,
+            )
+            return request_id, refused
         try:
             self.engine.add_request(
                 request_id,

@@ -157,6 +157,11 @@ def _report_run(summary) -> None:
         )
     if summary.errors_by_code:
         _info("error rows by code: " + ", ".join(f"{k}={v}" for k, v in summary.errors_by_code.items()))
+    if summary.constrained_rows_cut_by_max_tokens:
+        _info(
+            f"{summary.constrained_rows_cut_by_max_tokens} structured-output rows reached max_tokens before their"
+            " grammar completed (finish_reason length: not valid yet); raise sampling.max_tokens"
+        )
 
 
 def _resume_command(args: argparse.Namespace) -> str:

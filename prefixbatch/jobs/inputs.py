@@ -9,11 +9,14 @@ from dataclasses import replace
 
 import pyarrow as pa
 
+from prefixbatch.errors import SpecError
 from prefixbatch.jobs.progress import JobProgress
 from prefixbatch.jobs.spec import JobSpec
+from prefixbatch.model_folder import read_config
 from prefixbatch.pipeline.prepare import PreparedInput, input_columns, prepare_input
 from prefixbatch.pipeline.reader import check_ids, scan_inputs
 from prefixbatch.pipeline.tokenize import PromptTokenizer, prompt_tokenizer
+from prefixbatch.types import SamplingParams
 
 
 def job_tokenizer(spec: JobSpec) -> PromptTokenizer:
@@ -26,6 +29,7 @@ def read_job_input(
     """Job-level input checks, then every row as a request or an error row. No weights loaded."""
     files, _, skipped = scan_job_input(spec)
     tokenizer = job_tokenizer(spec)
+    check_constraint(spec, tokenizer)
     if not show_progress:
         prepared = prepare_input(files, spec.input, spec.sampling, tokenizer)
     else:
@@ -35,6 +39,22 @@ def read_job_input(
                 files, spec.input, spec.sampling, tokenizer, on_batch=lambda rows: progress.advance(rows, 0)
             )
     return replace(prepared, skipped_files=skipped)
+
+
+def check_constraint(spec: JobSpec, tokenizer: PromptTokenizer) -> None:
+    """The spec's own structured-output constraint compiles against the model's vocabulary
+    (else a job error naming the field); a row's own is checked when it runs (an error row)."""
+    sampling = spec.sampling
+    field = next((f for f in ("json_schema", "regex", "choice") if getattr(sampling, f) is not None), None)
+    if field is None:
+        return
+    from prefixbatch.executors.grammar import check_spec_constraint  # xgrammar: only for such jobs
+    from prefixbatch.pipeline.requests import request_params
+
+    vocab_size = read_config(spec.model.path).get("vocab_size") or len(tokenizer.tokenizer)
+    problem = check_spec_constraint(SamplingParams(**request_params(sampling)), tokenizer.tokenizer, vocab_size)
+    if problem is not None:
+        raise SpecError(f"sampling.{field}: {problem}")
 
 
 def scan_job_input(spec: JobSpec) -> tuple[list, pa.ChunkedArray, list[str]]:

@@ -68,6 +68,8 @@ class RunSummary:
     wall_s: float  # the whole run: reading, loading the model, generating, writing
     generate_s: float  # from the first request handed to the executor to the last part written
     output_tokens_per_s: float  # this run's output tokens / generate_s
+    # Structured-output rows cut by max_tokens before their grammar completed (not valid JSON etc.).
+    constrained_rows_cut_by_max_tokens: int = 0
     parts: list[str] = field(default_factory=list)
     shards: list[dict] = field(default_factory=list)  # cluster.kind dask: what each shard ran, where
     plan: dict | None = None  # what the plan predicted (`plan --json` shows the same), its digest
@@ -380,7 +382,7 @@ def summarize(
     errors: Counter[str] = Counter()
     for record in records:
         totals["rows"] += record.num_output_rows
-        for key in ("prompt_tokens", "output_tokens", "cached_prompt_tokens"):
+        for key in ("prompt_tokens", "output_tokens", "cached_prompt_tokens", "constrained_cut"):
             totals[key] += record.stats.get(key, 0)
         errors.update(record.stats.get("errors_by_code", {}))
     stats = executed.stats if executed is not None else ExecutorStats()
@@ -407,6 +409,7 @@ def summarize(
         wall_s=round(wall_s, 3),
         generate_s=round(generate_s, 3),
         output_tokens_per_s=round(run_output_tokens / max(generate_s, 1e-9), 2),
+        constrained_rows_cut_by_max_tokens=totals["constrained_cut"],
         parts=parts,
         shards=[
             {

@@ -433,7 +433,8 @@ def _json_bytes(obj: dict) -> bytes:
 
 def _difference(key: str, stored: Any, now: Any) -> str:
     if isinstance(stored, dict) and isinstance(now, dict):
-        changed = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+        missing = object()  # a field only one side has differs even when the other's value is null
+        changed = sorted(k for k in set(stored) | set(now) if stored.get(k, missing) != now.get(k, missing))
         return f"{key} differs ({', '.join(map(str, changed[:5]))})"
     return f"{key} was {stored!r}, now {now!r}"
 

@@ -8,6 +8,7 @@ README table are derived from it, so a new option is one field here plus its use
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -167,6 +168,48 @@ class SamplingSpec(StrictModel):
     """Log-probabilities of the prompt's tokens (`prompt_logprobs` column): for every prompt
     token after the first its own and the k most likely tokens' (0–20; null: none). A prefix
     that rows share is scored once for all of them."""
+
+    json_schema: str | None = None
+    """Structured output: the output must be JSON valid against this schema (a schema object
+    in the spec; per row, a column of JSON strings). Enforced token by token with xgrammar;
+    an output that ends by end-of-sequence is valid, one cut by `max_tokens` is not
+    (finish reason `length`, counted in the summary)."""
+
+    regex: str | None = None
+    """Structured output: the output must match this regular expression (xgrammar's syntax)."""
+
+    choice: tuple[str, ...] | None = None
+    """Structured output: the output must be exactly one of these strings (labelling)."""
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _schema_as_text(cls, value: Any) -> Any:
+        # A schema object in YAML/JSON specs; a JSON string in a column: kept as canonical text.
+        if isinstance(value, dict | bool):
+            return json.dumps(value, sort_keys=True)
+        if isinstance(value, str):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from None
+            if not isinstance(parsed, dict | bool):
+                raise ValueError(f"a JSON schema is an object, got {type(parsed).__name__}")
+            return json.dumps(parsed, sort_keys=True)
+        return value
+
+    @field_validator("choice")
+    @classmethod
+    def _choices_given(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and (not value or not all(value)):
+            raise ValueError("must be a non-empty list of non-empty strings")
+        return value
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> SamplingSpec:
+        given = [name for name in ("json_schema", "regex", "choice") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"at most one of json_schema, regex and choice may be set, got {' and '.join(given)}")
+        return self
 
     @model_validator(mode="after")
     def _min_within_max(self) -> SamplingSpec:

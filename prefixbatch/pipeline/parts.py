@@ -127,6 +127,7 @@ def part_stats(rows: Sequence[Completion]) -> dict:
         "output_tokens": sum(c.num_output_tokens for c in rows),
         "cached_prompt_tokens": sum(c.num_cached_prompt_tokens for c in rows),
         "errors_by_code": dict(errors),
+        "constrained_cut": sum(1 for c in rows if c.constrained and c.finish_reason == "length"),
     }
 
 

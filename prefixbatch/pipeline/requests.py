@@ -30,13 +30,19 @@ def row_seed(job_seed: int, row_id: Any) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+CONSTRAINTS = frozenset({"json_schema", "regex", "choice"})  # structured output: one per row at most
+
+
 def row_sampling(defaults: SamplingSpec, overrides: dict[str, Any]) -> SamplingSpec | RowError:
     """The defaults with the row's non-null override values, validated."""
     given = {name: value for name, value in overrides.items() if value is not None}
     if not given:
         return defaults
+    merged = defaults.model_dump()
+    if CONSTRAINTS.intersection(given):  # a row's own constraint replaces the spec's, whichever kind
+        merged.update(dict.fromkeys(CONSTRAINTS))
     try:
-        return SamplingSpec.model_validate({**defaults.model_dump(), **given})
+        return SamplingSpec.model_validate({**merged, **given})
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"

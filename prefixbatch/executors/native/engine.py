@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from prefixbatch.executors.base import ExecutorStats, StopFlag
+from prefixbatch.executors.grammar import LazyConstraints, Matcher
 from prefixbatch.executors.native.attention_plan import QueryRun, SegmentKV, plan_attention
 from prefixbatch.executors.native.invariant import InvariantAttention
 from prefixbatch.executors.native.kv import KVStore
@@ -55,7 +56,7 @@ from prefixbatch.executors.stopping import RowFinish, StopRule, cut_at_stop, row
 from prefixbatch.faults import fault_point
 from prefixbatch.packing import Admission, Start, Step, StepScheduler, store_capacity
 from prefixbatch.prefix_tree import Plan
-from prefixbatch.types import Completion, Request
+from prefixbatch.types import Completion, Request, SamplingParams, error_completion
 
 
 @dataclass
@@ -70,6 +71,8 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     finish: RowFinish | None = None
     logprobs: list[RawLogprob] | None = None  # one per generated token, when asked for
+    matcher: Matcher | None = None  # its grammar's state, when constrained
+    error: str | None = None  # why it cannot run (a constraint that does not compile): an error row
 
 
 class Engine:
@@ -82,11 +85,13 @@ class Engine:
         eos_token_ids: Sequence[int],
         decode: Callable[[list[int]], str],
         token_texts: TokenTexts,
+        constraints: LazyConstraints,
         max_step_tokens: int,
         batch_invariant: bool = False,
     ) -> None:
         self.model = model
         self.token_texts = token_texts  # logprobs' token texts
+        self.constraints = constraints  # structured output's grammars, built at first use
         self.batch_invariant = batch_invariant  # see `invariant`: exact whatever the step
         self.eos_token_ids = tuple(eos_token_ids)
         self.decode = decode
@@ -190,7 +195,19 @@ class _PlanRun:
             generator=generator,
             generated=list(request.generated),  # stop rules and max_tokens count them too
             logprobs=None if params.logprobs is None else [],
+            **self._constraint(request_id, params),
         )
+
+    def _constraint(self, request_id: int, params: SamplingParams) -> dict:
+        """The sequence's matcher, or its error when the constraint does not compile."""
+        if not params.is_constrained:
+            return {}
+        matcher = self.engine.constraints.get().matcher(params)
+        if isinstance(matcher, str):
+            return {"error": matcher}
+        for token in self.requests[request_id].generated:  # resumed: where the earlier run left it
+            matcher.accept(token)
+        return {"matcher": matcher}
 
     def _run(self, step: Step) -> list[int]:
         """One forward pass, then every decode row's and start's token. → request ids finished."""
@@ -232,10 +249,10 @@ class _PlanRun:
         if not sequences:
             return []
         finished = []
-        keep = [i for i, s in enumerate(sequences) if s.request.max_new_tokens > 0]
-        if len(keep) < len(sequences):  # scoring: nothing to generate, done at its start
+        keep = [i for i, s in enumerate(sequences) if s.request.max_new_tokens > 0 and s.error is None]
+        if len(keep) < len(sequences):  # scoring, or a row that cannot run: done at its start
             with self.lock:
-                for sequence in (s for s in sequences if s.request.max_new_tokens <= 0):
+                for sequence in (s for i, s in enumerate(sequences) if i not in set(keep)):
                     sequence.finish = RowFinish(0, "scored")
                     del self.sequences[sequence.request_id]
                     self.done.append(self._completion(sequence))
@@ -243,7 +260,7 @@ class _PlanRun:
             if not keep:
                 return finished
             sequences, logits = [sequences[i] for i in keep], logits[keep]
-        tokens = _next_tokens(sequences, logits)
+        tokens = _next_tokens(sequences, logits, self.engine.constraints)
         with self.lock:
             for sequence, token in zip(sequences, tokens, strict=True):
                 if self._append(sequence, token):
@@ -260,8 +277,12 @@ class _PlanRun:
         return sequence.finish is not None
 
     def _completion(self, sequence: _Sequence) -> Completion:
-        token_ids = tuple(sequence.generated[: sequence.finish.num_tokens])
         request = sequence.request
+        if sequence.error is not None:
+            return error_completion(
+                request.row_index, "invalid_constraint", sequence.error, request.num_prompt_tokens, request.sample_index
+            )
+        token_ids = tuple(sequence.generated[: sequence.finish.num_tokens])
         if sequence.finish.reason == "scored":  # its output is the continuation it scored
             token_ids = request.token_ids[request.num_prompt_tokens - request.num_scored_tokens : request.num_prompt_tokens]
         prompt = {}
@@ -276,15 +297,20 @@ class _PlanRun:
             num_cached_prompt_tokens=sequence.num_cached_tokens,
             sample_index=sequence.request.sample_index,
             logprobs=None if sequence.logprobs is None else self.engine.token_texts.named(sequence.logprobs[: len(token_ids)]),
+            constrained=sequence.matcher is not None,
             **prompt,
         )
 
 
-def _next_tokens(sequences: list[_Sequence], logits: torch.Tensor) -> list[int]:
+def _next_tokens(sequences: list[_Sequence], logits: torch.Tensor, constraints: LazyConstraints) -> list[int]:
     """One token per row of logits [S, V]: argmax, or a draw from the sequence's generator,
-    after the row's penalties; the logprobs of those that asked, from the raw logits."""
+    after the row's penalties and grammar mask; the logprobs of those that asked, from the
+    raw logits."""
     raw = logits
     penalized = [i for i, s in enumerate(sequences) if needs_penalize(s.request.sampling, len(s.generated))]
+    constrained = [i for i, s in enumerate(sequences) if s.matcher is not None]
+    if penalized or constrained:
+        logits = logits.clone()  # not the shared node logits `_start` hands in
     if penalized:
         chosen = [sequences[i] for i in penalized]
         rows = logits[penalized]  # [P, V], a copy
@@ -295,8 +321,17 @@ def _next_tokens(sequences: list[_Sequence], logits: torch.Tensor) -> list[int]:
             [s.generated for s in chosen],
             [sorted(s.rule.stop_token_ids) for s in chosen],
         )
-        logits = logits.clone()  # not the shared node logits `_start` hands in
         logits[penalized] = rows
+    if constrained:
+        rows = logits[constrained]
+        matchers = [sequences[i].matcher for i in constrained]
+        constraints.get().mask(rows, matchers)
+        dead = torch.isinf(rows).all(dim=-1).nonzero()[:, 0].tolist()
+        if dead:  # min_tokens masked every token the grammar allows (it is complete): the grammar wins
+            again = raw[[constrained[i] for i in dead]].clone()
+            constraints.get().mask(again, [matchers[i] for i in dead])
+            rows[dead] = again
+        logits[constrained] = rows
     tokens = logits.argmax(dim=-1)  # [S] greedy; the first maximum, as transformers picks
     sampled = [i for i, s in enumerate(sequences) if s.generator is not None]
     if sampled:
@@ -310,6 +345,8 @@ def _next_tokens(sequences: list[_Sequence], logits: torch.Tensor) -> list[int]:
             [sequences[i].generator for i in sampled],
         )
     picked = tokens.tolist()
+    for i in constrained:
+        sequences[i].matcher.accept(picked[i])
     asked = [i for i, s in enumerate(sequences) if s.logprobs is not None]
     if asked:
         found = token_logprobs(

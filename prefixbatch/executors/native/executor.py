@@ -14,6 +14,7 @@ from prefixbatch.errors import UserError
 from prefixbatch.executors.base import ExecutorStats, StopFlag
 from prefixbatch.executors.config import INVARIANT_CPU_ONLY, ExecutorSpec
 from prefixbatch.executors.device import resolve_device, resolve_dtype
+from prefixbatch.executors.grammar import LazyConstraints
 from prefixbatch.executors.native.dense import packing_available
 from prefixbatch.executors.native.engine import Engine
 from prefixbatch.executors.native.weights import load_model, read_model_config
@@ -48,6 +49,7 @@ class NativeExecutor:
             eos_token_ids=eos_token_ids(model.path, self.tokenizer),
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
             token_texts=TokenTexts(self.tokenizer),
+            constraints=LazyConstraints(self.tokenizer, self.model.config.vocab_size),
             max_step_tokens=executor.native.max_step_tokens
             or executor.native.default_step_tokens(self.device.type),
             batch_invariant=executor.native.batch_invariant,
