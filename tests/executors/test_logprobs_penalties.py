@@ -8,6 +8,7 @@ frequency penalties written out here.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from functools import cache
@@ -28,12 +29,26 @@ PROMPTS = [f"{SHARED}\nQ: what does item {i} do?" for i in range(5)] + [
     "def", "import os\nimport sys\n\n", "The try statement specifies exception handlers",
 ]
 EXECUTORS = ("native", "hf")
-# Logprobs within 1e-4 plus 3e-5 of their size. The tiny random models have far larger
-# logits than trained ones (std ~8, tail logprobs of -10 to -20), and fp32 rounding alone
-# moves them by more than 1e-4 there: transformers' own left-padded batch differs from its
-# unpadded forward by up to 1.0e-4 on these prompts, the native engine by up to 1.5e-4
-# (at logprob -6.9), with its dense path unpacked 1.3e-4.
-LOGPROB_TOLERANCE = {"abs": 1e-4, "rel": 3e-5}
+# Logprobs within 1e-4, on `calm_llama`: the tiny random models' logits are far more peaked
+# than a trained model's (std ~8: tail logprobs of -10 to -60), where fp32 rounding alone
+# moves them by more than 1e-4 — transformers' own left-padded batch differs from its
+# unpadded forward by up to 1.0e-4 there, the native engine by up to 1.5e-4. `calm_llama` is
+# the same checkpoint with its final norm scaled down (logits std ~1.6, as trained models').
+LOGPROB_TOLERANCE = {"abs": 1e-4}
+# Comparisons on the peaked tiny models themselves (scores summed over several tokens).
+PEAKED_TOLERANCE = {"abs": 1e-4, "rel": 3e-5}
+
+
+@pytest.fixture(scope="module")
+def calm_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("calm_llama")
+    shutil.copytree(tiny_llama, folder, dirs_exist_ok=True)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 0.2
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -78,7 +93,8 @@ def forward_logprobs(folder: Path, tokens: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", EXECUTORS)
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
-def test_logprobs_equal_a_transformers_forward(tiny_llama: Path, kind: str, temperature: float) -> None:
+def test_logprobs_equal_a_transformers_forward(calm_llama: Path, kind: str, temperature: float) -> None:
+    tiny_llama = calm_llama
     batch = requests(tiny_llama, logprobs=5, temperature=temperature)
     batch[1] = replace(batch[1], sampling=replace(batch[1].sampling, logprobs=0))
     batch[2] = replace(batch[2], sampling=replace(batch[2].sampling, logprobs=None))
@@ -197,14 +213,15 @@ def test_native_and_hf_agree_with_every_option_at_once(tiny_qwen2: Path) -> None
     assert {k: c.token_ids for k, c in native.items()} == {k: c.token_ids for k, c in hf.items()}
     for key, completion in native.items():
         for a, b in zip(completion.logprobs, hf[key].logprobs, strict=True):
-            assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, **LOGPROB_TOLERANCE)
+            assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, **PEAKED_TOLERANCE)
             assert [i for i, _, _ in a.top] == [i for i, _, _ in b.top]
 
 
 @pytest.mark.parametrize("kind", EXECUTORS)
 def test_prompt_logprobs_equal_a_transformers_forward_and_shared_prefixes_are_scored_once(
-    tiny_llama: Path, kind: str
+    calm_llama: Path, kind: str
 ) -> None:
+    tiny_llama = calm_llama
     batch = requests(tiny_llama, prompt_logprobs=3, max_tokens=3)
     batch[6] = replace(batch[6], sampling=replace(batch[6].sampling, prompt_logprobs=None))
     found = run(kind, tiny_llama, batch)
@@ -249,7 +266,8 @@ def score_requests(folder: Path) -> list[Request]:
 
 
 @pytest.mark.parametrize("kind", EXECUTORS)
-def test_scoring_equals_a_transformers_forward(tiny_llama: Path, kind: str) -> None:
+def test_scoring_equals_a_transformers_forward(calm_llama: Path, kind: str) -> None:
+    tiny_llama = calm_llama
     batch = score_requests(tiny_llama)
     found = run(kind, tiny_llama, batch)
     assert len(found) == len(batch)
