@@ -32,6 +32,22 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def calm_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_llama` with its final norm scaled by 0.2: logits with a trained model's spread
+    (std ~1.6, not ~8), where fp32 rounding moves a logprob by well under 1e-4."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("calm_llama")
+    shutil.copytree(tiny_llama, folder, dirs_exist_ok=True)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 0.2
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Qwen2, q/k/v biases, lm_head tied to the embedding, ~1.3 M parameters."""
     return _make(tmp_path_factory, "qwen2")

@@ -8,7 +8,6 @@ frequency penalties written out here.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from functools import cache
@@ -29,7 +28,7 @@ PROMPTS = [f"{SHARED}\nQ: what does item {i} do?" for i in range(5)] + [
     "def", "import os\nimport sys\n\n", "The try statement specifies exception handlers",
 ]
 EXECUTORS = ("native", "hf")
-# Logprobs within 1e-4, on `calm_llama`: the tiny random models' logits are far more peaked
+# Logprobs within 1e-4, on `calm_llama` (conftest): the tiny random models' logits are far more peaked
 # than a trained model's (std ~8: tail logprobs of -10 to -60), where fp32 rounding alone
 # moves them by more than 1e-4 — transformers' own left-padded batch differs from its
 # unpadded forward by up to 1.0e-4 there, the native engine by up to 1.5e-4. `calm_llama` is
@@ -37,18 +36,6 @@ EXECUTORS = ("native", "hf")
 LOGPROB_TOLERANCE = {"abs": 1e-4}
 # Comparisons on the peaked tiny models themselves (scores summed over several tokens).
 PEAKED_TOLERANCE = {"abs": 1e-4, "rel": 3e-5}
-
-
-@pytest.fixture(scope="module")
-def calm_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from safetensors.torch import load_file, save_file
-
-    folder = tmp_path_factory.mktemp("calm_llama")
-    shutil.copytree(tiny_llama, folder, dirs_exist_ok=True)
-    weights = load_file(folder / "model.safetensors")
-    weights["model.norm.weight"] = weights["model.norm.weight"] * 0.2
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
 
 
 @pytest.fixture(scope="module", autouse=True)
