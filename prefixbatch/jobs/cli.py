@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Offline batch LLM inference over Parquet that computes each shared prefix once.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for every error")
+    parser.add_argument("--version", action="version", version=f"prefixbatch {_version()}")
     # `--debug` is accepted after the verb too; SUPPRESS keeps a sub-parser from resetting it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -87,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("dir", nargs="?", default="demo", help="working folder (default: ./demo)")
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def _version() -> str:
+    from prefixbatch import __version__
+
+    return __version__
 
 
 def _sub_parser(common: argparse.ArgumentParser) -> type[argparse.ArgumentParser]:

@@ -8,6 +8,8 @@ some output rows. The outputs are gibberish (random weights) but real and determ
 from __future__ import annotations
 
 import itertools
+import shlex
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,5 +95,18 @@ def run_demo(directory: str | Path, *, log: Callable[[str], None] = print) -> Pa
     log(f"\noutput: {folder / 'output'} ({output.num_rows} rows, {len(summary.parts)} part file(s))")
     for row in output.sort_by("id").slice(0, 3).to_pylist():
         log(f"  {row['id']} [{row['topic']}] {row['finish_reason']}: {row['output_text'][:70]!r}")
-    log(f"\nrun it yourself:  prefixbatch run {spec_file} --overwrite")
+    log(
+        "\nthe model has random weights (made here, offline), so its outputs are gibberish on purpose;"
+        " point model.path in job.yaml at a real Hugging Face checkpoint folder for real text"
+    )
+    log(f"run it yourself:  {_command()} run {shlex.quote(str(spec_file))} --overwrite")
     return folder
+
+
+def _command() -> str:
+    """How to call `prefixbatch` from this shell as it is: the script beside this Python
+    (a venv that is not activated has it there, not on PATH), else `python -m prefixbatch`."""
+    script = Path(sys.executable).parent / "prefixbatch"
+    if script.is_file():
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m prefixbatch"

@@ -19,7 +19,13 @@ import numpy as np
 
 import prefixbatch
 from prefixbatch.executors.base import Executed, ExecutorStats, StopFlag
-from prefixbatch.executors.registry import EXECUTORS, check_available, create_executor, resolve_kind
+from prefixbatch.executors.registry import (
+    EXECUTORS,
+    check_available,
+    check_device,
+    create_executor,
+    resolve_kind,
+)
 from prefixbatch.faults import fault_point
 from prefixbatch.jobs.fingerprint import job_fingerprint
 from prefixbatch.jobs.inputs import read_job_input, scan_job_input
@@ -103,14 +109,24 @@ def check_job(spec: JobSpec) -> str:
     """Everything `run` checks before loading weights, without writing anything."""
     check_model_folder(spec.model.path)
     check_available(spec.model, spec.executor)
+    device = _check_device(spec)
     prepared = read_job_input(spec)
     output = _output_folder(spec)
     committed = len(output.check(job_fingerprint(spec, prepared.files)))
     resumed = f", {committed} already committed (resume)" if committed else ""
     return (
         f"{prepared.num_rows} rows, {len(prepared.requests)} to generate, "
-        f"{len(prepared.errors)} would be error rows{resumed}"
+        f"{len(prepared.errors)} would be error rows{resumed}; {device}"
     )
+
+
+def _check_device(spec: JobSpec) -> str:
+    """Where the job would run, said in words; a device this machine lacks is refused here
+    (before anything is written). A Dask job's device is the workers' business."""
+    if spec.cluster.kind == "dask":
+        return f"device {spec.executor.device} on the Dask workers"
+    device = check_device(spec.executor)
+    return f"device {device}" + (" (auto)" if spec.executor.device == "auto" else "")
 
 
 def committed_before(spec: JobSpec, prepared: PreparedInput) -> np.ndarray:
@@ -140,6 +156,7 @@ def run_job(
     start = time.monotonic()
     check_model_folder(spec.model.path)
     check_available(spec.model, spec.executor)
+    _check_device(spec)
     show = _Show(live_progress, log, stop, log_every_s)
     if spec.cluster.kind != "dask":
         return _run(spec, None, start, show)

@@ -21,7 +21,7 @@ def test_validate_plan_and_run_from_a_dict_match_the_cli(tmp_path, tiny_llama, c
         "model": {"path": str(tiny_llama)},
         "sampling": {"max_tokens": 3},
     }
-    assert prefixbatch.validate(job) == "3 rows, 3 to generate, 0 would be error rows"
+    assert prefixbatch.validate(job) == "3 rows, 3 to generate, 0 would be error rows; device cpu (auto)"
     preview = prefixbatch.plan(job)
     summary = prefixbatch.run(job)
     assert isinstance(summary, prefixbatch.RunSummary) and summary.rows == 3

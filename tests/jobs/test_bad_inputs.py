@@ -245,3 +245,19 @@ def test_a_spec_is_never_evaluated_as_code(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "not valid YAML" in err and "Traceback" not in err
     assert not marker.exists()
+
+
+def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(tmp_path, job, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    job["executor"] = {"device": "cuda"}
+    err = refused(tmp_path, job, capsys)  # run: exit 2, no output folder
+    assert "executor.device is 'cuda' but no CUDA device is visible" in err
+    path = tmp_path / "job.json"
+    assert main(["validate", str(path)]) == 2
+    assert "no CUDA device is visible" in capsys.readouterr().err
+    job["executor"] = {"device": "cpu"}
+    path.write_text(json.dumps(job))
+    assert main(["run", str(path), "--no-progress"]) == 0  # the corrected run needs no --resume
