@@ -23,6 +23,7 @@ in: paths / globs + `InputColumns` -> [`InputFile`] -> checked ids, stream of `I
 from __future__ import annotations
 
 import bisect
+import difflib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -140,9 +141,11 @@ def scan_inputs(
     needed = columns.rules()
     problems: list[str] = []
     files: list[InputFile] = []
+    num_unreadable = 0
     for url, fs, path, info in found:
         footer = _read_footer(fs, path, url)
         if isinstance(footer, str):
+            num_unreadable += 1
             (problems if skipped is None else skipped).append(footer)
             continue
         num_rows, schema = footer
@@ -152,7 +155,9 @@ def scan_inputs(
         needed_schema = pa.schema([f for f in schema if f.name in needed])
         files.append(InputFile(url, size, modified, num_rows, first_row, needed_schema))
     if problems:
-        hint = [] if skipped is not None else ["(set input.ignore_corrupt_files: true to skip unreadable files)"]
+        # Only for files that cannot be read at all: a readable file with a wrong column is
+        # the spec's or the file's to fix, and skipping it would drop its rows.
+        hint = ["(set input.ignore_corrupt_files: true to skip unreadable files)"] if num_unreadable and skipped is None else []
         raise InputError(_listing(f"{len(problems)} problem(s) in the input files:", problems + hint))
     if not files:
         raise InputError(_listing("no readable input files: every file was skipped:", skipped or []))
@@ -225,7 +230,9 @@ def _column_problems(url: str, schema: pa.Schema, columns: InputColumns) -> list
     for name, (rule, required) in columns.rules().items():
         count = len(schema.get_all_field_indices(name))
         if count == 0 and required:
-            problems.append(f"file {url} has no column {name!r} (columns: {_names(schema)})")
+            close = difflib.get_close_matches(name, schema.names, n=1, cutoff=0.6)
+            guess = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(f"file {url} has no column {name!r} ({guess}columns: {_names(schema)})")
         elif count > 1:
             problems.append(f"file {url} has {count} columns named {name!r}")
         elif count == 1 and not rule.accepts(stored := schema.field(name).type):

@@ -194,6 +194,14 @@ def test_wrong_column_type(tmp_path, job, capsys):
     pq.write_table(pa.table({"id": ["c"], "prompt": ["x"], "max_tokens": ["ten"]}), tmp_path / "b.parquet")
     err = refused(tmp_path, job, capsys)
     assert f"column 'max_tokens' in {tmp_path}/b.parquet must be" in err
+    assert "ignore_corrupt_files" not in err  # the file is readable: skipping it would drop its rows
+
+
+def test_a_missing_column_suggests_the_closest_name(tmp_path, job, capsys):
+    pq.write_table(pa.table({"id": ["c"], "prompts": ["x"]}), tmp_path / "b.parquet")
+    err = refused(tmp_path, job, capsys)
+    assert f"file {tmp_path}/b.parquet has no column 'prompt' (did you mean 'prompts'? columns: id, prompts)" in err
+    assert "ignore_corrupt_files" not in err
 
 
 def test_invalid_spec_value(tmp_path, job, capsys):

@@ -343,6 +343,9 @@ def test_override_columns_are_read_where_present_and_null_elsewhere(tmp_path):
             ("min_tokens", pa.int64()),
             ("logprobs", pa.int64()),
             ("prompt_logprobs", pa.int64()),
+            ("json_schema", pa.string()),
+            ("regex", pa.string()),
+            ("choice", pa.list_(pa.string())),
         ]
     )
     assert table.to_pydict() == {
@@ -357,7 +360,7 @@ def test_override_columns_are_read_where_present_and_null_elsewhere(tmp_path):
         "stop_token_ids": [[1, 2], [], None],
         "n": [None, None, 3],
         **{name: [None, None, None] for name in ("repetition_penalty", "presence_penalty", "frequency_penalty",
-                                                  "min_tokens", "logprobs", "prompt_logprobs")},
+                                                  "min_tokens", "logprobs", "prompt_logprobs", "json_schema", "regex", "choice")},
     }
     assert batch_schema(files, OVERRIDES) == table.schema
 
