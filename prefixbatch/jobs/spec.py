@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,15 +88,18 @@ def load_spec(file: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     raw = _parse_file(path)
     for override in overrides:
         _apply_override(raw, override)
-    return spec_from_dict(raw, base_dir=path.resolve().parent, source=str(path))
+    return spec_from_dict(raw, base_dir=path.resolve().parent, source=str(path), overrides=overrides)
 
 
-def spec_from_dict(raw: dict[str, Any], *, base_dir: Path, source: str) -> JobSpec:
-    """Validate a parsed spec; relative local paths are taken relative to `base_dir`."""
+def spec_from_dict(
+    raw: dict[str, Any], *, base_dir: Path, source: str, overrides: Sequence[str] = ()
+) -> JobSpec:
+    """Validate a parsed spec; relative local paths are taken relative to `base_dir`.
+    `overrides`: the `--set` arguments applied to `raw`, named in the errors they cause."""
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError(format_validation_error(exc, source)) from exc
+        raise SpecError(format_validation_error(exc, source, overrides)) from exc
     return resolve_paths(spec, base_dir)
 
 
@@ -142,11 +146,15 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One line per problem: `file: field.path: what is wrong (got ...)`."""
+def format_validation_error(exc: ValidationError, source: str, overrides: Sequence[str] = ()) -> str:
+    """One line per problem: `file: field.path: what is wrong (got ...)`, and which `--set`
+    override set the field (or a field of the section) it is about."""
     lines = [f"{source}: invalid job spec"]
     for error in exc.errors():
-        lines.append(f"  {_describe(error)}")
+        loc = ".".join(str(part) for part in error["loc"])
+        blamed = [o for o in overrides if loc and (o.partition("=")[0].strip() + ".").startswith(loc + ".")]
+        blame = f" [from --set {', --set '.join(blamed)}]" if blamed else ""
+        lines.append(f"  {_describe(error)}{blame}")
     return "\n".join(lines)
 
 
@@ -172,6 +180,8 @@ def _describe(error: dict[str, Any]) -> str:
     message = error["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
+    if isinstance(error.get("input"), dict):  # a check across a whole section: its message names the values
+        return f"{loc}: {message}"
     return f"{loc}: {message} (got {error.get('input')!r})"
 
 

@@ -142,3 +142,19 @@ def test_every_spec_field_is_documented_in_the_readme():
 
     missing = [p for p in paths(JobSpec) if f"`{p}`" not in readme]
     assert not missing
+
+
+def test_an_error_an_override_caused_names_the_override_and_dumps_no_section(tmp_path):
+    path = write(tmp_path, "job.json", json.dumps(BASE))
+    with pytest.raises(SpecError) as info:
+        load_spec(path, ["sampling.temperature=-1", "sampling.top_p=0.5"])
+    assert "sampling.temperature: Input should be greater than or equal to 0 (got -1) [from --set sampling.temperature=-1]" in str(info.value)
+    assert "top_p" not in str(info.value)
+    with pytest.raises(SpecError) as info:
+        load_spec(path, ["input.messages_column=chat"])
+    message = str(info.value)
+    assert "input: exactly one of `prompt_column` and `messages_column` must be set [from --set input.messages_column=chat]" in message
+    assert "{" not in message  # the section's contents are not dumped
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, "bad.json", json.dumps({**BASE, "sampling": {"temperature": -2}})), ["sampling.top_p=0.5"])
+    assert "[from --set" not in str(info.value)  # the file's own mistake
