@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = verbs.add_parser("validate", help="check the spec, input files and model folder; load no weights")
     _add_spec_args(validate)
+    validate.add_argument(
+        "--errors", metavar="FILE.jsonl", help="write every row that would be an error row (id, code, message)"
+    )
     validate.set_defaults(func=cmd_validate)
 
     plan = verbs.add_parser(
@@ -182,11 +185,18 @@ def _resume_command(args: argparse.Namespace) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from prefixbatch.jobs.run import check_job
+    from prefixbatch.jobs.run import inspect_job
 
     spec = _load(args)
-    report = check_job(spec)
+    report, prepared = inspect_job(spec)
     print(f"{args.spec}: OK — {report}")
+    if args.errors:
+        with open(args.errors, "w", encoding="utf-8") as out:
+            for error in prepared.errors:
+                code, _, message = error.error.partition(": ")
+                row_id = prepared.ids[error.row_index].as_py()
+                out.write(json.dumps({"id": row_id, "code": code, "message": message}, default=str) + "\n")
+        _info(f"wrote {len(prepared.errors)} error row(s) to {args.errors}")
     return 0
 
 

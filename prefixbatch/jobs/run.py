@@ -43,6 +43,7 @@ from prefixbatch.pipeline.commits import (
     committed_rows,
     indices_to_ranges,
 )
+from prefixbatch.pipeline.config import SAMPLING_FIELDS
 from prefixbatch.pipeline.parts import PartWriter, RowColumns, samples_per_row
 from prefixbatch.pipeline.prepare import PreparedInput, input_columns
 from prefixbatch.pipeline.reader import batch_schema
@@ -106,7 +107,13 @@ def _open_output(spec: JobSpec, prepared: PreparedInput, log: Callable[[str], No
 
 
 def check_job(spec: JobSpec) -> str:
-    """Everything `run` checks before loading weights, without writing anything."""
+    """Everything `run` checks before loading weights, without writing anything: a line on
+    the rows, then what `run` would do to them that the spec alone does not say."""
+    return inspect_job(spec)[0]
+
+
+def inspect_job(spec: JobSpec) -> tuple[str, PreparedInput]:
+    """`check_job`'s report, and the input as `run` would read it."""
     check_model_folder(spec.model.path)
     check_available(spec.model, spec.executor)
     device = _check_device(spec)
@@ -114,10 +121,40 @@ def check_job(spec: JobSpec) -> str:
     output = _output_folder(spec)
     committed = len(output.check(job_fingerprint(spec, prepared.files)))
     resumed = f", {committed} already committed (resume)" if committed else ""
-    return (
+    lines = [
         f"{prepared.num_rows} rows, {len(prepared.requests)} to generate, "
         f"{len(prepared.errors)} would be error rows{resumed}; {device}"
-    )
+    ]
+    return "\n".join(lines + _row_notes(prepared)), prepared
+
+
+def _row_notes(prepared: PreparedInput, num_ids: int = 3) -> list[str]:
+    """Error rows by code (with their first ids), the per-row sampling columns found, and the
+    rows whose max_tokens would be clamped or prompt truncated."""
+    notes = []
+    by_code: dict[str, list[int]] = {}
+    for error in prepared.errors:
+        by_code.setdefault(error.error.split(":", 1)[0], []).append(error.row_index)
+    for code, rows in sorted(by_code.items()):
+        ids = ", ".join(repr(prepared.ids[row].as_py()) for row in rows[:num_ids])
+        more = ", ..." if len(rows) > num_ids else ""
+        notes.append(f"  {len(rows)} error row(s) {code}: ids {ids}{more}")
+    columns: dict[str, int] = {}
+    for file in prepared.files:
+        for name in SAMPLING_FIELDS:
+            if name in file.schema.names:
+                columns[name] = columns.get(name, 0) + 1
+    if columns:
+        found = ", ".join(
+            name + ("" if count == len(prepared.files) else f" (in {count} of {len(prepared.files)} files)")
+            for name, count in columns.items()
+        )
+        notes.append(f"  per-row sampling from input columns: {found} (non-null values override the spec)")
+    if prepared.num_clamped:
+        notes.append(f"  {prepared.num_clamped} row(s) get max_tokens clamped to fit the model's context")
+    if prepared.num_truncated:
+        notes.append(f"  {prepared.num_truncated} row(s) get their prompt truncated (input.truncate)")
+    return notes
 
 
 def _check_device(spec: JobSpec) -> str:

@@ -269,3 +269,22 @@ def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(tmp_p
     job["executor"] = {"device": "cpu"}
     path.write_text(json.dumps(job))
     assert main(["run", str(path), "--no-progress"]) == 0  # the corrected run needs no --resume
+
+
+def test_validate_names_the_error_rows_the_override_columns_and_the_clamped_rows(tmp_path, corpus, capsys):
+    corpus["sampling"]["max_tokens"] = 1_000_000  # more than any prompt leaves room for: clamped
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(corpus))
+    errors_file = tmp_path / "errors.jsonl"
+    assert main(["validate", str(path), "--errors", str(errors_file)]) == 0
+    out = capsys.readouterr().out
+    # min_tokens 9 fits under the larger max_tokens: that row is valid here
+    bad = [(row_id, error) for row_id, _, _, error in ROWS if error and row_id != "min-over-max"]
+    assert f"{len(ROWS)} rows, " in out and f"{len(bad)} would be error rows" in out
+    assert "1 error row(s) prompt_too_large: ids 'huge'" in out
+    assert "error row(s) invalid_sampling: ids 'neg-temperature', 'zero-top-p', 'big-top-p', ..." in out
+    assert "per-row sampling from input columns: max_tokens, temperature, top_p, n, repetition_penalty, " in out
+    assert "row(s) get max_tokens clamped to fit the model's context" in out
+    written = [json.loads(line) for line in errors_file.read_text().splitlines()]
+    assert sorted((w["id"], w["code"]) for w in written) == sorted(bad)
+    assert not (tmp_path / "out").exists()
