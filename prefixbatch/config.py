@@ -21,8 +21,14 @@ class ModelSpec(StrictModel):
     """The Hugging Face model folder to run."""
 
     path: str
-    """Folder of a Hugging Face checkpoint (config.json, safetensors weights, tokenizer files).
-    A relative path is resolved against the spec file's folder."""
+    """Folder of a Hugging Face checkpoint (config.json, safetensors weights, tokenizer files),
+    or a Hugging Face Hub id (`org/name`): downloaded into the Hub cache when the network
+    allows, used from the cache offline (`HF_HUB_OFFLINE=1`). A relative path is resolved
+    against the spec file's folder; a folder that exists wins over a Hub id of the same name."""
+
+    revision: str | None = None
+    """Hub ids only: the branch, tag or commit to use (null: `main`). The commit it resolves
+    to is recorded in the job's fingerprint."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights and activations dtype. `auto`: float32 on CPU, bfloat16 on CUDA."""

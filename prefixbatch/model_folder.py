@@ -10,9 +10,51 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from prefixbatch.errors import ModelError
+
+# `org/name` as the Hub spells repository ids: one slash, no leading dot or slash.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# What a checkpoint needs; never pickled weights (*.bin, *.pt), which are refused anyway.
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def is_hub_id(path: str) -> bool:
+    """Whether `path` reads as a Hugging Face Hub id (`org/name`) rather than a folder path."""
+    return bool(_HUB_ID.match(path)) and ".." not in path
+
+
+def resolve_model_path(path: str, revision: str | None = None) -> tuple[str, str | None]:
+    """(a local folder holding the model, the Hub commit it came from or None).
+
+    A folder that exists is used as it is. A Hub id is fetched with `huggingface_hub` into its
+    cache (only config, tokenizer and safetensors files), or found there when offline
+    (`HF_HUB_OFFLINE=1`) or when the Hub cannot be reached; else a `ModelError` says where it
+    looked and how to download it.
+    """
+    if Path(path).is_dir() or not is_hub_id(path):
+        return path, None
+    from huggingface_hub import constants, snapshot_download  # only for Hub ids
+
+    wanted = f"{path}" + (f" (revision {revision})" if revision else "")
+    reasons = []
+    for local_only in ([True] if constants.HF_HUB_OFFLINE else [False, True]):
+        try:
+            folder = snapshot_download(path, revision=revision, allow_patterns=_HUB_FILES, local_files_only=local_only)
+        except Exception as exc:  # network errors, unknown repos, gated models, missing cache entries
+            reasons.append(f"{'cache' if local_only else 'download'}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            continue
+        return folder, Path(folder).name
+    offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+    msg = (
+        f"model.path {path}: no such folder, and the Hugging Face Hub model {wanted} could not be"
+        f" found in the cache {constants.HF_HUB_CACHE} or downloaded{offline} — {'; '.join(reasons)}."
+        f" Download it where the network allows (`huggingface-cli download {path}`, same HF_HOME),"
+        " or set model.path to a local model folder"
+    )
+    raise ModelError(msg)
 
 
 def read_config(path: str) -> dict:

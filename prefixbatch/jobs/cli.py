@@ -202,8 +202,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from prefixbatch.jobs.plan import plan_report, plan_text, preview_job, write_plan_report
+    from prefixbatch.jobs.spec import with_local_model
 
-    spec = _load(args, [f"executor.kv_budget_tokens={args.kv_budget}"] if args.kv_budget else [])
+    spec = with_local_model(_load(args, [f"executor.kv_budget_tokens={args.kv_budget}"] if args.kv_budget else []))
     job = preview_job(spec, num_shards=args.shards)
     report = plan_report(job, spec)
     print(json.dumps(report, indent=2) if args.json else plan_text(job, report))

@@ -43,13 +43,16 @@ def job_fingerprint(spec: JobSpec, files: list[InputFile]) -> dict[str, Any]:
             **_hashes(folder, CONFIG_FILES),
             "weights": {p.name: p.stat().st_size for p in sorted(folder.glob("*.safetensors"))},
             "dtype": spec.model.dtype,
+            "revision": spec.model.revision,  # the Hub commit a Hub id resolved to
         },
+        "task": spec.task,
         "tokenizer": {**_hashes(folder, TOKENIZER_FILES), "chat_template": spec.model.chat_template},
         "input": {
             "files": [{"url": f.url, "size": f.size, "modified": f.modified} for f in files],
             "id_column": spec.input.id_column,
             "text_column": spec.input.text_column,
             "carry_columns": list(spec.input.carry_columns),
+            "continuations_column": spec.input.continuations_column,
         },
         "sampling": spec.sampling.model_dump(mode="json"),
         "prefixbatch": prefixbatch.__version__,

@@ -16,7 +16,7 @@ import numpy as np
 from prefixbatch.jobs.inputs import job_tokenizer, read_job_input
 from prefixbatch.jobs.planning import plan_job, plan_summary
 from prefixbatch.jobs.run import committed_before
-from prefixbatch.jobs.spec import JobSpec
+from prefixbatch.jobs.spec import JobSpec, with_local_model
 from prefixbatch.pipeline.prepare import PreparedInput
 from prefixbatch.prefix_tree import Plan, PlannedRequests
 
@@ -39,6 +39,7 @@ def preview_job(spec: JobSpec, *, num_shards: int | None = None) -> JobPlan:
     × `cluster.shards_per_worker` on Dask (a running cluster at `cluster.address` is asked
     how many workers it has).
     """
+    spec = with_local_model(spec)
     prepared = read_job_input(spec)
     todo = prepared.without_rows(committed_before(spec, prepared))
     if num_shards is None:

@@ -32,7 +32,7 @@ from prefixbatch.jobs.inputs import read_job_input, scan_job_input
 from prefixbatch.jobs.planning import plan_job, plan_settings, plan_summary
 from prefixbatch.jobs.progress import JobProgress
 from prefixbatch.jobs.signals import JobStopped
-from prefixbatch.jobs.spec import JobSpec
+from prefixbatch.jobs.spec import JobSpec, with_local_model
 from prefixbatch.model_folder import check_model_folder
 from prefixbatch.periodic import Periodic
 from prefixbatch.pipeline.checkpoints import Checkpointer, Checkpoints, continue_from
@@ -114,6 +114,7 @@ def check_job(spec: JobSpec) -> str:
 
 def inspect_job(spec: JobSpec) -> tuple[str, PreparedInput]:
     """`check_job`'s report, and the input as `run` would read it."""
+    spec = with_local_model(spec)
     check_model_folder(spec.model.path)
     check_available(spec.model, spec.executor)
     device = _check_device(spec)
@@ -191,6 +192,7 @@ def run_job(
     `JobStopped` says how many rows are in.
     """
     start = time.monotonic()
+    spec = with_local_model(spec)  # a Hub id: fetched, or found in the cache
     check_model_folder(spec.model.path)
     check_available(spec.model, spec.executor)
     _check_device(spec)

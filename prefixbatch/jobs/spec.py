@@ -21,6 +21,7 @@ from prefixbatch.cluster.config import ClusterSpec
 from prefixbatch.config import StrictModel
 from prefixbatch.errors import SpecError
 from prefixbatch.executors.config import ExecutorSpec, ModelSpec
+from prefixbatch.model_folder import is_hub_id, resolve_model_path
 from prefixbatch.pipeline.config import InputSpec, OutputSpec, SamplingSpec
 
 if sys.version_info >= (3, 11):
@@ -207,6 +208,23 @@ def _resolve(path: str, base_dir: Path) -> str:
     return str(expanded if expanded.is_absolute() else base_dir / expanded)
 
 
+def _model_path(path: str, base_dir: Path) -> str:
+    """A local folder as `_resolve` makes it; a Hub id (`org/name`) stays one unless a folder
+    of that name exists beside the spec (the folder wins)."""
+    if is_hub_id(path) and not (base_dir / path).is_dir():
+        return path
+    return _resolve(path, base_dir)
+
+
+def with_local_model(spec: JobSpec) -> JobSpec:
+    """The spec with `model.path` a local folder (a Hub id fetched or found in the cache) and
+    `model.revision` the commit it resolved to; a local folder's spec is returned as it is."""
+    folder, commit = resolve_model_path(spec.model.path, spec.model.revision)
+    if commit is None:
+        return spec
+    return spec.model_copy(update={"model": spec.model.model_copy(update={"path": folder, "revision": commit})})
+
+
 def resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:
     """Relative local paths in input, output and model become absolute, against `base_dir`."""
     input_path = spec.input.path
@@ -219,6 +237,6 @@ def resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:
         update={
             "input": spec.input.model_copy(update={"path": resolved_input}),
             "output": spec.output.model_copy(update={"path": _resolve(spec.output.path, base_dir)}),
-            "model": spec.model.model_copy(update={"path": _resolve(spec.model.path, base_dir)}),
+            "model": spec.model.model_copy(update={"path": _model_path(spec.model.path, base_dir)}),
         }
     )
