@@ -20,9 +20,11 @@ class InputSpec(StrictModel):
     """Where the prompts are and which columns hold what."""
 
     path: str | tuple[str, ...]
-    """Parquet input: a local path, a glob (`data/*.parquet`) or an fsspec URL
+    """Input files: a local path, a glob (`data/*.parquet`) or an fsspec URL
     (`s3://bucket/prompts/*.parquet`, `memory://x.parquet`), or a list of them. A relative
-    local path is resolved against the spec file's folder."""
+    local path is resolved against the spec file's folder. Parquet (streamed by row group),
+    or by name `.csv` (CSV with a header row) and `.jsonl` / `.ndjson` / `.json` (JSON Lines:
+    one object per line; lists and objects become list and struct columns), read whole."""
 
     id_column: str = "id"
     """Column that identifies each row (string or integer, unique, never null). Copied to the output."""

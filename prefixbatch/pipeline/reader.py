@@ -31,6 +31,8 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from prefixbatch.errors import InputError, SpecError
@@ -206,14 +208,39 @@ def _is_data_file(path: str, info: dict) -> bool:
     return info.get("type") == "file" and not name.startswith(("_", "."))
 
 
+# Text formats by file name; anything else is read as Parquet.
+TEXT_FORMATS = {".csv": "CSV", ".jsonl": "JSON Lines", ".ndjson": "JSON Lines", ".json": "JSON Lines"}
+
+
+def file_format(path: str) -> str:
+    """'Parquet', 'CSV' or 'JSON Lines', by the file name (`.csv`, `.jsonl`/`.ndjson`/`.json`)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1].lower()
+    return next((kind for suffix, kind in TEXT_FORMATS.items() if name.endswith(suffix)), "Parquet")
+
+
+def _read_text(fs: fsspec.AbstractFileSystem, path: str) -> pa.Table:
+    """A CSV or JSON Lines file, whole, with pyarrow's readers (types inferred as pyarrow does:
+    JSON lists and objects become list and struct columns; CSV holds only scalars)."""
+    with _open(fs, path) as f:
+        if file_format(path) == "CSV":
+            return pacsv.read_csv(f)
+        return pajson.read_json(f)
+
+
 def _read_footer(fs: fsspec.AbstractFileSystem, path: str, url: str) -> tuple[int, pa.Schema] | str:
-    """(num_rows, Arrow schema) from the footer alone, or the problem with the file."""
+    """(num_rows, Arrow schema) from the footer alone (Parquet; CSV and JSON Lines are read
+    whole), or the problem with the file."""
+    kind = file_format(path)
     try:
-        with _open(fs, path) as f:
-            parquet = pq.ParquetFile(f)
-            num_rows, schema = parquet.metadata.num_rows, parquet.schema_arrow
+        if kind != "Parquet":
+            table = _read_text(fs, path)
+            num_rows, schema = table.num_rows, table.schema
+        else:
+            with _open(fs, path) as f:
+                parquet = pq.ParquetFile(f)
+                num_rows, schema = parquet.metadata.num_rows, parquet.schema_arrow
     except (pa.ArrowException, OSError, ValueError) as e:
-        return f"file {url} is not a readable Parquet file ({e})"
+        return f"file {url} is not a readable {kind} file ({e})"
     if not schema.names:
         return f"file {url} has no columns"
     return num_rows, schema
@@ -303,6 +330,9 @@ def _iter_file(
     file: InputFile, schema: pa.Schema, storage_options: dict[str, Any] | None, batch_rows: int
 ) -> Iterator[InputBatch]:
     fs, path = open_fs(file.url, storage_options)
+    if file_format(path) != "Parquet":
+        yield from _iter_text_file(file, fs, path, schema, batch_rows)
+        return
     with _open(fs, path) as f:
         parquet = pq.ParquetFile(f)
         if parquet.metadata.num_rows != file.num_rows:  # row indices would shift under us
@@ -318,6 +348,23 @@ def _iter_file(
                 table = _conform(batch, schema, file.url)
                 yield InputBatch(file, file.first_row_index + file_row, file_row, table)
                 file_row += batch.num_rows
+
+
+def _iter_text_file(
+    file: InputFile, fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema, batch_rows: int
+) -> Iterator[InputBatch]:
+    try:
+        table = _read_text(fs, path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise InputError(f"file {file.url} is no longer a readable {file_format(path)} file ({e})") from None
+    if table.num_rows != file.num_rows:  # row indices would shift under us
+        msg = f"file {file.url} changed since it was scanned ({file.num_rows} rows, now {table.num_rows})"
+        raise InputError(msg)
+    table = table.select([n for n in schema.names if n in table.schema.names])
+    file_row = 0
+    for batch in table.to_batches(batch_rows):
+        yield InputBatch(file, file.first_row_index + file_row, file_row, _conform(batch, schema, file.url))
+        file_row += batch.num_rows
 
 
 def _conform(batch: pa.RecordBatch, schema: pa.Schema, url: str) -> pa.Table:
