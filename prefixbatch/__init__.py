@@ -3,6 +3,7 @@
 The public surface is the CLI (`prefixbatch run job.yaml`) and these names:
 
 - `load_job`, `validate`, `plan`, `run`: the Python API (`prefixbatch.jobs.api`);
+- `generate`, `Engine`: prompts in memory → a table of completions (`prefixbatch.jobs.inmemory`);
 - `JobSpec`: a validated job spec; `RunSummary`: what a run did;
 - `PrefixbatchError`, `UserError`: every error a user can cause is a `UserError`.
 
@@ -31,6 +32,8 @@ _LAZY = {
     "run": "prefixbatch.jobs.api",
     "JobSpec": "prefixbatch.jobs.spec",
     "RunSummary": "prefixbatch.jobs.run",
+    "Engine": "prefixbatch.jobs.inmemory",
+    "generate": "prefixbatch.jobs.inmemory",
 }
 
 
@@ -42,4 +45,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'prefixbatch' has no attribute {name!r}")
 
 
-__all__ = ["JobSpec", "PrefixbatchError", "RunSummary", "UserError", "__version__", "load_job", "plan", "run", "validate"]
+__all__ = [
+    "Engine", "JobSpec", "PrefixbatchError", "RunSummary", "UserError", "__version__", "generate", "load_job", "plan",
+    "run", "validate",
+]
