@@ -19,6 +19,7 @@ def finished_output(url: str, storage_options: dict | None = None) -> list[dict]
     names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)}
     manifest = json.loads(fs.cat_file(f"{path}/_manifest.json"))
     parts = {part["file"] for part in manifest["parts"]}
+    names.discard("_openai_batch_output.jsonl")  # output.format: openai
     assert names == SIDE_FILES | parts, names ^ (SIDE_FILES | parts)
     rows = read_committed(url, storage_options=storage_options).to_pylist()
     assert len(rows) == manifest["output_rows"]

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -37,6 +38,7 @@ from prefixbatch.model_folder import check_model_folder
 from prefixbatch.periodic import Periodic
 from prefixbatch.pipeline.checkpoints import Checkpointer, Checkpoints, continue_from
 from prefixbatch.pipeline.commits import (
+    OPENAI_OUTPUT,
     SUMMARY,
     CommitRecord,
     OutputFolder,
@@ -44,6 +46,7 @@ from prefixbatch.pipeline.commits import (
     indices_to_ranges,
 )
 from prefixbatch.pipeline.config import SAMPLING_FIELDS
+from prefixbatch.pipeline.openai_batch import response_lines
 from prefixbatch.pipeline.parts import PartWriter, RowColumns, samples_per_row
 from prefixbatch.pipeline.prepare import PreparedInput, input_columns
 from prefixbatch.pipeline.reader import batch_schema
@@ -396,8 +399,21 @@ def _finish(
         generate_s=progress.elapsed_s,
     )
     output.write_json(SUMMARY, summary.to_dict())
+    if spec.output.format == "openai":
+        _write_openai_output(spec, prepared, output, records)
     output.mark_success(records)
     return summary
+
+
+def _write_openai_output(spec: JobSpec, prepared: PreparedInput, output: OutputFolder, records) -> None:
+    """`output.format: openai`: the response lines, from the committed parts alone."""
+    rows = [row for record in records for row in output.read_part(record).to_pylist()]
+    order = {row_id: i for i, row_id in enumerate(prepared.ids.to_pylist())}
+    folder = Path(spec.model.path)
+    # A Hub snapshot (`models--org--name/snapshots/<commit>`) is named by its id.
+    model = folder.parents[1].name[len("models--"):].replace("--", "/") if spec.model.revision else folder.name
+    lines = response_lines(rows, model=model, order=order)
+    output.write_file(OPENAI_OUTPUT, ("\n".join(lines) + "\n").encode())
 
 
 def _shard_records(executed: Executed | None) -> list:

@@ -56,7 +56,8 @@ CHECKPOINTS = "_checkpoints"
 MANIFEST = "_manifest.json"
 SUMMARY = "_summary.json"
 SUCCESS = "_SUCCESS"
-SIDE_FILES = (JOB_FILE, MANIFEST, SUMMARY, SUCCESS)
+OPENAI_OUTPUT = "_openai_batch_output.jsonl"  # output.format: openai (`openai_batch.response_lines`)
+SIDE_FILES = (JOB_FILE, MANIFEST, SUMMARY, SUCCESS, OPENAI_OUTPUT)
 
 # What a job writes at the top of its folder: side files, parts, and the temporaries of
 # `_write` (`_<name>.<32 hex>.tmp`) left by a process that died before its rename.
@@ -200,7 +201,7 @@ class OutputFolder:
             records, stale = self.load_records()
             for path in stale:
                 self._fs.rm(path)
-            for name in (SUCCESS, MANIFEST):  # written again when every row is in
+            for name in (SUCCESS, MANIFEST, OPENAI_OUTPUT):  # written again when every row is in
                 if self._exists(name):
                     self._fs.rm(self._file(name))
             self._remove_unreferenced(records)
@@ -355,7 +356,7 @@ class OutputFolder:
 
     def _remove_unreferenced(self, records: Sequence[CommitRecord]) -> None:
         """Delete parts no record names and temporaries of interrupted writes; keep the rest."""
-        keep = {r.part for r in records} | {JOB_FILE, COMMITS, CHECKPOINTS, SUMMARY, MANIFEST, SUCCESS}
+        keep = {r.part for r in records} | {JOB_FILE, COMMITS, CHECKPOINTS, *SIDE_FILES}
         for entry in self._entries():
             name = entry.rstrip("/").rsplit("/", 1)[-1]
             if name in keep:

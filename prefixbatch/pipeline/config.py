@@ -66,6 +66,22 @@ class InputSpec(StrictModel):
     """Skip input files that are not readable Parquet (listed in `_manifest.json` and the
     summary) instead of refusing the job."""
 
+    format: Literal["auto", "openai"] = "auto"
+    """`auto`: by file name (Parquet, `.csv`, `.jsonl`). `openai`: JSON Lines files of OpenAI
+    Batch API requests (`custom_id`, `method`, `url`, `body`); the id is `custom_id`, the
+    messages and sampling fields come from each body, and a request that cannot run as
+    asked is an `unsupported_request` error row. Leave the column settings unset."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_columns(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("format") == "openai":
+            given = [k for k in ("prompt_column", "messages_column", "id_column", "continuations_column") if data.get(k)]
+            if given:
+                raise ValueError(f"input.format 'openai' reads its own columns: leave {', '.join(given)} unset")
+            data = {**data, "id_column": "custom_id", "messages_column": "messages"}
+        return data
+
     @model_validator(mode="after")
     def _one_text_column(self) -> InputSpec:
         if (self.prompt_column is None) == (self.messages_column is None):
@@ -106,6 +122,11 @@ class OutputSpec(StrictModel):
 
     storage_options: dict[str, Any] = Field(default_factory=dict)
     """Passed to fsspec for the output filesystem."""
+
+    format: Literal["parquet", "openai"] = "parquet"
+    """`openai`: besides the Parquet parts, `_openai_batch_output.jsonl` in the folder once every
+    row is in: one OpenAI Batch API response line per request (`custom_id`, `response.body` a
+    chat completion with `usage`, or `error`), in input order, each request exactly once."""
 
 
 class SamplingSpec(StrictModel):

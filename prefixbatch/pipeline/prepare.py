@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from prefixbatch.pipeline.config import SAMPLING_FIELDS, InputSpec, SamplingSpec
+from prefixbatch.pipeline.openai_batch import UNSUPPORTED
 from prefixbatch.pipeline.reader import InputBatch, InputColumns, InputFile, iter_input_batches
 from prefixbatch.pipeline.requests import make_requests, row_sampling
 from prefixbatch.pipeline.tokenize import PromptTokenizer, RowError
@@ -69,6 +70,7 @@ def input_columns(spec: InputSpec) -> InputColumns:
         carry_columns=spec.carry_columns,
         override_columns=SAMPLING_FIELDS,
         continuations_column=spec.continuations_column,
+        openai_batch=spec.format == "openai",
     )
 
 
@@ -127,8 +129,12 @@ def _batch_requests(
     ids = table.column(spec.id_column).to_pylist()
     encoded = _encode(_row_values(table.column(spec.text_column)), spec, tokenizer)
     overrides = {name: table.column(name).to_pylist() for name in SAMPLING_FIELDS if name in table.column_names}
+    unsupported = table.column(UNSUPPORTED).to_pylist() if UNSUPPORTED in table.column_names else [None] * len(ids)
     for offset, (row_id, token_ids) in enumerate(zip(ids, encoded)):
         row_index = batch.first_row_index + offset
+        if unsupported[offset] is not None:  # an OpenAI Batch request that cannot run as asked
+            yield _error_row(row_index, RowError("unsupported_request", unsupported[offset]), token_ids)
+            continue
         row = {name: values[offset] for name, values in overrides.items()}
         settings = token_ids if isinstance(token_ids, RowError) else row_sampling(sampling, row)
         if isinstance(settings, RowError):

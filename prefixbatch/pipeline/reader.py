@@ -49,6 +49,7 @@ from prefixbatch.pipeline.columns import (
     ColumnRule,
     is_string,
 )
+from prefixbatch.pipeline.openai_batch import UNSUPPORTED, requests_table
 from prefixbatch.pipeline.storage import modified_tag, open_fs, to_url
 
 # ---------------------------------------------------------------------------------------
@@ -65,6 +66,7 @@ class InputColumns:
     carry_columns: tuple[str, ...] = ()  # copied to the output as they are
     override_columns: tuple[str, ...] = ()  # per-row sampling columns, read where present
     continuations_column: str | None = None  # scoring: per row the continuations to score
+    openai_batch: bool = False  # OpenAI Batch request files (`openai_batch.requests_table`)
 
     def __post_init__(self) -> None:
         if (self.prompt_column is None) == (self.messages_column is None):
@@ -89,6 +91,8 @@ class InputColumns:
         roles = [(self.id_column, ID_RULE, True), (self.text_column, text_rule, True)]
         if self.continuations_column is not None:
             roles.append((self.continuations_column, CONTINUATIONS_RULE, True))
+        if self.openai_batch:
+            roles.append((UNSUPPORTED, PROMPT_RULE, True))  # a string (null: the request runs)
         roles += [(c, OVERRIDE_RULES.get(c, CARRY_RULE), True) for c in self.carry_columns]
         roles += [(c, OVERRIDE_RULES[c], False) for c in self.override_columns]
         rules: dict[str, tuple[ColumnRule, bool]] = {}
@@ -99,7 +103,7 @@ class InputColumns:
 
 @dataclass(frozen=True)
 class InputFile:
-    """One input Parquet file, as scanned."""
+    """One input file, as scanned."""
 
     url: str  # the expanded path / URL as the user would write it (protocol kept)
     size: int | None
@@ -107,6 +111,7 @@ class InputFile:
     num_rows: int
     first_row_index: int  # global index of this file's first row across the job
     schema: pa.Schema  # the needed columns this file has, as stored (override columns may lack)
+    openai_batch: bool = False  # an OpenAI Batch request file (read through `requests_table`)
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,7 @@ def scan_inputs(
     files: list[InputFile] = []
     num_unreadable = 0
     for url, fs, path, info in found:
-        footer = _read_footer(fs, path, url)
+        footer = _read_footer(fs, path, url, columns.openai_batch)
         if isinstance(footer, str):
             num_unreadable += 1
             (problems if skipped is None else skipped).append(footer)
@@ -155,7 +160,7 @@ def scan_inputs(
         first_row = files[-1].first_row_index + files[-1].num_rows if files else 0
         size, modified = info.get("size"), modified_tag(info)
         needed_schema = pa.schema([f for f in schema if f.name in needed])
-        files.append(InputFile(url, size, modified, num_rows, first_row, needed_schema))
+        files.append(InputFile(url, size, modified, num_rows, first_row, needed_schema, columns.openai_batch))
     if problems:
         # Only for files that cannot be read at all: a readable file with a wrong column is
         # the spec's or the file's to fix, and skipping it would drop its rows.
@@ -218,28 +223,33 @@ def file_format(path: str) -> str:
     return next((kind for suffix, kind in TEXT_FORMATS.items() if name.endswith(suffix)), "Parquet")
 
 
-def _read_text(fs: fsspec.AbstractFileSystem, path: str) -> pa.Table:
+def _read_text(fs: fsspec.AbstractFileSystem, path: str, url: str, openai_batch: bool = False) -> pa.Table:
     """A CSV or JSON Lines file, whole, with pyarrow's readers (types inferred as pyarrow does:
-    JSON lists and objects become list and struct columns; CSV holds only scalars)."""
+    JSON lists and objects become list and struct columns; CSV holds only scalars); or an
+    OpenAI Batch request file, flattened (`openai_batch.requests_table`)."""
     with _open(fs, path) as f:
+        if openai_batch:
+            return requests_table(f.read().decode("utf-8"), url)
         if file_format(path) == "CSV":
             return pacsv.read_csv(f)
         return pajson.read_json(f)
 
 
-def _read_footer(fs: fsspec.AbstractFileSystem, path: str, url: str) -> tuple[int, pa.Schema] | str:
+def _read_footer(
+    fs: fsspec.AbstractFileSystem, path: str, url: str, openai_batch: bool = False
+) -> tuple[int, pa.Schema] | str:
     """(num_rows, Arrow schema) from the footer alone (Parquet; CSV and JSON Lines are read
     whole), or the problem with the file."""
-    kind = file_format(path)
+    kind = "OpenAI Batch request" if openai_batch else file_format(path)
     try:
         if kind != "Parquet":
-            table = _read_text(fs, path)
+            table = _read_text(fs, path, url, openai_batch)
             num_rows, schema = table.num_rows, table.schema
         else:
             with _open(fs, path) as f:
                 parquet = pq.ParquetFile(f)
                 num_rows, schema = parquet.metadata.num_rows, parquet.schema_arrow
-    except (pa.ArrowException, OSError, ValueError) as e:
+    except (pa.ArrowException, OSError, ValueError, UnicodeDecodeError) as e:
         return f"file {url} is not a readable {kind} file ({e})"
     if not schema.names:
         return f"file {url} has no columns"
@@ -330,8 +340,8 @@ def _iter_file(
     file: InputFile, schema: pa.Schema, storage_options: dict[str, Any] | None, batch_rows: int
 ) -> Iterator[InputBatch]:
     fs, path = open_fs(file.url, storage_options)
-    if file_format(path) != "Parquet":
-        yield from _iter_text_file(file, fs, path, schema, batch_rows)
+    if file_format(path) != "Parquet" or file.openai_batch:
+        yield from _iter_text_file(file, fs, path, schema, batch_rows, file.openai_batch)
         return
     with _open(fs, path) as f:
         parquet = pq.ParquetFile(f)
@@ -351,10 +361,11 @@ def _iter_file(
 
 
 def _iter_text_file(
-    file: InputFile, fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema, batch_rows: int
+    file: InputFile, fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema, batch_rows: int,
+    openai_batch: bool = False,
 ) -> Iterator[InputBatch]:
     try:
-        table = _read_text(fs, path)
+        table = _read_text(fs, path, file.url, openai_batch)
     except (pa.ArrowException, OSError, ValueError) as e:
         raise InputError(f"file {file.url} is no longer a readable {file_format(path)} file ({e})") from None
     if table.num_rows != file.num_rows:  # row indices would shift under us
