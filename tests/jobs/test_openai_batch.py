@@ -101,3 +101,35 @@ def test_the_response_file_is_rewritten_on_overwrite_and_resume(tmp_path: Path, 
     assert [json.loads(x)["custom_id"] for x in again.splitlines()] == ["plain", "samples"]
     assert [json.loads(x)["response"]["body"]["choices"] for x in again.splitlines()] == [
         json.loads(x)["response"]["body"]["choices"] for x in first.splitlines()]
+
+
+LINE_SCHEMA = {  # the Batch API's output line, as its documentation gives it
+    "type": "object",
+    "required": ["id", "custom_id", "response", "error"],
+    "properties": {
+        "id": {"type": "string"}, "custom_id": {"type": "string"},
+        "response": {"oneOf": [{"type": "null"}, {"type": "object", "required": ["status_code", "request_id", "body"],
+                                                   "properties": {"status_code": {"type": "integer"}}}]},
+        "error": {"oneOf": [{"type": "null"}, {"type": "object", "required": ["code", "message"]}]},
+    },
+}
+
+
+def test_response_lines_parse_as_the_openai_packages_types(tmp_path: Path, tiny_llama: Path) -> None:
+    path = write_job(tmp_path, tiny_llama, [json.dumps(r) for r in REQUESTS])
+    assert main(["run", str(path), "--no-progress"]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "out" / "_openai_batch_output.jsonl").read_text().splitlines()]
+    for line in lines:
+        jsonschema.validate(line, LINE_SCHEMA)
+        assert (line["response"] is None) != (line["error"] is None)
+    openai_types = pytest.importorskip("openai.types")
+    from openai.types.chat import ChatCompletion
+
+    for line in lines:
+        if line["response"] is not None:
+            completion = ChatCompletion.model_validate(line["response"]["body"], strict=True)
+            assert completion.usage.completion_tokens == sum(
+                len(c.logprobs.content) if c.logprobs else 0 for c in completion.choices
+            ) or not any(c.logprobs for c in completion.choices)
+        else:
+            openai_types.BatchError.model_validate({"code": line["error"]["code"], "message": line["error"]["message"]})

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.csv  # noqa: F401  (pa.csv)
 import pyarrow.parquet as pq
 
 from prefixbatch.jobs.cli import main
@@ -62,3 +63,37 @@ def test_unreadable_text_files_and_wrong_columns_are_named(tmp_path: Path, tiny_
     err = capsys.readouterr().err
     assert f"file {data}/ok.csv has no column 'prompt' (did you mean 'text'?" not in err  # too far to guess
     assert f"file {data}/ok.csv has no column 'prompt'" in err and "ignore_corrupt_files" not in err
+
+
+def test_csv_jsonl_and_openai_batch_inputs_give_the_parquet_jobs_completions(tmp_path: Path, tiny_llama: Path) -> None:
+    prompts = ["Tell me about trains.", "Hello, world", "Two\nlines here", "A \"quoted\" word"]
+    budgets = [4, 2, 5, 3]
+
+    def outputs(folder: str) -> dict:
+        return {r["id"]: r["output_token_ids"] for r in finished_output(str(tmp_path / folder))}
+
+    def job(name: str, path: str, **input_spec) -> None:
+        spec = {"name": name, "input": {"path": path, **input_spec}, "output": {"path": name},
+                "model": {"path": str(tiny_llama)}, "sampling": {"max_tokens": 8}}
+        (tmp_path / f"{name}.json").write_text(json.dumps(spec))
+        assert main(["run", str(tmp_path / f"{name}.json"), "--no-progress"]) == 0
+
+    ids = [f"r{i}" for i in range(len(prompts))]
+    pq.write_table(pa.table({"id": ids, "prompt": prompts, "max_tokens": budgets}), tmp_path / "p.parquet")
+    job("parquet", "p.parquet", prompt_column="prompt")
+    pa.csv.write_csv(pa.table({"id": ids, "prompt": prompts, "max_tokens": budgets}), tmp_path / "p.csv")
+    job("csv", "p.csv", prompt_column="prompt")
+    rows = [{"id": i, "prompt": p, "max_tokens": b} for i, p, b in zip(ids, prompts, budgets)]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    job("jsonl", "p.jsonl", prompt_column="prompt")
+    assert outputs("parquet") == outputs("csv") == outputs("jsonl")
+    # OpenAI Batch requests are chats: the same as a Parquet job with a messages column.
+    messages = [[{"role": "user", "content": p}] for p in prompts]
+    pq.write_table(pa.table({"id": ids, "messages": messages, "max_tokens": budgets}), tmp_path / "m.parquet")
+    job("messages", "m.parquet", messages_column="messages")
+    lines = [{"custom_id": i, "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "x", "messages": m, "max_tokens": b}} for i, m, b in zip(ids, messages, budgets)]
+    (tmp_path / "batch.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    job("openai", "batch.jsonl", format="openai")
+    openai_rows = {r["custom_id"]: r["output_token_ids"] for r in finished_output(str(tmp_path / "openai"))}
+    assert openai_rows == outputs("messages")
