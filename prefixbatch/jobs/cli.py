@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="same as --set executor.kv_budget_tokens=TOKENS",
     )
     plan.add_argument("--report", metavar="FILE.html", help="write a picture of the prefix sharing (HTML)")
+    plan.add_argument(
+        "--estimate", action="store_true",
+        help="load the model and time a short calibration on the job's own requests to estimate the run's time",
+    )
     plan.set_defaults(func=cmd_plan)
 
     make_model = verbs.add_parser("make-test-model", help="write a small random-weight Hugging Face model folder")
@@ -207,7 +211,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     spec = with_local_model(_load(args, [f"executor.kv_budget_tokens={args.kv_budget}"] if args.kv_budget else []))
     job = preview_job(spec, num_shards=args.shards)
     report = plan_report(job, spec)
-    print(json.dumps(report, indent=2) if args.json else plan_text(job, report))
+    if args.estimate:
+        from prefixbatch.jobs.plan import estimate_text, estimate_time
+
+        report["estimate"] = estimate_time(job, spec)
+    text = plan_text(job, report) + ("\n" + estimate_text(report["estimate"]) if args.estimate else "")
+    print(json.dumps(report, indent=2) if args.json else text)
     if args.report:
         _info(f"wrote {write_plan_report(job, spec, args.report)}")
     return 0

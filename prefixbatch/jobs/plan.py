@@ -146,3 +146,67 @@ def write_plan_report(job: JobPlan, spec: JobSpec, path: str | Path) -> Path:
         title=f"prefixbatch plan: {spec.name}",
         decode=lambda ids: tokenizer.decode(ids.tolist()),
     )
+
+
+def estimate_time(job: JobPlan, spec: JobSpec, *, sample_requests: int = 64, sample_tokens: int = 16) -> dict:
+    """A time estimate for the plan, calibrated on this machine with the job's own model and
+    requests: loads the executor, runs the first `sample_requests` requests of the plan's
+    order twice — prompts only, then with up to `sample_tokens` output tokens each — and
+    extrapolates the measured prefill and decode rates to the plan's tokens. Decode is an
+    upper bound (every row to its max_tokens); rows that stop early take less. Writes nothing."""
+    import time
+    from dataclasses import replace
+
+    from prefixbatch.executors.registry import create_executor
+    from prefixbatch.prefix_tree import PlanSettings, plan_requests
+
+    started = time.perf_counter()
+    executor = create_executor(spec.model, spec.executor)
+    load_s = time.perf_counter() - started
+    plan = job.plan
+    order = [int(i) for i in plan.request_order[:sample_requests]]
+    sample = [job.work.requests[i] for i in order]
+    settings = PlanSettings(kv_budget_tokens=plan.kv_budget_tokens, prefix_sharing=plan.prefix_sharing)
+
+    def timed(requests) -> tuple[float, int, int]:
+        before = executor.stats.copy()
+        started = time.perf_counter()
+        list(executor.generate(plan_requests(requests, settings)))
+        done = executor.stats.since(before)
+        return time.perf_counter() - started, done.num_prefill_tokens, done.num_decode_tokens
+
+    prompts_only = [replace(r, sampling=replace(r.sampling, max_tokens=0, min_tokens=0)) for r in sample]
+    timed(prompts_only[:4])  # warm-up
+    prefill_s, prefill_tokens, _ = timed(prompts_only)
+    decoding = [replace(r, sampling=replace(r.sampling, max_tokens=min(r.sampling.max_tokens, sample_tokens),
+                                             min_tokens=min(r.sampling.min_tokens, sample_tokens))) for r in sample]
+    both_s, both_prefill, decode_tokens = timed(decoding)
+    prefill_rate = prefill_tokens / max(prefill_s, 1e-9)
+    decode_s = max(both_s - both_prefill / prefill_rate, 1e-9)
+    decode_rate = decode_tokens / decode_s if decode_tokens else 0.0
+    est_prefill = plan.num_prefill_tokens / prefill_rate if prefill_rate else 0.0
+    est_decode = plan.num_decode_tokens / decode_rate if decode_rate else 0.0
+    return {
+        "how": (f"calibrated on this machine: the first {len(sample)} requests of the plan, prompts only, then "
+                f"with up to {sample_tokens} output tokens each, on the {executor.kind} executor"),
+        "model_load_s": round(load_s, 1),
+        "prefill_tokens_per_s": round(prefill_rate, 1),
+        "decode_tokens_per_s": round(decode_rate, 1),
+        "prefill_s": round(est_prefill, 1),
+        "decode_s_at_most": round(est_decode, 1),
+        "total_s_at_most": round(load_s + est_prefill + est_decode, 1),
+        "calibration_s": round(time.perf_counter() - started - load_s, 1),
+    }
+
+
+def estimate_text(estimate: dict) -> str:
+    def span(seconds: float) -> str:
+        return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+    return (
+        f"Estimate: up to {span(estimate['total_s_at_most'])} — model load {span(estimate['model_load_s'])}, prefill "
+        f"~{span(estimate['prefill_s'])} at {estimate['prefill_tokens_per_s']:,.0f} tok/s, decode up to "
+        f"{span(estimate['decode_s_at_most'])} at {estimate['decode_tokens_per_s']:,.0f} tok/s (every row to its "
+        f"max_tokens; rows that stop early take less).\n  How: {estimate['how']} "
+        f"({estimate['calibration_s']:.0f} s). One process; a Dask run divides the work among its workers."
+    )

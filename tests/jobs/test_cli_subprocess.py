@@ -98,3 +98,16 @@ def test_the_first_run_surface(tmp_path: Path) -> None:
     makefile = (ROOT / "Makefile").read_text()
     assert "\ntest-fast:" in makefile and "make test-fast" in readme and "source .venv/bin/activate" in readme
     assert 'pl.read_parquet("out/*.parquet")' in readme and "not in input order" in readme
+
+
+def test_plan_estimates_time_from_a_calibration_and_says_how(job: Path) -> None:
+    result = cli("plan", str(job), "--estimate", cwd=job.parent)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"Estimate: up to \d+ s — model load \d+ s, prefill ~\d+ s at [\d,]+ tok/s, decode up to \d+ s",
+                     result.stdout), result.stdout
+    assert "How: calibrated on this machine: the first 2 requests of the plan" in result.stdout
+    as_json = json.loads(cli("plan", str(job), "--estimate", "--json", cwd=job.parent).stdout)
+    estimate = as_json["estimate"]
+    assert estimate["prefill_tokens_per_s"] > 0 and estimate["decode_tokens_per_s"] > 0
+    assert estimate["total_s_at_most"] >= estimate["prefill_s"] + estimate["decode_s_at_most"]
+    assert not (job.parent / "out").exists()
