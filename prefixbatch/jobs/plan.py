@@ -145,6 +145,26 @@ def write_plan_report(job: JobPlan, spec: JobSpec, path: str | Path) -> Path:
         job.plan.stats,
         title=f"prefixbatch plan: {spec.name}",
         decode=lambda ids: tokenizer.decode(ids.tolist()),
+        facts=_plan_facts(job, spec),
+    )
+
+
+def _plan_facts(job: JobPlan, spec: JobSpec):
+    from prefixbatch.jobs.report import PlanFacts
+
+    plan = job.plan
+    request_shard = np.zeros(plan.num_requests, np.int64)
+    for shard in plan.shards():
+        first, end = int(plan.group_starts[shard.group_ids.start]), int(plan.group_starts[shard.group_ids.stop])
+        request_shard[plan.request_order[first:end]] = shard.shard_id
+    report = plan_report(job, spec)
+    return PlanFacts(
+        request_shard=request_shard,
+        num_shards=plan.num_shards,
+        prefill_tokens=(report["prefill_tokens"]["without_sharing"], report["prefill_tokens"]["with_sharing"]),
+        peak_kv_tokens=(report["peak_kv_tokens_per_group"]["without_sharing"],
+                        report["peak_kv_tokens_per_group"]["with_sharing"]),
+        error_rows=report["errors_by_code"],
     )
 
 

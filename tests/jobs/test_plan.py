@@ -71,3 +71,18 @@ def test_report_shows_the_system_prompts_as_the_widest_blocks(tmp_path, tiny_lla
     below = [r for r in rects if r not in systems and r[3] >= max(s[3] for s in systems)]
     assert all(r[1] <= total / 3 + 1e-6 for r in below)
     assert max(r[1] * r[2] for r in rects if r not in systems) < min(s[1] * s[2] for s in systems)
+
+
+def test_report_shows_shards_costs_errors_units_and_a_legend(tmp_path, tiny_llama, capsys):
+    spec = demo_job(tmp_path, tiny_llama)
+    report = tmp_path / "sharing.html"
+    assert main(["plan", spec, "--shards", "3", "--report", str(report), "--json"]) == 0
+    numbers = json.loads(capsys.readouterr().out)
+    page = report.read_text()
+    strips = re.findall(r'width="([\d.]+)" height="18" fill="(#[0-9a-f]{6})"><title>shard (\d+): (\d+) prompts', page)
+    assert {int(k) for *_, k, _ in strips} == {0, 1, 2}
+    assert sum(int(n) for *_, n in strips) == 300  # every prompt under its shard
+    without, with_sharing = numbers["prefill_tokens"]["without_sharing"], numbers["prefill_tokens"]["with_sharing"]
+    assert f"<td>prefill tokens</td><td>{without:,}</td><td>{with_sharing:,} (" in page
+    assert "peak KV tokens per group" in page and "Error rows (not in the picture" in page
+    assert "token depth (tokens)" in page and "prompts (300, in prefix order)" in page and "tokens saved" in page
