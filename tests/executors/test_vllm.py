@@ -93,6 +93,23 @@ def test_vllm_seeded_samples_do_not_depend_on_batch_mates_or_order(tiny_llama, v
     assert len(set(samples)) > 1  # samples of one prompt differ (their own seeds)
 
 
+def test_vllm_penalties_min_tokens_and_logprobs_equal_native(tiny_llama, vllm_engines):
+    options = {"repetition_penalty": 1.3, "presence_penalty": 0.6, "frequency_penalty": 0.4, "min_tokens": 3,
+               "logprobs": 3}
+    requests = [replace(r, sampling=replace(r.sampling, **options)) for r in make_requests(tiny_llama)]
+    requests = [r for r in requests if r.sampling.is_greedy]
+    model = ModelSpec(path=str(tiny_llama), dtype="float32")
+    got = by_request(fresh_stats(vllm_engines(tiny_llama)).generate(planned(requests, SPEC, kind="vllm")))
+    native = by_request(NativeExecutor(model, ExecutorSpec(kind="native", device="cpu")).generate(planned(requests)))
+    assert got.keys() == native.keys()
+    for key, completion in native.items():
+        assert got[key].token_ids == completion.token_ids, key
+        for a, b in zip(got[key].logprobs, completion.logprobs, strict=True):
+            assert a.token_id == b.token_id and a.token == b.token
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4, rel=3e-5)
+            assert [i for i, _, _ in a.top] == [i for i, _, _ in b.top]
+
+
 def test_a_small_cache_admits_groups_one_after_another(tiny_llama, vllm_engines):
     """The plan's groups go in as the engine's real cache allows: never more in flight."""
     executor = fresh_stats(vllm_engines(tiny_llama))
@@ -140,20 +157,3 @@ def test_a_request_vllm_refuses_is_an_error_row_and_the_others_run(tiny_qwen2):
     refused = got[(99, 1)]
     assert refused.finish_reason == "error" and refused.error.startswith("executor_refused: vLLM refused the request")
     assert all(got[(r.row_index, r.sample_index)].finish_reason in ("stop", "length") for r in requests)
-
-
-def test_vllm_penalties_min_tokens_and_logprobs_equal_native(tiny_llama, vllm_engines):
-    options = {"repetition_penalty": 1.3, "presence_penalty": 0.6, "frequency_penalty": 0.4, "min_tokens": 3,
-               "logprobs": 3}
-    requests = [replace(r, sampling=replace(r.sampling, **options)) for r in make_requests(tiny_llama)]
-    requests = [r for r in requests if r.sampling.is_greedy]
-    model = ModelSpec(path=str(tiny_llama), dtype="float32")
-    got = by_request(fresh_stats(vllm_engines(tiny_llama)).generate(planned(requests, SPEC, kind="vllm")))
-    native = by_request(NativeExecutor(model, ExecutorSpec(kind="native", device="cpu")).generate(planned(requests)))
-    assert got.keys() == native.keys()
-    for key, completion in native.items():
-        assert got[key].token_ids == completion.token_ids, key
-        for a, b in zip(got[key].logprobs, completion.logprobs, strict=True):
-            assert a.token_id == b.token_id and a.token == b.token
-            assert a.logprob == pytest.approx(b.logprob, abs=1e-4, rel=3e-5)
-            assert [i for i, _, _ in a.top] == [i for i, _, _ in b.top]

@@ -31,11 +31,11 @@ def record_logits(monkeypatch) -> dict:
     seen: dict = {}
     next_tokens = engine_module._next_tokens
 
-    def recording(sequences, logits):
+    def recording(sequences, logits, *rest):
         for sequence, row in zip(sequences, logits, strict=True):
             key = (sequence.request.row_index, sequence.request.sample_index, len(sequence.generated))
             seen[key] = row.clone()
-        return next_tokens(sequences, logits)
+        return next_tokens(sequences, logits, *rest)
 
     monkeypatch.setattr(engine_module, "_next_tokens", recording)
     return seen
