@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Iterator
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
@@ -88,14 +87,7 @@ def run(hf: HfExecutor, requests: list[Request]) -> dict[int, Completion]:
     return {c.row_index: c for c in completions}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny matmuls gain nothing from a second thread, and on a busy 2-core machine OpenMP's
-    # spinning threads make each step up to 40x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/executors/conftest.py
 
 
 @pytest.fixture(params=ARCHS)

@@ -8,7 +8,6 @@ frequency penalties written out here.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
@@ -38,12 +37,7 @@ LOGPROB_TOLERANCE = {"abs": 1e-4}
 PEAKED_TOLERANCE = {"abs": 1e-4, "rel": 3e-5}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/executors/conftest.py
 
 
 @cache

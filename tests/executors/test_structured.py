@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
 import jsonschema
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from prefixbatch.executors.config import ExecutorSpec, ModelSpec
@@ -45,12 +43,7 @@ REGEX = r"[A-Z][a-z]{1,6}-[0-9]{2,4}"
 CHOICES = ("positive", "negative", "neutral ground")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/executors/conftest.py
 
 
 @cache

@@ -49,6 +49,8 @@ def test_validate_says_what_run_would_do(job: Path) -> None:
     assert "1 row(s) get max_tokens clamped to fit the model's context" in out  # 1,000 after a 1,500-token prompt
     errors = [json.loads(line) for line in (job.parent / "errors.jsonl").read_text().splitlines()]
     assert sorted(e["id"] for e in errors) == ["empty", "hot", "null"]
+    truncated = cli("validate", str(job), "--set", "input.truncate=left", cwd=job.parent)
+    assert truncated.returncode == 0 and "1 row(s) get their prompt truncated (input.truncate)" in truncated.stdout
     assert not (job.parent / "out").exists()
 
 
