@@ -84,7 +84,7 @@ class Constraints:
             field, text = described
             try:
                 if field == "json_schema":
-                    compiled = self.compiler.compile_json_schema(text, any_whitespace=False)
+                    compiled = self.compiler.compile_json_schema(text, any_whitespace=False, separators=(",", ":"))
                 elif field == "regex":
                     compiled = self.compiler.compile_regex(text)
                 else:

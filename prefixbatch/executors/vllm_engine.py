@@ -11,8 +11,10 @@ members scheduled in one step do not each compute the prefix.
 Prompts go in as token ids (our tokenization and chat templates: outputs compare across
 executors); sampling maps one to one (`n` is already one request per sample, each with its
 own seed: vLLM's per-request `seed` gives a row the same draws whatever its batch mates, up
-to the rounding of batched kernels; penalties, `min_tokens` and `logprobs` too, the last
-read from vLLM's raw logprobs). Text is decoded with our tokenizer, cut at stop strings
+to the rounding of batched kernels; penalties, `min_tokens`, `logprobs` and
+`prompt_logprobs` too, read from vLLM's raw logprobs; structured output as vLLM's own
+xgrammar constraints, checked first by ours; a scoring request draws one token, dropped,
+and is scored from its prompt logprobs). Text is decoded with our tokenizer, cut at stop strings
 as the other executors cut it. Greedy generations in flight are checkpointed and resumed
 (`in_flight`); a seeded sampled row restarts on resume, since vLLM cannot advance a
 request's generator past draws made in another run, and so does a row with logprobs or
@@ -36,7 +38,8 @@ from prefixbatch.errors import UserError
 from prefixbatch.executors.base import ExecutorStats, StopFlag
 from prefixbatch.executors.config import ExecutorSpec
 from prefixbatch.executors.device import resolve_device, resolve_dtype
-from prefixbatch.executors.sampling import RawLogprob, TokenTexts
+from prefixbatch.executors.grammar import LazyConstraints
+from prefixbatch.executors.sampling import RawLogprob, TokenTexts, prompt_results, records_k
 from prefixbatch.executors.stopping import cut_at_stop
 from prefixbatch.faults import fault_point
 from prefixbatch.model_folder import eos_token_ids
@@ -97,6 +100,8 @@ class VllmExecutor:
             gpu_memory_utilization=settings.gpu_memory_utilization,
             distributed_executor_backend="uni" if settings.tensor_parallel_size == 1 else None,
             disable_log_stats=True,
+            # Structured output as the other executors constrain it: xgrammar, JSON without free whitespace.
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
         )
         try:
             self.engine = LLMEngine.from_engine_args(args)
@@ -107,6 +112,7 @@ class VllmExecutor:
         self.kv_cache_tokens = int(cache.num_gpu_blocks) * cache.block_size  # what it really holds
         self.tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
         self.token_texts = TokenTexts(self.tokenizer)  # logprobs' token texts
+        self.constraints = LazyConstraints(self.tokenizer, self.engine.model_config.get_vocab_size())
         self.eos_token_ids = frozenset(eos_token_ids(model.path, self.tokenizer))
         self.stats = ExecutorStats()
         self._ids = count()
@@ -202,21 +208,21 @@ class VllmExecutor:
 
         request_id = str(next(self._ids))
         params = request.sampling
-        if params.prompt_logprobs is not None or request.num_scored_tokens or params.is_constrained:
+        problem = self.constraints.get().compile(params) if params.is_constrained else None
+        if isinstance(problem, str):  # checked by our compiler: the same error rows as native and hf
             refused = error_completion(
-                request.row_index, "executor_refused",
-                "the vllm executor does not take prompt_logprobs, task: score or structured output (json_schema,"
-                " regex, choice) yet: use native or hf",
-                request.num_prompt_tokens, request.sample_index,
+                request.row_index, "invalid_constraint", problem, request.num_prompt_tokens, request.sample_index
             )
             return request_id, refused
+        scoring = request.sampling.max_tokens < 1  # task: score — one token drawn and dropped
+        prompt_k = None if request.logprobs_from is None else records_k(request)
         try:
             self.engine.add_request(
                 request_id,
                 TokensPrompt(prompt_token_ids=list(request.token_ids)),
                 SamplingParams(
                     n=1,
-                    max_tokens=request.max_new_tokens,
+                    max_tokens=1 if scoring else request.max_new_tokens,
                     temperature=params.temperature,
                     top_p=params.top_p,
                     top_k=params.top_k or 0,
@@ -229,6 +235,8 @@ class VllmExecutor:
                     frequency_penalty=params.frequency_penalty,
                     min_tokens=max(params.min_tokens - request.num_generated, 0),
                     logprobs=params.logprobs,
+                    prompt_logprobs=prompt_k,
+                    structured_outputs=_structured(params),
                 ),
             )
         except (ValueError, VLLMValidationError) as exc:  # e.g. longer than max_model_len
@@ -256,6 +264,19 @@ class VllmExecutor:
         request = running.request
         cached = min(int(output.num_cached_tokens or 0), len(request.token_ids))
         self.stats.num_prefill_tokens += len(request.token_ids) - cached
+        prompt = {}
+        if request.logprobs_from is not None:
+            records = _prompt_records(request, output.prompt_logprobs or [], records_k(request))
+            prompt = prompt_results(request, records, self.token_texts)
+        if request.sampling.max_tokens < 1:  # scoring: the drawn token is not output
+            end = request.num_prompt_tokens
+            continuation = request.token_ids[end - request.num_scored_tokens : end]
+            return Completion(
+                row_index=request.row_index, token_ids=continuation, text=self.tokenizer.decode(list(continuation)),
+                finish_reason="scored", num_prompt_tokens=request.num_prompt_tokens,
+                num_cached_prompt_tokens=min(cached, request.num_prompt_tokens), sample_index=request.sample_index,
+                **prompt,
+            )
         tokens = request.generated + running.tokens
         reason = "length" if sample.finish_reason == "length" else "stop"
         if tokens and tokens[-1] in self.eos_token_ids | frozenset(request.sampling.stop_token_ids):
@@ -272,6 +293,8 @@ class VllmExecutor:
             logprobs=None if sample.logprobs is None else self.token_texts.named(
                 _logprobs(tokens, sample.logprobs, request.sampling.logprobs)
             ),
+            constrained=request.sampling.is_constrained,
+            **prompt,
         )
 
     def _abort_all(self) -> None:
@@ -286,10 +309,36 @@ class VllmExecutor:
 def _resumable(params: SamplingParams) -> bool:
     """Whether a request continues from a checkpoint: greedy (vLLM cannot advance a seeded
     sampler), no presence/frequency penalty (vLLM would count the resumed tokens as prompt),
-    no logprobs (the resumed tokens would have none)."""
+    no logprobs (the resumed tokens would have none), no grammar (vLLM's would start over)."""
     return params.is_greedy and (params.presence_penalty, params.frequency_penalty) == (0.0, 0.0) and (
-        params.logprobs is None
+        not params.records_logprobs and not params.is_constrained
     )
+
+
+def _structured(params: SamplingParams):
+    """The request's constraint as vLLM's (its xgrammar backend, JSON without free whitespace
+    as ours); None without one."""
+    if not params.is_constrained:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if params.json_schema is not None:
+        return StructuredOutputsParams(json=params.json_schema, disable_any_whitespace=True)
+    if params.regex is not None:
+        return StructuredOutputsParams(regex=params.regex)
+    return StructuredOutputsParams(choice=list(params.choice))
+
+
+def _prompt_records(request: Request, found: list, k: int) -> list[RawLogprob]:
+    """vLLM's prompt logprobs (None, then per position {id: Logprob}) as `token_logprobs`
+    records from `request.logprobs_from` to the prompt's last token."""
+    records = []
+    for position in range(request.logprobs_from, request.num_prompt_tokens):
+        by_id = found[position]
+        token = request.token_ids[position]
+        top = sorted((entry.rank, token_id, entry.logprob) for token_id, entry in by_id.items() if entry.rank <= k)
+        records.append((token, by_id[token].logprob, tuple((i, lp) for _, i, lp in top[:k])))
+    return records
 
 
 def _logprobs(tokens: tuple[int, ...], found: list, k: int) -> list[RawLogprob]:

@@ -62,14 +62,6 @@ class JobSpec(StrictModel):
                 else "input.continuations_column is only read by task: score"
             )
             raise ValueError(msg)
-        sampling = self.sampling
-        constrained = (sampling.json_schema, sampling.regex, sampling.choice) != (None, None, None)
-        if self.executor.kind == "vllm" and (self.task == "score" or sampling.prompt_logprobs is not None or constrained):
-            msg = (
-                "executor.kind 'vllm' does not take task: score, sampling.prompt_logprobs or structured output"
-                " (json_schema, regex, choice) yet: use native or hf"
-            )
-            raise ValueError(msg)
         return self
 
     @model_validator(mode="after")

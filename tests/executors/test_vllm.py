@@ -110,6 +110,43 @@ def test_vllm_penalties_min_tokens_and_logprobs_equal_native(tiny_llama, vllm_en
             assert [i for i, _, _ in a.top] == [i for i, _, _ in b.top]
 
 
+def test_vllm_scoring_prompt_logprobs_and_structured_output_equal_native(tiny_llama, vllm_engines):
+    import json
+
+    from tests.executors.test_logprobs_penalties import PEAKED_TOLERANCE, score_requests
+    from tests.executors.test_structured import constrained_requests
+
+    model = ModelSpec(path=str(tiny_llama), dtype="float32")
+    native_executor = NativeExecutor(model, ExecutorSpec(kind="native", device="cpu"))
+    vllm = fresh_stats(vllm_engines(tiny_llama))
+    scoring = score_requests(tiny_llama)
+    got = by_request(vllm.generate(planned(scoring, SPEC, kind="vllm")))
+    native = by_request(native_executor.generate(planned(scoring)))
+    assert got.keys() == native.keys()
+    for key, completion in native.items():
+        assert got[key].finish_reason == "scored" and got[key].token_ids == completion.token_ids
+        assert got[key].continuation_logprob == pytest.approx(completion.continuation_logprob, **PEAKED_TOLERANCE)
+        assert got[key].continuation_is_greedy is completion.continuation_is_greedy
+    asked = [replace(r, sampling=replace(r.sampling, prompt_logprobs=2)) for r in make_requests(tiny_llama)[:6]]
+    got = by_request(vllm.generate(planned(asked, SPEC, kind="vllm")))
+    native = by_request(native_executor.generate(planned(asked)))
+    for key, completion in native.items():
+        assert [t.token_id for t in got[key].prompt_logprobs] == [t.token_id for t in completion.prompt_logprobs]
+        for a, b in zip(got[key].prompt_logprobs, completion.prompt_logprobs, strict=True):
+            assert a.logprob == pytest.approx(b.logprob, **PEAKED_TOLERANCE)
+            assert [i for i, _, _ in a.top] == [i for i, _, _ in b.top]
+    constrained = constrained_requests(tiny_llama, 30)
+    constrained[1] = replace(constrained[1], sampling=replace(constrained[1].sampling, regex="(["))  # a regex row
+    got = by_request(vllm.generate(planned(constrained, SPEC, kind="vllm")))
+    native = by_request(native_executor.generate(planned(constrained)))
+    assert got[1, 0].error.startswith("invalid_constraint: regex does not compile")
+    same = sum(got[key].token_ids == completion.token_ids for key, completion in native.items())
+    assert same >= len(native) - 2  # greedy under the same grammar: the same tokens (fp32 rounding aside)
+    for key, completion in got.items():
+        if completion.finish_reason == "stop" and constrained[key[0]].sampling.json_schema is not None:
+            json.loads(completion.text)
+
+
 def test_a_small_cache_admits_groups_one_after_another(tiny_llama, vllm_engines):
     """The plan's groups go in as the engine's real cache allows: never more in flight."""
     executor = fresh_stats(vllm_engines(tiny_llama))

@@ -115,7 +115,6 @@ def test_scoring_with_prompt_logprobs_per_row(tmp_path: Path, tiny_llama: Path) 
     [
         (lambda s: s.pop("task"), "input.continuations_column is only read by task: score"),
         (lambda s: s["input"].pop("continuations_column"), "task 'score' needs input.continuations_column"),
-        (lambda s: s["executor"].update(kind="vllm"), "executor.kind 'vllm' does not take task: score"),
     ],
 )
 def test_scoring_spec_mistakes_are_refused(tmp_path: Path, tiny_llama: Path, capsys, change, message) -> None:
