@@ -133,3 +133,15 @@ def test_choice_grammar_escapes_quotes_and_backslashes(tiny_llama: Path) -> None
     batch = [replace(r, sampling=SamplingParams(max_tokens=16, choice=choices)) for r in constrained_requests(tiny_llama, 9)]
     for completion in run("native", tiny_llama, batch).values():
         assert completion.finish_reason == "length" or completion.text in choices
+
+
+def test_a_constrained_row_resumed_from_a_checkpoint_continues_its_grammar(tiny_llama: Path) -> None:
+    whole = {r.row_index: r for r in constrained_requests(tiny_llama, 9)}
+    done = run("native", tiny_llama, list(whole.values()))
+    resumed = []
+    for row, request in whole.items():
+        generated = done[row].token_ids[:4]  # what a checkpoint held
+        resumed.append(replace(request, token_ids=request.token_ids + generated, num_generated=len(generated)))
+    again = run("native", tiny_llama, resumed)
+    assert {row: c.token_ids for row, c in again.items()} == {row: c.token_ids for row, c in done.items()}
+    assert all(c.finish_reason == done[row].finish_reason for row, c in again.items())
