@@ -111,5 +111,6 @@ def test_plan_estimates_time_from_a_calibration_and_says_how(job: Path) -> None:
     as_json = json.loads(cli("plan", str(job), "--estimate", "--json", cwd=job.parent).stdout)
     estimate = as_json["estimate"]
     assert estimate["prefill_tokens_per_s"] > 0 and estimate["decode_tokens_per_s"] > 0
-    assert estimate["total_s_at_most"] >= estimate["prefill_s"] + estimate["decode_s_at_most"]
+    # each figure is rounded to 0.1 s on its own: the parts may pass the total by that much
+    assert estimate["total_s_at_most"] >= estimate["prefill_s"] + estimate["decode_s_at_most"] - 0.2
     assert not (job.parent / "out").exists()
