@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import sys
 
 import pytest
 
 import prefixbatch
 from prefixbatch.jobs.cli import main
-from prefixbatch.jobs.demo import run_demo
 
 
 def test_version(capsys) -> None:
@@ -20,8 +20,11 @@ def test_version(capsys) -> None:
 
 
 def test_the_demo_says_its_model_is_random_and_prints_a_command_that_works(tmp_path) -> None:
-    lines: list[str] = []
-    run_demo(tmp_path / "demo", log=lines.append)
+    demo = subprocess.run([sys.executable, "-m", "prefixbatch", "demo", str(tmp_path / "demo")], capture_output=True,
+                          text=True, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)},
+                          timeout=600)
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    lines = demo.stderr.splitlines()
     assert any("random weights" in line and "gibberish on purpose" in line for line in lines)
     command = next(line for line in lines if line.startswith("run it yourself:")).split(":", 1)[1].strip()
     # Run exactly as printed, from a shell without the venv activated (no PATH to it).
