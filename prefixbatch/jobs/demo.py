@@ -86,15 +86,22 @@ def run_demo(directory: str | Path, *, log: Callable[[str], None] = print) -> Pa
     if not (folder / "model" / "config.json").is_file():
         log(f"making a tiny test model in {folder / 'model'}")
         make_test_model(folder / "model", arch="llama", size="tiny", seed=0)
-    pq.write_table(demo_prompts(), folder / "prompts.parquet")
-    spec_file = folder / "job.yaml"
-    spec_file.write_text(SPEC, encoding="utf-8")
-    log(f"wrote {folder / 'prompts.parquet'} (300 chat prompts) and {spec_file}")
+    # Written once: a later demo run keeps what the user changed in them (the job it runs is theirs).
+    prompts, spec_file = folder / "prompts.parquet", folder / "job.yaml"
+    for path, write, what in (
+        (prompts, lambda p: pq.write_table(demo_prompts(), p), "300 chat prompts"),
+        (spec_file, lambda p: p.write_text(SPEC, encoding="utf-8"), "the job spec"),
+    ):
+        if path.exists():
+            log(f"kept {path} (written by an earlier demo run, or yours)")
+        else:
+            write(path)
+            log(f"wrote {path} ({what})")
     summary = run_job(load_spec(spec_file), log=log)
-    output = pa.concat_tables(pq.read_table(part) for part in sorted((folder / "output").glob("part-*.parquet")))
-    log(f"\noutput: {folder / 'output'} ({output.num_rows} rows, {len(summary.parts)} part file(s))")
+    output = pa.concat_tables(pq.read_table(part) for part in summary.parts)
+    log(f"\noutput: {summary.output_path} ({output.num_rows} rows, {len(summary.parts)} part file(s))")
     for row in output.sort_by("id").slice(0, 3).to_pylist():
-        log(f"  {row['id']} [{row['topic']}] {row['finish_reason']}: {row['output_text'][:70]!r}")
+        log(f"  {row['id']} [{row.get('topic', '')}] {row['finish_reason']}: {(row['output_text'] or '')[:70]!r}")
     log(
         "\nthe model has random weights (made here, offline), so its outputs are gibberish on purpose;"
         " point model.path in job.yaml at a real Hugging Face checkpoint folder for real text"

@@ -33,3 +33,17 @@ def test_the_demo_says_its_model_is_random_and_prints_a_command_that_works(tmp_p
     assert result.returncode == 0, result.stderr[-2000:]
     assert "done: 300 rows" in result.stderr
     assert shlex.split(command)[1:3] == ["run", str(tmp_path / "demo" / "job.yaml")]
+
+
+def test_a_second_demo_run_keeps_the_users_edits(tmp_path) -> None:
+    from prefixbatch.jobs.demo import run_demo
+
+    lines: list[str] = []
+    run_demo(tmp_path / "demo", log=lines.append)
+    spec = tmp_path / "demo" / "job.yaml"
+    edited = spec.read_text().replace("max_tokens: 24", "max_tokens: 3")
+    spec.write_text(edited)
+    lines.clear()
+    run_demo(tmp_path / "demo", log=lines.append)
+    assert spec.read_text() == edited and any(line.startswith(f"kept {spec}") for line in lines)
+    assert any("300 rows" in line and "output:" in line for line in lines)
