@@ -78,6 +78,12 @@ class Request:
         return len(self.token_ids) - self.num_generated
 
     @property
+    def continuation(self) -> tuple[int, ...]:
+        """Scoring: the prompt's last `num_scored_tokens` tokens, the continuation it scores."""
+        end = self.num_prompt_tokens
+        return self.token_ids[end - self.num_scored_tokens : end]
+
+    @property
     def logprobs_from(self) -> int | None:
         """First prompt position whose token's logprob is wanted (None: none): 1 for
         `prompt_logprobs`, the continuation's first token when scoring."""

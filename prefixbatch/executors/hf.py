@@ -214,8 +214,7 @@ class HfExecutor:
 
     def _scored(self, request: Request, records: list[RawLogprob]) -> Completion:
         """A scoring request's completion: its continuation, summed and checked (no generation)."""
-        end = request.num_prompt_tokens
-        continuation = request.token_ids[end - request.num_scored_tokens : end]
+        continuation = request.continuation
         return Completion(
             row_index=request.row_index,
             token_ids=continuation,

@@ -22,6 +22,7 @@ model's own numerics.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import torch
@@ -82,7 +83,8 @@ class Penalizer(LogitsProcessor):
         stop_ids: Sequence[Sequence[int]],
         prompt_len: int,
     ) -> None:
-        self.params, self.prompts, self.stop_ids = list(params), list(prompts), list(stop_ids)
+        self.params, self.stop_ids = list(params), list(stop_ids)
+        self.prompts = [frozenset(prompt) for prompt in prompts]
         self.prompt_len = prompt_len  # padded prompt length: generated ids start here
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -184,12 +186,13 @@ def needs_penalize(params: SamplingParams, num_generated: int) -> bool:
 def penalize(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
-    prompts: Sequence[Sequence[int]],
+    prompts: Sequence[AbstractSet[int]],
     outputs: Sequence[Sequence[int]],
     stop_ids: Sequence[Sequence[int]],
 ) -> None:
     """Each row's penalties and `min_tokens` mask, in place. logits: [S, V] fp32 (a tensor of
-    the caller's own, not a view of shared logits); per row its params, prompt tokens, output
+    the caller's own, not a view of shared logits); per row its params, prompt token ids (a
+    set, made once per request: a long prompt is not gone over again every step), output
     tokens so far and stop ids (eos + its `stop_token_ids`).
 
     In vLLM's order: transformers' repetition penalty over prompt and output tokens (a logit
@@ -200,7 +203,7 @@ def penalize(
     device = logits.device
     for row, (p, prompt, output, stops) in enumerate(zip(params, prompts, outputs, stop_ids, strict=True)):
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted({*prompt, *output}), dtype=torch.long, device=device)
+            seen = torch.tensor(list(prompt.union(output)), dtype=torch.long, device=device)
             values = logits[row, seen]
             logits[row, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
         if output and (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0):

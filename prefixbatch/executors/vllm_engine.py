@@ -269,8 +269,7 @@ class VllmExecutor:
             records = _prompt_records(request, output.prompt_logprobs or [], records_k(request))
             prompt = prompt_results(request, records, self.token_texts)
         if request.sampling.max_tokens < 1:  # scoring: the drawn token is not output
-            end = request.num_prompt_tokens
-            continuation = request.token_ids[end - request.num_scored_tokens : end]
+            continuation = request.continuation
             return Completion(
                 row_index=request.row_index, token_ids=continuation, text=self.tokenizer.decode(list(continuation)),
                 finish_reason="scored", num_prompt_tokens=request.num_prompt_tokens,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import groupby
 from operator import attrgetter
 
@@ -73,6 +74,11 @@ class _Sequence:
     logprobs: list[RawLogprob] | None = None  # one per generated token, when asked for
     matcher: Matcher | None = None  # its grammar's state, when constrained
     error: str | None = None  # why it cannot run (a constraint that does not compile): an error row
+
+    @cached_property
+    def prompt_ids(self) -> frozenset[int]:
+        """The prompt's distinct ids, for the repetition penalty (made once, at its first use)."""
+        return frozenset(self.request.token_ids[: self.request.num_prompt_tokens])
 
 
 class Engine:
@@ -252,8 +258,8 @@ class _PlanRun:
         keep = [i for i, s in enumerate(sequences) if s.request.max_new_tokens > 0 and s.error is None]
         if len(keep) < len(sequences):  # scoring, or a row that cannot run: done at its start
             with self.lock:
-                for sequence in (s for i, s in enumerate(sequences) if i not in set(keep)):
-                    sequence.finish = RowFinish(0, "scored")
+                for sequence in (s for s in sequences if s.request.max_new_tokens <= 0 or s.error is not None):
+                    sequence.finish = RowFinish(0, "error" if sequence.error is not None else "scored")
                     del self.sequences[sequence.request_id]
                     self.done.append(self._completion(sequence))
                     finished.append(sequence.request_id)
@@ -284,7 +290,7 @@ class _PlanRun:
             )
         token_ids = tuple(sequence.generated[: sequence.finish.num_tokens])
         if sequence.finish.reason == "scored":  # its output is the continuation it scored
-            token_ids = request.token_ids[request.num_prompt_tokens - request.num_scored_tokens : request.num_prompt_tokens]
+            token_ids = request.continuation
         prompt = {}
         if request.logprobs_from is not None:
             prompt = prompt_results(request, self.prompt_scores.records(sequence.request_id, request), self.engine.token_texts)
@@ -317,7 +323,7 @@ def _next_tokens(sequences: list[_Sequence], logits: torch.Tensor, constraints: 
         penalize(
             rows,
             [s.request.sampling for s in chosen],
-            [s.request.token_ids[: s.request.num_prompt_tokens] for s in chosen],
+            [s.prompt_ids for s in chosen],
             [s.generated for s in chosen],
             [sorted(s.rule.stop_token_ids) for s in chosen],
         )
