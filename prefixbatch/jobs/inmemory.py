@@ -29,13 +29,12 @@ from pydantic import ValidationError
 from prefixbatch.errors import InputError, SpecError
 from prefixbatch.executors.config import ExecutorSpec, ModelSpec
 from prefixbatch.executors.registry import check_available, create_executor
+from prefixbatch.jobs.inputs import read_job_input
 from prefixbatch.jobs.planning import plan_job
 from prefixbatch.jobs.progress import JobProgress
 from prefixbatch.jobs.spec import JobSpec, format_validation_error, with_local_model
 from prefixbatch.model_folder import check_model_folder
 from prefixbatch.pipeline.config import SAMPLING_FIELDS, InputSpec, SamplingSpec
-from prefixbatch.pipeline.prepare import input_columns, prepare_input
-from prefixbatch.pipeline.reader import check_ids, scan_inputs
 from prefixbatch.pipeline.tokenize import PromptTokenizer, prompt_tokenizer
 from prefixbatch.pipeline.writer import completions_to_table, output_schema
 
@@ -103,12 +102,8 @@ class Engine:
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         fs.pipe_file(input_spec.path, buffer.getvalue())
-        try:
-            columns = input_columns(spec.input)
-            files = scan_inputs(spec.input.path, columns)
-            check_ids(files, columns)
-            tokenizer = self._tokenizer(spec.input.messages_column is not None)
-            prepared = prepare_input(files, spec.input, spec.sampling, tokenizer)
+        try:  # the checks and tokenizing of a job's input, with this engine's tokenizer
+            prepared = read_job_input(spec, tokenizer=self._tokenizer(spec.input.messages_column is not None))
         finally:
             fs.rm(input_spec.path)
         work = plan_job(spec, prepared.requests, kv_budget_tokens=getattr(self.executor, "kv_cache_tokens", None))

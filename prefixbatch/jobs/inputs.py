@@ -24,11 +24,16 @@ def job_tokenizer(spec: JobSpec) -> PromptTokenizer:
 
 
 def read_job_input(
-    spec: JobSpec, *, show_progress: bool = False, live_progress: bool | None = None
+    spec: JobSpec,
+    *,
+    show_progress: bool = False,
+    live_progress: bool | None = None,
+    tokenizer: PromptTokenizer | None = None,
 ) -> PreparedInput:
-    """Job-level input checks, then every row as a request or an error row. No weights loaded."""
+    """Job-level input checks, then every row as a request or an error row. No weights loaded.
+    `tokenizer`: the job's (`job_tokenizer`), when the caller keeps one loaded."""
     files, _, skipped = scan_job_input(spec)
-    tokenizer = job_tokenizer(spec)
+    tokenizer = tokenizer or job_tokenizer(spec)
     check_constraint(spec, tokenizer)
     if not show_progress:
         prepared = prepare_input(files, spec.input, spec.sampling, tokenizer)
