@@ -218,7 +218,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     text = plan_text(job, report) + ("\n" + estimate_text(report["estimate"]) if args.estimate else "")
     print(json.dumps(report, indent=2) if args.json else text)
     if args.report:
-        _info(f"wrote {write_plan_report(job, spec, args.report)}")
+        _info(f"wrote {write_plan_report(job, spec, args.report, report)}")
     return 0
 
 

@@ -131,7 +131,8 @@ def plan_text(job: JobPlan, report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_plan_report(job: JobPlan, spec: JobSpec, path: str | Path) -> Path:
+def write_plan_report(job: JobPlan, spec: JobSpec, path: str | Path, report: dict | None = None) -> Path:
+    """The HTML picture of the plan; `report`: `plan_report`'s numbers when already made."""
     from prefixbatch.jobs.report import write_report
     from prefixbatch.prefix_tree import build_tree
 
@@ -145,11 +146,11 @@ def write_plan_report(job: JobPlan, spec: JobSpec, path: str | Path) -> Path:
         job.plan.stats,
         title=f"prefixbatch plan: {spec.name}",
         decode=lambda ids: tokenizer.decode(ids.tolist()),
-        facts=_plan_facts(job, spec),
+        facts=_plan_facts(job, report or plan_report(job, spec)),
     )
 
 
-def _plan_facts(job: JobPlan, spec: JobSpec):
+def _plan_facts(job: JobPlan, report: dict):
     from prefixbatch.jobs.report import PlanFacts
 
     plan = job.plan
@@ -157,7 +158,6 @@ def _plan_facts(job: JobPlan, spec: JobSpec):
     for shard in plan.shards():
         first, end = int(plan.group_starts[shard.group_ids.start]), int(plan.group_starts[shard.group_ids.stop])
         request_shard[plan.request_order[first:end]] = shard.shard_id
-    report = plan_report(job, spec)
     return PlanFacts(
         request_shard=request_shard,
         num_shards=plan.num_shards,
