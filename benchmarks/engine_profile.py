@@ -42,16 +42,8 @@ def main() -> None:
     import vllm_bench
     from torch.profiler import ProfilerActivity, profile
 
-    from prefixbatch.executors.config import ExecutorSpec, ModelSpec
-    from prefixbatch.executors.registry import create_executor
-    from prefixbatch.prefix_tree import PlanSettings, plan_requests
-
     torch.set_num_threads(2)
-    folder = vllm_bench.model_dir(args.model)
-    requests = vllm_bench.make_jobs(folder, [args.job])[args.job]
-    executor = create_executor(ModelSpec(path=str(folder), dtype="float32"), ExecutorSpec(kind="native", device="cpu"))
-    budget = vllm_bench.engine_settings(args.job).get("kv_cache_tokens", 131_072)
-    work = plan_requests(requests, PlanSettings(kv_budget_tokens=budget))
+    executor, work = vllm_bench.native_setup(args.job, args.model)
     started = time.perf_counter()
     list(executor.generate(work))
     plain = time.perf_counter() - started

@@ -25,16 +25,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 def native_steps(job: str, model: str) -> list[tuple[bool, float]]:
     import vllm_bench
 
-    from prefixbatch.executors.config import ExecutorSpec, ModelSpec
     from prefixbatch.executors.native import engine
-    from prefixbatch.executors.registry import create_executor
-    from prefixbatch.prefix_tree import PlanSettings, plan_requests
 
-    folder = vllm_bench.model_dir(model)
-    requests = vllm_bench.make_jobs(folder, [job])[job]
-    executor = create_executor(ModelSpec(path=str(folder), dtype="float32"), ExecutorSpec(kind="native", device="cpu"))
-    budget = vllm_bench.engine_settings(job).get("kv_cache_tokens", 131_072)
-    work = plan_requests(requests, PlanSettings(kv_budget_tokens=budget))
+    executor, work = vllm_bench.native_setup(job, model)
     steps: list[tuple[bool, float]] = []
     forward = engine._forward
 

@@ -169,6 +169,20 @@ def _vllm_alone(engine, requests) -> tuple[dict, int]:
     return outputs, computed
 
 
+def native_setup(job: str, model: str = "small"):
+    """(native executor, planned work) for one job, planned with the job's KV budget: what the
+    profiling benchmarks run (`engine_profile.py`, `phase_times.py`)."""
+    from prefixbatch.executors.config import ExecutorSpec, ModelSpec
+    from prefixbatch.executors.registry import create_executor
+    from prefixbatch.prefix_tree import PlanSettings, plan_requests
+
+    folder = model_dir(model)
+    requests = make_jobs(folder, [job])[job]
+    executor = create_executor(ModelSpec(path=str(folder), dtype="float32"), ExecutorSpec(kind="native", device="cpu"))
+    budget = engine_settings(job).get("kv_cache_tokens", 131_072)
+    return executor, plan_requests(requests, PlanSettings(kv_budget_tokens=budget))
+
+
 def model_dir(name: str) -> Path:
     from prefixbatch.executors.random_model import make_test_model
 
