@@ -10,6 +10,7 @@ then on the whole job. Reported: continuations scored per second, prefill tokens
 between the two executors' scores.
 
     .venv/bin/python benchmarks/scoring_bench.py --questions 1000 --subjects 5
+    .venv/bin/python benchmarks/scoring_bench.py --questions 1000 --subjects 5 --executors native,vllm
 """
 
 from __future__ import annotations
@@ -49,8 +50,12 @@ def run(kind: str, model_dir: Path, requests: list) -> tuple[float, dict, int]:
     from prefixbatch.jobs.planning import DEFAULT_CPU_KV_BUDGET
     from prefixbatch.prefix_tree import PlanSettings, plan_requests
 
-    executor = create_executor(ModelSpec(path=str(model_dir), dtype="float32"), ExecutorSpec(kind=kind, device="cpu"))
-    sharing = kind == "native"
+    # vllm: prefixbatch's vLLM executor (vLLM's CPU build, prefix caching on) fed the same plan;
+    # each continuation is one request with prompt logprobs and one dropped output token.
+    settings = {"vllm": {"cpu_kv_cache_gib": 1}} if kind == "vllm" else {}
+    executor = create_executor(ModelSpec(path=str(model_dir), dtype="float32"),
+                               ExecutorSpec(kind=kind, device="cpu", **settings))
+    sharing = kind != "hf"
 
     def score(batch: list) -> tuple[float, dict]:
         started = time.perf_counter()
@@ -88,10 +93,12 @@ def main() -> None:
         seconds, scores, computed = run(kind, model_dir, requests)
         results[kind] = (seconds, scores)
         print(f"| {kind} | {seconds:.1f} | {len(scores) / seconds:.1f} | {computed:,} | {computed / total:.1%} |")
-    if {"native", "hf"} <= set(results):
-        native, hf = results["native"], results["hf"]
-        diff = max(abs(native[1][key] - hf[1][key]) for key in hf[1])
-        print(f"\nnative ÷ hf, continuations per second: {hf[0] / native[0]:.1f}×; largest score difference {diff:.2e}")
+    for peer in ("hf", "vllm"):
+        if {"native", peer} <= set(results):
+            native, other = results["native"], results[peer]
+            diff = max(abs(native[1][key] - other[1][key]) for key in other[1])
+            print(f"\nnative ÷ {peer}, continuations per second: {other[0] / native[0]:.1f}×; "
+                  f"largest score difference {diff:.2e}")
 
 
 if __name__ == "__main__":
