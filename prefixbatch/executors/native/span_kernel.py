@@ -1,0 +1,189 @@
+"""Our C attention kernel (`kernels/span_attention.c`): built on first use, loaded with ctypes.
+
+One call per layer runs every span of a step's attention plan that the kernel takes, all rows
+in one OpenMP parallel region, reading keys and values in place in the store (no gather, no
+padding, no kernel call per row); see the C file for the algorithm. It exists because
+PyTorch's CPU API has no variable-length attention: there, a step's decode rows are either
+one fused-kernel call each or a padded gather of their keys (BENCHMARKS.md, "Prefill and
+decode apart").
+
+The library is compiled for this machine's CPU (`-march=native`) with the C compiler on
+PATH (`$CC`, else `cc`/`gcc`) into a cache folder (`$PREFIXBATCH_KERNEL_CACHE`, else
+`~/.cache/prefixbatch/kernels`), named by a hash of the source, the flags, the compiler's
+version and the CPU's model and flags, so a home folder shared by different machines never
+loads a library built for another CPU. Where there is no compiler, or the build fails, the
+engine keeps PyTorch's kernels (same results within fp32 rounding) and says so once.
+
+in → out: nothing → `SpanKernel` (a loaded library) or None.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["SpanKernel", "load_span_kernel"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels") / "span_attention.c"
+FLAGS = (
+    "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11",
+    # Let the compiler vectorise sums (dot products): reassociation, no errno, no traps.
+    "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
+)
+DISABLE_ENV = "PREFIXBATCH_SPAN_KERNEL"  # "0": never build or use it (PyTorch's kernels only)
+
+_lock = threading.Lock()
+_loaded: dict[str, SpanKernel | None] = {}
+
+_i64p = ctypes.POINTER(ctypes.c_int64)
+_f32p = ctypes.POINTER(ctypes.c_float)
+
+
+class SpanKernel:
+    """The loaded library: `row_block` rows per task at most, `max_group` query heads per kv head."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self.library = library
+        fn = library.pb_span_attention
+        fn.restype = ctypes.c_int
+        fn.argtypes = [
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
+            ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+        ]  # fmt: skip
+        self._fn = fn
+        limits = [ctypes.c_int() for _ in range(3)]
+        library.pb_span_attention_limits(*(ctypes.byref(x) for x in limits))
+        self.row_block, self.max_group, self.max_head_dim = (x.value for x in limits)
+
+    def supports(self, q: torch.Tensor, num_kv_heads: int) -> bool:
+        """Whether the kernel takes q [T, H, D] over an fp32 CPU store with num_kv_heads heads."""
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        return (
+            q.device.type == "cpu"
+            and q.dtype == torch.float32
+            and num_heads // num_kv_heads <= self.max_group
+            and head_dim <= self.max_head_dim
+            and q.stride(2) == 1
+            and q.stride(1) == head_dim
+        )
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        tasks: torch.Tensor,
+        entry_row: torch.Tensor,
+        entry_visible: torch.Tensor,
+        row_ptr: torch.Tensor,
+        row_entries: torch.Tensor,
+        *,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, H, D] (rows strided as a view may be), keys/values [capacity, Hkv, D] contiguous;
+        tasks [N, 4] (key_start, num_keys, entry0, num_rows); entries [E] (row, visible keys);
+        row_ptr [T + 1] and row_entries [E]: each row's entries → (out [T, H, D], lse [T, H]) fp32.
+        """
+        num_rows, num_heads, head_dim = q.shape
+        num_kv_heads = keys.shape[1]
+        assert keys.is_contiguous() and values.is_contiguous()
+        num_entries = entry_row.shape[0]
+        part_out = torch.empty((num_entries, num_heads, head_dim), dtype=torch.float32)
+        part_lse = torch.empty((num_entries, num_heads), dtype=torch.float32)
+        out = torch.empty((num_rows, num_heads, head_dim), dtype=torch.float32)
+        lse = torch.empty((num_rows, num_heads), dtype=torch.float32)
+        status = self._fn(
+            q.data_ptr(), q.stride(0), keys.data_ptr(), values.data_ptr(),
+            num_rows, num_heads, num_kv_heads, head_dim, scale,
+            tasks.shape[0], tasks.data_ptr(), entry_row.data_ptr(), entry_visible.data_ptr(),
+            row_ptr.data_ptr(), row_entries.data_ptr(),
+            part_out.data_ptr(), part_lse.data_ptr(), out.data_ptr(), lse.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise ValueError(f"span attention kernel refused shapes q {tuple(q.shape)}, kv heads {num_kv_heads}")
+        return out, lse
+
+
+def load_span_kernel() -> SpanKernel | None:
+    """The kernel for this machine, built on first use; None where it cannot be built (said once)."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return None
+    with _lock:
+        if "kernel" not in _loaded:
+            _loaded["kernel"] = _build_and_load()
+        return _loaded["kernel"]
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and feature flags: what `-march=native` compiles for."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(dict.fromkeys(wanted)) + platform.machine()
+
+
+def _build_and_load() -> SpanKernel | None:
+    if platform.system() != "Linux":
+        log.info("span attention kernel: built on Linux only; using PyTorch's attention kernels")
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.warning(
+            "no C compiler found (set $CC, or install gcc): the native engine uses PyTorch's "
+            "attention kernels, which are slower on decode steps"
+        )
+        return None
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+        source = SOURCE.read_bytes()
+        digest = hashlib.sha256(
+            source + repr(FLAGS).encode() + version.encode() + _cpu_identity().encode()
+        ).hexdigest()[:16]
+        cache = Path(os.environ.get("PREFIXBATCH_KERNEL_CACHE") or Path.home() / ".cache" / "prefixbatch" / "kernels")
+        target = cache / f"span_attention-{digest}.so"
+        if not target.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache) as scratch:
+                built = Path(scratch) / target.name
+                result = subprocess.run(
+                    [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+                    capture_output=True, text=True, timeout=300,
+                )  # fmt: skip
+                if result.returncode:
+                    log.warning(
+                        "building the span attention kernel failed (%s); the native engine uses "
+                        "PyTorch's attention kernels:\n%s", compiler, result.stderr[-2000:]
+                    )
+                    return None
+                os.replace(built, target)  # atomic: a concurrent builder's copy is as good
+        return SpanKernel(ctypes.CDLL(str(target)))
+    except (OSError, subprocess.SubprocessError) as error:
+        log.warning("span attention kernel unavailable (%s); using PyTorch's attention kernels", error)
+        return None
