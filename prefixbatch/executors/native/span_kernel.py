@@ -66,9 +66,9 @@ class SpanKernel:
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
         ]  # fmt: skip
         self._fn = fn
-        limits = [ctypes.c_int() for _ in range(3)]
+        limits = [ctypes.c_int() for _ in range(2)]
         library.pb_span_attention_limits(*(ctypes.byref(x) for x in limits))
-        self.row_block, self.max_group, self.max_head_dim = (x.value for x in limits)
+        self.max_queries_per_task, self.max_head_dim = (x.value for x in limits)
 
     def supports(self, q: torch.Tensor, num_kv_heads: int) -> bool:
         """Whether the kernel takes q [T, H, D] over an fp32 CPU store with num_kv_heads heads."""
@@ -76,7 +76,7 @@ class SpanKernel:
         return (
             q.device.type == "cpu"
             and q.dtype == torch.float32
-            and num_heads // num_kv_heads <= self.max_group
+            and num_heads // num_kv_heads <= self.max_queries_per_task
             and head_dim <= self.max_head_dim
             and q.stride(2) == 1
             and q.stride(1) == head_dim

@@ -1,10 +1,15 @@
 """Runs an `AttentionPlan` on tensors: shared-prefix (tree) attention for a whole flat batch.
 
-For each span of the plan, its rows' queries attend to its slot range with `attend` (one
-batched product however many sequences share the span), and the result is merged into
-running per-row accumulators (out in fp32, lse in fp32) with the exact log-sum-exp merge.
-Merging span by span, in the plan's fixed order, writes each row with plain indexing (no
-atomic adds), so the result is deterministic run to run, on CUDA too.
+Two ways to run a plan, same contract and results within fp32 rounding:
+- on the CPU in fp32, our span kernel (`span_kernel`, C): the whole plan is one task list
+  (`KernelPlan`), each layer one call, every span read in place from the store, rows of a
+  span in blocks that share each key load, each row's spans merged inside the call;
+- elsewhere (GPUs, other dtypes, no C compiler), PyTorch's kernels: for each span of the
+  plan, its rows' queries attend to its slot range with `attend` (one batched product however
+  many sequences share the span), and the result is merged into running per-row accumulators
+  (out in fp32, lse in fp32) with the exact log-sum-exp merge. Merging span by span, in the
+  plan's fixed order, writes each row with plain indexing (no atomic adds), so the result is
+  deterministic run to run, on CUDA too.
 
 `TreeAttention` is the model's attention callback (`model.AttentionFn`) over a `KVStore`:
 per layer it writes the step's k, v to their slots, then runs the plan on that layer.
@@ -14,7 +19,9 @@ in → out: q [T, H, D] + the layer's store buffers + plan → out [T, H, D].
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,8 +35,9 @@ from prefixbatch.executors.native.attention import (
 )
 from prefixbatch.executors.native.attention_plan import AttentionPlan, KeySpan
 from prefixbatch.executors.native.kv import KVStore
+from prefixbatch.executors.native.span_kernel import SpanKernel, load_span_kernel
 
-__all__ = ["DevicePlan", "DeviceSpan", "TreeAttention", "tree_attention"]
+__all__ = ["DevicePlan", "DeviceSpan", "KernelPlan", "TreeAttention", "tree_attention"]
 
 Rows = slice | torch.Tensor
 
@@ -113,9 +121,10 @@ class DevicePlan:
     gathered: Gathered | None = None  # the narrow spans, batched
 
     @classmethod
-    def of(cls, plan: AttentionPlan, device: torch.device | str) -> DevicePlan:
-        single = [span for span in plan.spans if _is_gathered(span)]
-        multi = [span for span in plan.spans if not _is_gathered(span)]
+    def of(cls, plan: AttentionPlan, device: torch.device | str, *, spans: bool = True) -> DevicePlan:
+        """spans=False: only write slots and positions (the span kernel runs the spans)."""
+        single = [span for span in plan.spans if _is_gathered(span)] if spans else []
+        multi = [span for span in plan.spans if not _is_gathered(span)] if spans else []
         # One host→device copy for all index lists, then views: a step may have hundreds of spans.
         gathered = [span.rows for span in multi if not _is_consecutive(span.rows)]
         flat = [row for rows in gathered for row in rows]
@@ -139,6 +148,72 @@ class DevicePlan:
             )
             seen.update(span.rows)
         return cls(plan.num_rows, tuple(spans), write_slots, positions, Gathered.of(single, device))
+
+
+# Queries (rows × query heads per kv head) one kernel task serves: each key it loads is used
+# this many times. Measured (64 rows against a 1,024-token prefix, the `small` shapes): 16
+# queries a task 0.95 ms, 32: 0.78 ms, 64: 0.70 ms; PyTorch's fused kernel 0.9 ms.
+QUERIES_PER_TASK = 64
+# A range is split into pieces of at least this many keys when there are too few tasks to
+# keep every thread busy (one long sequence decoding: one task per kv head).
+MIN_SPLIT_KEYS = 256
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """An `AttentionPlan` as the span kernel's task list, built once per step for all layers.
+
+    A task is a block of a span's rows against (a piece of) the span's key range; an entry is
+    one row of one task, with the number of the range's keys it sees. Each row's entries are
+    merged by log-sum-exp inside the kernel call.
+    """
+
+    tasks: torch.Tensor  # [N, 4] int64: key_start, num_keys, first entry, num_rows
+    entry_row: torch.Tensor  # [E] int64
+    entry_visible: torch.Tensor  # [E] int64: keys of the task's range the entry's row sees
+    row_ptr: torch.Tensor  # [T + 1] int64: row r's entries are row_entries[row_ptr[r]:row_ptr[r+1]]
+    row_entries: torch.Tensor  # [E] int64
+
+    @classmethod
+    def of(cls, plan: AttentionPlan, *, group: int, num_kv_heads: int, num_threads: int) -> KernelPlan:
+        rows_per_task = max(1, QUERIES_PER_TASK // group)
+        blocks = []  # (key_start, num_keys, rows, visible)
+        for span in plan.spans:
+            rows = np.asarray(span.rows, dtype=np.int64)
+            if span.causal_offset is None:
+                visible = np.full(len(rows), span.num_keys, dtype=np.int64)
+            else:
+                visible = np.minimum(span.num_keys, span.causal_offset + 1 + np.arange(len(rows)))
+            for first in range(0, len(rows), rows_per_task):
+                block_visible = visible[first : first + rows_per_task]
+                blocks.append((span.key_start, int(block_visible.max()), rows[first : first + rows_per_task], block_visible))
+        blocks = _split_keys(blocks, min_tasks=2 * num_threads, num_kv_heads=num_kv_heads)
+        tasks = np.zeros((len(blocks), 4), dtype=np.int64)
+        entry = 0
+        for i, (key_start, num_keys, rows, _) in enumerate(blocks):
+            tasks[i] = (key_start, num_keys, entry, len(rows))
+            entry += len(rows)
+        entry_row = np.concatenate([rows for _, _, rows, _ in blocks]) if blocks else np.zeros(0, np.int64)
+        entry_visible = np.concatenate([v for _, _, _, v in blocks]) if blocks else np.zeros(0, np.int64)
+        row_entries = np.argsort(entry_row, kind="stable")
+        row_ptr = np.zeros(plan.num_rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(entry_row, minlength=plan.num_rows), out=row_ptr[1:])
+        return cls(*(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in (tasks, entry_row, entry_visible, row_ptr, row_entries)))
+
+
+def _split_keys(blocks: list, *, min_tasks: int, num_kv_heads: int) -> list:
+    """Blocks split into key pieces (≥ MIN_SPLIT_KEYS) until there are about `min_tasks` tasks."""
+    if len(blocks) * num_kv_heads >= min_tasks:
+        return blocks
+    pieces_wanted = math.ceil(min_tasks / (len(blocks) * num_kv_heads)) if blocks else 1
+    split = []
+    for key_start, num_keys, rows, visible in blocks:
+        pieces = max(1, min(pieces_wanted, num_keys // MIN_SPLIT_KEYS))
+        size = math.ceil(num_keys / pieces)
+        for start in range(0, num_keys, size):
+            stop = min(num_keys, start + size)
+            split.append((key_start + start, stop - start, rows, np.clip(visible - start, 0, stop - start)))
+    return split
 
 
 def _is_consecutive(rows: tuple[int, ...]) -> bool:
@@ -208,7 +283,12 @@ def _merge_into(
 
 
 class TreeAttention:
-    """The model's attention callback for one step: store k, v at the plan's slots, attend by plan."""
+    """The model's attention callback for one step: store k, v at the plan's slots, attend by plan.
+
+    kernel: "auto" runs the span kernel where it applies (CPU, fp32, a head size it takes, and
+    a C compiler to build it) and PyTorch's kernels elsewhere; None always PyTorch's. fused
+    True/False forces `attend_fused` / `attend_matmul` (tests).
+    """
 
     def __init__(
         self,
@@ -217,23 +297,49 @@ class TreeAttention:
         *,
         scale: float,
         fused: bool | None = None,
+        kernel: SpanKernel | Literal["auto"] | None = "auto",
     ) -> None:
         self.store = store
-        self.plan = plan if isinstance(plan, DevicePlan) else DevicePlan.of(plan, store.keys.device)
         self.scale = scale
         self.fused = fused
+        if kernel == "auto":
+            kernel = load_span_kernel() if _kernel_may_apply(store) else None
+        self.kernel = kernel if fused is None and isinstance(plan, AttentionPlan) else None
+        self.attention_plan = plan if isinstance(plan, AttentionPlan) else None
+        if isinstance(plan, DevicePlan):
+            self.plan = plan
+        else:  # the span kernel needs no device spans; built below if it turns out not to apply
+            self.plan = DevicePlan.of(plan, store.keys.device, spans=self.kernel is None)
+        self.kernel_plan: KernelPlan | None = None
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         # q: [T, H, D], k, v: [T, Hkv, D] → out: [T, H, D] in q's dtype
         self.store.write(layer, self.plan.write_slots, k, v)
-        out = tree_attention(
-            q,
-            self.store.keys[layer],
-            self.store.values[layer],
-            self.plan,
-            scale=self.scale,
-            fused=self.fused,
-        )
+        keys, values = self.store.keys[layer], self.store.values[layer]
+        if self.kernel is not None and self.kernel.supports(q, keys.shape[1]):
+            if self.kernel_plan is None:
+                self.kernel_plan = KernelPlan.of(
+                    self.attention_plan,
+                    group=q.shape[1] // keys.shape[1],
+                    num_kv_heads=keys.shape[1],
+                    num_threads=torch.get_num_threads(),
+                )
+            p = self.kernel_plan
+            out, _ = self.kernel(
+                q, keys, values, p.tasks, p.entry_row, p.entry_visible, p.row_ptr, p.row_entries,
+                scale=self.scale,
+            )  # fmt: skip
+            return out
+        if self.kernel is not None:  # shapes it does not take: PyTorch's kernels from now on
+            self.kernel = None
+            self.plan = DevicePlan.of(self.attention_plan, keys.device)
+        out = tree_attention(q, keys, values, self.plan, scale=self.scale, fused=self.fused)
         return out.to(q.dtype)
+
+
+def _kernel_may_apply(store: KVStore) -> bool:
+    """Whether the span kernel can run on this store (before building it): fp32 on the CPU."""
+    keys = store.keys
+    return keys.device.type == "cpu" and keys.dtype == torch.float32 and keys.shape[-1] % 16 == 0

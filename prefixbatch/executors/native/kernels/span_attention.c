@@ -30,10 +30,12 @@
 #include <stdint.h>
 #include <string.h>
 
-#define ROW_BLOCK 8
-#define MAX_GROUP 16
+#define MAX_QUERIES_PER_TASK 128 /* rows per task × G: the caller picks the rows */
 #define MAX_HEAD_DIM 256
-#define MAX_QUERIES (ROW_BLOCK * MAX_GROUP)
+#define QUERY_BLOCK 4
+#define TILE_VECS 4
+#define TILE_KEYS (TILE_VECS * LANES)
+#define MAX_QUERIES (MAX_QUERIES_PER_TASK + QUERY_BLOCK)
 
 /* 16 fp32 lanes: one AVX-512 register (two AVX2 ones, where that is what the CPU has). */
 typedef float vf16 __attribute__((vector_size(64)));
@@ -42,11 +44,16 @@ typedef int32_t vi16 __attribute__((vector_size(64)));
 
 static inline vf16 splat(float x) { return (vf16){0} + x; }
 
+/* Lane-wise: a where mask, else b. */
+static inline vf16 select(vi16 mask, vf16 a, vf16 b) { return (vf16)(((vi16)a & mask) | ((vi16)b & ~mask)); }
+
+static inline vf16 vmax(vf16 a, vf16 b) { return select(a > b, a, b); }
+
+
 /* exp of x <= 0 in every lane (scores minus their running max): 2^n · e^f, |f| <= ln2 / 2,
    e^f by its Taylor series to degree 7 (relative error < 2e-8 there). */
 static inline vf16 exp_nonpositive(vf16 x) {
-    const vi16 low = x < splat(-87.0f);
-    x = (vf16)(((vi16)x & ~low) | ((vi16)splat(-87.0f) & low));
+    x = vmax(x, splat(-87.0f));
     const vf16 t = x * 1.44269504088896341f; /* x / ln 2, <= 0 */
     const vi16 n = -__builtin_convertvector(0.5f - t, vi16); /* round(t) for t <= 0 */
     const vf16 f = (t - __builtin_convertvector(n, vf16)) * 0.693147180559945309f;
@@ -63,14 +70,43 @@ static inline vf16 exp_nonpositive(vf16 x) {
 
 static inline float exp_nonpositive1(float x) { return exp_nonpositive(splat(x))[0]; }
 
+static inline float max_of(vf16 x) {
+    const vi16 r8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
+    const vi16 r4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
+    const vi16 r2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+    const vi16 r1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+    vf16 y = __builtin_shuffle(x, r8);
+    x = vmax(x, y);
+    y = __builtin_shuffle(x, r4);
+    x = vmax(x, y);
+    y = __builtin_shuffle(x, r2);
+    x = vmax(x, y);
+    y = __builtin_shuffle(x, r1);
+    x = vmax(x, y);
+    return x[0];
+}
+
+static inline float sum_of(vf16 x) {
+    const vi16 r8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
+    const vi16 r4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
+    const vi16 r2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+    const vi16 r1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+    x += __builtin_shuffle(x, r8);
+    x += __builtin_shuffle(x, r4);
+    x += __builtin_shuffle(x, r2);
+    x += __builtin_shuffle(x, r1);
+    return x[0];
+}
+
 /* One task: rows [entry0, entry0 + num_rows) of the entry list, kv head `head`, keys
    [key_start, key_start + num_keys). Writes part_out / part_lse of its entries.
 
-   Per tile of LANES keys: the tile's keys are transposed once ([D][LANES]), so a query's
-   scores for the whole tile are one vector accumulated over d (no horizontal sums), reused
-   by all the task's queries; each query's output row is then updated with the tile's
-   values, D / LANES vectors at a time. Always inlined into callers with a constant
-   head_dim (a multiple of LANES), so those loops unroll fully. */
+   Keys go by tiles of TILE_KEYS. A tile's keys are transposed once ([D][TILE_VECS] vectors),
+   so each query's scores for the tile are TILE_VECS vectors accumulated over d, with no
+   horizontal sums; QUERY_BLOCK queries at a time share every load (QUERY_BLOCK · TILE_VECS
+   independent accumulators). Their outputs are then updated with the tile's values, each
+   value row loaded once for the block. Always inlined into callers with a constant head_dim
+   (a multiple of LANES), so the loops over d unroll fully. */
 static inline __attribute__((always_inline)) void run_task(
     const float *q, int64_t q_row_stride, const float *keys, const float *values,
     int num_heads, int num_kv_heads, const int head_dim, float scale,
@@ -83,7 +119,8 @@ static inline __attribute__((always_inline)) void run_task(
     const int64_t key_stride = (int64_t)num_kv_heads * head_dim;
     float qs[MAX_QUERIES][MAX_HEAD_DIM] __attribute__((aligned(64)));
     vf16 acc[MAX_QUERIES][MAX_HEAD_DIM / LANES];
-    vf16 k_t[MAX_HEAD_DIM];
+    vf16 k_t[MAX_HEAD_DIM][TILE_VECS];
+    float probs[QUERY_BLOCK][TILE_KEYS] __attribute__((aligned(64)));
     float run_max[MAX_QUERIES], run_sum[MAX_QUERIES];
     int64_t visible[MAX_QUERIES];
     int64_t most_visible = 0;
@@ -98,51 +135,88 @@ static inline __attribute__((always_inline)) void run_task(
         for (int g = 0; g < group; g++) {
             const int qi = r * group + g;
             for (int d = 0; d < head_dim; d++) qs[qi][d] = row_q[g * head_dim + d] * scale;
-            for (int c = 0; c < chunks; c++) acc[qi][c] = splat(0.0f);
-            run_max[qi] = -FLT_MAX;
-            run_sum[qi] = 0.0f;
             visible[qi] = seen;
         }
     }
+    const int padded_queries = (num_queries + QUERY_BLOCK - 1) / QUERY_BLOCK * QUERY_BLOCK;
+    for (int qi = 0; qi < padded_queries; qi++) {
+        if (qi >= num_queries) { /* padding of the last block: sees no key */
+            for (int d = 0; d < head_dim; d++) qs[qi][d] = 0.0f;
+            visible[qi] = 0;
+        }
+        for (int c = 0; c < chunks; c++) acc[qi][c] = splat(0.0f);
+        run_max[qi] = -FLT_MAX;
+        run_sum[qi] = 0.0f;
+    }
 
-    for (int64_t tile = 0; tile < most_visible; tile += LANES) {
-        const int tile_keys = (int)(most_visible - tile < LANES ? most_visible - tile : LANES);
+    for (int64_t tile = 0; tile < most_visible; tile += TILE_KEYS) {
+        const int tile_keys = (int)(most_visible - tile < TILE_KEYS ? most_visible - tile : TILE_KEYS);
         const float *k_tile = keys + (key_start + tile) * key_stride + (int64_t)head * head_dim;
         const float *v_tile = values + (key_start + tile) * key_stride + (int64_t)head * head_dim;
         for (int j = 0; j < tile_keys; j++) {
             const float *k = k_tile + j * key_stride;
-            for (int d = 0; d < head_dim; d++) k_t[d][j] = k[d];
+            for (int d = 0; d < head_dim; d++) k_t[d][j / LANES][j % LANES] = k[d];
         }
-        for (int j = tile_keys; j < LANES; j++) /* past the range: never read, never seen */
-            for (int d = 0; d < head_dim; d++) k_t[d][j] = 0.0f;
-        for (int qi = 0; qi < num_queries; qi++) {
-            const int64_t live = visible[qi] - tile < tile_keys ? visible[qi] - tile : tile_keys;
-            if (live <= 0) continue;
-            vf16 s = splat(0.0f);
-            for (int d = 0; d < head_dim; d++) s += qs[qi][d] * k_t[d];
-            const vi16 hidden = lane >= (int32_t)live;
-            s = (vf16)(((vi16)s & ~hidden) | ((vi16)splat(-FLT_MAX) & hidden));
-            float tile_max = s[0];
-            for (int j = 1; j < LANES; j++) tile_max = s[j] > tile_max ? s[j] : tile_max;
-            const float new_max = tile_max > run_max[qi] ? tile_max : run_max[qi];
-            const float correction = exp_nonpositive1(run_max[qi] - new_max);
-            vf16 p = (vf16)((vi16)exp_nonpositive(s - new_max) & ~hidden);
-            float tile_sum = 0.0f;
-            for (int j = 0; j < LANES; j++) tile_sum += p[j];
-            run_sum[qi] = run_sum[qi] * correction + tile_sum;
-            run_max[qi] = new_max;
-            vf16 a[MAX_HEAD_DIM / LANES];
-            for (int c = 0; c < chunks; c++) a[c] = acc[qi][c] * correction;
-            for (int j = 0; j < live; j++) {
+        for (int j = tile_keys; j < TILE_KEYS; j++) /* past the range: never read, never seen */
+            for (int d = 0; d < head_dim; d++) k_t[d][j / LANES][j % LANES] = 0.0f;
+        const int tile_vecs = (tile_keys + LANES - 1) / LANES;
+
+        for (int q0 = 0; q0 < padded_queries; q0 += QUERY_BLOCK) {
+            vf16 s[QUERY_BLOCK][TILE_VECS];
+            for (int b = 0; b < QUERY_BLOCK; b++)
+                for (int t = 0; t < TILE_VECS; t++) s[b][t] = splat(0.0f);
+            for (int d = 0; d < head_dim; d++)
+                for (int b = 0; b < QUERY_BLOCK; b++) {
+                    const float x = qs[q0 + b][d];
+                    for (int t = 0; t < TILE_VECS; t++) s[b][t] += x * k_t[d][t];
+                }
+            int block_live = 0;
+            float correction[QUERY_BLOCK];
+            for (int b = 0; b < QUERY_BLOCK; b++) {
+                const int qi = q0 + b;
+                const int64_t seen = visible[qi] - tile;
+                const int live = (int)(seen < 0 ? 0 : seen < tile_keys ? seen : tile_keys);
+                block_live = live > block_live ? live : block_live;
+                correction[b] = 1.0f;
+                if (live == 0) {
+                    for (int j = 0; j < TILE_KEYS; j++) probs[b][j] = 0.0f;
+                    continue;
+                }
+                vf16 top = splat(-FLT_MAX);
+                vi16 hidden[TILE_VECS];
+                for (int t = 0; t < TILE_VECS; t++) {
+                    hidden[t] = lane + t * LANES >= live;
+                    s[b][t] = select(hidden[t], splat(-FLT_MAX), s[b][t]);
+                    top = vmax(top, s[b][t]);
+                }
+                const float tile_max = max_of(top);
+                const float new_max = tile_max > run_max[qi] ? tile_max : run_max[qi];
+                correction[b] = exp_nonpositive1(run_max[qi] - new_max);
+                vf16 total = splat(0.0f);
+                for (int t = 0; t < TILE_VECS; t++) {
+                    const vf16 p = (vf16)((vi16)exp_nonpositive(s[b][t] - new_max) & ~hidden[t]);
+                    total += p;
+                    memcpy(&probs[b][t * LANES], &p, sizeof p);
+                }
+                run_sum[qi] = run_sum[qi] * correction[b] + sum_of(total);
+                run_max[qi] = new_max;
+            }
+            if (block_live == 0) continue;
+            vf16 a[QUERY_BLOCK][MAX_HEAD_DIM / LANES];
+            for (int b = 0; b < QUERY_BLOCK; b++)
+                for (int c = 0; c < chunks; c++) a[b][c] = acc[q0 + b][c] * correction[b];
+            for (int j = 0; j < block_live; j++) {
                 const float *v = v_tile + j * key_stride;
                 for (int c = 0; c < chunks; c++) {
                     vf16 vc;
                     memcpy(&vc, v + c * LANES, sizeof vc);
-                    a[c] += p[j] * vc;
+                    for (int b = 0; b < QUERY_BLOCK; b++) a[b][c] += probs[b][j] * vc;
                 }
             }
-            for (int c = 0; c < chunks; c++) acc[qi][c] = a[c];
+            for (int b = 0; b < QUERY_BLOCK; b++)
+                for (int c = 0; c < chunks; c++) acc[q0 + b][c] = a[b][c];
         }
+        (void)tile_vecs;
     }
 
     for (int r = 0; r < num_rows; r++) {
@@ -189,9 +263,8 @@ static void run_task_any(
              num_keys, entry0, num_rows, head, entry_row, entry_visible, part_out, part_lse);
 }
 
-int pb_span_attention_limits(int *row_block, int *max_group, int *max_head_dim) {
-    *row_block = ROW_BLOCK;
-    *max_group = MAX_GROUP;
+int pb_span_attention_limits(int *max_queries_per_task, int *max_head_dim) {
+    *max_queries_per_task = MAX_QUERIES_PER_TASK;
     *max_head_dim = MAX_HEAD_DIM;
     return 0;
 }
@@ -205,7 +278,7 @@ int pb_span_attention(
     const int64_t *row_ptr, const int64_t *row_entries,
     float *part_out, float *part_lse, float *out, float *lse, int num_threads) {
     const int group = num_heads / num_kv_heads;
-    if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || head_dim % LANES || num_heads % num_kv_heads)
+    if (group > MAX_QUERIES_PER_TASK || head_dim > MAX_HEAD_DIM || head_dim % LANES || num_heads % num_kv_heads)
         return 1;
     const int64_t work = num_tasks * num_kv_heads;
     void (*task_fn)(const float *, int64_t, const float *, const float *, int, int, int, float,
@@ -216,7 +289,7 @@ int pb_span_attention(
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t item = 0; item < work; item++) {
         const int64_t *task = tasks + (item / num_kv_heads) * 4;
-        if (task[3] > ROW_BLOCK) continue; /* the caller never builds such a task */
+        if (task[3] * group > MAX_QUERIES_PER_TASK) continue; /* the caller never builds such a task */
         task_fn(q, q_row_stride, keys, values, num_heads, num_kv_heads, head_dim, scale,
                 task[0], task[1], task[2], (int)task[3], (int)(item % num_kv_heads),
                 entry_row, entry_visible, part_out, part_lse);
