@@ -25,7 +25,6 @@ TOL = 1e-5
 HEADS = [(4, 4), (4, 2), (4, 1), (6, 3), (2, 1)]
 HEAD_DIM = 8
 NUM_LAYERS = 2
-SCALE = HEAD_DIM**-0.5
 
 
 @dataclass(frozen=True)
@@ -72,20 +71,28 @@ def _ancestors(segment: int, parents) -> list[int]:
 
 
 def run_case(
-    case: Case, *, seed: int = 0, device: str = "cpu", tol: float = TOL, fused: bool | None = None
+    case: Case,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    tol: float = TOL,
+    fused: bool | None = None,
+    kernel="auto",
+    head_dim: int = HEAD_DIM,
 ) -> None:
+    """kernel: TreeAttention's (a `SpanKernel` to force it, None for PyTorch's kernels)."""
     generator = torch.Generator().manual_seed(seed)
     num_heads, num_kv_heads = case.heads
     # The true KV of every segment ([layer, token, Hkv, D]), and the step's queries.
-    truth_k = [_randn(NUM_LAYERS, n, num_kv_heads, generator=generator) for n in case.lengths]
-    truth_v = [_randn(NUM_LAYERS, n, num_kv_heads, generator=generator) for n in case.lengths]
+    truth_k = [_randn(NUM_LAYERS, n, num_kv_heads, head_dim, generator=generator) for n in case.lengths]
+    truth_v = [_randn(NUM_LAYERS, n, num_kv_heads, head_dim, generator=generator) for n in case.lengths]
     num_rows = sum(n for _, _, n in case.runs)
-    q = 3 * _randn(NUM_LAYERS, num_rows, num_heads, generator=generator)
+    q = 3 * _randn(NUM_LAYERS, num_rows, num_heads, head_dim, generator=generator)
 
     store = KVStore(
         num_layers=NUM_LAYERS,
         num_kv_heads=num_kv_heads,
-        head_dim=HEAD_DIM,
+        head_dim=head_dim,
         capacity_tokens=sum(case.lengths) + 7,
         dtype=torch.float32,
         device=device,
@@ -109,7 +116,10 @@ def run_case(
         runs.append(QueryRun(segment, row, offset, num_tokens))
         row += num_tokens
     plan = plan_attention(segments, runs)
-    attention = TreeAttention(store, plan, scale=SCALE, fused=fused)
+    scale = head_dim**-0.5
+    attention = TreeAttention(store, plan, scale=scale, fused=fused, kernel=kernel)
+    if kernel not in ("auto", None):
+        assert attention.kernel is kernel, "the span kernel was asked for and not used"
 
     for layer in range(NUM_LAYERS):
         step_k = torch.cat([truth_k[s][layer, o : o + n] for s, o, n in case.runs])
@@ -120,13 +130,13 @@ def run_case(
             k, v = _context(case, run, truth_k, layer), _context(case, run, truth_v, layer)
             # The run's first token follows its ancestors' tokens and its offset.
             first = k.shape[0] - run.num_tokens
-            expected = reference_attention(q[layer, rows], k, v, scale=SCALE, causal_offset=first)
+            expected = reference_attention(q[layer, rows], k, v, scale=scale, causal_offset=first)
             torch.testing.assert_close(out[rows], expected, atol=tol, rtol=0)
             assert list(plan.positions[rows]) == list(range(first, first + run.num_tokens))
 
 
 def _randn(*shape: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(*shape, HEAD_DIM, generator=generator)
+    return torch.randn(*shape, generator=generator)
 
 
 def _context(case: Case, run: QueryRun, truth: list[torch.Tensor], layer: int) -> torch.Tensor:

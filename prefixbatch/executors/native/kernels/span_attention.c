@@ -35,12 +35,14 @@
 #define QUERY_BLOCK 4
 #define TILE_VECS 4
 #define TILE_KEYS (TILE_VECS * LANES)
+#define DOT_MAX_QUERIES 4 /* up to this many queries a task (padded), scores by dot products */
 #define MAX_QUERIES (MAX_QUERIES_PER_TASK + QUERY_BLOCK)
 
 /* 16 fp32 lanes: one AVX-512 register (two AVX2 ones, where that is what the CPU has). */
 typedef float vf16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 #define LANES 16
+
 
 static inline vf16 splat(float x) { return (vf16){0} + x; }
 
@@ -98,6 +100,27 @@ static inline float sum_of(vf16 x) {
     return x[0];
 }
 
+/* Lane j of the result: the sum of the lanes of v[j]. Four levels, each adding the halves of
+   pairs of vectors side by side: 30 shuffles and 15 adds for 16 sums. */
+static inline vf16 sums_of16(const vf16 v[LANES]) {
+    const vi16 a1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    const vi16 b1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+    const vi16 a2 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+    const vi16 b2 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+    const vi16 a3 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+    const vi16 b3 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
+    const vi16 a4 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+    const vi16 b4 = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+    vf16 w[8], u[4], z[2];
+    for (int i = 0; i < 8; i++)
+        w[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], a1) + __builtin_shuffle(v[2 * i], v[2 * i + 1], b1);
+    for (int i = 0; i < 4; i++)
+        u[i] = __builtin_shuffle(w[2 * i], w[2 * i + 1], a2) + __builtin_shuffle(w[2 * i], w[2 * i + 1], b2);
+    for (int i = 0; i < 2; i++)
+        z[i] = __builtin_shuffle(u[2 * i], u[2 * i + 1], a3) + __builtin_shuffle(u[2 * i], u[2 * i + 1], b3);
+    return __builtin_shuffle(z[0], z[1], a4) + __builtin_shuffle(z[0], z[1], b4);
+}
+
 /* One task: rows [entry0, entry0 + num_rows) of the entry list, kv head `head`, keys
    [key_start, key_start + num_keys). Writes part_out / part_lse of its entries.
 
@@ -153,23 +176,49 @@ static inline __attribute__((always_inline)) void run_task(
         const int tile_keys = (int)(most_visible - tile < TILE_KEYS ? most_visible - tile : TILE_KEYS);
         const float *k_tile = keys + (key_start + tile) * key_stride + (int64_t)head * head_dim;
         const float *v_tile = values + (key_start + tile) * key_stride + (int64_t)head * head_dim;
-        for (int j = 0; j < tile_keys; j++) {
-            const float *k = k_tile + j * key_stride;
-            for (int d = 0; d < head_dim; d++) k_t[d][j / LANES][j % LANES] = k[d];
+        /* Few queries: each key's dot products directly (transposing the tile would cost more
+           than it saves). Many: transpose the tile once for all of them. */
+        const int by_dots = padded_queries <= DOT_MAX_QUERIES;
+        if (!by_dots) {
+            for (int j = 0; j < tile_keys; j++) {
+                const float *k = k_tile + j * key_stride;
+                for (int d = 0; d < head_dim; d++) k_t[d][j / LANES][j % LANES] = k[d];
+            }
+            for (int j = tile_keys; j < TILE_KEYS; j++) /* past the range: never read, never seen */
+                for (int d = 0; d < head_dim; d++) k_t[d][j / LANES][j % LANES] = 0.0f;
         }
-        for (int j = tile_keys; j < TILE_KEYS; j++) /* past the range: never read, never seen */
-            for (int d = 0; d < head_dim; d++) k_t[d][j / LANES][j % LANES] = 0.0f;
-        const int tile_vecs = (tile_keys + LANES - 1) / LANES;
 
         for (int q0 = 0; q0 < padded_queries; q0 += QUERY_BLOCK) {
             vf16 s[QUERY_BLOCK][TILE_VECS];
-            for (int b = 0; b < QUERY_BLOCK; b++)
-                for (int t = 0; t < TILE_VECS; t++) s[b][t] = splat(0.0f);
-            for (int d = 0; d < head_dim; d++)
-                for (int b = 0; b < QUERY_BLOCK; b++) {
-                    const float x = qs[q0 + b][d];
-                    for (int t = 0; t < TILE_VECS; t++) s[b][t] += x * k_t[d][t];
+            if (by_dots) {
+                for (int t = 0; t < TILE_VECS; t++) {
+                    vf16 products[QUERY_BLOCK][LANES];
+                    for (int j = 0; j < LANES; j++) {
+                        const int key = t * LANES + j;
+                        vf16 kc[MAX_HEAD_DIM / LANES];
+                        for (int c = 0; c < chunks; c++) kc[c] = splat(0.0f);
+                        if (key < tile_keys) memcpy(kc, k_tile + key * key_stride, sizeof(float) * head_dim);
+                        for (int b = 0; b < QUERY_BLOCK; b++) {
+                            vf16 x = splat(0.0f);
+                            for (int c = 0; c < chunks; c++) {
+                                vf16 qc;
+                                memcpy(&qc, &qs[q0 + b][c * LANES], sizeof qc);
+                                x += qc * kc[c];
+                            }
+                            products[b][j] = x;
+                        }
+                    }
+                    for (int b = 0; b < QUERY_BLOCK; b++) s[b][t] = sums_of16(products[b]);
                 }
+            } else {
+                for (int b = 0; b < QUERY_BLOCK; b++)
+                    for (int t = 0; t < TILE_VECS; t++) s[b][t] = splat(0.0f);
+                for (int d = 0; d < head_dim; d++)
+                    for (int b = 0; b < QUERY_BLOCK; b++) {
+                        const float x = qs[q0 + b][d];
+                        for (int t = 0; t < TILE_VECS; t++) s[b][t] += x * k_t[d][t];
+                    }
+            }
             int block_live = 0;
             float correction[QUERY_BLOCK];
             for (int b = 0; b < QUERY_BLOCK; b++) {
@@ -216,7 +265,6 @@ static inline __attribute__((always_inline)) void run_task(
             for (int b = 0; b < QUERY_BLOCK; b++)
                 for (int c = 0; c < chunks; c++) acc[q0 + b][c] = a[b][c];
         }
-        (void)tile_vecs;
     }
 
     for (int r = 0; r < num_rows; r++) {

@@ -1,0 +1,131 @@
+"""Our C span-attention kernel: the whole plan of a step in one call equals full attention.
+
+The cases of `test_tree_attention` (random segment trees and steps, garbage in every slot not
+yet written) run on the kernel, plus cases sized to cross what the kernel does in pieces:
+key tiles of 64, row blocks of `QUERIES_PER_TASK // G` rows, ranges split across threads,
+query blocks padded past the last query, and both ways of computing scores (dot products for
+few queries a task, a transposed key tile for many). And: how it is built, cached and refused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prefixbatch.executors.native import span_kernel, tree_attention
+from prefixbatch.executors.native.attention_plan import QueryRun, SegmentKV, plan_attention
+from prefixbatch.executors.native.kv import KVStore
+from prefixbatch.executors.native.span_kernel import load_span_kernel
+from prefixbatch.executors.native.tree_attention import TreeAttention
+
+from .test_tree_attention import Case, cases, run_case
+
+HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc"))
+pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="needs a C compiler to build the kernel")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    built = load_span_kernel()
+    assert built is not None, "a C compiler is on PATH, yet the span kernel did not build"
+    return built
+
+
+@settings(max_examples=150, deadline=None)
+@given(cases(), st.sampled_from([16, 32, 64]))
+def test_random_trees_and_steps_equal_full_attention(kernel, case, head_dim):
+    run_case(case, kernel=kernel, head_dim=head_dim)
+
+
+@pytest.mark.parametrize("heads", [(8, 4), (14, 2), (4, 1), (32, 2)])
+def test_many_decodes_under_a_long_shared_prefix(kernel, heads):
+    # 40 samples of one 300-token prompt, each 70 tokens into its own segment: the prefix
+    # span is row blocks over 5 key tiles, each own span one row over 2 tiles.
+    parents = (None, *[0] * 40)
+    lengths = (300, *[75] * 40)
+    runs = tuple((i, 70, 1) for i in range(1, 41))
+    run_case(Case(parents, lengths, runs, heads), kernel=kernel, head_dim=64, seed=3)
+
+
+@pytest.mark.parametrize("heads", [(8, 4), (14, 2)])
+def test_long_chunked_prefill_beside_decodes(kernel, heads):
+    # A 150-token chunk continuing a 100-token segment under a 130-token root (causal rows in
+    # many blocks, each seeing a different number of keys), beside decodes under the root.
+    parents = (None, 0, 0, 0)
+    lengths = (130, 260, 90, 33)
+    runs = ((1, 100, 150), (2, 89, 1), (3, 20, 1))
+    run_case(Case(parents, lengths, runs, heads), kernel=kernel, head_dim=128, seed=4)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 7])
+def test_one_long_sequence_split_across_threads(kernel, threads, monkeypatch):
+    # One row over 1,500 keys and one kv head: too few tasks, so the range is split in pieces.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    run_case(Case((None,), (1500,), ((0, 1499, 1),), (4, 1)), kernel=kernel, head_dim=64, seed=5)
+
+
+def test_pieces_cover_each_row_keys_once():
+    one_row = plan_attention([SegmentKV(0, None, 0, 1500)], [QueryRun(0, 0, 1499, 1)])
+    plan = tree_attention.KernelPlan.of(one_row, group=4, num_kv_heads=1, num_threads=4)
+    tasks = plan.tasks.tolist()
+    assert len(tasks) == 5  # 8 tasks wanted, pieces of at least MIN_SPLIT_KEYS (256) keys
+    assert [t[0] for t in tasks] == [0, 300, 600, 900, 1200]
+    assert sum(plan.entry_visible.tolist()) == 1500
+    assert plan.row_ptr.tolist() == [0, 5]
+
+
+def test_where_the_kernel_runs(kernel):
+    def store(head_dim=32, dtype=torch.float32):
+        return KVStore(num_layers=1, num_kv_heads=2, head_dim=head_dim, capacity_tokens=8, dtype=dtype, device="cpu")
+
+    plan = plan_attention([SegmentKV(0, None, 0, 8)], [QueryRun(0, 0, 0, 8)])
+    assert TreeAttention(store(), plan, scale=1.0).kernel is kernel  # "auto": fp32, CPU, D 32
+    assert TreeAttention(store(dtype=torch.bfloat16), plan, scale=1.0).kernel is None
+    assert TreeAttention(store(head_dim=24), plan, scale=1.0).kernel is None  # D not 16·n
+    assert TreeAttention(store(), plan, scale=1.0, fused=True).kernel is None  # forced
+    assert TreeAttention(store(), plan, scale=1.0, kernel=None).kernel is None
+
+
+def _fresh_build(monkeypatch, tmp_path, **env):
+    monkeypatch.setattr(span_kernel, "_loaded", {})
+    monkeypatch.setenv("PREFIXBATCH_KERNEL_CACHE", str(tmp_path / "cache"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return load_span_kernel()
+
+
+def test_built_once_into_the_cache_and_reused(monkeypatch, tmp_path):
+    first = _fresh_build(monkeypatch, tmp_path)
+    assert first is not None
+    (built,) = (tmp_path / "cache").glob("span_attention-*.so")
+    mtime = built.stat().st_mtime_ns
+    assert _fresh_build(monkeypatch, tmp_path) is not None
+    assert built.stat().st_mtime_ns == mtime  # loaded, not rebuilt
+    assert list((tmp_path / "cache").iterdir()) == [built]  # no scratch left behind
+
+
+def test_a_failing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
+    compiler = tmp_path / "broken-cc"
+    compiler.write_text("#!/bin/sh\ncase \"$1\" in --version) echo broken 1.0;; *) echo 'no such flag' >&2; exit 1;; esac\n")
+    compiler.chmod(compiler.stat().st_mode | stat.S_IEXEC)
+    assert _fresh_build(monkeypatch, tmp_path, CC=str(compiler)) is None
+    assert "building the span attention kernel failed" in caplog.text
+    assert "no such flag" in caplog.text
+
+
+def test_no_compiler_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(span_kernel.shutil, "which", lambda name: None)
+    assert _fresh_build(monkeypatch, tmp_path) is None
+    assert "no C compiler found" in caplog.text
+
+
+def test_switched_off_by_the_environment(monkeypatch, tmp_path):
+    assert _fresh_build(monkeypatch, tmp_path, PREFIXBATCH_SPAN_KERNEL="0") is None
+    assert not (tmp_path / "cache").exists()
+    assert os.environ["PREFIXBATCH_SPAN_KERNEL"] == "0"
