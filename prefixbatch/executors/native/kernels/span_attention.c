@@ -121,6 +121,18 @@ static inline vf16 sums_of16(const vf16 v[LANES]) {
     return __builtin_shuffle(z[0], z[1], a4) + __builtin_shuffle(z[0], z[1], b4);
 }
 
+/* What every task of one call shares. */
+typedef struct {
+    const float *q;
+    int64_t q_row_stride;
+    const float *keys, *values;
+    int num_heads, num_kv_heads;
+    float scale;
+    const int64_t *entry_row, *entry_visible, *row_ptr;
+    float *part_out, *part_lse; /* entries of rows with several */
+    float *out, *lse;           /* rows: written here directly when a row has one entry */
+} Call;
+
 /* One task: rows [entry0, entry0 + num_rows) of the entry list, kv head `head`, keys
    [key_start, key_start + num_keys). Writes part_out / part_lse of its entries.
 
@@ -131,11 +143,13 @@ static inline vf16 sums_of16(const vf16 v[LANES]) {
    value row loaded once for the block. Always inlined into callers with a constant head_dim
    (a multiple of LANES), so the loops over d unroll fully. */
 static inline __attribute__((always_inline)) void run_task(
-    const float *q, int64_t q_row_stride, const float *keys, const float *values,
-    int num_heads, int num_kv_heads, const int head_dim, float scale,
-    int64_t key_start, int64_t num_keys, int64_t entry0, int num_rows, int head,
-    const int64_t *entry_row, const int64_t *entry_visible,
-    float *part_out, float *part_lse) {
+    const Call *call, const int head_dim, int64_t key_start, int64_t num_keys, int64_t entry0,
+    int num_rows, int head) {
+    const float *q = call->q, *keys = call->keys, *values = call->values;
+    const int64_t q_row_stride = call->q_row_stride;
+    const int num_heads = call->num_heads, num_kv_heads = call->num_kv_heads;
+    const float scale = call->scale;
+    const int64_t *entry_row = call->entry_row, *entry_visible = call->entry_visible;
     const int group = num_heads / num_kv_heads;
     const int num_queries = num_rows * group;
     const int chunks = head_dim / LANES;
@@ -268,47 +282,39 @@ static inline __attribute__((always_inline)) void run_task(
     }
 
     for (int r = 0; r < num_rows; r++) {
-        const int64_t entry = entry0 + r;
+        const int64_t entry = entry0 + r, row = entry_row[entry];
+        const int direct = call->row_ptr[row + 1] - call->row_ptr[row] == 1; /* nothing to merge */
+        float *out = direct ? call->out + row * num_heads * head_dim : call->part_out + entry * num_heads * head_dim;
+        float *lse = direct ? call->lse + row * num_heads : call->part_lse + entry * num_heads;
         for (int g = 0; g < group; g++) {
             const int qi = r * group + g;
             const int h = head * group + g;
-            float *o = part_out + (entry * num_heads + h) * head_dim;
+            float *o = out + h * head_dim;
             if (run_sum[qi] > 0.0f) {
                 const float inv = 1.0f / run_sum[qi];
                 for (int c = 0; c < chunks; c++) {
                     const vf16 x = acc[qi][c] * inv;
                     memcpy(o + c * LANES, &x, sizeof x);
                 }
-                part_lse[entry * num_heads + h] = run_max[qi] + logf(run_sum[qi]);
+                lse[h] = run_max[qi] + logf(run_sum[qi]);
             } else {
                 memset(o, 0, sizeof(float) * head_dim);
-                part_lse[entry * num_heads + h] = -INFINITY;
+                lse[h] = -INFINITY;
             }
         }
     }
 }
 
-#define TASK_FOR_HEAD_DIM(D)                                                                  \
-    static void run_task_##D(                                                                 \
-        const float *q, int64_t q_row_stride, const float *keys, const float *values,         \
-        int num_heads, int num_kv_heads, int head_dim, float scale, int64_t key_start,        \
-        int64_t num_keys, int64_t entry0, int num_rows, int head, const int64_t *entry_row,   \
-        const int64_t *entry_visible, float *part_out, float *part_lse) {                     \
-        (void)head_dim;                                                                       \
-        run_task(q, q_row_stride, keys, values, num_heads, num_kv_heads, D, scale, key_start, \
-                 num_keys, entry0, num_rows, head, entry_row, entry_visible, part_out,        \
-                 part_lse);                                                                   \
-    }
-TASK_FOR_HEAD_DIM(64)
-TASK_FOR_HEAD_DIM(128)
+static void run_task_64(const Call *call, int64_t key_start, int64_t num_keys, int64_t entry0, int num_rows, int head) {
+    run_task(call, 64, key_start, num_keys, entry0, num_rows, head);
+}
 
-static void run_task_any(
-    const float *q, int64_t q_row_stride, const float *keys, const float *values,
-    int num_heads, int num_kv_heads, int head_dim, float scale, int64_t key_start,
-    int64_t num_keys, int64_t entry0, int num_rows, int head, const int64_t *entry_row,
-    const int64_t *entry_visible, float *part_out, float *part_lse) {
-    run_task(q, q_row_stride, keys, values, num_heads, num_kv_heads, head_dim, scale, key_start,
-             num_keys, entry0, num_rows, head, entry_row, entry_visible, part_out, part_lse);
+static void run_task_128(const Call *call, int64_t key_start, int64_t num_keys, int64_t entry0, int num_rows, int head) {
+    run_task(call, 128, key_start, num_keys, entry0, num_rows, head);
+}
+
+static void run_task_any(const Call *call, int head_dim, int64_t key_start, int64_t num_keys, int64_t entry0, int num_rows, int head) {
+    run_task(call, head_dim, key_start, num_keys, entry0, num_rows, head);
 }
 
 int pb_span_attention_limits(int *max_queries_per_task, int *max_head_dim) {
@@ -329,49 +335,56 @@ int pb_span_attention(
     if (group > MAX_QUERIES_PER_TASK || head_dim > MAX_HEAD_DIM || head_dim % LANES || num_heads % num_kv_heads)
         return 1;
     const int64_t work = num_tasks * num_kv_heads;
-    void (*task_fn)(const float *, int64_t, const float *, const float *, int, int, int, float,
-                    int64_t, int64_t, int64_t, int, int, const int64_t *, const int64_t *,
-                    float *, float *) =
-        head_dim == 64 ? run_task_64 : head_dim == 128 ? run_task_128 : run_task_any;
+    const Call call = {q, q_row_stride, keys, values, num_heads, num_kv_heads, scale,
+                       entry_row, entry_visible, row_ptr, part_out, part_lse, out, lse};
 
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-    for (int64_t item = 0; item < work; item++) {
-        const int64_t *task = tasks + (item / num_kv_heads) * 4;
-        if (task[3] * group > MAX_QUERIES_PER_TASK) continue; /* the caller never builds such a task */
-        task_fn(q, q_row_stride, keys, values, num_heads, num_kv_heads, head_dim, scale,
-                task[0], task[1], task[2], (int)task[3], (int)(item % num_kv_heads),
-                entry_row, entry_visible, part_out, part_lse);
-    }
+    /* One parallel region, two loops: the tasks, then (after the loop's barrier) the rows
+       whose entries must be merged. */
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < work; item++) {
+            const int64_t *task = tasks + (item / num_kv_heads) * 4;
+            if (task[3] * group > MAX_QUERIES_PER_TASK) continue; /* the caller never builds one */
+            const int head = (int)(item % num_kv_heads);
+            if (head_dim == 64)
+                run_task_64(&call, task[0], task[1], task[2], (int)task[3], head);
+            else if (head_dim == 128)
+                run_task_128(&call, task[0], task[1], task[2], (int)task[3], head);
+            else
+                run_task_any(&call, head_dim, task[0], task[1], task[2], (int)task[3], head);
+        }
 
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (int row = 0; row < num_rows_out; row++) {
-        const int64_t first = row_ptr[row], stop = row_ptr[row + 1];
-        for (int h = 0; h < num_heads; h++) {
-            float *o = out + ((int64_t)row * num_heads + h) * head_dim;
-            float total_max = -INFINITY;
-            for (int64_t i = first; i < stop; i++) {
-                const float part = part_lse[row_entries[i] * num_heads + h];
-                total_max = part > total_max ? part : total_max;
+#pragma omp for schedule(static)
+        for (int row = 0; row < num_rows_out; row++) {
+            const int64_t first = row_ptr[row], stop = row_ptr[row + 1];
+            if (stop - first == 1) continue; /* written by its task */
+            for (int h = 0; h < num_heads; h++) {
+                float *o = out + ((int64_t)row * num_heads + h) * head_dim;
+                float total_max = -INFINITY;
+                for (int64_t i = first; i < stop; i++) {
+                    const float part = part_lse[row_entries[i] * num_heads + h];
+                    total_max = part > total_max ? part : total_max;
+                }
+                memset(o, 0, sizeof(float) * head_dim);
+                if (total_max == -INFINITY) {
+                    lse[(int64_t)row * num_heads + h] = -INFINITY;
+                    continue;
+                }
+                float total = 0.0f;
+                for (int64_t i = first; i < stop; i++) {
+                    const int64_t entry = row_entries[i];
+                    const float part = part_lse[entry * num_heads + h];
+                    if (part == -INFINITY) continue;
+                    const float weight = exp_nonpositive1(part - total_max);
+                    const float *p = part_out + (entry * num_heads + h) * head_dim;
+                    total += weight;
+                    for (int d = 0; d < head_dim; d++) o[d] += weight * p[d];
+                }
+                const float inv = 1.0f / total;
+                for (int d = 0; d < head_dim; d++) o[d] *= inv;
+                lse[(int64_t)row * num_heads + h] = total_max + logf(total);
             }
-            memset(o, 0, sizeof(float) * head_dim);
-            if (total_max == -INFINITY) {
-                lse[(int64_t)row * num_heads + h] = -INFINITY;
-                continue;
-            }
-            float total = 0.0f;
-            for (int64_t i = first; i < stop; i++) {
-                const int64_t entry = row_entries[i];
-                const float part = part_lse[entry * num_heads + h];
-                if (part == -INFINITY) continue;
-                const float weight = exp_nonpositive1(part - total_max);
-                const float *p = part_out + (entry * num_heads + h) * head_dim;
-                total += weight;
-#pragma omp simd
-                for (int d = 0; d < head_dim; d++) o[d] += weight * p[d];
-            }
-            const float inv = 1.0f / total;
-            for (int d = 0; d < head_dim; d++) o[d] *= inv;
-            lse[(int64_t)row * num_heads + h] = total_max + logf(total);
         }
     }
     return 0;
