@@ -121,6 +121,24 @@ static inline vf16 sums_of16(const vf16 v[LANES]) {
     return __builtin_shuffle(z[0], z[1], a4) + __builtin_shuffle(z[0], z[1], b4);
 }
 
+/* In place: lane l of v[i] becomes lane i of v[l]. Four stages swap the off-diagonal blocks
+   of size 8, 4, 2, 1; each output row is one two-source shuffle: 64 shuffles in all. */
+static inline void transpose16(vf16 v[LANES]) {
+    for (int size = 8; size >= 1; size /= 2) {
+        vi16 low, high;
+        for (int l = 0; l < LANES; l++) {
+            low[l] = (l & size) ? LANES + l - size : l;
+            high[l] = (l & size) ? LANES + l : l + size;
+        }
+        for (int i = 0; i < LANES; i++) {
+            if (i & size) continue;
+            const vf16 a = v[i], b = v[i + size];
+            v[i] = __builtin_shuffle(a, b, low);
+            v[i + size] = __builtin_shuffle(a, b, high);
+        }
+    }
+}
+
 /* What every task of one call shares. */
 typedef struct {
     const float *q;
@@ -193,13 +211,20 @@ static inline __attribute__((always_inline)) void run_task(
         /* Few queries: each key's dot products directly (transposing the tile would cost more
            than it saves). Many: transpose the tile once for all of them. */
         const int by_dots = padded_queries <= DOT_MAX_QUERIES;
-        if (!by_dots) {
-            for (int j = 0; j < tile_keys; j++) {
-                const float *k = k_tile + j * key_stride;
-                for (int d = 0; d < head_dim; d++) k_t[d][j / LANES][j % LANES] = k[d];
-            }
-            for (int j = tile_keys; j < TILE_KEYS; j++) /* past the range: never read, never seen */
-                for (int d = 0; d < head_dim; d++) k_t[d][j / LANES][j % LANES] = 0.0f;
+        if (!by_dots) { /* 16 × 16 blocks: keys t·16.., dims c·16.. → k_t[c·16 + i][t] */
+            for (int t = 0; t < TILE_VECS; t++)
+                for (int c = 0; c < chunks; c++) {
+                    vf16 block[LANES];
+                    for (int i = 0; i < LANES; i++) {
+                        const int key = t * LANES + i;
+                        if (key < tile_keys) /* past the range: never read, never seen */
+                            memcpy(&block[i], k_tile + key * key_stride + c * LANES, sizeof(vf16));
+                        else
+                            block[i] = splat(0.0f);
+                    }
+                    transpose16(block);
+                    for (int i = 0; i < LANES; i++) k_t[c * LANES + i][t] = block[i];
+                }
         }
 
         for (int q0 = 0; q0 < padded_queries; q0 += QUERY_BLOCK) {
