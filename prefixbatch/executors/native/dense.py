@@ -8,7 +8,11 @@ products (4-16 rows) run 2-3x faster on weights packed once into oneDNN's blocke
 than on plain ones (the layout change otherwise happens on every call), 4-6x faster than
 MKL. See BENCHMARKS.md, "Native engine speed".
 
-`PackedWeight.of(W)` makes the packed copy once; `linear(x, b)` = x Wᵀ + b. The results are
+`PackedWeight.of(W)` makes the packed copy once; `linear(x, b)` = x Wᵀ + b, optionally with
+the SwiGLU's activation and product fused into the GEMM's output pass (`then="swish"`,
+`linear_times`): on a 2,048-row prefill chunk at the Qwen2.5-0.5B shape the gated half of
+the MLP takes 102 ms instead of 125 ms, where the separate silu and product read and write
+[T, intermediate] tensors that do not fit in any cache. The results are
 the same products summed in another order: equal to `F.linear` within fp32 rounding, not
 bit for bit (so `batch_invariant`, whose guarantees were measured on MKL, keeps `F.linear`).
 
@@ -51,7 +55,13 @@ class PackedWeight:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _PACK_FOR_ROWS)
         return cls(packed, num_in=weight.shape[1])
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [T, in] → x Wᵀ + bias: [T, out], in x's dtype."""
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None, *, then: str = "none") -> torch.Tensor:
+        """x [T, in] → x Wᵀ + bias: [T, out], in x's dtype; then="swish": silu of that, in the
+        same pass (oneDNN's post-op: no second trip through memory)."""
         assert x.shape[-1] == self.num_in, (tuple(x.shape), self.num_in)
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, then, [], "")
+
+    def linear_times(self, x: torch.Tensor, other: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """(x Wᵀ + bias) · other, elementwise, in one pass (oneDNN's binary post-op)."""
+        assert x.shape[-1] == self.num_in, (tuple(x.shape), self.num_in)
+        return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), other, self.packed, bias, "mul")

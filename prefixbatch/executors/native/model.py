@@ -140,15 +140,33 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as one matmul."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as one matmul — or, packed, as two
+    oneDNN products with the activation and the product fused into them (`dense`)."""
 
     def __init__(self, config: ModelConfig, *, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         kind = {"bias": config.mlp_bias, "dtype": dtype, "device": device}
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, **kind)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, **kind)
+        self.gate: dense.PackedWeight | None = None  # packed: gate's and up's halves apart
+        self.up: dense.PackedWeight | None = None
+        self.gate_bias: torch.Tensor | None = None
+        self.up_bias: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        """Packs gate and up apart (`dense.PackedWeight`) and down; drops the dense weights."""
+        weight, bias = self.gate_up_proj.weight, self.gate_up_proj.bias
+        half = weight.shape[0] // 2
+        self.gate, self.up = dense.PackedWeight.of(weight[:half]), dense.PackedWeight.of(weight[half:])
+        if bias is not None:
+            self.gate_bias, self.up_bias = bias[:half].contiguous(), bias[half:].contiguous()
+        self.gate_up_proj = None
+        self.down_proj.pack()
 
     def forward(self, x: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
+        if self.gate is not None:
+            activated = self.gate.linear(x, self.gate_bias, then="swish")  # silu(gate(x))
+            return self.down_proj(self.up.linear_times(x, activated, self.up_bias))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         act = invariant.silu if batch_invariant else F.silu
         return self.down_proj(act(gate) * up)
@@ -211,6 +229,9 @@ class CausalLM(nn.Module):
     def pack(self) -> None:
         """Every linear layer's weight packed for the CPU (`dense`); call once, after loading.
         Then not `batch_invariant` (its guarantees hold for the dense path)."""
+        for module in list(self.modules()):
+            if isinstance(module, MLP) and module.gate is None:
+                module.pack()
         for module in self.modules():
             if isinstance(module, Linear) and module.packed is None:
                 module.pack()

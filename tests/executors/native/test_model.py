@@ -27,7 +27,7 @@ from prefixbatch.executors.native.attention_plan import QueryRun, SegmentKV, pla
 from prefixbatch.executors.native.config import model_config_from_hf
 from prefixbatch.executors.native.dense import packing_available
 from prefixbatch.executors.native.kv import KVStore
-from prefixbatch.executors.native.model import Linear
+from prefixbatch.executors.native.model import MLP, Linear
 from prefixbatch.executors.native.rope import inverse_frequencies
 from prefixbatch.executors.native.tree_attention import TreeAttention
 from prefixbatch.executors.native.weights import load_model
@@ -188,6 +188,8 @@ def test_packing_replaces_each_dense_weight_and_keeps_the_tied_embedding(tiny_qw
     model = native_model(tiny_qwen2, True)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert model.is_packed and linears and all(m.packed is not None and m.weight is None for m in linears)
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]  # gate and up apart, fused activation
+    assert mlps and all(m.gate is not None and m.up is not None and m.gate_up_proj is None for m in mlps)
     assert model.config.tie_word_embeddings and model.embed_tokens is not None  # still embeds
 
 
