@@ -230,14 +230,17 @@ static inline __attribute__((always_inline)) void run_task(
         for (int q0 = 0; q0 < padded_queries; q0 += QUERY_BLOCK) {
             vf16 s[QUERY_BLOCK][TILE_VECS];
             if (by_dots) {
+                const int real = num_queries - q0 < QUERY_BLOCK ? num_queries - q0 : QUERY_BLOCK;
                 for (int t = 0; t < TILE_VECS; t++) {
+                    for (int b = 0; b < QUERY_BLOCK; b++) s[b][t] = splat(0.0f);
+                    if (t * LANES >= tile_keys) continue; /* past the range: masked below */
                     vf16 products[QUERY_BLOCK][LANES];
                     for (int j = 0; j < LANES; j++) {
                         const int key = t * LANES + j;
                         vf16 kc[MAX_HEAD_DIM / LANES];
                         for (int c = 0; c < chunks; c++) kc[c] = splat(0.0f);
                         if (key < tile_keys) memcpy(kc, k_tile + key * key_stride, sizeof(float) * head_dim);
-                        for (int b = 0; b < QUERY_BLOCK; b++) {
+                        for (int b = 0; b < real; b++) {
                             vf16 x = splat(0.0f);
                             for (int c = 0; c < chunks; c++) {
                                 vf16 qc;
@@ -247,7 +250,7 @@ static inline __attribute__((always_inline)) void run_task(
                             products[b][j] = x;
                         }
                     }
-                    for (int b = 0; b < QUERY_BLOCK; b++) s[b][t] = sums_of16(products[b]);
+                    for (int b = 0; b < real; b++) s[b][t] = sums_of16(products[b]);
                 }
             } else {
                 for (int b = 0; b < QUERY_BLOCK; b++)
@@ -359,7 +362,10 @@ int pb_span_attention(
     const int group = num_heads / num_kv_heads;
     if (group > MAX_QUERIES_PER_TASK || head_dim > MAX_HEAD_DIM || head_dim % LANES || num_heads % num_kv_heads)
         return 1;
-    const int64_t work = num_tasks * num_kv_heads;
+    /* Many tasks: one item runs all kv heads of a task (it reads each key's slot whole, in
+       order); few: one item per kv head, so that every thread has work. */
+    const int items_per_task = num_tasks >= 8 * (int64_t)num_threads ? 1 : num_kv_heads;
+    const int64_t work = num_tasks * items_per_task;
     const Call call = {q, q_row_stride, keys, values, num_heads, num_kv_heads, scale,
                        entry_row, entry_visible, row_ptr, part_out, part_lse, out, lse};
 
@@ -369,15 +375,17 @@ int pb_span_attention(
     {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < work; item++) {
-            const int64_t *task = tasks + (item / num_kv_heads) * 4;
+            const int64_t *task = tasks + (item / items_per_task) * 4;
             if (task[3] * group > MAX_QUERIES_PER_TASK) continue; /* the caller never builds one */
-            const int head = (int)(item % num_kv_heads);
-            if (head_dim == 64)
-                run_task_64(&call, task[0], task[1], task[2], (int)task[3], head);
-            else if (head_dim == 128)
-                run_task_128(&call, task[0], task[1], task[2], (int)task[3], head);
-            else
-                run_task_any(&call, head_dim, task[0], task[1], task[2], (int)task[3], head);
+            const int first_head = (int)(item % items_per_task) * (num_kv_heads / items_per_task);
+            for (int head = first_head; head < first_head + num_kv_heads / items_per_task; head++) {
+                if (head_dim == 64)
+                    run_task_64(&call, task[0], task[1], task[2], (int)task[3], head);
+                else if (head_dim == 128)
+                    run_task_128(&call, task[0], task[1], task[2], (int)task[3], head);
+                else
+                    run_task_any(&call, head_dim, task[0], task[1], task[2], (int)task[3], head);
+            }
         }
 
 #pragma omp for schedule(static)
