@@ -168,7 +168,7 @@ class KernelPlan:
     merged by log-sum-exp inside the kernel call.
     """
 
-    tasks: torch.Tensor  # [N, 4] int64: key_start, num_keys, first entry, num_rows
+    tasks: torch.Tensor  # [N, 5] int64: key_start, num_keys, first entry, num_rows, kv head (-1: all)
     entry_row: torch.Tensor  # [E] int64
     entry_visible: torch.Tensor  # [E] int64: keys of the task's range the entry's row sees
     row_ptr: torch.Tensor  # [T + 1] int64: row r's entries are row_entries[row_ptr[r]:row_ptr[r+1]]
@@ -188,17 +188,31 @@ class KernelPlan:
                 block_visible = visible[first : first + rows_per_task]
                 blocks.append((span.key_start, int(block_visible.max()), rows[first : first + rows_per_task], block_visible))
         blocks = _split_keys(blocks, min_tasks=2 * num_threads, num_kv_heads=num_kv_heads)
-        tasks = np.zeros((len(blocks), 4), dtype=np.int64)
-        entry = 0
-        for i, (key_start, num_keys, rows, _) in enumerate(blocks):
-            tasks[i] = (key_start, num_keys, entry, len(rows))
-            entry += len(rows)
+        tasks = _tasks(blocks, num_kv_heads=num_kv_heads, num_threads=num_threads)
         entry_row = np.concatenate([rows for _, _, rows, _ in blocks]) if blocks else np.zeros(0, np.int64)
         entry_visible = np.concatenate([v for _, _, _, v in blocks]) if blocks else np.zeros(0, np.int64)
         row_entries = np.argsort(entry_row, kind="stable")
         row_ptr = np.zeros(plan.num_rows + 1, dtype=np.int64)
         np.cumsum(np.bincount(entry_row, minlength=plan.num_rows), out=row_ptr[1:])
         return cls(*(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in (tasks, entry_row, entry_visible, row_ptr, row_entries)))
+
+
+def _tasks(blocks: list, *, num_kv_heads: int, num_threads: int) -> np.ndarray:
+    """The kernel's work items, largest first (threads take them in turn: the big ones do not
+    come last). A block is one item for all kv heads — it reads each key's slot whole — unless
+    it is a large share of the call's work: then one item per kv head, so threads share it."""
+    work = np.array([len(rows) * num_keys for _, num_keys, rows, _ in blocks], dtype=np.int64)
+    share_limit = work.sum() / (4 * num_threads)
+    items = []
+    entry = 0
+    for (key_start, num_keys, rows, _), cost in zip(blocks, work):
+        if cost > share_limit or len(blocks) < 8 * num_threads:
+            items += [(cost, (key_start, num_keys, entry, len(rows), head)) for head in range(num_kv_heads)]
+        else:
+            items.append((cost * num_kv_heads, (key_start, num_keys, entry, len(rows), -1)))
+        entry += len(rows)
+    items.sort(key=lambda item: -item[0])
+    return np.array([task for _, task in items], dtype=np.int64).reshape(-1, 5)
 
 
 def _split_keys(blocks: list, *, min_tasks: int, num_kv_heads: int) -> list:

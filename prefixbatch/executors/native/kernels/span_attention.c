@@ -352,8 +352,8 @@ int pb_span_attention_limits(int *max_queries_per_task, int *max_head_dim) {
     return 0;
 }
 
-/* tasks: [num_tasks, 4] int64 rows (key_start, num_keys, entry0, num_rows); entries sorted so
-   that row_entries (CSR by row_ptr [T + 1]) lists, for each output row, its entries. */
+/* tasks: [num_tasks, 5] int64 rows (key_start, num_keys, entry0, num_rows, kv head or -1 for
+   all of them); row_entries (CSR by row_ptr [T + 1]) lists, for each output row, its entries. */
 int pb_span_attention(
     const float *q, int64_t q_row_stride, const float *keys, const float *values,
     int num_rows_out, int num_heads, int num_kv_heads, int head_dim, float scale,
@@ -363,23 +363,20 @@ int pb_span_attention(
     const int group = num_heads / num_kv_heads;
     if (group > MAX_QUERIES_PER_TASK || head_dim > MAX_HEAD_DIM || head_dim % LANES || num_heads % num_kv_heads)
         return 1;
-    /* Many tasks: one item runs all kv heads of a task (it reads each key's slot whole, in
-       order); few: one item per kv head, so that every thread has work. */
-    const int items_per_task = num_tasks >= 8 * (int64_t)num_threads ? 1 : num_kv_heads;
-    const int64_t work = num_tasks * items_per_task;
     const Call call = {q, q_row_stride, keys, values, num_heads, num_kv_heads, scale,
                        entry_row, entry_visible, row_ptr, part_out, part_lse, out, lse};
 
-    /* One parallel region, two loops: the tasks, then (after the loop's barrier) the rows
-       whose entries must be merged. */
+    /* One parallel region, two loops: the tasks (largest first, as the caller orders them),
+       then, after the loop's barrier, the rows whose entries must be merged. */
 #pragma omp parallel num_threads(num_threads)
     {
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < work; item++) {
-            const int64_t *task = tasks + (item / items_per_task) * 4;
+        for (int64_t i = 0; i < num_tasks; i++) {
+            const int64_t *task = tasks + i * 5;
             if (task[3] * group > MAX_QUERIES_PER_TASK) continue; /* the caller never builds one */
-            const int first_head = (int)(item % items_per_task) * (num_kv_heads / items_per_task);
-            for (int head = first_head; head < first_head + num_kv_heads / items_per_task; head++) {
+            const int first = task[4] < 0 ? 0 : (int)task[4];
+            const int stop = task[4] < 0 ? num_kv_heads : first + 1;
+            for (int head = first; head < stop; head++) {
                 if (head_dim == 64)
                     run_task_64(&call, task[0], task[1], task[2], (int)task[3], head);
                 else if (head_dim == 128)
