@@ -37,6 +37,9 @@
 #define TILE_KEYS (TILE_VECS * LANES)
 #define DOT_MAX_QUERIES 4 /* up to this many queries a task (padded), scores by dot products */
 #define MAX_QUERIES (MAX_QUERIES_PER_TASK + QUERY_BLOCK)
+#define LANES_MIN_QUERIES 16 /* from this many queries a task, `run_task_lanes` */
+#define LANE_TILE_KEYS 32
+#define QUERY_VECS (MAX_QUERIES_PER_TASK / 16)
 
 /* 16 fp32 lanes: one AVX-512 register (two AVX2 ones, where that is what the CPU has). */
 typedef float vf16 __attribute__((vector_size(64)));
@@ -149,6 +152,37 @@ typedef struct {
     float *part_out, *part_lse; /* entries of rows with several */
     float *out, *lse;           /* rows: written here directly when a row has one entry */
 } Call;
+
+/* A task's outputs: each entry's normalised output and log-sum-exp, straight into the row's
+   output when the row has no other entry (nothing to merge), else into the entry's slot. */
+static inline __attribute__((always_inline)) void write_results(
+    const Call *call, const int head_dim, int64_t entry0, int num_rows, int head,
+    vf16 acc[][MAX_HEAD_DIM / LANES], const float *run_max, const float *run_sum) {
+    const int num_heads = call->num_heads, group = num_heads / call->num_kv_heads;
+    const int chunks = head_dim / LANES;
+    for (int r = 0; r < num_rows; r++) {
+        const int64_t entry = entry0 + r, row = call->entry_row[entry];
+        const int direct = call->row_ptr[row + 1] - call->row_ptr[row] == 1; /* nothing to merge */
+        float *out = direct ? call->out + row * num_heads * head_dim : call->part_out + entry * num_heads * head_dim;
+        float *lse = direct ? call->lse + row * num_heads : call->part_lse + entry * num_heads;
+        for (int g = 0; g < group; g++) {
+            const int qi = r * group + g;
+            const int h = head * group + g;
+            float *o = out + h * head_dim;
+            if (run_sum[qi] > 0.0f) {
+                const float inv = 1.0f / run_sum[qi];
+                for (int c = 0; c < chunks; c++) {
+                    const vf16 x = acc[qi][c] * inv;
+                    memcpy(o + c * LANES, &x, sizeof x);
+                }
+                lse[h] = run_max[qi] + logf(run_sum[qi]);
+            } else {
+                memset(o, 0, sizeof(float) * head_dim);
+                lse[h] = -INFINITY;
+            }
+        }
+    }
+}
 
 /* One task: rows [entry0, entry0 + num_rows) of the entry list, kv head `head`, keys
    [key_start, key_start + num_keys). Writes part_out / part_lse of its entries.
@@ -310,40 +344,157 @@ static inline __attribute__((always_inline)) void run_task(
         }
     }
 
-    for (int r = 0; r < num_rows; r++) {
-        const int64_t entry = entry0 + r, row = entry_row[entry];
-        const int direct = call->row_ptr[row + 1] - call->row_ptr[row] == 1; /* nothing to merge */
-        float *out = direct ? call->out + row * num_heads * head_dim : call->part_out + entry * num_heads * head_dim;
-        float *lse = direct ? call->lse + row * num_heads : call->part_lse + entry * num_heads;
-        for (int g = 0; g < group; g++) {
-            const int qi = r * group + g;
-            const int h = head * group + g;
-            float *o = out + h * head_dim;
-            if (run_sum[qi] > 0.0f) {
-                const float inv = 1.0f / run_sum[qi];
-                for (int c = 0; c < chunks; c++) {
-                    const vf16 x = acc[qi][c] * inv;
-                    memcpy(o + c * LANES, &x, sizeof x);
-                }
-                lse[h] = run_max[qi] + logf(run_sum[qi]);
-            } else {
-                memset(o, 0, sizeof(float) * head_dim);
-                lse[h] = -INFINITY;
-            }
-        }
-    }
+    write_results(call, head_dim, entry0, num_rows, head, acc, run_max, run_sum);
 }
 
+/* Scores of 4 keys (rows k_rows) for `nv` query vectors from v0: 4 × nv accumulators over d;
+   inlined with nv and head_dim constant, so they stay in registers. Stores the first `keys`. */
+static inline __attribute__((always_inline)) void score_block(
+    const float *const k_rows[4], const vf16 q_t[][QUERY_VECS], int v0, const int nv,
+    const int head_dim, int keys, vf16 out[][QUERY_VECS]) {
+    vf16 sc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int v = 0; v < nv; v++) sc[i][v] = splat(0.0f);
+    for (int d = 0; d < head_dim; d++)
+        for (int i = 0; i < 4; i++) {
+            const float x = k_rows[i][d];
+            for (int v = 0; v < nv; v++) sc[i][v] += x * q_t[d][v0 + v];
+        }
+    for (int i = 0; i < 4 && i < keys; i++)
+        for (int v = 0; v < nv; v++) out[i][v0 + v] = sc[i][v];
+}
+
+/* A task of many queries (LANES_MIN_QUERIES or more): the same results as `run_task`,
+   computed with the queries in the vector lanes. The task's queries are transposed once
+   ([D][queries / LANES] vectors); a key's score for 16 queries is then one vector
+   accumulated over d from its broadcast components, and the running max, the rescaling and
+   the exps are lane-wise: no transposed key tiles, no horizontal max or sum per query. */
+static inline __attribute__((always_inline)) void run_task_lanes(
+    const Call *call, const int head_dim, int64_t key_start, int64_t num_keys, int64_t entry0,
+    int num_rows, int head) {
+    const int num_kv_heads = call->num_kv_heads, group = call->num_heads / num_kv_heads;
+    const int num_queries = num_rows * group;
+    const int qvecs = (num_queries + LANES - 1) / LANES;
+    const int chunks = head_dim / LANES;
+    const int64_t key_stride = (int64_t)num_kv_heads * head_dim;
+    vf16 q_t[MAX_HEAD_DIM][QUERY_VECS];
+    vf16 acc[MAX_QUERIES][MAX_HEAD_DIM / LANES];
+    vf16 scores[LANE_TILE_KEYS][QUERY_VECS];
+    /* Columns past the last query vector: read (never used) by the last query block. */
+    float probs[LANE_TILE_KEYS][QUERY_VECS * LANES + QUERY_BLOCK] __attribute__((aligned(64)));
+    float correction[QUERY_VECS * LANES + QUERY_BLOCK] __attribute__((aligned(64)));
+    float run_max[QUERY_VECS * LANES], run_sum[QUERY_VECS * LANES];
+    vi16 visible[QUERY_VECS];
+    vf16 top[QUERY_VECS], total[QUERY_VECS];
+    int64_t most_visible = 0, least_visible = num_keys;
+
+    for (int v = 0; v < qvecs; v++) {
+        visible[v] = (vi16){0};
+        top[v] = splat(-FLT_MAX);
+        total[v] = splat(0.0f);
+        for (int d = 0; d < head_dim; d++) q_t[d][v] = splat(0.0f);
+    }
+    for (int r = 0; r < num_rows; r++) {
+        const int64_t entry = entry0 + r;
+        const float *row_q = call->q + call->entry_row[entry] * call->q_row_stride + (int64_t)head * group * head_dim;
+        const int64_t seen = call->entry_visible[entry] < num_keys ? call->entry_visible[entry] : num_keys;
+        most_visible = seen > most_visible ? seen : most_visible;
+        least_visible = seen < least_visible ? seen : least_visible;
+        for (int g = 0; g < group; g++) {
+            const int qi = r * group + g;
+            for (int d = 0; d < head_dim; d++) q_t[d][qi / LANES][qi % LANES] = row_q[g * head_dim + d] * call->scale;
+            visible[qi / LANES][qi % LANES] = (int32_t)seen;
+        }
+    }
+    for (int qi = 0; qi < qvecs * LANES; qi++)
+        for (int c = 0; c < chunks; c++) acc[qi][c] = splat(0.0f);
+
+    for (int64_t tile = 0; tile < most_visible; tile += LANE_TILE_KEYS) {
+        const int tile_keys = (int)(most_visible - tile < LANE_TILE_KEYS ? most_visible - tile : LANE_TILE_KEYS);
+        const float *k_tile = call->keys + (key_start + tile) * key_stride + (int64_t)head * head_dim;
+        const float *v_tile = call->values + (key_start + tile) * key_stride + (int64_t)head * head_dim;
+        /* Scores, 4 keys × 4 query vectors at a time (16 independent accumulators). */
+        for (int k0 = 0; k0 < tile_keys; k0 += 4) {
+            const float *k_rows[4];
+            for (int i = 0; i < 4; i++) /* past the range: the last key again, never seen */
+                k_rows[i] = k_tile + (k0 + i < tile_keys ? k0 + i : tile_keys - 1) * key_stride;
+            for (int v0 = 0; v0 < qvecs; v0 += 4) {
+                const int nv = qvecs - v0 < 4 ? qvecs - v0 : 4;
+                if (nv == 4)
+                    score_block(k_rows, q_t, v0, 4, head_dim, tile_keys - k0, &scores[k0]);
+                else if (nv == 2)
+                    score_block(k_rows, q_t, v0, 2, head_dim, tile_keys - k0, &scores[k0]);
+                else if (nv == 1)
+                    score_block(k_rows, q_t, v0, 1, head_dim, tile_keys - k0, &scores[k0]);
+                else
+                    score_block(k_rows, q_t, v0, 3, head_dim, tile_keys - k0, &scores[k0]);
+            }
+        }
+        /* Online softmax, lane-wise; keys a query may not see weigh exactly 0. */
+        const int masked = tile + tile_keys > least_visible;
+        for (int v = 0; v < qvecs; v++) {
+            vf16 tile_top = splat(-FLT_MAX);
+            for (int k = 0; k < tile_keys; k++) {
+                if (masked) scores[k][v] = select((vi16){0} + (int32_t)(tile + k) >= visible[v], splat(-FLT_MAX), scores[k][v]);
+                tile_top = vmax(tile_top, scores[k][v]);
+            }
+            const vf16 new_top = vmax(top[v], tile_top);
+            const vf16 factor = exp_nonpositive(top[v] - new_top);
+            vf16 sum = splat(0.0f);
+            for (int k = 0; k < tile_keys; k++) {
+                vf16 p = exp_nonpositive(scores[k][v] - new_top);
+                if (masked) p = select((vi16){0} + (int32_t)(tile + k) >= visible[v], splat(0.0f), p);
+                sum += p;
+                memcpy(&probs[k][v * LANES], &p, sizeof p);
+            }
+            total[v] = total[v] * factor + sum;
+            top[v] = new_top;
+            memcpy(&correction[v * LANES], &factor, sizeof factor);
+        }
+        /* Outputs, QUERY_BLOCK queries at a time, each value row loaded once for them. */
+        for (int q0 = 0; q0 < num_queries; q0 += QUERY_BLOCK) {
+            vf16 a[QUERY_BLOCK][MAX_HEAD_DIM / LANES];
+            for (int b = 0; b < QUERY_BLOCK; b++)
+                for (int c = 0; c < chunks; c++) a[b][c] = acc[q0 + b][c] * correction[q0 + b];
+            for (int k = 0; k < tile_keys; k++) {
+                const float *vrow = v_tile + k * key_stride;
+                for (int c = 0; c < chunks; c++) {
+                    vf16 vc;
+                    memcpy(&vc, vrow + c * LANES, sizeof vc);
+                    for (int b = 0; b < QUERY_BLOCK; b++) a[b][c] += probs[k][q0 + b] * vc;
+                }
+            }
+            for (int b = 0; b < QUERY_BLOCK; b++)
+                for (int c = 0; c < chunks; c++) acc[q0 + b][c] = a[b][c];
+        }
+    }
+
+    for (int v = 0; v < qvecs; v++) {
+        /* A query that saw no key: total 0, so `write_results` gives out 0, lse -inf. */
+        memcpy(&run_max[v * LANES], &top[v], sizeof(vf16));
+        memcpy(&run_sum[v * LANES], &total[v], sizeof(vf16));
+    }
+    write_results(call, head_dim, entry0, num_rows, head, acc, run_max, run_sum);
+}
+
+#define RUN_TASK(D)                                                                        \
+    do {                                                                                   \
+        if (num_rows * (call->num_heads / call->num_kv_heads) >= LANES_MIN_QUERIES)        \
+            run_task_lanes(call, D, key_start, num_keys, entry0, num_rows, head);          \
+        else                                                                               \
+            run_task(call, D, key_start, num_keys, entry0, num_rows, head);                \
+    } while (0)
+
 static void run_task_64(const Call *call, int64_t key_start, int64_t num_keys, int64_t entry0, int num_rows, int head) {
-    run_task(call, 64, key_start, num_keys, entry0, num_rows, head);
+    RUN_TASK(64);
 }
 
 static void run_task_128(const Call *call, int64_t key_start, int64_t num_keys, int64_t entry0, int num_rows, int head) {
-    run_task(call, 128, key_start, num_keys, entry0, num_rows, head);
+    RUN_TASK(128);
 }
 
 static void run_task_any(const Call *call, int head_dim, int64_t key_start, int64_t num_keys, int64_t entry0, int num_rows, int head) {
-    run_task(call, head_dim, key_start, num_keys, entry0, num_rows, head);
+    RUN_TASK(head_dim);
 }
 
 int pb_span_attention_limits(int *max_queries_per_task, int *max_head_dim) {
