@@ -4,7 +4,7 @@ The cases of `test_tree_attention` (random segment trees and steps, garbage in e
 yet written) run on the kernel, plus cases sized to cross what the kernel does in pieces:
 key tiles of 64, row blocks of `QUERIES_PER_TASK // G` rows, ranges split across threads,
 query blocks padded past the last query, and both ways of computing scores (dot products for
-few queries a task, a transposed key tile for many). And: how it is built, cached and refused.
+few queries a task, queries in the vector lanes for many). And: how it is built, cached and refused.
 """
 
 from __future__ import annotations

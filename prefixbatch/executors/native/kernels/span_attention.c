@@ -1,11 +1,17 @@
 /* Attention of many query rows over many key ranges of one layer's KV store, in one call.
 
-   The unit of work is a task: a block of up to ROW_BLOCK query rows that attend to the same
-   contiguous range of slots, for one kv head. Every key the task reads serves all
-   ROW_BLOCK · G of its queries (G query heads per kv head), so a prefix shared by many rows
-   is read once per block rather than once per row. Each (task, row) pair is an "entry":
-   its partial result (out over the range, log-sum-exp) goes to a scratch slot, and a second
-   pass merges each row's entries exactly by log-sum-exp:
+   The unit of work is a task: a block of query rows that attend to the same contiguous
+   range of slots (the caller picks at most MAX_QUERIES_PER_TASK / G rows), for one kv head
+   or all of them. Every key the task reads serves all its rows' queries (G query heads per
+   kv head), so a prefix shared by many rows is read once per block rather than once per
+   row. Two ways to compute a task, same arithmetic contract:
+   - `run_task_lanes` (more than QUERY_BLOCK queries: prefill chunks, shared prefixes): the
+     queries in the vector lanes, a key's scores for 16 queries one vector accumulated over
+     d, the online softmax lane-wise;
+   - `run_task` (a decode row's few heads): each key's dot products directly.
+   Each (task, row) pair is an "entry": its result over the range (out, log-sum-exp) goes
+   straight to the row's output when the row has no other entry, else to a scratch slot
+   that a second pass merges exactly by log-sum-exp:
 
        lse = log Σᵢ exp(lseᵢ)        out = Σᵢ exp(lseᵢ − lse) · outᵢ
 
@@ -13,16 +19,15 @@
    split across tasks). Scores, softmax and accumulation are fp32; an entry that sees no key
    weighs nothing, and a row with no visible key gets out = 0, lse = -inf.
 
-   Both passes are OpenMP loops over independent items (tasks × kv heads, then rows), so
-   every row's arithmetic is the same whichever thread runs it and whatever else is in the
-   call. The library links the OpenMP runtime PyTorch already loaded (libgomp), so the two
-   share one thread pool.
+   Both passes are OpenMP loops over independent items (tasks, then rows), so every row's
+   arithmetic is the same whichever thread runs it. The library links the OpenMP runtime
+   PyTorch already loaded (libgomp), so the two share one thread pool.
 
    Layouts (fp32, innermost dimension contiguous):
      q      [T, H, D], row stride q_row_stride (floats), head stride D
      keys   [capacity, Hkv, D], contiguous; values likewise
      out    [T, H, D] contiguous; lse [T, H]
-     part_out [E, H/Hkv·Hkv... ] = [E, H, D] scratch; part_lse [E, H] scratch
+     part_out [E, H, D] scratch; part_lse [E, H] scratch (E entries)
 */
 
 #include <float.h>
@@ -33,13 +38,13 @@
 #define MAX_QUERIES_PER_TASK 128 /* rows per task × G: the caller picks the rows */
 #define MAX_HEAD_DIM 256
 #define QUERY_BLOCK 4
-#define TILE_VECS 4
+#define TILE_VECS 4 /* `run_task`: 16-key vectors a tile */
 #define TILE_KEYS (TILE_VECS * LANES)
-#define DOT_MAX_QUERIES 4 /* up to this many queries a task (padded), scores by dot products */
+#define DOT_MAX_QUERIES QUERY_BLOCK /* up to this many queries a task: `run_task` (dot products) */
 #define MAX_QUERIES (MAX_QUERIES_PER_TASK + QUERY_BLOCK)
-#define LANES_MIN_QUERIES 16 /* from this many queries a task, `run_task_lanes` */
-#define LANE_TILE_KEYS 32
-#define QUERY_VECS (MAX_QUERIES_PER_TASK / 16)
+#define LANES_MIN_QUERIES (DOT_MAX_QUERIES + 1) /* from this many queries a task, `run_task_lanes` */
+#define LANE_TILE_KEYS 32 /* keys a lanes task scores at a time */
+#define QUERY_VECS (MAX_QUERIES_PER_TASK / 16) /* query vectors of a lanes task, at most */
 
 /* 16 fp32 lanes: one AVX-512 register (two AVX2 ones, where that is what the CPU has). */
 typedef float vf16 __attribute__((vector_size(64)));
@@ -123,24 +128,6 @@ static inline vf16 sums_of16(const vf16 v[LANES]) {
     return __builtin_shuffle(z[0], z[1], a4) + __builtin_shuffle(z[0], z[1], b4);
 }
 
-/* In place: lane l of v[i] becomes lane i of v[l]. Four stages swap the off-diagonal blocks
-   of size 8, 4, 2, 1; each output row is one two-source shuffle: 64 shuffles in all. */
-static inline void transpose16(vf16 v[LANES]) {
-    for (int size = 8; size >= 1; size /= 2) {
-        vi16 low, high;
-        for (int l = 0; l < LANES; l++) {
-            low[l] = (l & size) ? LANES + l - size : l;
-            high[l] = (l & size) ? LANES + l : l + size;
-        }
-        for (int i = 0; i < LANES; i++) {
-            if (i & size) continue;
-            const vf16 a = v[i], b = v[i + size];
-            v[i] = __builtin_shuffle(a, b, low);
-            v[i + size] = __builtin_shuffle(a, b, high);
-        }
-    }
-}
-
 /* What every task of one call shares. */
 typedef struct {
     const float *q;
@@ -184,15 +171,15 @@ static inline __attribute__((always_inline)) void write_results(
     }
 }
 
-/* One task: rows [entry0, entry0 + num_rows) of the entry list, kv head `head`, keys
-   [key_start, key_start + num_keys). Writes part_out / part_lse of its entries.
+/* One task of few queries (at most DOT_MAX_QUERIES: a decode row, its G heads): rows
+   [entry0, entry0 + num_rows) of the entry list, kv head `head`, keys [key_start,
+   key_start + num_keys). Writes its entries' results (`write_results`).
 
-   Keys go by tiles of TILE_KEYS. A tile's keys are transposed once ([D][TILE_VECS] vectors),
-   so each query's scores for the tile are TILE_VECS vectors accumulated over d, with no
-   horizontal sums; QUERY_BLOCK queries at a time share every load (QUERY_BLOCK · TILE_VECS
-   independent accumulators). Their outputs are then updated with the tile's values, each
-   value row loaded once for the block. Always inlined into callers with a constant head_dim
-   (a multiple of LANES), so the loops over d unroll fully. */
+   Keys go by tiles of TILE_KEYS: each key's dot products with the few queries directly,
+   16 keys' partial sums reduced together (`sums_of16`); then the online softmax per query,
+   and the outputs updated with the tile's values, each value row loaded once for all the
+   queries. Always inlined into callers with a constant head_dim (a multiple of LANES), so
+   the loops over d unroll fully. */
 static inline __attribute__((always_inline)) void run_task(
     const Call *call, const int head_dim, int64_t key_start, int64_t num_keys, int64_t entry0,
     int num_rows, int head) {
@@ -205,12 +192,11 @@ static inline __attribute__((always_inline)) void run_task(
     const int num_queries = num_rows * group;
     const int chunks = head_dim / LANES;
     const int64_t key_stride = (int64_t)num_kv_heads * head_dim;
-    float qs[MAX_QUERIES][MAX_HEAD_DIM] __attribute__((aligned(64)));
-    vf16 acc[MAX_QUERIES][MAX_HEAD_DIM / LANES];
-    vf16 k_t[MAX_HEAD_DIM][TILE_VECS];
+    float qs[QUERY_BLOCK][MAX_HEAD_DIM] __attribute__((aligned(64)));
+    vf16 acc[QUERY_BLOCK][MAX_HEAD_DIM / LANES];
     float probs[QUERY_BLOCK][TILE_KEYS] __attribute__((aligned(64)));
-    float run_max[MAX_QUERIES], run_sum[MAX_QUERIES];
-    int64_t visible[MAX_QUERIES];
+    float run_max[QUERY_BLOCK], run_sum[QUERY_BLOCK];
+    int64_t visible[QUERY_BLOCK];
     int64_t most_visible = 0;
     vi16 lane;
     for (int j = 0; j < LANES; j++) lane[j] = j;
@@ -241,58 +227,29 @@ static inline __attribute__((always_inline)) void run_task(
         const int tile_keys = (int)(most_visible - tile < TILE_KEYS ? most_visible - tile : TILE_KEYS);
         const float *k_tile = keys + (key_start + tile) * key_stride + (int64_t)head * head_dim;
         const float *v_tile = values + (key_start + tile) * key_stride + (int64_t)head * head_dim;
-        /* Few queries: each key's dot products directly (transposing the tile would cost more
-           than it saves). Many: transpose the tile once for all of them. */
-        const int by_dots = padded_queries <= DOT_MAX_QUERIES;
-        if (!by_dots) { /* 16 × 16 blocks: keys t·16.., dims c·16.. → k_t[c·16 + i][t] */
-            for (int t = 0; t < TILE_VECS; t++)
-                for (int c = 0; c < chunks; c++) {
-                    vf16 block[LANES];
-                    for (int i = 0; i < LANES; i++) {
-                        const int key = t * LANES + i;
-                        if (key < tile_keys) /* past the range: never read, never seen */
-                            memcpy(&block[i], k_tile + key * key_stride + c * LANES, sizeof(vf16));
-                        else
-                            block[i] = splat(0.0f);
-                    }
-                    transpose16(block);
-                    for (int i = 0; i < LANES; i++) k_t[c * LANES + i][t] = block[i];
-                }
-        }
-
         for (int q0 = 0; q0 < padded_queries; q0 += QUERY_BLOCK) {
             vf16 s[QUERY_BLOCK][TILE_VECS];
-            if (by_dots) {
-                const int real = num_queries - q0 < QUERY_BLOCK ? num_queries - q0 : QUERY_BLOCK;
-                for (int t = 0; t < TILE_VECS; t++) {
-                    for (int b = 0; b < QUERY_BLOCK; b++) s[b][t] = splat(0.0f);
-                    if (t * LANES >= tile_keys) continue; /* past the range: masked below */
-                    vf16 products[QUERY_BLOCK][LANES];
-                    for (int j = 0; j < LANES; j++) {
-                        const int key = t * LANES + j;
-                        vf16 kc[MAX_HEAD_DIM / LANES];
-                        for (int c = 0; c < chunks; c++) kc[c] = splat(0.0f);
-                        if (key < tile_keys) memcpy(kc, k_tile + key * key_stride, sizeof(float) * head_dim);
-                        for (int b = 0; b < real; b++) {
-                            vf16 x = splat(0.0f);
-                            for (int c = 0; c < chunks; c++) {
-                                vf16 qc;
-                                memcpy(&qc, &qs[q0 + b][c * LANES], sizeof qc);
-                                x += qc * kc[c];
-                            }
-                            products[b][j] = x;
+            const int real = num_queries - q0 < QUERY_BLOCK ? num_queries - q0 : QUERY_BLOCK;
+            for (int t = 0; t < TILE_VECS; t++) {
+                for (int b = 0; b < QUERY_BLOCK; b++) s[b][t] = splat(0.0f);
+                if (t * LANES >= tile_keys) continue; /* past the range: masked below */
+                vf16 products[QUERY_BLOCK][LANES];
+                for (int j = 0; j < LANES; j++) {
+                    const int key = t * LANES + j;
+                    vf16 kc[MAX_HEAD_DIM / LANES];
+                    for (int c = 0; c < chunks; c++) kc[c] = splat(0.0f);
+                    if (key < tile_keys) memcpy(kc, k_tile + key * key_stride, sizeof(float) * head_dim);
+                    for (int b = 0; b < real; b++) {
+                        vf16 x = splat(0.0f);
+                        for (int c = 0; c < chunks; c++) {
+                            vf16 qc;
+                            memcpy(&qc, &qs[q0 + b][c * LANES], sizeof qc);
+                            x += qc * kc[c];
                         }
+                        products[b][j] = x;
                     }
-                    for (int b = 0; b < real; b++) s[b][t] = sums_of16(products[b]);
                 }
-            } else {
-                for (int b = 0; b < QUERY_BLOCK; b++)
-                    for (int t = 0; t < TILE_VECS; t++) s[b][t] = splat(0.0f);
-                for (int d = 0; d < head_dim; d++)
-                    for (int b = 0; b < QUERY_BLOCK; b++) {
-                        const float x = qs[q0 + b][d];
-                        for (int t = 0; t < TILE_VECS; t++) s[b][t] += x * k_t[d][t];
-                    }
+                for (int b = 0; b < real; b++) s[b][t] = sums_of16(products[b]);
             }
             int block_live = 0;
             float correction[QUERY_BLOCK];
@@ -368,7 +325,7 @@ static inline __attribute__((always_inline)) void score_block(
    computed with the queries in the vector lanes. The task's queries are transposed once
    ([D][queries / LANES] vectors); a key's score for 16 queries is then one vector
    accumulated over d from its broadcast components, and the running max, the rescaling and
-   the exps are lane-wise: no transposed key tiles, no horizontal max or sum per query. */
+   the exps are lane-wise: no key transposition, no horizontal max or sum per query. */
 static inline __attribute__((always_inline)) void run_task_lanes(
     const Call *call, const int head_dim, int64_t key_start, int64_t num_keys, int64_t entry0,
     int num_rows, int head) {
