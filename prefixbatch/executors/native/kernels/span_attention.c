@@ -43,7 +43,7 @@
 #define DOT_MAX_QUERIES QUERY_BLOCK /* up to this many queries a task: `run_task` (dot products) */
 #define MAX_QUERIES (MAX_QUERIES_PER_TASK + QUERY_BLOCK)
 #define LANES_MIN_QUERIES (DOT_MAX_QUERIES + 1) /* from this many queries a task, `run_task_lanes` */
-#define LANE_TILE_KEYS 32 /* keys a lanes task scores at a time */
+#define LANE_TILE_KEYS 64 /* keys a lanes task scores at a time */
 #define QUERY_VECS (MAX_QUERIES_PER_TASK / 16) /* query vectors of a lanes task, at most */
 
 /* 16 fp32 lanes: one AVX-512 register (two AVX2 ones, where that is what the CPU has). */
