@@ -7,8 +7,11 @@ exact shared-prefix (tree) attention.
 - `attention`: `attend` over one KV segment → (out, lse); exact `merge`; `reference_attention`.
 - `attention_plan`: plain data saying which rows attend to which slots (`plan_attention`).
 - `tree_attention`: runs a plan on tensors; `TreeAttention` is the model's callback.
+- `span_kernel`: our C attention kernel (`kernels/span_attention.c`), built on first use:
+  on the CPU in fp32 a step's whole plan is one call per layer.
+- `dense`: the CPU's dense layers through oneDNN, weights packed once.
 - `kv`: `KVStore`, per-layer K/V buffers with a contiguous slot range per segment.
 
 Layering inside: `attention_plan` imports nothing from torch; `tree_attention` joins
-`attention`, `attention_plan` and `kv`; the model knows none of them.
+`attention`, `attention_plan`, `kv` and `span_kernel`; the model knows none of them.
 """

@@ -17,6 +17,7 @@ from prefixbatch.executors.device import resolve_device, resolve_dtype
 from prefixbatch.executors.grammar import LazyConstraints
 from prefixbatch.executors.native.dense import packing_available
 from prefixbatch.executors.native.engine import Engine
+from prefixbatch.executors.native.span_kernel import load_span_kernel
 from prefixbatch.executors.native.weights import load_model, read_model_config
 from prefixbatch.executors.sampling import TokenTexts
 from prefixbatch.faults import fault_point
@@ -44,6 +45,7 @@ class NativeExecutor:
         self.model = load_model(model.path, dtype=self.dtype, device=self.device)
         if packing_available(self.device, self.dtype) and not executor.native.batch_invariant:
             self.model.pack()  # oneDNN's GEMMs: 2-3x MKL's on some CPUs (`dense`)
+            load_span_kernel()  # built (once per machine, ~1 s) at start-up, not in the first step
         self.engine = Engine(
             self.model,
             eos_token_ids=eos_token_ids(model.path, self.tokenizer),

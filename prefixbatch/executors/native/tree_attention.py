@@ -151,8 +151,8 @@ class DevicePlan:
 
 
 # Queries (rows × query heads per kv head) one kernel task serves: each key it loads is used
-# this many times. Measured (64 rows against a 1,024-token prefix, the `small` shapes): 16
-# queries a task 0.95 ms, 32: 0.78 ms, 64: 0.70 ms; PyTorch's fused kernel 0.9 ms.
+# this many times. Measured (512 rows against 1,024 keys, the `small` shapes, 2 threads): 32
+# queries a task 4.0 ms, 64: 3.6 ms, 128: 3.8 ms (PyTorch's fused kernel: 6.6 ms).
 QUERIES_PER_TASK = 64
 # A range is split into pieces of at least this many keys when there are too few tasks to
 # keep every thread busy (one long sequence decoding: one task per kv head).
