@@ -12,6 +12,7 @@ ops. This is the profile BENCHMARKS.md quotes before and after each engine chang
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from collections import defaultdict
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
 
+    # prefixbatch before torch, as in a user's process: it sets GOMP_SPINCOUNT before OpenMP loads.
+    importlib.import_module("prefixbatch")
     import torch
     import vllm_bench
     from torch.profiler import ProfilerActivity, profile

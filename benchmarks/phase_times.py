@@ -11,6 +11,7 @@ This is how BENCHMARKS.md splits the gap to vLLM between the two phases.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -75,6 +76,8 @@ def main() -> None:
     parser.add_argument("--variant", choices=["native", "vllm-alone"], help="(internal) run one variant here")
     args = parser.parse_args()
     if args.variant:
+        if args.variant == "native":  # prefixbatch before torch, as in a user's process: it
+            importlib.import_module("prefixbatch")  # sets GOMP_SPINCOUNT before OpenMP loads
         import torch
 
         torch.set_num_threads(2)
