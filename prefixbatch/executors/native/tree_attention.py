@@ -223,7 +223,7 @@ def _split_keys(blocks: list, *, min_tasks: int, num_kv_heads: int) -> list:
     split = []
     for key_start, num_keys, rows, visible in blocks:
         pieces = max(1, min(pieces_wanted, num_keys // MIN_SPLIT_KEYS))
-        size = math.ceil(num_keys / pieces)
+        size = max(1, math.ceil(num_keys / pieces))
         for start in range(0, num_keys, size):
             stop = min(num_keys, start + size)
             split.append((key_start + start, stop - start, rows, np.clip(visible - start, 0, stop - start)))
