@@ -1,7 +1,7 @@
 """Our C attention kernel (`kernels/span_attention.c`): built on first use, loaded with ctypes.
 
-One call per layer runs every span of a step's attention plan that the kernel takes, all rows
-in one OpenMP parallel region, reading keys and values in place in the store (no gather, no
+One call per layer runs every span of a step's attention plan, all rows in one OpenMP
+parallel region, reading keys and values in place in the store (no gather, no
 padding, no kernel call per row); see the C file for the algorithm. It exists because
 PyTorch's CPU API has no variable-length attention: there, a step's decode rows are either
 one fused-kernel call each or a padded gather of their keys (BENCHMARKS.md, "Prefill and
@@ -48,12 +48,10 @@ DISABLE_ENV = "PREFIXBATCH_SPAN_KERNEL"  # "0": never build or use it (PyTorch's
 _lock = threading.Lock()
 _loaded: dict[str, SpanKernel | None] = {}
 
-_i64p = ctypes.POINTER(ctypes.c_int64)
-_f32p = ctypes.POINTER(ctypes.c_float)
-
 
 class SpanKernel:
-    """The loaded library: `row_block` rows per task at most, `max_group` query heads per kv head."""
+    """The loaded library; a task holds at most `max_queries_per_task` queries (rows × query
+    heads per kv head), and heads of at most `max_head_dim`, a multiple of 16."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self.library = library
@@ -79,6 +77,7 @@ class SpanKernel:
             and q.dtype == torch.float32
             and num_heads // num_kv_heads <= self.max_queries_per_task
             and head_dim <= self.max_head_dim
+            and head_dim % 16 == 0
             and q.stride(2) == 1
             and q.stride(1) == head_dim
         )
