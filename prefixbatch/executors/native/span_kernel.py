@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SpanKernel", "load_span_kernel"]
+__all__ = ["SpanKernel", "load_span_kernel", "takes"]
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,9 @@ class SpanKernel:
         """Whether the kernel takes q [T, H, D] over an fp32 CPU store with num_kv_heads heads."""
         num_heads, head_dim = q.shape[1], q.shape[2]
         return (
-            q.device.type == "cpu"
-            and q.dtype == torch.float32
+            takes(q.device, q.dtype, head_dim)
             and num_heads // num_kv_heads <= self.max_queries_per_task
             and head_dim <= self.max_head_dim
-            and head_dim % 16 == 0
             and q.stride(2) == 1
             and q.stride(1) == head_dim
         )
@@ -96,7 +94,8 @@ class SpanKernel:
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, H, D] (rows strided as a view may be), keys/values [capacity, Hkv, D] contiguous;
-        tasks [N, 4] (key_start, num_keys, entry0, num_rows); entries [E] (row, visible keys);
+        tasks [N, 5] (key_start, num_keys, entry0, num_rows, kv head or -1 for all); entries [E]
+        (row, visible keys);
         row_ptr [T + 1] and row_entries [E]: each row's entries → (out [T, H, D], lse [T, H]) fp32.
         """
         num_rows, num_heads, head_dim = q.shape
@@ -119,6 +118,12 @@ class SpanKernel:
         if status:
             raise ValueError(f"span attention kernel refused shapes q {tuple(q.shape)}, kv heads {num_kv_heads}")
         return out, lse
+
+
+def takes(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the kernel is for tensors like these at all (before building it): fp32 on the
+    CPU, heads a multiple of its 16-lane vectors."""
+    return device.type == "cpu" and dtype == torch.float32 and head_dim % 16 == 0
 
 
 def load_span_kernel() -> SpanKernel | None:

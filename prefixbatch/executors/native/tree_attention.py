@@ -35,7 +35,7 @@ from prefixbatch.executors.native.attention import (
 )
 from prefixbatch.executors.native.attention_plan import AttentionPlan, KeySpan
 from prefixbatch.executors.native.kv import KVStore
-from prefixbatch.executors.native.span_kernel import SpanKernel, load_span_kernel
+from prefixbatch.executors.native.span_kernel import SpanKernel, load_span_kernel, takes
 
 __all__ = ["DevicePlan", "DeviceSpan", "KernelPlan", "TreeAttention", "tree_attention"]
 
@@ -203,10 +203,11 @@ def _tasks(blocks: list, *, num_kv_heads: int, num_threads: int) -> np.ndarray:
     it is a large share of the call's work: then one item per kv head, so threads share it."""
     work = np.array([len(rows) * num_keys for _, num_keys, rows, _ in blocks], dtype=np.int64)
     share_limit = work.sum() / (4 * num_threads)
+    few = len(blocks) < 8 * num_threads  # too few blocks to keep the threads busy whole
     items = []
     entry = 0
     for (key_start, num_keys, rows, _), cost in zip(blocks, work):
-        if cost > share_limit or len(blocks) < 8 * num_threads:
+        if cost > share_limit or few:
             items += [(cost, (key_start, num_keys, entry, len(rows), head)) for head in range(num_kv_heads)]
         else:
             items.append((cost * num_kv_heads, (key_start, num_keys, entry, len(rows), -1)))
@@ -317,7 +318,8 @@ class TreeAttention:
         self.scale = scale
         self.fused = fused
         if kernel == "auto":
-            kernel = load_span_kernel() if _kernel_may_apply(store) else None
+            keys = store.keys
+            kernel = load_span_kernel() if takes(keys.device, keys.dtype, keys.shape[-1]) else None
         self.kernel = kernel if fused is None and isinstance(plan, AttentionPlan) else None
         self.attention_plan = plan if isinstance(plan, AttentionPlan) else None
         if isinstance(plan, DevicePlan):
@@ -352,8 +354,3 @@ class TreeAttention:
         out = tree_attention(q, keys, values, self.plan, scale=self.scale, fused=self.fused)
         return out.to(q.dtype)
 
-
-def _kernel_may_apply(store: KVStore) -> bool:
-    """Whether the span kernel can run on this store (before building it): fp32 on the CPU."""
-    keys = store.keys
-    return keys.device.type == "cpu" and keys.dtype == torch.float32 and keys.shape[-1] % 16 == 0
