@@ -57,6 +57,17 @@ def resolve_model_path(path: str, revision: str | None = None) -> tuple[str, str
     raise ModelError(msg)
 
 
+def model_name(path: str) -> str:
+    """The name a model folder goes by: its Hub id when it is a snapshot in the Hub's cache
+    (`models--org--name/snapshots/<commit>`, what `resolve_model_path` returns), else the
+    folder's own name."""
+    folder = Path(path)
+    repo = folder.parent.parent.name
+    if folder.parent.name == "snapshots" and repo.startswith("models--"):
+        return repo[len("models--") :].replace("--", "/")
+    return folder.name
+
+
 def read_config(path: str) -> dict:
     """The folder's config.json as a dict."""
     folder = Path(path)

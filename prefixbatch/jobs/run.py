@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 
@@ -34,7 +33,7 @@ from prefixbatch.jobs.planning import plan_job, plan_settings, plan_summary
 from prefixbatch.jobs.progress import JobProgress
 from prefixbatch.jobs.signals import JobStopped
 from prefixbatch.jobs.spec import JobSpec, with_local_model
-from prefixbatch.model_folder import check_model_folder
+from prefixbatch.model_folder import check_model_folder, model_name
 from prefixbatch.periodic import Periodic
 from prefixbatch.pipeline.checkpoints import Checkpointer, Checkpoints, continue_from
 from prefixbatch.pipeline.commits import (
@@ -409,10 +408,7 @@ def _write_openai_output(spec: JobSpec, prepared: PreparedInput, output: OutputF
     """`output.format: openai`: the response lines, from the committed parts alone."""
     rows = [row for record in records for row in output.read_part(record).to_pylist()]
     order = {row_id: i for i, row_id in enumerate(prepared.ids.to_pylist())}
-    folder = Path(spec.model.path)
-    # A Hub snapshot (`models--org--name/snapshots/<commit>`) is named by its id.
-    model = folder.parents[1].name[len("models--"):].replace("--", "/") if spec.model.revision else folder.name
-    lines = response_lines(rows, model=model, order=order)
+    lines = response_lines(rows, model=model_name(spec.model.path), order=order)
     output.write_file(OPENAI_OUTPUT, ("\n".join(lines) + "\n").encode())
 
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from prefixbatch.jobs.cli import main
-from prefixbatch.model_folder import is_hub_id
+from prefixbatch.model_folder import is_hub_id, model_name
 from tests.output_helpers import finished_output
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -77,3 +77,10 @@ def test_an_id_in_no_cache_is_one_clear_message(tmp_path: Path, hub_cache: Path,
 )
 def test_what_reads_as_a_hub_id(path: str, expected: bool) -> None:
     assert is_hub_id(path) is expected
+
+
+def test_a_cache_snapshot_is_named_by_its_hub_id(tmp_path):
+    snapshot = tmp_path / "models--acme--tiny-chat" / "snapshots" / "0123abcd"
+    assert model_name(str(snapshot)) == "acme/tiny-chat"  # what OpenAI output lines call it
+    assert model_name(str(tmp_path / "my-model")) == "my-model"
+    assert model_name(str(tmp_path / "snapshots" / "x")) == "x"  # not a Hub cache layout
