@@ -46,7 +46,11 @@ class AttentionFn(Protocol):
         """q: [T, H, D], k, v: [T, Hkv, D] (after norms and rope) → out: [T, H, D].
 
         Must store k, v for later steps and attend each query to its own context, including
-        the keys of this call's tokens that precede it (and itself)."""
+        the keys of this call's tokens that precede it (and itself).
+
+        A callback may also offer `attend_unroped(layer, q, k, v, cos, sin)`: the same with q
+        and k before rope (cos, sin [T, D/2] from `rope_angles`), returning None where it
+        cannot apply rope itself (then the model does, and calls it as above)."""
         ...
 
 
@@ -123,16 +127,21 @@ class SelfAttention(nn.Module):
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split(self.split_sizes, dim=-1)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # v: [T, Hkv, D]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # q: [T, H, D]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # k, v: [T, Hkv, D]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))  # q: [T, H, D]
-            k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))  # k: [T, Hkv, D]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        else:  # q and k side by side in qkv: rotate them in one go
-            heads = self.num_heads + self.num_kv_heads
-            qk = qkv[:, : heads * self.head_dim].view(num_tokens, heads, self.head_dim)
-            q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
-        out = attention(self.layer, q, k, v)  # out: [T, H, D]
+            q, k = self.q_norm(q), self.k_norm(k)
+        unroped = getattr(attention, "attend_unroped", None)  # rope inside the callback's kernel
+        out = None if unroped is None else unroped(self.layer, q, k, v, cos, sin)
+        if out is None:
+            if self.q_norm is not None:
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            else:  # q and k side by side in qkv: rotate them in one go
+                heads = self.num_heads + self.num_kv_heads
+                qk = qkv[:, : heads * self.head_dim].view(num_tokens, heads, self.head_dim)
+                q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+            out = attention(self.layer, q, k, v)  # out: [T, H, D]
         assert out.shape == q.shape, (
             f"attention returned {tuple(out.shape)}, expected {tuple(q.shape)}"
         )

@@ -62,6 +62,8 @@ class SpanKernel:
             ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
             ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
             ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
         ]  # fmt: skip
         self._fn = fn
@@ -92,15 +94,32 @@ class SpanKernel:
         row_entries: torch.Tensor,
         *,
         scale: float,
+        new: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        angles: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, H, D] (rows strided as a view may be), keys/values [capacity, Hkv, D] contiguous;
         tasks [N, 5] (key_start, num_keys, entry0, num_rows, kv head or -1 for all); entries [E]
         (row, visible keys);
         row_ptr [T + 1] and row_entries [E]: each row's entries → (out [T, H, D], lse [T, H]) fp32.
+
+        new (k, v [T, Hkv, D] rows strided as views may be, slots [T] int64): stored at the
+        slots first, in the same call. angles (cos, sin [T, D/2] fp32): q and new k are not yet
+        rotated; the call applies rope to both (`apply_rope`'s form).
         """
         num_rows, num_heads, head_dim = q.shape
         num_kv_heads = keys.shape[1]
         assert keys.is_contiguous() and values.is_contiguous()
+        k_new = v_new = slots = cos = sin = None
+        if new is not None:
+            k_new, v_new, slots = new
+            assert k_new.shape == v_new.shape == (num_rows, num_kv_heads, head_dim) and slots.shape == (num_rows,)
+            assert all(x.stride(2) == 1 and x.stride(1) == head_dim for x in (k_new, v_new))
+            assert slots.dtype == torch.int64 and slots.is_contiguous()
+        if angles is not None:
+            assert new is not None, "rotating q alone would leave the stored keys unrotated"
+            cos, sin = angles
+            assert cos.shape == sin.shape == (num_rows, head_dim // 2)
+            assert all(x.dtype == torch.float32 and x.is_contiguous() for x in angles)
         num_entries = entry_row.shape[0]
         part_out = torch.empty((num_entries, num_heads, head_dim), dtype=torch.float32)
         part_lse = torch.empty((num_entries, num_heads), dtype=torch.float32)
@@ -112,12 +131,19 @@ class SpanKernel:
                 num_rows, num_heads, num_kv_heads, head_dim, scale,
                 tasks.shape[0], tasks.data_ptr(), entry_row.data_ptr(), entry_visible.data_ptr(),
                 row_ptr.data_ptr(), row_entries.data_ptr(),
+                _pointer(k_new), 0 if k_new is None else k_new.stride(0),
+                _pointer(v_new), 0 if v_new is None else v_new.stride(0),
+                _pointer(slots), 0 if slots is None else num_rows, _pointer(cos), _pointer(sin),
                 part_out.data_ptr(), part_lse.data_ptr(), out.data_ptr(), lse.data_ptr(),
                 torch.get_num_threads(),
             )  # fmt: skip
         if status:
             raise ValueError(f"span attention kernel refused shapes q {tuple(q.shape)}, kv heads {num_kv_heads}")
         return out, lse
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
 
 
 def takes(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:

@@ -332,25 +332,48 @@ class TreeAttention:
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         # q: [T, H, D], k, v: [T, Hkv, D] → out: [T, H, D] in q's dtype
+        out = self._in_kernel(layer, q, k, v, angles=None)
+        if out is not None:
+            return out
         self.store.write(layer, self.plan.write_slots, k, v)
         keys, values = self.store.keys[layer], self.store.values[layer]
-        if self.kernel is not None and self.kernel.supports(q, keys.shape[1]):
-            if self.kernel_plan is None:
-                self.kernel_plan = KernelPlan.of(
-                    self.attention_plan,
-                    group=q.shape[1] // keys.shape[1],
-                    num_kv_heads=keys.shape[1],
-                    num_threads=torch.get_num_threads(),
-                )
-            p = self.kernel_plan
-            out, _ = self.kernel(
-                q, keys, values, p.tasks, p.entry_row, p.entry_visible, p.row_ptr, p.row_entries,
-                scale=self.scale,
-            )  # fmt: skip
-            return out
-        if self.kernel is not None:  # shapes it does not take: PyTorch's kernels from now on
-            self.kernel = None
-            self.plan = DevicePlan.of(self.attention_plan, keys.device)
         out = tree_attention(q, keys, values, self.plan, scale=self.scale, fused=self.fused)
         return out.to(q.dtype)
+
+    def attend_unroped(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor | None:
+        """As a call, for q and k before rope (cos, sin [T, D/2] fp32: `rope_angles`): rope, the
+        KV write and attention in the span kernel's one call. None where the kernel does not
+        apply: the caller applies rope and calls this object instead."""
+        if cos.dtype != torch.float32 or sin.dtype != torch.float32:
+            return None
+        return self._in_kernel(layer, q, k, v, angles=(cos.contiguous(), sin.contiguous()))
+
+    def _in_kernel(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: tuple | None
+    ) -> torch.Tensor | None:
+        """The span kernel's call (k, v stored in it), or None where it does not apply."""
+        if self.kernel is None:
+            return None
+        keys, values = self.store.keys[layer], self.store.values[layer]
+        if not self.kernel.supports(q, keys.shape[1]):  # shapes it does not take: PyTorch's from now on
+            self.kernel = None
+            self.plan = DevicePlan.of(self.attention_plan, keys.device)
+            return None
+        if not all(x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] for x in (k, v)):
+            return None  # heads not laid out as the kernel reads them: stored by `write` instead
+        if self.kernel_plan is None:
+            self.kernel_plan = KernelPlan.of(
+                self.attention_plan,
+                group=q.shape[1] // keys.shape[1],
+                num_kv_heads=keys.shape[1],
+                num_threads=torch.get_num_threads(),
+            )
+        p = self.kernel_plan
+        out, _ = self.kernel(
+            q, keys, values, p.tasks, p.entry_row, p.entry_visible, p.row_ptr, p.row_entries,
+            scale=self.scale, new=(k, v, self.plan.write_slots), angles=angles,
+        )  # fmt: skip
+        return out
 

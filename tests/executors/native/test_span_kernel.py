@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from prefixbatch.executors.native import span_kernel, tree_attention
 from prefixbatch.executors.native.attention_plan import QueryRun, SegmentKV, plan_attention
 from prefixbatch.executors.native.kv import KVStore
+from prefixbatch.executors.native.rope import apply_rope, rope_angles
 from prefixbatch.executors.native.span_kernel import load_span_kernel
 from prefixbatch.executors.native.tree_attention import TreeAttention
 
@@ -68,6 +69,40 @@ def test_one_long_sequence_split_across_threads(kernel, threads, monkeypatch):
     # One row over 1,500 keys and one kv head: too few tasks, so the range is split in pieces.
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     run_case(Case((None,), (1500,), ((0, 1499, 1),), (4, 1)), kernel=kernel, head_dim=64, seed=5)
+
+
+@pytest.mark.parametrize("heads", [(8, 4), (14, 2)])
+def test_rope_and_the_kv_write_inside_the_call_equal_rope_then_attention(kernel, heads):
+    # `attend_unroped` gets q, k before rope as the model has them (views into one qkv
+    # product) and the angles: the outputs and the stored keys and values must be those of
+    # `apply_rope` followed by PyTorch's path (a 70-token chunk and a decode row, 2 layers).
+    num_heads, num_kv_heads = heads
+    head_dim, generator = 64, torch.Generator().manual_seed(6)
+    lengths = (200, 90, 40)  # keys after the step: the chunk and the decode row are written by it
+    segments = [SegmentKV(0, None, 0, 200), SegmentKV(1, 0, 200, 90), SegmentKV(2, 0, 290, 40)]
+    plan = plan_attention(segments, [QueryRun(1, 0, 20, 70), QueryRun(2, 70, 39, 1)])
+    stores = [KVStore(num_layers=2, num_kv_heads=num_kv_heads, head_dim=head_dim, capacity_tokens=sum(lengths),
+                      dtype=torch.float32, device="cpu") for _ in range(2)]  # fmt: skip
+    for store in stores:
+        store.keys.copy_(torch.randn(store.keys.shape, generator=generator.manual_seed(7)))
+        store.values.copy_(torch.randn(store.values.shape, generator=generator.manual_seed(8)))
+    ours = TreeAttention(stores[0], plan, scale=head_dim**-0.5, kernel=kernel)
+    theirs = TreeAttention(stores[1], plan, scale=head_dim**-0.5, kernel=None)
+    positions = torch.cat([torch.arange(220, 290), torch.tensor([239])])  # past the root's 200
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    cos, sin = rope_angles(positions, inv_freq)
+    for layer in range(2):
+        qkv = torch.randn(71, (num_heads + 2 * num_kv_heads) * head_dim, generator=generator)
+        q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+        q, k, v = q.view(71, num_heads, head_dim), k.view(71, num_kv_heads, head_dim), v.view(71, num_kv_heads, head_dim)
+        out = ours.attend_unroped(layer, q, k, v, cos, sin)
+        assert out is not None, "the kernel applies here, yet attend_unroped declined"
+        expected = theirs(layer, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stores[0].keys, stores[1].keys, atol=1e-6, rtol=0)
+    torch.testing.assert_close(stores[0].values, stores[1].values, atol=0, rtol=0)
+    # Where the kernel does not apply, it declines and the model ropes and calls as before.
+    assert TreeAttention(stores[1], plan, scale=head_dim**-0.5, kernel=None).attend_unroped(0, q, k, v, cos, sin) is None
 
 
 def test_pieces_cover_each_row_keys_once():

@@ -132,6 +132,7 @@ static inline vf16 sums_of16(const vf16 v[LANES]) {
 typedef struct {
     const float *q;
     int64_t q_row_stride;
+    const float *cos, *sin; /* [T, D/2] each: q is rotated on load (rope); NULL: q is as given */
     const float *keys, *values;
     int num_heads, num_kv_heads;
     float scale;
@@ -139,6 +140,23 @@ typedef struct {
     float *part_out, *part_lse; /* entries of rows with several */
     float *out, *lse;           /* rows: written here directly when a row has one entry */
 } Call;
+
+/* Query row `row`, query head `h`, times the scale, into dst[head_dim]: rotated first when the
+   call has angles (rope's "rotate half" form: dimension i pairs with i + D/2). */
+static inline __attribute__((always_inline)) void load_query(const Call *call, const int head_dim, int64_t row, int h, float *dst) {
+    const float *x = call->q + row * call->q_row_stride + (int64_t)h * head_dim;
+    const float scale = call->scale;
+    if (call->cos == NULL) {
+        for (int d = 0; d < head_dim; d++) dst[d] = x[d] * scale;
+        return;
+    }
+    const int half = head_dim / 2;
+    const float *c = call->cos + row * half, *s = call->sin + row * half;
+    for (int i = 0; i < half; i++) {
+        dst[i] = (x[i] * c[i] - x[i + half] * s[i]) * scale;
+        dst[i + half] = (x[i + half] * c[i] + x[i] * s[i]) * scale;
+    }
+}
 
 /* A task's outputs: each entry's normalised output and log-sum-exp, straight into the row's
    output when the row has no other entry (nothing to merge), else into the entry's slot. */
@@ -183,10 +201,8 @@ static inline __attribute__((always_inline)) void write_results(
 static inline __attribute__((always_inline)) void run_task(
     const Call *call, const int head_dim, int64_t key_start, int64_t num_keys, int64_t entry0,
     int num_rows, int head) {
-    const float *q = call->q, *keys = call->keys, *values = call->values;
-    const int64_t q_row_stride = call->q_row_stride;
+    const float *keys = call->keys, *values = call->values;
     const int num_heads = call->num_heads, num_kv_heads = call->num_kv_heads;
-    const float scale = call->scale;
     const int64_t *entry_row = call->entry_row, *entry_visible = call->entry_visible;
     const int group = num_heads / num_kv_heads;
     const int num_queries = num_rows * group;
@@ -203,12 +219,11 @@ static inline __attribute__((always_inline)) void run_task(
 
     for (int r = 0; r < num_rows; r++) {
         const int64_t entry = entry0 + r;
-        const float *row_q = q + entry_row[entry] * q_row_stride + (int64_t)head * group * head_dim;
         int64_t seen = entry_visible[entry] < num_keys ? entry_visible[entry] : num_keys;
         most_visible = seen > most_visible ? seen : most_visible;
         for (int g = 0; g < group; g++) {
             const int qi = r * group + g;
-            for (int d = 0; d < head_dim; d++) qs[qi][d] = row_q[g * head_dim + d] * scale;
+            load_query(call, head_dim, entry_row[entry], head * group + g, qs[qi]);
             visible[qi] = seen;
         }
     }
@@ -304,20 +319,20 @@ static inline __attribute__((always_inline)) void run_task(
     write_results(call, head_dim, entry0, num_rows, head, acc, run_max, run_sum);
 }
 
-/* Scores of 4 keys (rows k_rows) for `nv` query vectors from v0: 4 × nv accumulators over d;
-   inlined with nv and head_dim constant, so they stay in registers. Stores the first `keys`. */
+/* Scores of kb keys (rows k_rows) for `nv` query vectors from v0: kb × nv accumulators over
+   d; inlined with kb, nv and head_dim constant, so they stay in registers. Stores the first `keys`. */
 static inline __attribute__((always_inline)) void score_block(
-    const float *const k_rows[4], const vf16 q_t[][QUERY_VECS], int v0, const int nv,
+    const float *const k_rows[8], const vf16 q_t[][QUERY_VECS], int v0, const int kb, const int nv,
     const int head_dim, int keys, vf16 out[][QUERY_VECS]) {
-    vf16 sc[4][4];
-    for (int i = 0; i < 4; i++)
+    vf16 sc[8][4];
+    for (int i = 0; i < kb; i++)
         for (int v = 0; v < nv; v++) sc[i][v] = splat(0.0f);
     for (int d = 0; d < head_dim; d++)
-        for (int i = 0; i < 4; i++) {
+        for (int i = 0; i < kb; i++) {
             const float x = k_rows[i][d];
             for (int v = 0; v < nv; v++) sc[i][v] += x * q_t[d][v0 + v];
         }
-    for (int i = 0; i < 4 && i < keys; i++)
+    for (int i = 0; i < kb && i < keys; i++)
         for (int v = 0; v < nv; v++) out[i][v0 + v] = sc[i][v];
 }
 
@@ -353,13 +368,14 @@ static inline __attribute__((always_inline)) void run_task_lanes(
     }
     for (int r = 0; r < num_rows; r++) {
         const int64_t entry = entry0 + r;
-        const float *row_q = call->q + call->entry_row[entry] * call->q_row_stride + (int64_t)head * group * head_dim;
         const int64_t seen = call->entry_visible[entry] < num_keys ? call->entry_visible[entry] : num_keys;
         most_visible = seen > most_visible ? seen : most_visible;
         least_visible = seen < least_visible ? seen : least_visible;
         for (int g = 0; g < group; g++) {
             const int qi = r * group + g;
-            for (int d = 0; d < head_dim; d++) q_t[d][qi / LANES][qi % LANES] = row_q[g * head_dim + d] * call->scale;
+            float row_q[MAX_HEAD_DIM];
+            load_query(call, head_dim, call->entry_row[entry], head * group + g, row_q);
+            for (int d = 0; d < head_dim; d++) q_t[d][qi / LANES][qi % LANES] = row_q[d];
             visible[qi / LANES][qi % LANES] = (int32_t)seen;
         }
     }
@@ -371,21 +387,27 @@ static inline __attribute__((always_inline)) void run_task_lanes(
         const float *k_tile = call->keys + (key_start + tile) * key_stride + (int64_t)head * head_dim;
         const float *v_tile = call->values + (key_start + tile) * key_stride + (int64_t)head * head_dim;
         /* Scores, 4 keys × 4 query vectors at a time (16 independent accumulators). */
-        for (int k0 = 0; k0 < tile_keys; k0 += 4) {
-            const float *k_rows[4];
-            for (int i = 0; i < 4; i++) /* past the range: the last key again, never seen */
+        const int kb = qvecs <= 2 ? 8 : 4; /* at least 8 independent accumulators */
+        for (int k0 = 0; k0 < tile_keys; k0 += kb) {
+            const float *k_rows[8];
+            for (int i = 0; i < kb; i++) /* past the range: the last key again, never seen */
                 k_rows[i] = k_tile + (k0 + i < tile_keys ? k0 + i : tile_keys - 1) * key_stride;
-            for (int v0 = 0; v0 < qvecs; v0 += 4) {
-                const int nv = qvecs - v0 < 4 ? qvecs - v0 : 4;
-                if (nv == 4)
-                    score_block(k_rows, q_t, v0, 4, head_dim, tile_keys - k0, &scores[k0]);
-                else if (nv == 2)
-                    score_block(k_rows, q_t, v0, 2, head_dim, tile_keys - k0, &scores[k0]);
-                else if (nv == 1)
-                    score_block(k_rows, q_t, v0, 1, head_dim, tile_keys - k0, &scores[k0]);
-                else
-                    score_block(k_rows, q_t, v0, 3, head_dim, tile_keys - k0, &scores[k0]);
-            }
+            if (qvecs == 1)
+                score_block(k_rows, q_t, 0, 8, 1, head_dim, tile_keys - k0, &scores[k0]);
+            else if (qvecs == 2)
+                score_block(k_rows, q_t, 0, 8, 2, head_dim, tile_keys - k0, &scores[k0]);
+            else
+                for (int v0 = 0; v0 < qvecs; v0 += 4) {
+                    const int nv = qvecs - v0 < 4 ? qvecs - v0 : 4;
+                    if (nv == 4)
+                        score_block(k_rows, q_t, v0, 4, 4, head_dim, tile_keys - k0, &scores[k0]);
+                    else if (nv == 2)
+                        score_block(k_rows, q_t, v0, 4, 2, head_dim, tile_keys - k0, &scores[k0]);
+                    else if (nv == 1)
+                        score_block(k_rows, q_t, v0, 4, 1, head_dim, tile_keys - k0, &scores[k0]);
+                    else
+                        score_block(k_rows, q_t, v0, 4, 3, head_dim, tile_keys - k0, &scores[k0]);
+                }
         }
         /* Online softmax, lane-wise; keys a query may not see weigh exactly 0. */
         const int masked = tile + tile_keys > least_visible;
@@ -460,24 +482,57 @@ int pb_span_attention_limits(int *max_queries_per_task, int *max_head_dim) {
     return 0;
 }
 
+/* The step's own keys and values into the store: row t's k (rotated when there are angles)
+   and v at slot slots[t]. Heads of a row are D apart; rows k_row_stride / v_row_stride. */
+static void store_new(
+    float *keys, float *values, int num_kv_heads, const int head_dim, const float *k_new, int64_t k_row_stride,
+    const float *v_new, int64_t v_row_stride, const int64_t *slots, int64_t t, const float *cos, const float *sin) {
+    const int64_t slot_stride = (int64_t)num_kv_heads * head_dim;
+    float *kd = keys + slots[t] * slot_stride;
+    const float *ks = k_new + t * k_row_stride;
+    memcpy(values + slots[t] * slot_stride, v_new + t * v_row_stride, sizeof(float) * slot_stride);
+    if (cos == NULL) {
+        memcpy(kd, ks, sizeof(float) * slot_stride);
+        return;
+    }
+    const int half = head_dim / 2;
+    const float *c = cos + t * half, *s = sin + t * half;
+    for (int h = 0; h < num_kv_heads; h++, kd += head_dim, ks += head_dim)
+        for (int i = 0; i < half; i++) {
+            kd[i] = ks[i] * c[i] - ks[i + half] * s[i];
+            kd[i + half] = ks[i + half] * c[i] + ks[i] * s[i];
+        }
+}
+
 /* tasks: [num_tasks, 5] int64 rows (key_start, num_keys, entry0, num_rows, kv head or -1 for
-   all of them); row_entries (CSR by row_ptr [T + 1]) lists, for each output row, its entries. */
+   all of them); row_entries (CSR by row_ptr [T + 1]) lists, for each output row, its entries.
+   num_new > 0: first the step's new keys and values go into the store (`store_new`: k_new,
+   v_new [num_new, Hkv, D] rows at slots), before any task reads it. cos, sin [T, D/2] (or
+   NULL): q and k_new are not yet rotated; the call applies rope to them. */
 int pb_span_attention(
-    const float *q, int64_t q_row_stride, const float *keys, const float *values,
+    const float *q, int64_t q_row_stride, float *keys, float *values,
     int num_rows_out, int num_heads, int num_kv_heads, int head_dim, float scale,
     int64_t num_tasks, const int64_t *tasks, const int64_t *entry_row, const int64_t *entry_visible,
     const int64_t *row_ptr, const int64_t *row_entries,
+    const float *k_new, int64_t k_row_stride, const float *v_new, int64_t v_row_stride,
+    const int64_t *slots, int64_t num_new, const float *cos, const float *sin,
     float *part_out, float *part_lse, float *out, float *lse, int num_threads) {
     const int group = num_heads / num_kv_heads;
     if (group > MAX_QUERIES_PER_TASK || head_dim > MAX_HEAD_DIM || head_dim % LANES || num_heads % num_kv_heads)
         return 1;
-    const Call call = {q, q_row_stride, keys, values, num_heads, num_kv_heads, scale,
+    const Call call = {q, q_row_stride, cos, sin, keys, values, num_heads, num_kv_heads, scale,
                        entry_row, entry_visible, row_ptr, part_out, part_lse, out, lse};
 
-    /* One parallel region, two loops: the tasks (largest first, as the caller orders them),
-       then, after the loop's barrier, the rows whose entries must be merged. */
+    /* One parallel region, three loops: the new keys and values into the store; the tasks
+       (largest first, as the caller orders them); then the rows whose entries must be merged.
+       Each loop's barrier orders it before the next. */
 #pragma omp parallel num_threads(num_threads)
     {
+        if (num_new > 0) {
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < num_new; t++)
+                store_new(keys, values, num_kv_heads, head_dim, k_new, k_row_stride, v_new, v_row_stride, slots, t, cos, sin);
+        }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < num_tasks; i++) {
             const int64_t *task = tasks + i * 5;
