@@ -34,6 +34,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define MAX_QUERIES_PER_TASK 128 /* rows per task × G: the caller picks the rows */
 #define MAX_HEAD_DIM 256
@@ -45,6 +48,8 @@
 #define LANES_MIN_QUERIES (DOT_MAX_QUERIES + 1) /* from this many queries a task, `run_task_lanes` */
 #define LANE_TILE_KEYS 64 /* keys a lanes task scores at a time */
 #define QUERY_VECS (MAX_QUERIES_PER_TASK / 16) /* query vectors of a lanes task, at most */
+#define PV_ACCUMULATORS 24 /* `run_task_lanes`' output pass: queries × D/16 vectors in registers */
+#define LANES_QUERIES (QUERY_VECS * LANES + PV_ACCUMULATORS) /* with the last block's padding */
 
 /* 16 fp32 lanes: one AVX-512 register (two AVX2 ones, where that is what the CPU has). */
 typedef float vf16 __attribute__((vector_size(64)));
@@ -57,8 +62,24 @@ static inline vf16 splat(float x) { return (vf16){0} + x; }
 /* Lane-wise: a where mask, else b. */
 static inline vf16 select(vi16 mask, vf16 a, vf16 b) { return (vf16)(((vi16)a & mask) | ((vi16)b & ~mask)); }
 
+#if defined(__AVX512F__)
+/* One instruction (a compare and a select are two dependent ones, on a running max's chain). */
+static inline vf16 vmax(vf16 a, vf16 b) { return (vf16)_mm512_max_ps((__m512)a, (__m512)b); }
+#else
 static inline vf16 vmax(vf16 a, vf16 b) { return select(a > b, a, b); }
+#endif
 
+
+/* Loaded once, used many times: without this, GCC folds the load into every multiply-add that
+   uses the value (one load per FMA, more than the load ports serve). Not for long rows, which
+   would not fit the registers beside the accumulators. */
+static inline __attribute__((always_inline)) void keep_in_register(vf16 *x, const int chunks) {
+#if defined(__x86_64__)
+    if (chunks <= 8) __asm__("" : "+v"(*x));
+#else
+    (void)x, (void)chunks;
+#endif
+}
 
 /* exp of x <= 0 in every lane (scores minus their running max): 2^n · e^f, |f| <= ln2 / 2,
    e^f by its Taylor series to degree 6 (relative error < 1.3e-7 there: fp32's own). */
@@ -350,11 +371,12 @@ static inline __attribute__((always_inline)) void run_task_lanes(
     const int chunks = head_dim / LANES;
     const int64_t key_stride = (int64_t)num_kv_heads * head_dim;
     vf16 q_t[MAX_HEAD_DIM][QUERY_VECS];
-    vf16 acc[MAX_QUERIES][MAX_HEAD_DIM / LANES];
+    vf16 acc[LANES_QUERIES][MAX_HEAD_DIM / LANES];
     vf16 scores[LANE_TILE_KEYS][QUERY_VECS];
-    /* Columns past the last query vector: read (never used) by the last query block. */
-    float probs[LANE_TILE_KEYS][QUERY_VECS * LANES + QUERY_BLOCK] __attribute__((aligned(64)));
-    float correction[QUERY_VECS * LANES + QUERY_BLOCK] __attribute__((aligned(64)));
+    /* Columns past the last query vector: computed with (zeros), never written out, by the
+       output pass's last block. */
+    float probs[LANE_TILE_KEYS][LANES_QUERIES] __attribute__((aligned(64)));
+    float correction[LANES_QUERIES] __attribute__((aligned(64)));
     float run_max[QUERY_VECS * LANES], run_sum[QUERY_VECS * LANES];
     vi16 visible[QUERY_VECS];
     vf16 top[QUERY_VECS], total[QUERY_VECS];
@@ -379,8 +401,15 @@ static inline __attribute__((always_inline)) void run_task_lanes(
             visible[qi / LANES][qi % LANES] = (int32_t)seen;
         }
     }
-    for (int qi = 0; qi < qvecs * LANES; qi++)
+    /* The output pass takes pv_block queries at a time: pv_block × chunks accumulators and the
+       value row's chunks stay in registers (each value loaded once per block). */
+    const int pv_block = PV_ACCUMULATORS / chunks > 0 ? PV_ACCUMULATORS / chunks : 1;
+    for (int qi = 0; qi < qvecs * LANES + pv_block; qi++) {
         for (int c = 0; c < chunks; c++) acc[qi][c] = splat(0.0f);
+        correction[qi] = 1.0f;
+    }
+    for (int k = 0; k < LANE_TILE_KEYS; k++)
+        for (int qi = qvecs * LANES; qi < qvecs * LANES + pv_block; qi++) probs[k][qi] = 0.0f;
 
     for (int64_t tile = 0; tile < most_visible; tile += LANE_TILE_KEYS) {
         const int tile_keys = (int)(most_visible - tile < LANE_TILE_KEYS ? most_visible - tile : LANE_TILE_KEYS);
@@ -412,11 +441,12 @@ static inline __attribute__((always_inline)) void run_task_lanes(
         /* Online softmax, lane-wise; keys a query may not see weigh exactly 0. */
         const int masked = tile + tile_keys > least_visible;
         for (int v = 0; v < qvecs; v++) {
-            vf16 tile_top = splat(-FLT_MAX);
-            for (int k = 0; k < tile_keys; k++) {
+            vf16 tops[4] = {splat(-FLT_MAX), splat(-FLT_MAX), splat(-FLT_MAX), splat(-FLT_MAX)};
+            for (int k = 0; k < tile_keys; k++) { /* four running maxima: no chain through every key */
                 if (masked) scores[k][v] = select((vi16){0} + (int32_t)(tile + k) >= visible[v], splat(-FLT_MAX), scores[k][v]);
-                tile_top = vmax(tile_top, scores[k][v]);
+                tops[k % 4] = vmax(tops[k % 4], scores[k][v]);
             }
+            const vf16 tile_top = vmax(vmax(tops[0], tops[1]), vmax(tops[2], tops[3]));
             const vf16 new_top = vmax(top[v], tile_top);
             const vf16 factor = exp_nonpositive(top[v] - new_top);
             vf16 sum = splat(0.0f);
@@ -430,21 +460,25 @@ static inline __attribute__((always_inline)) void run_task_lanes(
             top[v] = new_top;
             memcpy(&correction[v * LANES], &factor, sizeof factor);
         }
-        /* Outputs, QUERY_BLOCK queries at a time, each value row loaded once for them. */
-        for (int q0 = 0; q0 < num_queries; q0 += QUERY_BLOCK) {
-            vf16 a[QUERY_BLOCK][MAX_HEAD_DIM / LANES];
-            for (int b = 0; b < QUERY_BLOCK; b++)
-                for (int c = 0; c < chunks; c++) a[b][c] = acc[q0 + b][c] * correction[q0 + b];
+        /* Outputs, pv_block queries at a time, each value row loaded once for them. */
+        for (int q0 = 0; q0 < num_queries; q0 += pv_block) {
+            vf16 a[PV_ACCUMULATORS + MAX_HEAD_DIM / LANES]; /* [b * chunks + c] */
+            for (int b = 0; b < pv_block; b++)
+                for (int c = 0; c < chunks; c++) a[b * chunks + c] = acc[q0 + b][c] * correction[q0 + b];
             for (int k = 0; k < tile_keys; k++) {
                 const float *vrow = v_tile + k * key_stride;
+                vf16 vc[MAX_HEAD_DIM / LANES];
                 for (int c = 0; c < chunks; c++) {
-                    vf16 vc;
-                    memcpy(&vc, vrow + c * LANES, sizeof vc);
-                    for (int b = 0; b < QUERY_BLOCK; b++) a[b][c] += probs[k][q0 + b] * vc;
+                    memcpy(&vc[c], vrow + c * LANES, sizeof vc[c]);
+                    keep_in_register(&vc[c], chunks);
+                }
+                for (int b = 0; b < pv_block; b++) {
+                    const float p = probs[k][q0 + b];
+                    for (int c = 0; c < chunks; c++) a[b * chunks + c] += p * vc[c];
                 }
             }
-            for (int b = 0; b < QUERY_BLOCK; b++)
-                for (int c = 0; c < chunks; c++) acc[q0 + b][c] = a[b][c];
+            for (int b = 0; b < pv_block; b++)
+                for (int c = 0; c < chunks; c++) acc[q0 + b][c] = a[b * chunks + c];
         }
     }
 
