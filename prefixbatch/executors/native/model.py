@@ -33,6 +33,7 @@ from torch import nn
 from prefixbatch.executors.native import dense, invariant
 from prefixbatch.executors.native.config import ModelConfig
 from prefixbatch.executors.native.rope import apply_rope, inverse_frequencies, rope_angles
+from prefixbatch.executors.native.span_kernel import SpanKernel, load_span_kernel
 
 __all__ = ["AttentionFn", "CausalLM"]
 
@@ -222,6 +223,8 @@ class CausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, **kind)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens
+        # Packed on the CPU: our C library, whose residual add + RMSNorm pass the layers use.
+        self.residual_norm: SpanKernel | None = None
         # fp32 whatever the weights' dtype: angles at large positions need the precision.
         self.register_buffer(
             "inv_freq", inverse_frequencies(config.rope, config.head_dim, device), persistent=False
@@ -244,6 +247,7 @@ class CausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear) and module.packed is None:
                 module.pack()
+        self.residual_norm = load_span_kernel()  # None without a C compiler: PyTorch's ops
 
     @property
     def device(self) -> torch.device:
@@ -276,6 +280,11 @@ class CausalLM(nn.Module):
         token_ids, positions = _pad_rows(token_ids, row_multiple), _pad_rows(positions, row_multiple)
         hidden = F.embedding(token_ids, self.embed_tokens)  # [T', E]
         cos, sin = rope_angles(positions, self.inv_freq)  # [T, D/2] each
+        if self.residual_norm is not None and self.layers:  # packed: fp32 CPU, not batch_invariant
+            normed = self._layers_adding_in_norms(hidden, cos, sin, attention)  # [T, E]
+            if logits_rows is not None:
+                normed = normed[logits_rows]  # [N, E]
+            return self.lm_head(normed).float()  # [N, V]
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, attention, batch_invariant)
         if logits_rows is not None:
@@ -284,6 +293,22 @@ class CausalLM(nn.Module):
             hidden = hidden[_pad_rows(logits_rows, row_multiple)]  # [N', E]
         logits = self.lm_head(self.norm(hidden)).float()  # [N', V]
         return logits[: num_rows if logits_rows is None else logits_rows.shape[0]]  # [N, V]
+
+    def _layers_adding_in_norms(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn
+    ) -> torch.Tensor:
+        """The decoder stack as `DecoderLayer.forward` computes it, each residual add done in
+        one pass with the norm after it (`SpanKernel.add_rms_norm`): the post-attention norm,
+        the next layer's input norm, the final norm. hidden [T, E] is the residual stream,
+        updated in place; returns the final norm's output [T, E]."""
+        add_norm = self.residual_norm.add_rms_norm
+        normed = self.layers[0].input_layernorm(hidden)
+        norms_after = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for layer, next_norm in zip(self.layers, norms_after, strict=True):
+            post = layer.post_attention_layernorm
+            normed = add_norm(hidden, layer.self_attn(normed, cos, sin, attention), post.weight, post.eps)
+            normed = add_norm(hidden, layer.mlp(normed), next_norm.weight, next_norm.eps)
+        return normed
 
 
 def _pad_rows(index: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -37,6 +37,8 @@ __all__ = ["SpanKernel", "load_span_kernel", "takes"]
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "span_attention.c"
+# Built into the same library: the residual add and RMSNorm in one pass (`add_rms_norm`).
+EXTRA_SOURCES = (Path(__file__).with_name("kernels") / "residual_norm.c",)
 FLAGS = (
     "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11",
     # Vectorised sums (reassociation, no errno, no traps) and fused multiply-adds (ISO C mode
@@ -70,6 +72,25 @@ class SpanKernel:
         limits = [ctypes.c_int() for _ in range(2)]
         library.pb_span_attention_limits(*(ctypes.byref(x) for x in limits))
         self.max_queries_per_task, self.max_head_dim = (x.value for x in limits)
+        norm = library.pb_add_rms_norm
+        norm.restype = ctypes.c_int
+        norm.argtypes = [
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
+            ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+        ]  # fmt: skip
+        self._norm = norm
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x += delta (in place: the residual stream), then RMSNorm(x) · weight, in one pass.
+        x, delta [T, E] fp32 CPU contiguous, weight [E] → out [T, E]."""
+        rows, dim = x.shape
+        assert x.is_contiguous() and delta.shape == x.shape and weight.shape == (dim,)
+        assert x.dtype == delta.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+        delta, weight = delta.contiguous(), weight.contiguous()
+        out = torch.empty_like(x)
+        self._norm(x.data_ptr(), delta.data_ptr(), weight.data_ptr(), eps, out.data_ptr(), rows, dim,
+                   torch.get_num_threads())  # fmt: skip
+        return out
 
     def supports(self, q: torch.Tensor, num_kv_heads: int) -> bool:
         """Whether the kernel takes q [T, H, D] over an fp32 CPU store with num_kv_heads heads."""
@@ -198,7 +219,8 @@ def _build_and_load() -> SpanKernel | None:
         version = subprocess.run(
             [compiler, "--version"], capture_output=True, text=True, check=True, timeout=60
         ).stdout
-        source = SOURCE.read_bytes()
+        sources = (SOURCE, *EXTRA_SOURCES)
+        source = b"".join(path.read_bytes() for path in sources)
         digest = hashlib.sha256(
             source + repr(FLAGS).encode() + version.encode() + _cpu_identity().encode()
         ).hexdigest()[:16]
@@ -209,7 +231,7 @@ def _build_and_load() -> SpanKernel | None:
             with tempfile.TemporaryDirectory(dir=cache) as scratch:
                 built = Path(scratch) / target.name
                 result = subprocess.run(
-                    [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+                    [compiler, *FLAGS, *map(str, sources), "-o", str(built), "-lm"],
                     capture_output=True, text=True, timeout=300,
                 )  # fmt: skip
                 if result.returncode:

@@ -105,6 +105,18 @@ def test_rope_and_the_kv_write_inside_the_call_equal_rope_then_attention(kernel,
     assert TreeAttention(stores[1], plan, scale=head_dim**-0.5, kernel=None).attend_unroped(0, q, k, v, cos, sin) is None
 
 
+@pytest.mark.parametrize("rows", [3, 300])  # 300 × 512: past the size that goes parallel
+def test_residual_add_and_rms_norm_in_one_pass_equal_the_two_ops(kernel, rows):
+    generator = torch.Generator().manual_seed(9)
+    x, delta = (torch.randn(rows, 512, generator=generator) * 4 for _ in range(2))
+    weight = torch.rand(512, generator=generator) + 0.5
+    expected_x = x + delta
+    expected = torch.rms_norm(expected_x, (512,), weight, 1e-6)
+    out = kernel.add_rms_norm(x, delta, weight, 1e-6)
+    torch.testing.assert_close(x, expected_x, atol=0, rtol=0)  # the residual stream, in place
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_pieces_cover_each_row_keys_once():
     one_row = plan_attention([SegmentKV(0, None, 0, 1500)], [QueryRun(0, 0, 1499, 1)])
     plan = tree_attention.KernelPlan.of(one_row, group=4, num_kv_heads=1, num_threads=4)
