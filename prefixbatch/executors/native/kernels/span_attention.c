@@ -149,6 +149,24 @@ static inline vf16 sums_of16(const vf16 v[LANES]) {
     return __builtin_shuffle(z[0], z[1], a4) + __builtin_shuffle(z[0], z[1], b4);
 }
 
+/* In place: v[j][i] becomes the old v[i][j]. Four rounds, each swapping the off-diagonal s × s
+   sub-blocks of every 2s × 2s block (s = 8, 4, 2, 1): 64 two-vector shuffles. */
+static inline __attribute__((always_inline)) void transpose16(vf16 v[LANES]) {
+    for (int s = LANES / 2; s > 0; s /= 2) {
+        vi16 low, high; /* rows i and i + s: columns with bit s clear from i, set from i + s */
+        for (int j = 0; j < LANES; j++) {
+            low[j] = (j & s) ? LANES + j - s : j;
+            high[j] = (j & s) ? LANES + j : j + s;
+        }
+        for (int i = 0; i < LANES; i++) {
+            if (i & s) continue;
+            const vf16 a = v[i], b = v[i + s];
+            v[i] = __builtin_shuffle(a, b, low);
+            v[i + s] = __builtin_shuffle(a, b, high);
+        }
+    }
+}
+
 /* What every task of one call shares. */
 typedef struct {
     const float *q;
@@ -357,6 +375,29 @@ static inline __attribute__((always_inline)) void score_block(
         for (int v = 0; v < nv; v++) out[i][v0 + v] = sc[i][v];
 }
 
+/* Query vector v of a lanes task (its queries v·16 … v·16 + 15, rotated and scaled; zeros past
+   the last) into q_t[d][v]: the 16 rows, then 16 × 16 transposes. Not inlined: its buffers
+   would crowd the scoring loops' frame. */
+static __attribute__((noinline)) void load_query_vector(
+    const Call *call, const int head_dim, int64_t entry0, int num_queries, int head, int v,
+    vf16 q_t[][QUERY_VECS]) {
+    const int group = call->num_heads / call->num_kv_heads;
+    float rows[LANES][MAX_HEAD_DIM] __attribute__((aligned(64)));
+    for (int l = 0; l < LANES; l++) {
+        const int qi = v * LANES + l;
+        if (qi < num_queries)
+            load_query(call, head_dim, call->entry_row[entry0 + qi / group], head * group + qi % group, rows[l]);
+        else /* padding of the last vector: a query that sees no key */
+            memset(rows[l], 0, sizeof(float) * head_dim);
+    }
+    for (int c = 0; c < head_dim / LANES; c++) {
+        vf16 block[LANES];
+        for (int l = 0; l < LANES; l++) memcpy(&block[l], &rows[l][c * LANES], sizeof block[l]);
+        transpose16(block);
+        for (int d = 0; d < LANES; d++) q_t[c * LANES + d][v] = block[d];
+    }
+}
+
 /* A task of many queries (LANES_MIN_QUERIES or more): the same results as `run_task`,
    computed with the queries in the vector lanes. The task's queries are transposed once
    ([D][queries / LANES] vectors); a key's score for 16 queries is then one vector
@@ -386,21 +427,15 @@ static inline __attribute__((always_inline)) void run_task_lanes(
         visible[v] = (vi16){0};
         top[v] = splat(-FLT_MAX);
         total[v] = splat(0.0f);
-        for (int d = 0; d < head_dim; d++) q_t[d][v] = splat(0.0f);
     }
     for (int r = 0; r < num_rows; r++) {
         const int64_t entry = entry0 + r;
         const int64_t seen = call->entry_visible[entry] < num_keys ? call->entry_visible[entry] : num_keys;
         most_visible = seen > most_visible ? seen : most_visible;
         least_visible = seen < least_visible ? seen : least_visible;
-        for (int g = 0; g < group; g++) {
-            const int qi = r * group + g;
-            float row_q[MAX_HEAD_DIM];
-            load_query(call, head_dim, call->entry_row[entry], head * group + g, row_q);
-            for (int d = 0; d < head_dim; d++) q_t[d][qi / LANES][qi % LANES] = row_q[d];
-            visible[qi / LANES][qi % LANES] = (int32_t)seen;
-        }
+        for (int g = 0; g < group; g++) visible[(r * group + g) / LANES][(r * group + g) % LANES] = (int32_t)seen;
     }
+    for (int v = 0; v < qvecs; v++) load_query_vector(call, head_dim, entry0, num_queries, head, v, q_t);
     /* The output pass takes pv_block queries at a time: pv_block × chunks accumulators and the
        value row's chunks stay in registers (each value loaded once per block). */
     const int pv_block = PV_ACCUMULATORS / chunks > 0 ? PV_ACCUMULATORS / chunks : 1;
