@@ -39,8 +39,9 @@ def write_job(folder: Path, model: Path, output: str = "out") -> Path:
         "input": {"path": "in.parquet", "prompt_column": "prompt"},
         "output": {"path": output, "rows_per_part": 2},
         "model": {"path": str(model)},
-        # one group; the rows run long (the random model rarely stops early), in 8-token steps
-        "sampling": {"max_tokens": 400},
+        # one group; every row runs the whole 400 tokens (min_tokens: an end-of-sequence token
+        # the random model happens to pick cannot finish a row early), in 8-token steps
+        "sampling": {"max_tokens": 400, "min_tokens": 400},
         "executor": {"kind": "native", "device": "cpu", "native": {"max_step_tokens": 8}},
     }
     (folder / "job.json").write_text(json.dumps(spec))
