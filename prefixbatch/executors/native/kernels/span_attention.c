@@ -15,6 +15,10 @@
 
        lse = log Σᵢ exp(lseᵢ)        out = Σᵢ exp(lseᵢ − lse) · outᵢ
 
+   Before the tasks, the call can store the step's own keys and values at their slots (rotated
+   by rope when it is given the angles; queries are then rotated as they are loaded), so one
+   parallel region does a layer's rope, KV write and attention.
+
    A row sees the first `visible[entry]` keys of its task's range (causal masking, and keys
    split across tasks). Scores, softmax and accumulation are fp32; an entry that sees no key
    weighs nothing, and a row with no visible key gets out = 0, lse = -inf.
