@@ -155,8 +155,12 @@ class DevicePlan:
 # queries a task 4.0 ms, 64: 3.6 ms, 128: 3.8 ms (PyTorch's fused kernel: 6.6 ms).
 QUERIES_PER_TASK = 64
 # A range is split into pieces of at least this many keys when there are too few tasks to
-# keep every thread busy (one long sequence decoding: one task per kv head).
+# keep every thread busy (one long sequence decoding).
 MIN_SPLIT_KEYS = 256
+# A task of at most this many queries per kv head (a decode row's G heads) is computed by dot
+# products over whole key slots, every kv head in one pass (the C kernel's DOT_MAX_QUERIES):
+# it is split by keys, never by head.
+DOT_QUERIES = 4
 
 
 @dataclass(frozen=True)
@@ -187,8 +191,8 @@ class KernelPlan:
             for first in range(0, len(rows), rows_per_task):
                 block_visible = visible[first : first + rows_per_task]
                 blocks.append((span.key_start, int(block_visible.max()), rows[first : first + rows_per_task], block_visible))
-        blocks = _split_keys(blocks, min_tasks=2 * num_threads, num_kv_heads=num_kv_heads)
-        tasks = _tasks(blocks, num_kv_heads=num_kv_heads, num_threads=num_threads)
+        blocks = _split_keys(blocks, min_tasks=2 * num_threads, num_kv_heads=num_kv_heads, group=group)
+        tasks = _tasks(blocks, num_kv_heads=num_kv_heads, num_threads=num_threads, group=group)
         entry_row = np.concatenate([rows for _, _, rows, _ in blocks]) if blocks else np.zeros(0, np.int64)
         entry_visible = np.concatenate([v for _, _, _, v in blocks]) if blocks else np.zeros(0, np.int64)
         row_entries = np.argsort(entry_row, kind="stable")
@@ -197,17 +201,18 @@ class KernelPlan:
         return cls(*(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in (tasks, entry_row, entry_visible, row_ptr, row_entries)))
 
 
-def _tasks(blocks: list, *, num_kv_heads: int, num_threads: int) -> np.ndarray:
+def _tasks(blocks: list, *, num_kv_heads: int, num_threads: int, group: int) -> np.ndarray:
     """The kernel's work items, largest first (threads take them in turn: the big ones do not
     come last). A block is one item for all kv heads — it reads each key's slot whole — unless
-    it is a large share of the call's work: then one item per kv head, so threads share it."""
+    it is a large share of the call's work and has more than DOT_QUERIES queries a head: then
+    one item per kv head, so threads share it."""
     work = np.array([len(rows) * num_keys for _, num_keys, rows, _ in blocks], dtype=np.int64)
     share_limit = work.sum() / (4 * num_threads)
     few = len(blocks) < 8 * num_threads  # too few blocks to keep the threads busy whole
     items = []
     entry = 0
     for (key_start, num_keys, rows, _), cost in zip(blocks, work):
-        if cost > share_limit or few:
+        if (cost > share_limit or few) and len(rows) * group > DOT_QUERIES:
             items += [(cost, (key_start, num_keys, entry, len(rows), head)) for head in range(num_kv_heads)]
         else:
             items.append((cost * num_kv_heads, (key_start, num_keys, entry, len(rows), -1)))
@@ -216,11 +221,13 @@ def _tasks(blocks: list, *, num_kv_heads: int, num_threads: int) -> np.ndarray:
     return np.array([task for _, task in items], dtype=np.int64).reshape(-1, 5)
 
 
-def _split_keys(blocks: list, *, min_tasks: int, num_kv_heads: int) -> list:
-    """Blocks split into key pieces (≥ MIN_SPLIT_KEYS) until there are about `min_tasks` tasks."""
-    if len(blocks) * num_kv_heads >= min_tasks:
+def _split_keys(blocks: list, *, min_tasks: int, num_kv_heads: int, group: int) -> list:
+    """Blocks split into key pieces (≥ MIN_SPLIT_KEYS) until there are about `min_tasks` tasks
+    (a block of more than DOT_QUERIES queries a head also splits by head: `_tasks`)."""
+    units = sum(1 if len(rows) * group <= DOT_QUERIES else num_kv_heads for _, _, rows, _ in blocks)
+    if units >= min_tasks:
         return blocks
-    pieces_wanted = math.ceil(min_tasks / (len(blocks) * num_kv_heads)) if blocks else 1
+    pieces_wanted = math.ceil(min_tasks / units) if blocks else 1
     split = []
     for key_start, num_keys, rows, visible in blocks:
         pieces = max(1, min(pieces_wanted, num_keys // MIN_SPLIT_KEYS))

@@ -127,6 +127,18 @@ def test_pieces_cover_each_row_keys_once():
     assert plan.row_ptr.tolist() == [0, 5]
 
 
+def test_decode_rows_split_by_keys_never_by_head():
+    # Four sequences decoding (2 queries a kv head each: the dot-product path, which reads each
+    # key slot whole for all heads): too few tasks for 2 threads × 2, so the ranges are split
+    # in key pieces, each a task over every kv head.
+    segments = [SegmentKV(i, None, 1500 * i, 1500) for i in range(4)]
+    plan = plan_attention(segments, [QueryRun(i, i, 1499, 1) for i in range(4)])
+    kernel_plan = tree_attention.KernelPlan.of(plan, group=2, num_kv_heads=4, num_threads=4)
+    tasks = kernel_plan.tasks.tolist()
+    assert {t[4] for t in tasks} == {-1} and len(tasks) == 8  # 2 pieces of 750 keys each
+    assert sum(kernel_plan.entry_visible.tolist()) == 4 * 1500
+
+
 def test_where_the_kernel_runs(kernel):
     def store(head_dim=32, dtype=torch.float32):
         return KVStore(num_layers=1, num_kv_heads=2, head_dim=head_dim, capacity_tokens=8, dtype=dtype, device="cpu")

@@ -45,6 +45,7 @@
 #define MAX_QUERIES_PER_TASK 128 /* rows per task × G: the caller picks the rows */
 #define MAX_HEAD_DIM 256
 #define QUERY_BLOCK 4
+#define HEAD_GROUP 8 /* `run_task`: kv heads a pass over the keys serves */
 #define TILE_VECS 4 /* `run_task`: 16-key vectors a tile */
 #define TILE_KEYS (TILE_VECS * LANES)
 #define DOT_MAX_QUERIES QUERY_BLOCK /* up to this many queries a task: `run_task` (dot products) */
@@ -232,134 +233,140 @@ static inline __attribute__((always_inline)) void write_results(
     }
 }
 
-/* One task of few queries (at most DOT_MAX_QUERIES: a decode row, its G heads): rows
-   [entry0, entry0 + num_rows) of the entry list, kv head `head`, keys [key_start,
-   key_start + num_keys). Writes its entries' results (`write_results`).
+/* One task of few queries per kv head (at most DOT_MAX_QUERIES: a decode row, its G heads):
+   rows [entry0, entry0 + num_rows) of the entry list, kv heads [head_first, head_first +
+   head_count), keys [key_start, key_start + num_keys). Writes its entries' results
+   (`write_results`).
 
-   Keys go by tiles of TILE_KEYS: each key's dot products with the few queries directly,
-   16 keys' partial sums reduced together (`sums_of16`); then the online softmax per query,
-   and the outputs updated with the tile's values, each value row loaded once for all the
-   queries. Always inlined into callers with a constant head_dim (a multiple of LANES), so
-   the loops over d unroll fully. */
+   Keys go by tiles of TILE_KEYS, and within a tile by kv head, up to HEAD_GROUP heads at a
+   time: a slot's heads lie side by side, so the tile's slots are read whole and in order
+   rather than once per head at a stride. For each head: each key's dot products with its
+   few queries directly, 16 keys' partial sums reduced together (`sums_of16`); then the
+   online softmax per query, and the outputs updated with the tile's values, each value row
+   loaded once for the queries. Always inlined into callers with a constant head_dim (a
+   multiple of LANES), so the loops over d unroll fully. */
 static inline __attribute__((always_inline)) void run_task(
     const Call *call, const int head_dim, int64_t key_start, int64_t num_keys, int64_t entry0,
-    int num_rows, int head) {
+    int num_rows, int head_first, int head_count) {
     const float *keys = call->keys, *values = call->values;
     const int num_heads = call->num_heads, num_kv_heads = call->num_kv_heads;
     const int64_t *entry_row = call->entry_row, *entry_visible = call->entry_visible;
     const int group = num_heads / num_kv_heads;
-    const int num_queries = num_rows * group;
+    const int num_queries = num_rows * group; /* per kv head, at most QUERY_BLOCK */
     const int chunks = head_dim / LANES;
     const int64_t key_stride = (int64_t)num_kv_heads * head_dim;
-    float qs[QUERY_BLOCK][MAX_HEAD_DIM] __attribute__((aligned(64)));
-    vf16 acc[QUERY_BLOCK][MAX_HEAD_DIM / LANES];
+    float qs[HEAD_GROUP][QUERY_BLOCK][MAX_HEAD_DIM] __attribute__((aligned(64)));
+    vf16 acc[HEAD_GROUP][QUERY_BLOCK][MAX_HEAD_DIM / LANES];
     float probs[QUERY_BLOCK][TILE_KEYS] __attribute__((aligned(64)));
-    float run_max[QUERY_BLOCK], run_sum[QUERY_BLOCK];
+    float run_max[HEAD_GROUP][QUERY_BLOCK], run_sum[HEAD_GROUP][QUERY_BLOCK];
     int64_t visible[QUERY_BLOCK];
     int64_t most_visible = 0;
     vi16 lane;
     for (int j = 0; j < LANES; j++) lane[j] = j;
 
+    for (int qi = 0; qi < QUERY_BLOCK; qi++) visible[qi] = 0; /* padding: sees no key */
     for (int r = 0; r < num_rows; r++) {
-        const int64_t entry = entry0 + r;
-        int64_t seen = entry_visible[entry] < num_keys ? entry_visible[entry] : num_keys;
+        const int64_t seen = entry_visible[entry0 + r] < num_keys ? entry_visible[entry0 + r] : num_keys;
         most_visible = seen > most_visible ? seen : most_visible;
-        for (int g = 0; g < group; g++) {
-            const int qi = r * group + g;
-            load_query(call, head_dim, entry_row[entry], head * group + g, qs[qi]);
-            visible[qi] = seen;
-        }
-    }
-    const int padded_queries = (num_queries + QUERY_BLOCK - 1) / QUERY_BLOCK * QUERY_BLOCK;
-    for (int qi = 0; qi < padded_queries; qi++) {
-        if (qi >= num_queries) { /* padding of the last block: sees no key */
-            for (int d = 0; d < head_dim; d++) qs[qi][d] = 0.0f;
-            visible[qi] = 0;
-        }
-        for (int c = 0; c < chunks; c++) acc[qi][c] = splat(0.0f);
-        run_max[qi] = -FLT_MAX;
-        run_sum[qi] = 0.0f;
+        for (int g = 0; g < group; g++) visible[r * group + g] = seen;
     }
 
-    for (int64_t tile = 0; tile < most_visible; tile += TILE_KEYS) {
-        const int tile_keys = (int)(most_visible - tile < TILE_KEYS ? most_visible - tile : TILE_KEYS);
-        const float *k_tile = keys + (key_start + tile) * key_stride + (int64_t)head * head_dim;
-        const float *v_tile = values + (key_start + tile) * key_stride + (int64_t)head * head_dim;
-        for (int q0 = 0; q0 < padded_queries; q0 += QUERY_BLOCK) {
-            vf16 s[QUERY_BLOCK][TILE_VECS];
-            const int real = num_queries - q0 < QUERY_BLOCK ? num_queries - q0 : QUERY_BLOCK;
-            for (int t = 0; t < TILE_VECS; t++) {
-                for (int b = 0; b < QUERY_BLOCK; b++) s[b][t] = splat(0.0f);
-                if (t * LANES >= tile_keys) continue; /* past the range: masked below */
-                vf16 products[QUERY_BLOCK][LANES];
-                for (int j = 0; j < LANES; j++) {
-                    const int key = t * LANES + j;
-                    vf16 kc[MAX_HEAD_DIM / LANES];
-                    for (int c = 0; c < chunks; c++) kc[c] = splat(0.0f);
-                    if (key < tile_keys) memcpy(kc, k_tile + key * key_stride, sizeof(float) * head_dim);
-                    for (int b = 0; b < real; b++) {
-                        vf16 x = splat(0.0f);
-                        for (int c = 0; c < chunks; c++) {
-                            vf16 qc;
-                            memcpy(&qc, &qs[q0 + b][c * LANES], sizeof qc);
-                            x += qc * kc[c];
-                        }
-                        products[b][j] = x;
-                    }
-                }
-                for (int b = 0; b < real; b++) s[b][t] = sums_of16(products[b]);
+    for (int h0 = 0; h0 < head_count; h0 += HEAD_GROUP) {
+        const int heads = head_count - h0 < HEAD_GROUP ? head_count - h0 : HEAD_GROUP;
+        for (int hh = 0; hh < heads; hh++) {
+            const int head = head_first + h0 + hh;
+            for (int qi = 0; qi < QUERY_BLOCK; qi++) {
+                if (qi < num_queries)
+                    load_query(call, head_dim, entry_row[entry0 + qi / group], head * group + qi % group, qs[hh][qi]);
+                else
+                    for (int d = 0; d < head_dim; d++) qs[hh][qi][d] = 0.0f;
+                for (int c = 0; c < chunks; c++) acc[hh][qi][c] = splat(0.0f);
+                run_max[hh][qi] = -FLT_MAX;
+                run_sum[hh][qi] = 0.0f;
             }
-            int block_live = 0;
-            float correction[QUERY_BLOCK];
-            for (int b = 0; b < QUERY_BLOCK; b++) {
-                const int qi = q0 + b;
-                const int64_t seen = visible[qi] - tile;
-                const int live = (int)(seen < 0 ? 0 : seen < tile_keys ? seen : tile_keys);
-                block_live = live > block_live ? live : block_live;
-                correction[b] = 1.0f;
-                if (live == 0) {
-                    for (int j = 0; j < TILE_KEYS; j++) probs[b][j] = 0.0f;
-                    continue;
-                }
-                vf16 top = splat(-FLT_MAX), total = splat(0.0f);
-                if (live == TILE_KEYS) { /* the common case: every key of the tile seen */
-                    for (int t = 0; t < TILE_VECS; t++) top = vmax(top, s[b][t]);
-                } else {
-                    for (int t = 0; t < TILE_VECS; t++) {
-                        s[b][t] = select(lane + t * LANES >= live, splat(-FLT_MAX), s[b][t]);
-                        top = vmax(top, s[b][t]);
-                    }
-                }
-                const float tile_max = max_of(top);
-                const float new_max = tile_max > run_max[qi] ? tile_max : run_max[qi];
-                correction[b] = new_max == run_max[qi] ? 1.0f : exp_nonpositive1(run_max[qi] - new_max);
+        }
+
+        for (int64_t tile = 0; tile < most_visible; tile += TILE_KEYS) {
+            const int tile_keys = (int)(most_visible - tile < TILE_KEYS ? most_visible - tile : TILE_KEYS);
+            for (int hh = 0; hh < heads; hh++) {
+                const int head = head_first + h0 + hh;
+                const float *k_tile = keys + (key_start + tile) * key_stride + (int64_t)head * head_dim;
+                const float *v_tile = values + (key_start + tile) * key_stride + (int64_t)head * head_dim;
+                vf16 s[QUERY_BLOCK][TILE_VECS];
                 for (int t = 0; t < TILE_VECS; t++) {
-                    vf16 p = exp_nonpositive(s[b][t] - new_max);
-                    if (live < TILE_KEYS) p = select(lane + t * LANES >= live, splat(0.0f), p);
-                    total += p;
-                    memcpy(&probs[b][t * LANES], &p, sizeof p);
+                    for (int b = 0; b < QUERY_BLOCK; b++) s[b][t] = splat(0.0f);
+                    if (t * LANES >= tile_keys) continue; /* past the range: masked below */
+                    vf16 products[QUERY_BLOCK][LANES];
+                    for (int j = 0; j < LANES; j++) {
+                        const int key = t * LANES + j;
+                        vf16 kc[MAX_HEAD_DIM / LANES];
+                        for (int c = 0; c < chunks; c++) kc[c] = splat(0.0f);
+                        if (key < tile_keys) memcpy(kc, k_tile + key * key_stride, sizeof(float) * head_dim);
+                        for (int b = 0; b < num_queries; b++) {
+                            vf16 x = splat(0.0f);
+                            for (int c = 0; c < chunks; c++) {
+                                vf16 qc;
+                                memcpy(&qc, &qs[hh][b][c * LANES], sizeof qc);
+                                x += qc * kc[c];
+                            }
+                            products[b][j] = x;
+                        }
+                    }
+                    for (int b = 0; b < num_queries; b++) s[b][t] = sums_of16(products[b]);
                 }
-                run_sum[qi] = run_sum[qi] * correction[b] + sum_of(total);
-                run_max[qi] = new_max;
-            }
-            if (block_live == 0) continue;
-            vf16 a[QUERY_BLOCK][MAX_HEAD_DIM / LANES];
-            for (int b = 0; b < QUERY_BLOCK; b++)
-                for (int c = 0; c < chunks; c++) a[b][c] = acc[q0 + b][c] * correction[b];
-            for (int j = 0; j < block_live; j++) {
-                const float *v = v_tile + j * key_stride;
-                for (int c = 0; c < chunks; c++) {
-                    vf16 vc;
-                    memcpy(&vc, v + c * LANES, sizeof vc);
-                    for (int b = 0; b < QUERY_BLOCK; b++) a[b][c] += probs[b][j] * vc;
+                int block_live = 0;
+                float correction[QUERY_BLOCK];
+                for (int b = 0; b < QUERY_BLOCK; b++) {
+                    const int64_t seen = visible[b] - tile;
+                    const int live = (int)(seen < 0 ? 0 : seen < tile_keys ? seen : tile_keys);
+                    block_live = live > block_live ? live : block_live;
+                    correction[b] = 1.0f;
+                    if (live == 0) {
+                        for (int j = 0; j < TILE_KEYS; j++) probs[b][j] = 0.0f;
+                        continue;
+                    }
+                    vf16 top = splat(-FLT_MAX), total = splat(0.0f);
+                    if (live == TILE_KEYS) { /* the common case: every key of the tile seen */
+                        for (int t = 0; t < TILE_VECS; t++) top = vmax(top, s[b][t]);
+                    } else {
+                        for (int t = 0; t < TILE_VECS; t++) {
+                            s[b][t] = select(lane + t * LANES >= live, splat(-FLT_MAX), s[b][t]);
+                            top = vmax(top, s[b][t]);
+                        }
+                    }
+                    const float tile_max = max_of(top);
+                    const float old_max = run_max[hh][b];
+                    const float new_max = tile_max > old_max ? tile_max : old_max;
+                    correction[b] = new_max == old_max ? 1.0f : exp_nonpositive1(old_max - new_max);
+                    for (int t = 0; t < TILE_VECS; t++) {
+                        vf16 p = exp_nonpositive(s[b][t] - new_max);
+                        if (live < TILE_KEYS) p = select(lane + t * LANES >= live, splat(0.0f), p);
+                        total += p;
+                        memcpy(&probs[b][t * LANES], &p, sizeof p);
+                    }
+                    run_sum[hh][b] = run_sum[hh][b] * correction[b] + sum_of(total);
+                    run_max[hh][b] = new_max;
                 }
+                if (block_live == 0) continue;
+                vf16 a[QUERY_BLOCK][MAX_HEAD_DIM / LANES];
+                for (int b = 0; b < QUERY_BLOCK; b++)
+                    for (int c = 0; c < chunks; c++) a[b][c] = acc[hh][b][c] * correction[b];
+                for (int j = 0; j < block_live; j++) {
+                    const float *v = v_tile + j * key_stride;
+                    for (int c = 0; c < chunks; c++) {
+                        vf16 vc;
+                        memcpy(&vc, v + c * LANES, sizeof vc);
+                        for (int b = 0; b < QUERY_BLOCK; b++) a[b][c] += probs[b][j] * vc;
+                    }
+                }
+                for (int b = 0; b < QUERY_BLOCK; b++)
+                    for (int c = 0; c < chunks; c++) acc[hh][b][c] = a[b][c];
             }
-            for (int b = 0; b < QUERY_BLOCK; b++)
-                for (int c = 0; c < chunks; c++) acc[q0 + b][c] = a[b][c];
         }
-    }
 
-    write_results(call, head_dim, entry0, num_rows, head, acc, run_max, run_sum);
+        for (int hh = 0; hh < heads; hh++)
+            write_results(call, head_dim, entry0, num_rows, head_first + h0 + hh, acc[hh], run_max[hh], run_sum[hh]);
+    }
 }
 
 /* Scores of kb keys (rows k_rows) for `nv` query vectors from v0: kb × nv accumulators over
@@ -529,23 +536,27 @@ static inline __attribute__((always_inline)) void run_task_lanes(
     write_results(call, head_dim, entry0, num_rows, head, acc, run_max, run_sum);
 }
 
-#define RUN_TASK(D)                                                                        \
-    do {                                                                                   \
-        if (num_rows * (call->num_heads / call->num_kv_heads) >= LANES_MIN_QUERIES)        \
-            run_task_lanes(call, D, key_start, num_keys, entry0, num_rows, head);          \
-        else                                                                               \
-            run_task(call, D, key_start, num_keys, entry0, num_rows, head);                \
+#define RUN_TASK(D)                                                                                  \
+    do {                                                                                             \
+        if (num_rows * (call->num_heads / call->num_kv_heads) >= LANES_MIN_QUERIES)                  \
+            for (int head = head_first; head < head_first + head_count; head++)                      \
+                run_task_lanes(call, D, key_start, num_keys, entry0, num_rows, head);                \
+        else                                                                                         \
+            run_task(call, D, key_start, num_keys, entry0, num_rows, head_first, head_count);        \
     } while (0)
 
-static void run_task_64(const Call *call, int64_t key_start, int64_t num_keys, int64_t entry0, int num_rows, int head) {
+static void run_task_64(const Call *call, int64_t key_start, int64_t num_keys, int64_t entry0, int num_rows,
+                        int head_first, int head_count) {
     RUN_TASK(64);
 }
 
-static void run_task_128(const Call *call, int64_t key_start, int64_t num_keys, int64_t entry0, int num_rows, int head) {
+static void run_task_128(const Call *call, int64_t key_start, int64_t num_keys, int64_t entry0, int num_rows,
+                         int head_first, int head_count) {
     RUN_TASK(128);
 }
 
-static void run_task_any(const Call *call, int head_dim, int64_t key_start, int64_t num_keys, int64_t entry0, int num_rows, int head) {
+static void run_task_any(const Call *call, int head_dim, int64_t key_start, int64_t num_keys, int64_t entry0,
+                         int num_rows, int head_first, int head_count) {
     RUN_TASK(head_dim);
 }
 
@@ -611,15 +622,13 @@ int pb_span_attention(
             const int64_t *task = tasks + i * 5;
             if (task[3] * group > MAX_QUERIES_PER_TASK) continue; /* the caller never builds one */
             const int first = task[4] < 0 ? 0 : (int)task[4];
-            const int stop = task[4] < 0 ? num_kv_heads : first + 1;
-            for (int head = first; head < stop; head++) {
-                if (head_dim == 64)
-                    run_task_64(&call, task[0], task[1], task[2], (int)task[3], head);
-                else if (head_dim == 128)
-                    run_task_128(&call, task[0], task[1], task[2], (int)task[3], head);
-                else
-                    run_task_any(&call, head_dim, task[0], task[1], task[2], (int)task[3], head);
-            }
+            const int count = task[4] < 0 ? num_kv_heads : 1;
+            if (head_dim == 64)
+                run_task_64(&call, task[0], task[1], task[2], (int)task[3], first, count);
+            else if (head_dim == 128)
+                run_task_128(&call, task[0], task[1], task[2], (int)task[3], first, count);
+            else
+                run_task_any(&call, head_dim, task[0], task[1], task[2], (int)task[3], first, count);
         }
 
 #pragma omp for schedule(static)
