@@ -39,9 +39,10 @@ def write_job(folder: Path, model: Path, output: str = "out") -> Path:
         "input": {"path": "in.parquet", "prompt_column": "prompt"},
         "output": {"path": output, "rows_per_part": 2},
         "model": {"path": str(model)},
-        # one group; every row runs the whole 400 tokens (min_tokens: an end-of-sequence token
-        # the random model happens to pick cannot finish a row early), in 8-token steps
-        "sampling": {"max_tokens": 400, "min_tokens": 400},
+        # one group; every row runs the whole 2,000 tokens (min_tokens: an end-of-sequence token
+        # the random model happens to pick cannot finish a row early), in 8-token steps. Long
+        # enough that decoding outlasts the first progress report (every 0.5 s) on a fast engine.
+        "sampling": {"max_tokens": 2000, "min_tokens": 2000},
         "executor": {"kind": "native", "device": "cpu", "native": {"max_step_tokens": 8}},
     }
     (folder / "job.json").write_text(json.dumps(spec))
