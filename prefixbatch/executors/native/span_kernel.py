@@ -56,7 +56,9 @@ _loaded: dict[str, SpanKernel | None] = {}
 
 class SpanKernel:
     """The loaded library; a task holds at most `max_queries_per_task` queries (rows × query
-    heads per kv head), and heads of at most `max_head_dim`, a multiple of 16."""
+    heads per kv head), and heads of at most `max_head_dim`, a multiple of 16. A task of at most
+    `dot_max_queries` queries a kv head (a decode row) is computed by dot products, all its kv
+    heads in one pass over whole key slots."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self.library = library
@@ -72,11 +74,11 @@ class SpanKernel:
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
         ]  # fmt: skip
         self._fn = fn
-        limits = [ctypes.c_int() for _ in range(2)]
+        limits = [ctypes.c_int() for _ in range(3)]
         library.pb_span_attention_limits(*(ctypes.byref(x) for x in limits))
-        self.max_queries_per_task, self.max_head_dim = (x.value for x in limits)
+        self.max_queries_per_task, self.max_head_dim, self.dot_max_queries = (x.value for x in limits)
         norm = library.pb_add_rms_norm
-        norm.restype = ctypes.c_int
+        norm.restype = None
         norm.argtypes = [
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
             ctypes.c_int64, ctypes.c_int64, ctypes.c_int,

@@ -157,10 +157,6 @@ QUERIES_PER_TASK = 64
 # A range is split into pieces of at least this many keys when there are too few tasks to
 # keep every thread busy (one long sequence decoding).
 MIN_SPLIT_KEYS = 256
-# A task of at most this many queries per kv head (a decode row's G heads) is computed by dot
-# products over whole key slots, every kv head in one pass (the C kernel's DOT_MAX_QUERIES):
-# it is split by keys, never by head.
-DOT_QUERIES = 4
 
 
 @dataclass(frozen=True)
@@ -179,8 +175,14 @@ class KernelPlan:
     row_entries: torch.Tensor  # [E] int64
 
     @classmethod
-    def of(cls, plan: AttentionPlan, *, group: int, num_kv_heads: int, num_threads: int) -> KernelPlan:
+    def of(
+        cls, plan: AttentionPlan, *, group: int, num_kv_heads: int, num_threads: int, dot_max_queries: int
+    ) -> KernelPlan:
+        """dot_max_queries: the kernel's (`SpanKernel.dot_max_queries`); a block of that many
+        queries a kv head or fewer (a decode row) reads whole key slots for all its kv heads, so
+        it is split by keys, never by head."""
         rows_per_task = max(1, QUERIES_PER_TASK // group)
+        dot_rows = dot_max_queries // group  # blocks of at most this many rows: all heads at once
         blocks = []  # (key_start, num_keys, rows, visible)
         for span in plan.spans:
             rows = np.asarray(span.rows, dtype=np.int64)
@@ -191,8 +193,8 @@ class KernelPlan:
             for first in range(0, len(rows), rows_per_task):
                 block_visible = visible[first : first + rows_per_task]
                 blocks.append((span.key_start, int(block_visible.max()), rows[first : first + rows_per_task], block_visible))
-        blocks = _split_keys(blocks, min_tasks=2 * num_threads, num_kv_heads=num_kv_heads, group=group)
-        tasks = _tasks(blocks, num_kv_heads=num_kv_heads, num_threads=num_threads, group=group)
+        blocks = _split_keys(blocks, min_tasks=2 * num_threads, num_kv_heads=num_kv_heads, dot_rows=dot_rows)
+        tasks = _tasks(blocks, num_kv_heads=num_kv_heads, num_threads=num_threads, dot_rows=dot_rows)
         entry_row = np.concatenate([rows for _, _, rows, _ in blocks]) if blocks else np.zeros(0, np.int64)
         entry_visible = np.concatenate([v for _, _, _, v in blocks]) if blocks else np.zeros(0, np.int64)
         row_entries = np.argsort(entry_row, kind="stable")
@@ -201,18 +203,18 @@ class KernelPlan:
         return cls(*(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in (tasks, entry_row, entry_visible, row_ptr, row_entries)))
 
 
-def _tasks(blocks: list, *, num_kv_heads: int, num_threads: int, group: int) -> np.ndarray:
+def _tasks(blocks: list, *, num_kv_heads: int, num_threads: int, dot_rows: int) -> np.ndarray:
     """The kernel's work items, largest first (threads take them in turn: the big ones do not
     come last). A block is one item for all kv heads — it reads each key's slot whole — unless
-    it is a large share of the call's work and has more than DOT_QUERIES queries a head: then
-    one item per kv head, so threads share it."""
+    it is a large share of the call's work and has more than `dot_rows` rows: then one item per
+    kv head, so threads share it."""
     work = np.array([len(rows) * num_keys for _, num_keys, rows, _ in blocks], dtype=np.int64)
     share_limit = work.sum() / (4 * num_threads)
     few = len(blocks) < 8 * num_threads  # too few blocks to keep the threads busy whole
     items = []
     entry = 0
     for (key_start, num_keys, rows, _), cost in zip(blocks, work):
-        if (cost > share_limit or few) and len(rows) * group > DOT_QUERIES:
+        if (cost > share_limit or few) and len(rows) > dot_rows:
             items += [(cost, (key_start, num_keys, entry, len(rows), head)) for head in range(num_kv_heads)]
         else:
             items.append((cost * num_kv_heads, (key_start, num_keys, entry, len(rows), -1)))
@@ -221,10 +223,10 @@ def _tasks(blocks: list, *, num_kv_heads: int, num_threads: int, group: int) -> 
     return np.array([task for _, task in items], dtype=np.int64).reshape(-1, 5)
 
 
-def _split_keys(blocks: list, *, min_tasks: int, num_kv_heads: int, group: int) -> list:
+def _split_keys(blocks: list, *, min_tasks: int, num_kv_heads: int, dot_rows: int) -> list:
     """Blocks split into key pieces (≥ MIN_SPLIT_KEYS) until there are about `min_tasks` tasks
-    (a block of more than DOT_QUERIES queries a head also splits by head: `_tasks`)."""
-    units = sum(1 if len(rows) * group <= DOT_QUERIES else num_kv_heads for _, _, rows, _ in blocks)
+    (a block of more than `dot_rows` rows also splits by head: `_tasks`)."""
+    units = sum(1 if len(rows) <= dot_rows else num_kv_heads for _, _, rows, _ in blocks)
     if units >= min_tasks:
         return blocks
     pieces_wanted = math.ceil(min_tasks / units) if blocks else 1
@@ -376,6 +378,7 @@ class TreeAttention:
                 group=q.shape[1] // keys.shape[1],
                 num_kv_heads=keys.shape[1],
                 num_threads=torch.get_num_threads(),
+                dot_max_queries=self.kernel.dot_max_queries,
             )
         p = self.kernel_plan
         out, _ = self.kernel(

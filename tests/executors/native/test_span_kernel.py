@@ -117,9 +117,11 @@ def test_residual_add_and_rms_norm_in_one_pass_equal_the_two_ops(kernel, rows):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_pieces_cover_each_row_keys_once():
+def test_pieces_cover_each_row_keys_once(kernel):
     one_row = plan_attention([SegmentKV(0, None, 0, 1500)], [QueryRun(0, 0, 1499, 1)])
-    plan = tree_attention.KernelPlan.of(one_row, group=4, num_kv_heads=1, num_threads=4)
+    plan = tree_attention.KernelPlan.of(
+        one_row, group=4, num_kv_heads=1, num_threads=4, dot_max_queries=kernel.dot_max_queries
+    )
     tasks = plan.tasks.tolist()
     assert len(tasks) == 5  # 8 tasks wanted, pieces of at least MIN_SPLIT_KEYS (256) keys
     assert [t[0] for t in tasks] == [0, 300, 600, 900, 1200]
@@ -127,13 +129,15 @@ def test_pieces_cover_each_row_keys_once():
     assert plan.row_ptr.tolist() == [0, 5]
 
 
-def test_decode_rows_split_by_keys_never_by_head():
+def test_decode_rows_split_by_keys_never_by_head(kernel):
     # Four sequences decoding (2 queries a kv head each: the dot-product path, which reads each
     # key slot whole for all heads): too few tasks for 2 threads × 2, so the ranges are split
     # in key pieces, each a task over every kv head.
     segments = [SegmentKV(i, None, 1500 * i, 1500) for i in range(4)]
     plan = plan_attention(segments, [QueryRun(i, i, 1499, 1) for i in range(4)])
-    kernel_plan = tree_attention.KernelPlan.of(plan, group=2, num_kv_heads=4, num_threads=4)
+    kernel_plan = tree_attention.KernelPlan.of(
+        plan, group=2, num_kv_heads=4, num_threads=4, dot_max_queries=kernel.dot_max_queries
+    )
     tasks = kernel_plan.tasks.tolist()
     assert {t[4] for t in tasks} == {-1} and len(tasks) == 8  # 2 pieces of 750 keys each
     assert sum(kernel_plan.entry_visible.tolist()) == 4 * 1500

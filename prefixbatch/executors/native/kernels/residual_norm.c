@@ -15,7 +15,7 @@
 
 #define PARALLEL_FROM 131072 /* elements; below, waking a thread costs more than it saves */
 
-int pb_add_rms_norm(
+void pb_add_rms_norm(
     float *x, const float *delta, const float *weight, float eps, float *out, int64_t rows, int64_t dim,
     int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * dim >= PARALLEL_FROM)
@@ -31,5 +31,4 @@ int pb_add_rms_norm(
         const float inverse = 1.0f / sqrtf(squares / (float)dim + eps);
         for (int64_t d = 0; d < dim; d++) o[d] = xr[d] * inverse * weight[d];
     }
-    return 0;
 }

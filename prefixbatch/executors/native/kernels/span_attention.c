@@ -49,7 +49,6 @@
 #define TILE_VECS 4 /* `run_task`: 16-key vectors a tile */
 #define TILE_KEYS (TILE_VECS * LANES)
 #define DOT_MAX_QUERIES QUERY_BLOCK /* up to this many queries a task: `run_task` (dot products) */
-#define MAX_QUERIES (MAX_QUERIES_PER_TASK + QUERY_BLOCK)
 #define LANES_MIN_QUERIES (DOT_MAX_QUERIES + 1) /* from this many queries a task, `run_task_lanes` */
 #define LANE_TILE_KEYS 64 /* keys a lanes task scores at a time */
 #define QUERY_VECS (MAX_QUERIES_PER_TASK / 16) /* query vectors of a lanes task, at most */
@@ -560,9 +559,10 @@ static void run_task_any(const Call *call, int head_dim, int64_t key_start, int6
     RUN_TASK(head_dim);
 }
 
-int pb_span_attention_limits(int *max_queries_per_task, int *max_head_dim) {
+int pb_span_attention_limits(int *max_queries_per_task, int *max_head_dim, int *dot_max_queries) {
     *max_queries_per_task = MAX_QUERIES_PER_TASK;
     *max_head_dim = MAX_HEAD_DIM;
+    *dot_max_queries = DOT_MAX_QUERIES;
     return 0;
 }
 
