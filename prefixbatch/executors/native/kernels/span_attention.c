@@ -460,8 +460,9 @@ static inline __attribute__((always_inline)) void run_task_lanes(
         const int tile_keys = (int)(most_visible - tile < LANE_TILE_KEYS ? most_visible - tile : LANE_TILE_KEYS);
         const float *k_tile = call->keys + (key_start + tile) * key_stride + (int64_t)head * head_dim;
         const float *v_tile = call->values + (key_start + tile) * key_stride + (int64_t)head * head_dim;
-        /* Scores, 4 keys × 4 query vectors at a time (16 independent accumulators). */
-        const int kb = qvecs <= 2 ? 8 : 4; /* at least 8 independent accumulators */
+        /* Scores, kb keys × up to 4 query vectors at a time: 8 keys when there are 1–2 vectors,
+           4 keys × 4 vectors otherwise (at least 8 independent accumulators). */
+        const int kb = qvecs <= 2 ? 8 : 4;
         for (int k0 = 0; k0 < tile_keys; k0 += kb) {
             const float *k_rows[8];
             for (int i = 0; i < kb; i++) /* past the range: the last key again, never seen */
