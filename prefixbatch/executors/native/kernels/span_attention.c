@@ -385,6 +385,21 @@ static inline __attribute__((always_inline)) void score_block(
         for (int v = 0; v < nv; v++) out[i][v0 + v] = sc[i][v];
 }
 
+/* Keys and values of `count` slots from `first` (one head's D floats of each) toward the cache,
+   while the caller computes on the previous ones: the store is read once a step, cold, and a
+   head's keys are D floats every Hkv·D, a stride the hardware prefetcher follows late. */
+static inline void prefetch_slots(const Call *call, const int head_dim, int64_t first, int count, int head) {
+    const int64_t key_stride = (int64_t)call->num_kv_heads * head_dim;
+    for (int i = 0; i < count; i++) {
+        const char *k = (const char *)(call->keys + (first + i) * key_stride + (int64_t)head * head_dim);
+        const char *v = (const char *)(call->values + (first + i) * key_stride + (int64_t)head * head_dim);
+        for (int64_t b = 0; b < (int64_t)sizeof(float) * head_dim; b += 64) {
+            __builtin_prefetch(k + b, 0, 3);
+            __builtin_prefetch(v + b, 0, 3);
+        }
+    }
+}
+
 /* Query vector v of a lanes task (its queries v·16 … v·16 + 15, rotated and scaled; zeros past
    the last) into q_t[d][v]: the 16 rows, then 16 × 16 transposes. Not inlined: its buffers
    would crowd the scoring loops' frame. */
@@ -463,7 +478,11 @@ static inline __attribute__((always_inline)) void run_task_lanes(
         /* Scores, kb keys × up to 4 query vectors at a time: 8 keys when there are 1–2 vectors,
            4 keys × 4 vectors otherwise (at least 8 independent accumulators). */
         const int kb = qvecs <= 2 ? 8 : 4;
+        const int64_t next_tile = tile + LANE_TILE_KEYS;
         for (int k0 = 0; k0 < tile_keys; k0 += kb) {
+            if (next_tile + k0 < most_visible) /* the next tile's keys, kb at a time */
+                prefetch_slots(call, head_dim, key_start + next_tile + k0,
+                               (int)(most_visible - next_tile - k0 < kb ? most_visible - next_tile - k0 : kb), head);
             const float *k_rows[8];
             for (int i = 0; i < kb; i++) /* past the range: the last key again, never seen */
                 k_rows[i] = k_tile + (k0 + i < tile_keys ? k0 + i : tile_keys - 1) * key_stride;
