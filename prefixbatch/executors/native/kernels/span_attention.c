@@ -232,6 +232,21 @@ static inline __attribute__((always_inline)) void write_results(
     }
 }
 
+/* Keys and values of `count` slots from `first` (one head's D floats of each) toward the cache,
+   while the caller computes on the previous ones: the store is read once a step, cold, and a
+   head's keys are D floats every Hkv·D, a stride the hardware prefetcher follows late. */
+static inline void prefetch_slots(const Call *call, const int head_dim, int64_t first, int count, int head) {
+    const int64_t key_stride = (int64_t)call->num_kv_heads * head_dim;
+    for (int i = 0; i < count; i++) {
+        const char *k = (const char *)(call->keys + (first + i) * key_stride + (int64_t)head * head_dim);
+        const char *v = (const char *)(call->values + (first + i) * key_stride + (int64_t)head * head_dim);
+        for (int64_t b = 0; b < (int64_t)sizeof(float) * head_dim; b += 64) {
+            __builtin_prefetch(k + b, 0, 3);
+            __builtin_prefetch(v + b, 0, 3);
+        }
+    }
+}
+
 /* One task of few queries per kv head (at most DOT_MAX_QUERIES: a decode row, its G heads):
    rows [entry0, entry0 + num_rows) of the entry list, kv heads [head_first, head_first +
    head_count), keys [key_start, key_start + num_keys). Writes its entries' results
@@ -294,6 +309,10 @@ static inline __attribute__((always_inline)) void run_task(
                 vf16 s[QUERY_BLOCK][TILE_VECS];
                 for (int t = 0; t < TILE_VECS; t++) {
                     for (int b = 0; b < QUERY_BLOCK; b++) s[b][t] = splat(0.0f);
+                    const int64_t ahead = tile + TILE_KEYS + t * LANES; /* the next tile's, 16 keys at a time */
+                    if (ahead < most_visible)
+                        prefetch_slots(call, head_dim, key_start + ahead,
+                                       (int)(most_visible - ahead < LANES ? most_visible - ahead : LANES), head);
                     if (t * LANES >= tile_keys) continue; /* past the range: masked below */
                     vf16 products[QUERY_BLOCK][LANES];
                     for (int j = 0; j < LANES; j++) {
@@ -383,21 +402,6 @@ static inline __attribute__((always_inline)) void score_block(
         }
     for (int i = 0; i < kb && i < keys; i++)
         for (int v = 0; v < nv; v++) out[i][v0 + v] = sc[i][v];
-}
-
-/* Keys and values of `count` slots from `first` (one head's D floats of each) toward the cache,
-   while the caller computes on the previous ones: the store is read once a step, cold, and a
-   head's keys are D floats every Hkv·D, a stride the hardware prefetcher follows late. */
-static inline void prefetch_slots(const Call *call, const int head_dim, int64_t first, int count, int head) {
-    const int64_t key_stride = (int64_t)call->num_kv_heads * head_dim;
-    for (int i = 0; i < count; i++) {
-        const char *k = (const char *)(call->keys + (first + i) * key_stride + (int64_t)head * head_dim);
-        const char *v = (const char *)(call->values + (first + i) * key_stride + (int64_t)head * head_dim);
-        for (int64_t b = 0; b < (int64_t)sizeof(float) * head_dim; b += 64) {
-            __builtin_prefetch(k + b, 0, 3);
-            __builtin_prefetch(v + b, 0, 3);
-        }
-    }
 }
 
 /* Query vector v of a lanes task (its queries v·16 … v·16 + 15, rotated and scaled; zeros past
