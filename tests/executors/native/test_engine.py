@@ -7,6 +7,7 @@ unique tokens); sampled requests do not depend on their batch mates or the job's
 
 from __future__ import annotations
 
+import gc
 import random
 from dataclasses import replace
 
@@ -117,3 +118,19 @@ def test_cpu_fp32_runs_packed_weights_and_batch_invariant_runs_dense(tiny_llama)
     assert NativeExecutor(model, ExecutorSpec(kind="native", device="cpu")).model.is_packed
     invariant = ExecutorSpec.model_validate({"kind": "native", "device": "cpu", "native": {"batch_invariant": True}})
     assert not NativeExecutor(model, invariant).model.is_packed
+
+
+def test_a_run_keeps_older_objects_out_of_the_collectors_passes_and_restores_them(tiny_llama):
+    requests = make_requests(tiny_llama)[:4]
+    executor = NativeExecutor(ModelSpec(path=str(tiny_llama), dtype="float32"), ExecutorSpec(kind="native", device="cpu"))
+    assert gc.get_freeze_count() == 0
+    frozen_during = []
+    for _ in executor.generate(planned(requests)):
+        frozen_during.append(gc.get_freeze_count())
+    assert len(frozen_during) == len(requests)
+    assert min(frozen_during) > 10_000  # torch, transformers, the model: left alone during the run
+    assert gc.get_freeze_count() == 0  # and handed back to the collector once it ends
+    abandoned = executor.generate(planned(requests))
+    next(abandoned)
+    abandoned.close()  # a consumer that stops early (a stop, an error downstream)
+    assert gc.get_freeze_count() == 0
