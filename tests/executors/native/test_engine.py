@@ -123,7 +123,6 @@ def test_cpu_fp32_runs_packed_weights_and_batch_invariant_runs_dense(tiny_llama)
 def test_a_run_keeps_older_objects_out_of_the_collectors_passes_and_restores_them(tiny_llama):
     requests = make_requests(tiny_llama)[:4]
     executor = NativeExecutor(ModelSpec(path=str(tiny_llama), dtype="float32"), ExecutorSpec(kind="native", device="cpu"))
-    assert gc.get_freeze_count() == 0
     frozen_during = []
     for _ in executor.generate(planned(requests)):
         frozen_during.append(gc.get_freeze_count())
