@@ -232,14 +232,16 @@ static inline __attribute__((always_inline)) void write_results(
     }
 }
 
-/* Keys and values of `count` slots from `first` (one head's D floats of each) toward the cache,
-   while the caller computes on the previous ones: the store is read once a step, cold, and a
-   head's keys are D floats every Hkv·D, a stride the hardware prefetcher follows late. */
-static inline void prefetch_slots(const Call *call, const int head_dim, int64_t first, int count, int head) {
+/* Keys and values of a task's keys [first, first + count) that lie before `stop` (slots from
+   key_start; one head's D floats of each) toward the cache, while the caller computes on
+   earlier ones: the store is read once a step, cold, and a head's keys are D floats every
+   Hkv·D, a stride the hardware prefetcher follows late. */
+static inline void prefetch_slots(
+    const Call *call, const int head_dim, int64_t key_start, int64_t first, int count, int64_t stop, int head) {
     const int64_t key_stride = (int64_t)call->num_kv_heads * head_dim;
-    for (int i = 0; i < count; i++) {
-        const char *k = (const char *)(call->keys + (first + i) * key_stride + (int64_t)head * head_dim);
-        const char *v = (const char *)(call->values + (first + i) * key_stride + (int64_t)head * head_dim);
+    for (int64_t key = first; key < first + count && key < stop; key++) {
+        const char *k = (const char *)(call->keys + (key_start + key) * key_stride + (int64_t)head * head_dim);
+        const char *v = (const char *)(call->values + (key_start + key) * key_stride + (int64_t)head * head_dim);
         for (int64_t b = 0; b < (int64_t)sizeof(float) * head_dim; b += 64) {
             __builtin_prefetch(k + b, 0, 3);
             __builtin_prefetch(v + b, 0, 3);
@@ -309,10 +311,8 @@ static inline __attribute__((always_inline)) void run_task(
                 vf16 s[QUERY_BLOCK][TILE_VECS];
                 for (int t = 0; t < TILE_VECS; t++) {
                     for (int b = 0; b < QUERY_BLOCK; b++) s[b][t] = splat(0.0f);
-                    const int64_t ahead = tile + TILE_KEYS + t * LANES; /* the next tile's, 16 keys at a time */
-                    if (ahead < most_visible)
-                        prefetch_slots(call, head_dim, key_start + ahead,
-                                       (int)(most_visible - ahead < LANES ? most_visible - ahead : LANES), head);
+                    /* the next tile's keys, 16 at a time */
+                    prefetch_slots(call, head_dim, key_start, tile + TILE_KEYS + t * LANES, LANES, most_visible, head);
                     if (t * LANES >= tile_keys) continue; /* past the range: masked below */
                     vf16 products[QUERY_BLOCK][LANES];
                     for (int j = 0; j < LANES; j++) {
@@ -482,11 +482,9 @@ static inline __attribute__((always_inline)) void run_task_lanes(
         /* Scores, kb keys × up to 4 query vectors at a time: 8 keys when there are 1–2 vectors,
            4 keys × 4 vectors otherwise (at least 8 independent accumulators). */
         const int kb = qvecs <= 2 ? 8 : 4;
-        const int64_t next_tile = tile + LANE_TILE_KEYS;
         for (int k0 = 0; k0 < tile_keys; k0 += kb) {
-            if (next_tile + k0 < most_visible) /* the next tile's keys, kb at a time */
-                prefetch_slots(call, head_dim, key_start + next_tile + k0,
-                               (int)(most_visible - next_tile - k0 < kb ? most_visible - next_tile - k0 : kb), head);
+            /* the next tile's keys, kb at a time */
+            prefetch_slots(call, head_dim, key_start, tile + LANE_TILE_KEYS + k0, kb, most_visible, head);
             const float *k_rows[8];
             for (int i = 0; i < kb; i++) /* past the range: the last key again, never seen */
                 k_rows[i] = k_tile + (k0 + i < tile_keys ? k0 + i : tile_keys - 1) * key_stride;
