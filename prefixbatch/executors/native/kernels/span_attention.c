@@ -306,6 +306,8 @@ static inline __attribute__((always_inline)) void run_task(
             const int tile_keys = (int)(most_visible - tile < TILE_KEYS ? most_visible - tile : TILE_KEYS);
             for (int hh = 0; hh < heads; hh++) {
                 const int head = head_first + h0 + hh;
+                /* the next head's part of this tile, while this head's is computed */
+                if (hh + 1 < heads) prefetch_slots(call, head_dim, key_start, tile, tile_keys, most_visible, head + 1);
                 const float *k_tile = keys + (key_start + tile) * key_stride + (int64_t)head * head_dim;
                 const float *v_tile = values + (key_start + tile) * key_stride + (int64_t)head * head_dim;
                 vf16 s[QUERY_BLOCK][TILE_VECS];
