@@ -19,6 +19,7 @@ in → out: q [T, H, D] + the layer's store buffers + plan → out [T, H, D].
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -180,64 +181,90 @@ class KernelPlan:
     ) -> KernelPlan:
         """dot_max_queries: the kernel's (`SpanKernel.dot_max_queries`); a block of that many
         queries a kv head or fewer (a decode row) reads whole key slots for all its kv heads, so
-        it is split by keys, never by head."""
-        rows_per_task = max(1, QUERIES_PER_TASK // group)
+        it is split by keys, never by head.
+
+        Columnar (numpy over all of the step's rows at once): a decode step has a span or more
+        per sequence, hundreds of them."""
+        blocks = _Blocks.of(plan.spans, rows_per_task=max(1, QUERIES_PER_TASK // group))
         dot_rows = dot_max_queries // group  # blocks of at most this many rows: all heads at once
-        blocks = []  # (key_start, num_keys, rows, visible)
-        for span in plan.spans:
-            rows = np.asarray(span.rows, dtype=np.int64)
-            if span.causal_offset is None:
-                visible = np.full(len(rows), span.num_keys, dtype=np.int64)
-            else:
-                visible = np.minimum(span.num_keys, span.causal_offset + 1 + np.arange(len(rows)))
-            for first in range(0, len(rows), rows_per_task):
-                block_visible = visible[first : first + rows_per_task]
-                blocks.append((span.key_start, int(block_visible.max()), rows[first : first + rows_per_task], block_visible))
-        blocks = _split_keys(blocks, min_tasks=2 * num_threads, num_kv_heads=num_kv_heads, dot_rows=dot_rows)
-        tasks = _tasks(blocks, num_kv_heads=num_kv_heads, num_threads=num_threads, dot_rows=dot_rows)
-        entry_row = np.concatenate([rows for _, _, rows, _ in blocks]) if blocks else np.zeros(0, np.int64)
-        entry_visible = np.concatenate([v for _, _, _, v in blocks]) if blocks else np.zeros(0, np.int64)
+        blocks = blocks.split_keys(min_tasks=2 * num_threads, num_kv_heads=num_kv_heads, dot_rows=dot_rows)
+        tasks = blocks.tasks(num_kv_heads=num_kv_heads, num_threads=num_threads, dot_rows=dot_rows)
+        entry_row, entry_visible = blocks.rows, blocks.visible
         row_entries = np.argsort(entry_row, kind="stable")
         row_ptr = np.zeros(plan.num_rows + 1, dtype=np.int64)
         np.cumsum(np.bincount(entry_row, minlength=plan.num_rows), out=row_ptr[1:])
         return cls(*(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in (tasks, entry_row, entry_visible, row_ptr, row_entries)))
 
 
-def _tasks(blocks: list, *, num_kv_heads: int, num_threads: int, dot_rows: int) -> np.ndarray:
-    """The kernel's work items, largest first (threads take them in turn: the big ones do not
-    come last). A block is one item for all kv heads — it reads each key's slot whole — unless
-    it is a large share of the call's work and has more than `dot_rows` rows: then one item per
-    kv head, so threads share it."""
-    work = np.array([len(rows) * num_keys for _, num_keys, rows, _ in blocks], dtype=np.int64)
-    share_limit = work.sum() / (4 * num_threads)
-    few = len(blocks) < 8 * num_threads  # too few blocks to keep the threads busy whole
-    items = []
-    entry = 0
-    for (key_start, num_keys, rows, _), cost in zip(blocks, work):
-        if (cost > share_limit or few) and len(rows) > dot_rows:
-            items += [(cost, (key_start, num_keys, entry, len(rows), head)) for head in range(num_kv_heads)]
-        else:
-            items.append((cost * num_kv_heads, (key_start, num_keys, entry, len(rows), -1)))
-        entry += len(rows)
-    items.sort(key=lambda item: -item[0])
-    return np.array([task for _, task in items], dtype=np.int64).reshape(-1, 5)
+@dataclass(frozen=True)
+class _Blocks:
+    """A step's blocks, columns side by side: block b is rows[first[b] : first[b] + count[b]]
+    (ascending, one span's) against keys [key_start[b], key_start[b] + num_keys[b]), row i of
+    them seeing the range's first visible[first[b] + i] keys. Entries are the flat rows."""
+
+    key_start: np.ndarray  # [B]
+    num_keys: np.ndarray  # [B]: keys the block's rows see at most
+    first: np.ndarray  # [B]
+    count: np.ndarray  # [B]
+    rows: np.ndarray  # [E]
+    visible: np.ndarray  # [E]
+
+    @classmethod
+    def of(cls, spans: tuple[KeySpan, ...], *, rows_per_task: int) -> _Blocks:
+        """Each span's rows in blocks of at most rows_per_task, in the plan's order."""
+        sizes = np.fromiter((len(span.rows) for span in spans), np.int64, len(spans))
+        rows = np.fromiter(itertools.chain.from_iterable(span.rows for span in spans), np.int64, int(sizes.sum()))
+        span_keys = np.fromiter((span.num_keys for span in spans), np.int64, len(spans))
+        causal = np.fromiter((-1 if span.causal_offset is None else span.causal_offset for span in spans), np.int64, len(spans))
+        of_row, within = _parts(sizes)  # each entry's span, and its place among the span's rows
+        keys = span_keys[of_row]
+        visible = np.where(causal[of_row] < 0, keys, np.minimum(keys, causal[of_row] + 1 + within))
+        of_block, block = _parts(-(-sizes // rows_per_task))  # each block's span, and which of its blocks
+        first = (np.cumsum(sizes) - sizes)[of_block] + block * rows_per_task
+        count = np.minimum(rows_per_task, sizes[of_block] - block * rows_per_task)
+        num_keys = np.maximum.reduceat(visible, first) if len(first) else first
+        key_start = np.fromiter((span.key_start for span in spans), np.int64, len(spans))[of_block]
+        return cls(key_start, num_keys, first, count, rows, visible)
+
+    def split_keys(self, *, min_tasks: int, num_kv_heads: int, dot_rows: int) -> _Blocks:
+        """Blocks split into key pieces (≥ MIN_SPLIT_KEYS) until there are about `min_tasks`
+        tasks (a block of more than `dot_rows` rows also splits by head: `tasks`): one long
+        sequence decoding, say. A piece's entries are its block's rows, seeing the piece's keys."""
+        units = int(np.where(self.count <= dot_rows, 1, num_kv_heads).sum())
+        if units >= min_tasks or units == 0:
+            return self
+        pieces = np.clip(self.num_keys // MIN_SPLIT_KEYS, 1, math.ceil(min_tasks / units))
+        size = np.maximum(1, -(-self.num_keys // pieces))
+        of_piece, piece = _parts(np.maximum(1, -(-self.num_keys // size)))  # ranges of `size` keys
+        start = piece * size[of_piece]
+        num_keys = np.minimum(self.num_keys[of_piece], start + size[of_piece]) - start
+        count = self.count[of_piece]
+        of_entry, within = _parts(count)
+        source = self.first[of_piece][of_entry] + within
+        visible = np.minimum(np.maximum(self.visible[source] - start[of_entry], 0), num_keys[of_entry])
+        first = np.cumsum(count) - count
+        return _Blocks(self.key_start[of_piece] + start, num_keys, first, count, self.rows[source], visible)
+
+    def tasks(self, *, num_kv_heads: int, num_threads: int, dot_rows: int) -> np.ndarray:
+        """The kernel's work items [N, 5], largest first (threads take them in turn: the big
+        ones do not come last). A block is one item for all kv heads — it reads each key's slot
+        whole — unless it is a large share of the call's work and has more than `dot_rows`
+        rows: then one item per kv head, so threads share it."""
+        work = self.count * self.num_keys
+        few = len(work) < 8 * num_threads  # too few blocks to keep the threads busy whole
+        by_head = ((work > work.sum() / (4 * num_threads)) | few) & (self.count > dot_rows)
+        of_item, head = _parts(np.where(by_head, num_kv_heads, 1))
+        head = np.where(by_head[of_item], head, -1)
+        cost = np.where(by_head, work, work * num_kv_heads)[of_item]
+        order = np.argsort(-cost, kind="stable")
+        columns = (self.key_start[of_item], self.num_keys[of_item], self.first[of_item], self.count[of_item], head)
+        return np.stack(columns, axis=1)[order].reshape(-1, 5)
 
 
-def _split_keys(blocks: list, *, min_tasks: int, num_kv_heads: int, dot_rows: int) -> list:
-    """Blocks split into key pieces (≥ MIN_SPLIT_KEYS) until there are about `min_tasks` tasks
-    (a block of more than `dot_rows` rows also splits by head: `_tasks`)."""
-    units = sum(1 if len(rows) <= dot_rows else num_kv_heads for _, _, rows, _ in blocks)
-    if units >= min_tasks:
-        return blocks
-    pieces_wanted = math.ceil(min_tasks / units) if blocks else 1
-    split = []
-    for key_start, num_keys, rows, visible in blocks:
-        pieces = max(1, min(pieces_wanted, num_keys // MIN_SPLIT_KEYS))
-        size = max(1, math.ceil(num_keys / pieces))
-        for start in range(0, num_keys, size):
-            stop = min(num_keys, start + size)
-            split.append((key_start + start, stop - start, rows, np.clip(visible - start, 0, stop - start)))
-    return split
+def _parts(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For counts [n] → (owner, index) [Σ counts]: part j of item i is (i, j), items in order."""
+    owner = np.repeat(np.arange(len(counts)), counts)
+    return owner, np.arange(len(owner)) - (np.cumsum(counts) - counts)[owner]
 
 
 def _is_consecutive(rows: tuple[int, ...]) -> bool:
