@@ -49,9 +49,11 @@ class AttentionFn(Protocol):
         Must store k, v for later steps and attend each query to its own context, including
         the keys of this call's tokens that precede it (and itself).
 
-        A callback may also offer `attend_unroped(layer, q, k, v, cos, sin)`: the same with q
-        and k before rope (cos, sin [T, D/2] from `rope_angles`), returning None where it
-        cannot apply rope itself (then the model does, and calls it as above)."""
+        A callback may also offer `attend_unroped(layer, q, k, v, cos, sin, rows=None)`: the
+        same with q and k before rope (cos, sin [T, D/2] from `rope_angles`), returning None
+        where it cannot apply rope itself (then the model does, and calls it as above); given
+        rows (ascending, distinct), it stores every row's k, v as ever but returns only those
+        rows' outputs [len(rows), H, D]."""
         ...
 
 
@@ -123,8 +125,15 @@ class SelfAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, **kind)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention: AttentionFn,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x [T, E] → [T, E]; rows (ascending, distinct): [len(rows), E], those rows' outputs
+        only (every row's k, v is stored all the same)."""
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split(self.split_sizes, dim=-1)
@@ -134,7 +143,7 @@ class SelfAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         unroped = getattr(attention, "attend_unroped", None)  # rope inside the callback's kernel
-        out = None if unroped is None else unroped(self.layer, q, k, v, cos, sin)
+        out = None if unroped is None else unroped(self.layer, q, k, v, cos, sin, rows=rows)
         if out is None:
             if self.q_norm is not None:
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -143,10 +152,13 @@ class SelfAttention(nn.Module):
                 qk = qkv[:, : heads * self.head_dim].view(num_tokens, heads, self.head_dim)
                 q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
             out = attention(self.layer, q, k, v)  # out: [T, H, D]
-        assert out.shape == q.shape, (
-            f"attention returned {tuple(out.shape)}, expected {tuple(q.shape)}"
+            if rows is not None:
+                out = out[rows]
+        num_out = num_tokens if rows is None else rows.shape[0]
+        assert out.shape == (num_out, *q.shape[1:]), (
+            f"attention returned {tuple(out.shape)}, expected {(num_out, *q.shape[1:])}"
         )
-        return self.o_proj(out.reshape(num_tokens, -1))
+        return self.o_proj(out.reshape(num_out, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -200,8 +212,11 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         attention: AttentionFn,
         batch_invariant: bool = False,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
+        """x [T, E] → [T, E], or [len(rows), E]: the outputs of rows only (`SelfAttention`)."""
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, attention, rows)
+        x = (x if rows is None else x[rows]) + attended
         return x + self.mlp(self.post_attention_layernorm(x), batch_invariant)
 
 
@@ -280,13 +295,20 @@ class CausalLM(nn.Module):
         token_ids, positions = _pad_rows(token_ids, row_multiple), _pad_rows(positions, row_multiple)
         hidden = F.embedding(token_ids, self.embed_tokens)  # [T', E]
         cos, sin = rope_angles(positions, self.inv_freq)  # [T, D/2] each
+        # Past the last layer's k, v only the logits rows matter: that layer's attention, o_proj
+        # and MLP run for them alone (a prefill chunk asks for one row's logits of thousands).
+        wanted = None if batch_invariant else _distinct_rows(logits_rows, num_rows)
+        rows = None if wanted is None else wanted[0]
         if self.residual_norm is not None and self.layers:  # packed: fp32 CPU, not batch_invariant
-            normed = self._layers_adding_in_norms(hidden, cos, sin, attention)  # [T, E]
+            normed = self._layers_adding_in_norms(hidden, cos, sin, attention, rows)  # [T or R, E]
             if logits_rows is not None:
-                normed = normed[logits_rows]  # [N, E]
+                normed = normed[logits_rows if wanted is None else wanted[1]]  # [N, E]
             return self.lm_head(normed).float()  # [N, V]
-        for layer in self.layers:
-            hidden = layer(hidden, cos, sin, attention, batch_invariant)
+        for i, layer in enumerate(self.layers):
+            last = i == len(self.layers) - 1
+            hidden = layer(hidden, cos, sin, attention, batch_invariant, rows if last else None)
+        if wanted is not None:
+            return self.lm_head(self.norm(hidden[wanted[1]])).float()  # [N, V]
         if logits_rows is not None:
             # Norm and lm_head are per token: only the rows that will be sampled pay for the
             # vocabulary projection, the largest matmul of a decode step.
@@ -295,20 +317,41 @@ class CausalLM(nn.Module):
         return logits[: num_rows if logits_rows is None else logits_rows.shape[0]]  # [N, V]
 
     def _layers_adding_in_norms(
-        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention: AttentionFn,
+        rows: torch.Tensor | None,
     ) -> torch.Tensor:
         """The decoder stack as `DecoderLayer.forward` computes it, each residual add done in
         one pass with the norm after it (`SpanKernel.add_rms_norm`): the post-attention norm,
         the next layer's input norm, the final norm. hidden [T, E] is the residual stream,
-        updated in place; returns the final norm's output [T, E]."""
+        updated in place; returns the final norm's output [T, E] — [len(rows), E] of rows only
+        when given (the last layer's outputs computed for them alone)."""
         add_norm = self.residual_norm.add_rms_norm
         normed = self.layers[0].input_layernorm(hidden)
         norms_after = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
-        for layer, next_norm in zip(self.layers, norms_after, strict=True):
+        for i, (layer, next_norm) in enumerate(zip(self.layers, norms_after, strict=True)):
             post = layer.post_attention_layernorm
-            normed = add_norm(hidden, layer.self_attn(normed, cos, sin, attention), post.weight, post.eps)
+            last_rows = rows if i == len(self.layers) - 1 else None
+            attended = layer.self_attn(normed, cos, sin, attention, last_rows)
+            if last_rows is not None:
+                hidden = hidden[last_rows]  # [R, E]
+            normed = add_norm(hidden, attended, post.weight, post.eps)
             normed = add_norm(hidden, layer.mlp(normed), next_norm.weight, next_norm.eps)
         return normed
+
+
+def _distinct_rows(
+    logits_rows: torch.Tensor | None, num_rows: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows, where): the distinct rows of logits_rows, ascending, and each logits row's place
+    among them (logits_rows == rows[where]); None when that is every row (or no logits_rows)."""
+    if logits_rows is None:
+        return None
+    rows, where = torch.unique(logits_rows, sorted=True, return_inverse=True)
+    return None if rows.shape[0] == num_rows else (rows, where)
 
 
 def _pad_rows(index: torch.Tensor, multiple: int) -> torch.Tensor:

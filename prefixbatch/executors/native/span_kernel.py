@@ -71,6 +71,7 @@ class SpanKernel:
             ctypes.c_void_p, ctypes.c_void_p,
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_void_p, ctypes.c_void_p,
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
         ]  # fmt: skip
         self._fn = fn
@@ -122,30 +123,39 @@ class SpanKernel:
         scale: float,
         new: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         angles: tuple[torch.Tensor, torch.Tensor] | None = None,
+        query_angles: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, H, D] (rows strided as a view may be), keys/values [capacity, Hkv, D] contiguous;
         tasks [N, 5] (key_start, num_keys, entry0, num_rows, kv head or -1 for all); entries [E]
         (row, visible keys);
         row_ptr [T + 1] and row_entries [E]: each row's entries → (out [T, H, D], lse [T, H]) fp32.
 
-        new (k, v [T, Hkv, D] rows strided as views may be, slots [T] int64): stored at the
-        slots first, in the same call. angles (cos, sin [T, D/2] fp32): q and new k are not yet
-        rotated; the call applies rope to both (`apply_rope`'s form).
+        new (k, v [T', Hkv, D] rows strided as views may be, slots [T'] int64): stored at the
+        slots first, in the same call. angles (cos, sin [T', D/2] fp32): new k and q are not yet
+        rotated; the call applies rope to both (`apply_rope`'s form), to q with query_angles
+        ([T, D/2] each) when given: q's rows are then some of the new keys' rows (the rows whose
+        outputs are wanted), else they are the same rows (T' = T).
         """
         num_rows, num_heads, head_dim = q.shape
         num_kv_heads = keys.shape[1]
         assert keys.is_contiguous() and values.is_contiguous()
         k_new = v_new = slots = cos = sin = None
+        num_new = 0
         if new is not None:
             k_new, v_new, slots = new
-            assert k_new.shape == v_new.shape == (num_rows, num_kv_heads, head_dim) and slots.shape == (num_rows,)
+            num_new = slots.shape[0]
+            assert k_new.shape == v_new.shape == (num_new, num_kv_heads, head_dim) and slots.shape == (num_new,)
             assert all(x.stride(2) == 1 and x.stride(1) == head_dim for x in (k_new, v_new))
             assert slots.dtype == torch.int64 and slots.is_contiguous()
+        assert query_angles is None or angles is not None, "query_angles go with the new keys' angles"
+        q_cos = q_sin = None
         if angles is not None:
             assert new is not None, "rotating q alone would leave the stored keys unrotated"
             cos, sin = angles
-            assert cos.shape == sin.shape == (num_rows, head_dim // 2)
-            assert all(x.dtype == torch.float32 and x.is_contiguous() for x in angles)
+            q_cos, q_sin = query_angles or angles
+            assert cos.shape == sin.shape == (num_new, head_dim // 2)
+            assert q_cos.shape == q_sin.shape == (num_rows, head_dim // 2)
+            assert all(x.dtype == torch.float32 and x.is_contiguous() for x in (cos, sin, q_cos, q_sin))
         num_entries = entry_row.shape[0]
         part_out = torch.empty((num_entries, num_heads, head_dim), dtype=torch.float32)
         part_lse = torch.empty((num_entries, num_heads), dtype=torch.float32)
@@ -158,8 +168,8 @@ class SpanKernel:
             row_ptr.data_ptr(), row_entries.data_ptr(),
             _pointer(k_new), 0 if k_new is None else k_new.stride(0),
             _pointer(v_new), 0 if v_new is None else v_new.stride(0),
-            _pointer(slots), 0 if slots is None else num_rows, _pointer(cos), _pointer(sin),
-            part_out.data_ptr(), part_lse.data_ptr(), out.data_ptr(), lse.data_ptr(),
+            _pointer(slots), num_new, _pointer(cos), _pointer(sin),
+            _pointer(q_cos), _pointer(q_sin), part_out.data_ptr(), part_lse.data_ptr(), out.data_ptr(), lse.data_ptr(),
             torch.get_num_threads(),
         )  # fmt: skip
         if torch.autograd._profiler_enabled():  # named in profiles (the marker costs ~5 µs a call)

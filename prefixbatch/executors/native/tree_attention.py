@@ -177,22 +177,36 @@ class KernelPlan:
 
     @classmethod
     def of(
-        cls, plan: AttentionPlan, *, group: int, num_kv_heads: int, num_threads: int, dot_max_queries: int
+        cls,
+        plan: AttentionPlan,
+        *,
+        group: int,
+        num_kv_heads: int,
+        num_threads: int,
+        dot_max_queries: int,
+        rows: np.ndarray | None = None,
     ) -> KernelPlan:
         """dot_max_queries: the kernel's (`SpanKernel.dot_max_queries`); a block of that many
         queries a kv head or fewer (a decode row) reads whole key slots for all its kv heads, so
-        it is split by keys, never by head.
+        it is split by keys, never by head. rows (ascending, distinct): only these rows' outputs,
+        as rows 0..len(rows)-1 of the call (T = len(rows)); None: all of the plan's.
 
         Columnar (numpy over all of the step's rows at once): a decode step has a span or more
         per sequence, hundreds of them."""
-        blocks = _Blocks.of(plan.spans, rows_per_task=max(1, QUERIES_PER_TASK // group))
+        num_rows = plan.num_rows
+        kept = None
+        if rows is not None:
+            kept = np.full(num_rows, -1, dtype=np.int64)
+            kept[rows] = np.arange(len(rows))
+            num_rows = len(rows)
+        blocks = _Blocks.of(plan.spans, rows_per_task=max(1, QUERIES_PER_TASK // group), kept=kept)
         dot_rows = dot_max_queries // group  # blocks of at most this many rows: all heads at once
         blocks = blocks.split_keys(min_tasks=2 * num_threads, num_kv_heads=num_kv_heads, dot_rows=dot_rows)
         tasks = blocks.tasks(num_kv_heads=num_kv_heads, num_threads=num_threads, dot_rows=dot_rows)
         entry_row, entry_visible = blocks.rows, blocks.visible
         row_entries = np.argsort(entry_row, kind="stable")
-        row_ptr = np.zeros(plan.num_rows + 1, dtype=np.int64)
-        np.cumsum(np.bincount(entry_row, minlength=plan.num_rows), out=row_ptr[1:])
+        row_ptr = np.zeros(num_rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(entry_row, minlength=num_rows), out=row_ptr[1:])
         return cls(*(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in (tasks, entry_row, entry_visible, row_ptr, row_entries)))
 
 
@@ -210,8 +224,9 @@ class _Blocks:
     visible: np.ndarray  # [E]
 
     @classmethod
-    def of(cls, spans: tuple[KeySpan, ...], *, rows_per_task: int) -> _Blocks:
-        """Each span's rows in blocks of at most rows_per_task, in the plan's order."""
+    def of(cls, spans: tuple[KeySpan, ...], *, rows_per_task: int, kept: np.ndarray | None) -> _Blocks:
+        """Each span's rows in blocks of at most rows_per_task, in the plan's order; kept (row →
+        its number in the call, -1: not wanted): only those rows, renumbered."""
         sizes = np.fromiter((len(span.rows) for span in spans), np.int64, len(spans))
         rows = np.fromiter(itertools.chain.from_iterable(span.rows for span in spans), np.int64, int(sizes.sum()))
         span_keys = np.fromiter((span.num_keys for span in spans), np.int64, len(spans))
@@ -219,6 +234,10 @@ class _Blocks:
         of_row, within = _parts(sizes)  # each entry's span, and its place among the span's rows
         keys = span_keys[of_row]
         visible = np.where(causal[of_row] < 0, keys, np.minimum(keys, causal[of_row] + 1 + within))
+        if kept is not None:
+            wanted = kept[rows] >= 0
+            of_row, rows, visible = of_row[wanted], kept[rows[wanted]], visible[wanted]
+            sizes = np.bincount(of_row, minlength=len(spans))
         of_block, block = _parts(-(-sizes // rows_per_task))  # each block's span, and which of its blocks
         first = (np.cumsum(sizes) - sizes)[of_block] + block * rows_per_task
         count = np.minimum(rows_per_task, sizes[of_block] - block * rows_per_task)
@@ -377,17 +396,26 @@ class TreeAttention:
         return out.to(q.dtype)
 
     def attend_unroped(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """As a call, for q and k before rope (cos, sin [T, D/2] fp32: `rope_angles`): rope, the
         KV write and attention in the span kernel's one call. None where the kernel does not
-        apply: the caller applies rope and calls this object instead."""
+        apply: the caller applies rope and calls this object instead. rows (ascending,
+        distinct): every row's k, v stored, the outputs of these rows only [len(rows), H, D]."""
         if cos.dtype != torch.float32 or sin.dtype != torch.float32:
             return None
-        return self._in_kernel(layer, q, k, v, angles=(cos.contiguous(), sin.contiguous()))
+        return self._in_kernel(layer, q, k, v, angles=(cos.contiguous(), sin.contiguous()), rows=rows)
 
     def _in_kernel(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: tuple | None
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: tuple | None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """The span kernel's call (k, v stored in it), or None where it does not apply."""
         if self.kernel is None:
@@ -399,18 +427,24 @@ class TreeAttention:
             return None
         if not all(x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] for x in (k, v)):
             return None  # heads not laid out as the kernel reads them: stored by `write` instead
-        if self.kernel_plan is None:
-            self.kernel_plan = KernelPlan.of(
-                self.attention_plan,
-                group=q.shape[1] // keys.shape[1],
-                num_kv_heads=keys.shape[1],
-                num_threads=torch.get_num_threads(),
-                dot_max_queries=self.kernel.dot_max_queries,
-            )
-        p = self.kernel_plan
+        settings = {
+            "group": q.shape[1] // keys.shape[1],
+            "num_kv_heads": keys.shape[1],
+            "num_threads": torch.get_num_threads(),
+            "dot_max_queries": self.kernel.dot_max_queries,
+        }
+        query_angles = None
+        if rows is not None:  # one layer a step (the last): its own plan, of these rows
+            p = KernelPlan.of(self.attention_plan, rows=rows.numpy(), **settings)
+            q = q[rows]  # [R, H, D]
+            query_angles = None if angles is None else (angles[0][rows], angles[1][rows])
+        else:
+            if self.kernel_plan is None:
+                self.kernel_plan = KernelPlan.of(self.attention_plan, **settings)
+            p = self.kernel_plan
         out, _ = self.kernel(
             q, keys, values, p.tasks, p.entry_row, p.entry_visible, p.row_ptr, p.row_entries,
-            scale=self.scale, new=(k, v, self.plan.write_slots), angles=angles,
+            scale=self.scale, new=(k, v, self.plan.write_slots), angles=angles, query_angles=query_angles,
         )  # fmt: skip
         return out
 

@@ -118,17 +118,27 @@ def test_greedy_continuations_are_context_dependent(tiny_llama):
     assert len(continuations) == len(TEXTS)
 
 
+@pytest.mark.parametrize("packed", PACKED)
 @torch.inference_mode()
-def test_logits_rows_project_only_the_rows_asked(tiny_llama):
-    model = native_model(tiny_llama)
+def test_logits_rows_project_only_the_rows_asked(tiny_llama, packed):
+    # The last layer's attention, o_proj and MLP run for the asked rows alone (in any order,
+    # one asked twice); every row's k, v of that layer is stored all the same.
+    model = native_model(tiny_llama, packed)
     prompt = torch.tensor(prompts(tiny_llama)[2])
     positions = torch.arange(len(prompt))
-    every_row = model(prompt, positions, ContiguousKV(model.config.attention_scale))
-    rows = torch.tensor([0, 5, len(prompt) - 1])
-    asked = model(prompt, positions, ContiguousKV(model.config.attention_scale), logits_rows=rows)
-    assert asked.shape == (3, model.config.vocab_size) and asked.dtype == torch.float32
-    # Same math; a different matmul shape may round differently.
-    torch.testing.assert_close(asked, every_row[rows], atol=LOGITS_TOL, rtol=0)
+    every_kv = ContiguousKV(model.config.attention_scale)
+    every_row = model(prompt, positions, every_kv)
+    for rows in ([len(prompt) - 1, 0, 5, 0], []):
+        rows = torch.tensor(rows, dtype=torch.long)
+        asked_kv = ContiguousKV(model.config.attention_scale)
+        asked = model(prompt, positions, asked_kv, logits_rows=rows)
+        assert asked.shape == (len(rows), model.config.vocab_size) and asked.dtype == torch.float32
+        # Same math; a different matmul shape may round differently.
+        torch.testing.assert_close(asked, every_row[rows], atol=LOGITS_TOL, rtol=0)
+        for ours, theirs in ((asked_kv.keys, every_kv.keys), (asked_kv.values, every_kv.values)):
+            assert ours.keys() == theirs.keys()
+            for layer in ours:
+                torch.testing.assert_close(ours[layer], theirs[layer], atol=0, rtol=0)
 
 
 SMALL = {

@@ -105,6 +105,35 @@ def test_rope_and_the_kv_write_inside_the_call_equal_rope_then_attention(kernel,
     assert TreeAttention(stores[1], plan, scale=head_dim**-0.5, kernel=None).attend_unroped(0, q, k, v, cos, sin) is None
 
 
+@pytest.mark.parametrize("rows", [[0, 37, 69, 70], [70], []])
+def test_outputs_of_some_rows_only_equal_those_rows_of_the_whole_call(kernel, rows):
+    # The model's last layer wants the logits rows' outputs alone, and every row's k, v
+    # stored: the call stores them all and attends for those rows (rope at their angles).
+    num_heads, num_kv_heads, head_dim = 8, 4, 64
+    generator = torch.Generator().manual_seed(10)
+    segments = [SegmentKV(0, None, 0, 200), SegmentKV(1, 0, 200, 90), SegmentKV(2, 0, 290, 40)]
+    plan = plan_attention(segments, [QueryRun(1, 0, 20, 70), QueryRun(2, 70, 39, 1)])
+    stores = [KVStore(num_layers=1, num_kv_heads=num_kv_heads, head_dim=head_dim, capacity_tokens=330,
+                      dtype=torch.float32, device="cpu") for _ in range(2)]  # fmt: skip
+    for store in stores:
+        store.keys.copy_(torch.randn(store.keys.shape, generator=generator.manual_seed(11)))
+        store.values.copy_(torch.randn(store.values.shape, generator=generator.manual_seed(12)))
+    positions = torch.cat([torch.arange(220, 290), torch.tensor([239])])
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    cos, sin = rope_angles(positions, inv_freq)
+    q = torch.randn(71, num_heads, head_dim, generator=generator)
+    k, v = (torch.randn(71, num_kv_heads, head_dim, generator=generator) for _ in range(2))
+    whole = TreeAttention(stores[0], plan, scale=head_dim**-0.5, kernel=kernel).attend_unroped(0, q, k, v, cos, sin)
+    wanted = torch.tensor(rows, dtype=torch.long)
+    some = TreeAttention(stores[1], plan, scale=head_dim**-0.5, kernel=kernel).attend_unroped(
+        0, q, k, v, cos, sin, rows=wanted
+    )
+    assert some.shape == (len(rows), num_heads, head_dim)
+    torch.testing.assert_close(some, whole[wanted], atol=1e-6, rtol=0)
+    torch.testing.assert_close(stores[1].keys, stores[0].keys, atol=0, rtol=0)
+    torch.testing.assert_close(stores[1].values, stores[0].values, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("rows", [3, 300])  # 300 × 512: past the size that goes parallel
 def test_residual_add_and_rms_norm_in_one_pass_equal_the_two_ops(kernel, rows):
     generator = torch.Generator().manual_seed(9)

@@ -615,8 +615,10 @@ static void store_new(
 /* tasks: [num_tasks, 5] int64 rows (key_start, num_keys, entry0, num_rows, kv head or -1 for
    all of them); row_entries (CSR by row_ptr [T + 1]) lists, for each output row, its entries.
    num_new > 0: first the step's new keys and values go into the store (`store_new`: k_new,
-   v_new [num_new, Hkv, D] rows at slots), before any task reads it. cos, sin [T, D/2] (or
-   NULL): q and k_new are not yet rotated; the call applies rope to them. */
+   v_new [num_new, Hkv, D] rows at slots), before any task reads it. cos, sin [num_new, D/2]
+   (or NULL): k_new is not yet rotated, the call applies rope to it; q_cos, q_sin [T, D/2] (or
+   NULL) likewise for q (the same arrays when q's rows are the new keys' rows; q may also be
+   a subset of them: the rows whose outputs are wanted). */
 int pb_span_attention(
     const float *q, int64_t q_row_stride, float *keys, float *values,
     int num_rows_out, int num_heads, int num_kv_heads, int head_dim, float scale,
@@ -624,11 +626,11 @@ int pb_span_attention(
     const int64_t *row_ptr, const int64_t *row_entries,
     const float *k_new, int64_t k_row_stride, const float *v_new, int64_t v_row_stride,
     const int64_t *slots, int64_t num_new, const float *cos, const float *sin,
-    float *part_out, float *part_lse, float *out, float *lse, int num_threads) {
+    const float *q_cos, const float *q_sin, float *part_out, float *part_lse, float *out, float *lse, int num_threads) {
     const int group = num_heads / num_kv_heads;
     if (group > MAX_QUERIES_PER_TASK || head_dim > MAX_HEAD_DIM || head_dim % LANES || num_heads % num_kv_heads)
         return 1;
-    const Call call = {q, q_row_stride, cos, sin, keys, values, num_heads, num_kv_heads, scale,
+    const Call call = {q, q_row_stride, q_cos, q_sin, keys, values, num_heads, num_kv_heads, scale,
                        entry_row, entry_visible, row_ptr, part_out, part_lse, out, lse};
 
     /* One parallel region, three loops: the new keys and values into the store; the tasks
