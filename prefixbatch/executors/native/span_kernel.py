@@ -124,11 +124,14 @@ class SpanKernel:
         new: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         angles: tuple[torch.Tensor, torch.Tensor] | None = None,
         query_angles: tuple[torch.Tensor, torch.Tensor] | None = None,
+        num_tasks: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, H, D] (rows strided as a view may be), keys/values [capacity, Hkv, D] contiguous;
-        tasks [N, 5] (key_start, num_keys, entry0, num_rows, kv head or -1 for all); entries [E]
-        (row, visible keys);
-        row_ptr [T + 1] and row_entries [E]: each row's entries → (out [T, H, D], lse [T, H]) fp32.
+        tasks [N, 6] (key_start, num_keys, entry0, num_rows, kv head or -1 for all, the row of
+        the next key range the task goes on with or -1), of which the first num_tasks (all when
+        None) are run and the rest only chained; entries [E] (row, visible keys); row_ptr [T + 1]
+        and row_entries: each row's entries (not those of chained ranges) → (out [T, H, D],
+        lse [T, H]) fp32.
 
         new (k, v [T', Hkv, D] rows strided as views may be, slots [T'] int64): stored at the
         slots first, in the same call. angles (cos, sin [T', D/2] fp32): new k and q are not yet
@@ -139,6 +142,7 @@ class SpanKernel:
         num_rows, num_heads, head_dim = q.shape
         num_kv_heads = keys.shape[1]
         assert keys.is_contiguous() and values.is_contiguous()
+        assert tasks.shape[1:] == (6,) and tasks.dtype == torch.int64 and tasks.is_contiguous()
         k_new = v_new = slots = cos = sin = None
         num_new = 0
         if new is not None:
@@ -164,7 +168,7 @@ class SpanKernel:
         args = (
             q.data_ptr(), q.stride(0), keys.data_ptr(), values.data_ptr(),
             num_rows, num_heads, num_kv_heads, head_dim, scale,
-            tasks.shape[0], tasks.data_ptr(), entry_row.data_ptr(), entry_visible.data_ptr(),
+            tasks.shape[0] if num_tasks is None else num_tasks, tasks.data_ptr(), entry_row.data_ptr(), entry_visible.data_ptr(),
             row_ptr.data_ptr(), row_entries.data_ptr(),
             _pointer(k_new), 0 if k_new is None else k_new.stride(0),
             _pointer(v_new), 0 if v_new is None else v_new.stride(0),

@@ -165,15 +165,20 @@ class KernelPlan:
     """An `AttentionPlan` as the span kernel's task list, built once per step for all layers.
 
     A task is a block of a span's rows against (a piece of) the span's key range; an entry is
-    one row of one task, with the number of the range's keys it sees. Each row's entries are
-    merged by log-sum-exp inside the kernel call.
+    one row of one block, with the number of the range's keys it sees. A block of many rows
+    (a prefill chunk's, say) runs as one task with the blocks of the same rows in its other
+    spans chained to it: one online softmax over all their ranges. The entries of a row's
+    tasks are merged by log-sum-exp inside the kernel call.
     """
 
-    tasks: torch.Tensor  # [N, 5] int64: key_start, num_keys, first entry, num_rows, kv head (-1: all)
+    # [N + C, 6] int64: key_start, num_keys, first entry, num_rows, kv head (-1: all), the row
+    # of the range chained next (-1: none); the first N are the tasks, the rest chained ranges
+    tasks: torch.Tensor
+    num_tasks: int
     entry_row: torch.Tensor  # [E] int64
-    entry_visible: torch.Tensor  # [E] int64: keys of the task's range the entry's row sees
+    entry_visible: torch.Tensor  # [E] int64: keys of the block's range the entry's row sees
     row_ptr: torch.Tensor  # [T + 1] int64: row r's entries are row_entries[row_ptr[r]:row_ptr[r+1]]
-    row_entries: torch.Tensor  # [E] int64
+    row_entries: torch.Tensor  # [E'] int64: the entries of tasks (not of chained ranges)
 
     @classmethod
     def of(
@@ -199,15 +204,19 @@ class KernelPlan:
             kept = np.full(num_rows, -1, dtype=np.int64)
             kept[rows] = np.arange(len(rows))
             num_rows = len(rows)
-        blocks = _Blocks.of(plan.spans, rows_per_task=max(1, QUERIES_PER_TASK // group), kept=kept)
         dot_rows = dot_max_queries // group  # blocks of at most this many rows: all heads at once
+        blocks = _Blocks.of(
+            plan.spans, num_rows=plan.num_rows, rows_per_task=max(1, QUERIES_PER_TASK // group), dot_rows=dot_rows, kept=kept
+        )
         blocks = blocks.split_keys(min_tasks=2 * num_threads, num_kv_heads=num_kv_heads, dot_rows=dot_rows)
-        tasks = blocks.tasks(num_kv_heads=num_kv_heads, num_threads=num_threads, dot_rows=dot_rows)
+        tasks, num_tasks, output = blocks.tasks(num_kv_heads=num_kv_heads, num_threads=num_threads, dot_rows=dot_rows)
         entry_row, entry_visible = blocks.rows, blocks.visible
-        row_entries = np.argsort(entry_row, kind="stable")
+        outputs = np.flatnonzero(output)  # entries of tasks: the rows' outputs come from these
+        row_entries = outputs[np.argsort(entry_row[outputs], kind="stable")]
         row_ptr = np.zeros(num_rows + 1, dtype=np.int64)
-        np.cumsum(np.bincount(entry_row, minlength=num_rows), out=row_ptr[1:])
-        return cls(*(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in (tasks, entry_row, entry_visible, row_ptr, row_entries)))
+        np.cumsum(np.bincount(entry_row[outputs], minlength=num_rows), out=row_ptr[1:])
+        tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+        return cls(tensor(tasks), num_tasks, tensor(entry_row), tensor(entry_visible), tensor(row_ptr), tensor(row_entries))
 
 
 @dataclass(frozen=True)
@@ -224,9 +233,17 @@ class _Blocks:
     visible: np.ndarray  # [E]
 
     @classmethod
-    def of(cls, spans: tuple[KeySpan, ...], *, rows_per_task: int, kept: np.ndarray | None) -> _Blocks:
+    def of(
+        cls, spans: tuple[KeySpan, ...], *, num_rows: int, rows_per_task: int, dot_rows: int, kept: np.ndarray | None
+    ) -> _Blocks:
         """Each span's rows in blocks of at most rows_per_task, in the plan's order; kept (row →
-        its number in the call, -1: not wanted): only those rows, renumbered."""
+        its number in the call, -1: not wanted): only those rows, renumbered.
+
+        The rows of a run of at least half a block and more than dot_rows rows (a prefill
+        chunk: its causal span's rows) make blocks of their own, cut from the run's first row,
+        in every span they are in: a chunk's block is then the same rows in each of its spans,
+        and they chain (`tasks`). The other rows (decode rows, short chunks) fill blocks
+        together: a prefix they share is read once for many of them."""
         sizes = np.fromiter((len(span.rows) for span in spans), np.int64, len(spans))
         rows = np.fromiter(itertools.chain.from_iterable(span.rows for span in spans), np.int64, int(sizes.sum()))
         span_keys = np.fromiter((span.num_keys for span in spans), np.int64, len(spans))
@@ -234,15 +251,21 @@ class _Blocks:
         of_row, within = _parts(sizes)  # each entry's span, and its place among the span's rows
         keys = span_keys[of_row]
         visible = np.where(causal[of_row] < 0, keys, np.minimum(keys, causal[of_row] + 1 + within))
+        run = np.full(num_rows, -1)  # a row's run's first row, for the runs that make own blocks
+        in_run = ((causal >= 0) & (sizes > dot_rows) & (2 * sizes >= rows_per_task))[of_row]
+        run[rows[in_run]] = rows[in_run] - within[in_run]
+        run = run[rows]
         if kept is not None:
             wanted = kept[rows] >= 0
-            of_row, rows, visible = of_row[wanted], kept[rows[wanted]], visible[wanted]
-            sizes = np.bincount(of_row, minlength=len(spans))
-        of_block, block = _parts(-(-sizes // rows_per_task))  # each block's span, and which of its blocks
-        first = (np.cumsum(sizes) - sizes)[of_block] + block * rows_per_task
-        count = np.minimum(rows_per_task, sizes[of_block] - block * rows_per_task)
+            of_row, rows, visible, run = of_row[wanted], kept[rows[wanted]], visible[wanted], run[wanted]
+        # A block starts a span's (part of a) run, or rows_per_task rows into one.
+        place = np.arange(len(rows))
+        new_part = np.ones(len(rows), dtype=bool)
+        new_part[1:] = (of_row[1:] != of_row[:-1]) | (run[1:] != run[:-1])
+        first = np.flatnonzero((place - np.maximum.accumulate(np.where(new_part, place, 0))) % rows_per_task == 0)
+        count = np.diff(np.append(first, len(rows)))
         num_keys = np.maximum.reduceat(visible, first) if len(first) else first
-        key_start = np.fromiter((span.key_start for span in spans), np.int64, len(spans))[of_block]
+        key_start = np.fromiter((span.key_start for span in spans), np.int64, len(spans))[of_row[first]]
         return cls(key_start, num_keys, first, count, rows, visible)
 
     def split_keys(self, *, min_tasks: int, num_kv_heads: int, dot_rows: int) -> _Blocks:
@@ -264,20 +287,52 @@ class _Blocks:
         first = np.cumsum(count) - count
         return _Blocks(self.key_start[of_piece] + start, num_keys, first, count, self.rows[source], visible)
 
-    def tasks(self, *, num_kv_heads: int, num_threads: int, dot_rows: int) -> np.ndarray:
-        """The kernel's work items [N, 5], largest first (threads take them in turn: the big
-        ones do not come last). A block is one item for all kv heads — it reads each key's slot
-        whole — unless it is a large share of the call's work and has more than `dot_rows`
-        rows: then one item per kv head, so threads share it."""
+    def tasks(self, *, num_kv_heads: int, num_threads: int, dot_rows: int) -> tuple[np.ndarray, int, np.ndarray]:
+        """The kernel's task rows [N + C, 6], N, and which entries are tasks' (not chained).
+
+        Blocks of more than `dot_rows` rows, consecutive, with the same rows (a prefill chunk's
+        block in each of its spans) chain: the first in the plan's order is the task, the
+        others follow it as ranges (no merge, the queries loaded once). Tasks come largest
+        first (threads take them in turn: the big ones do not come last). A task is one item
+        for all kv heads — it reads each key's slot whole — unless it is a large share of the
+        call's work and has more than `dot_rows` rows: then one item per kv head, so threads
+        share it."""
+        num_blocks = len(self.count)
+        start = self.rows[self.first] if num_blocks else self.first
+        lanes = self.count > dot_rows
+        chains = lanes & (self.rows[self.first + self.count - 1] - start == self.count - 1) if num_blocks else lanes
+        # Blocks with the same rows side by side (plan order within), every other block alone.
+        same = np.where(chains, start * (int(self.count.max(initial=0)) + 1) + self.count, -1 - np.arange(num_blocks))
+        order = np.argsort(same, kind="stable")
+        leads = np.ones(num_blocks, dtype=bool)
+        leads[1:] = same[order][1:] != same[order][:-1]
+        is_task = np.empty(num_blocks, dtype=bool)
+        is_task[order] = leads
+        following = np.full(num_blocks, -1)  # the block chained after each
+        following[order[:-1]] = np.where(leads[1:], -1, order[1:])
+        task_of = np.empty(num_blocks, dtype=np.int64)
+        task_of[order] = order[np.maximum.accumulate(np.where(leads, np.arange(num_blocks), 0))]
+
         work = self.count * self.num_keys
-        few = len(work) < 8 * num_threads  # too few blocks to keep the threads busy whole
-        by_head = ((work > work.sum() / (4 * num_threads)) | few) & (self.count > dot_rows)
+        work = np.bincount(task_of, weights=work, minlength=num_blocks).astype(np.int64)[is_task]  # a chain's
+        tasks = np.flatnonzero(is_task)
+        few = len(tasks) < 8 * num_threads  # too few tasks to keep the threads busy whole
+        by_head = ((work > work.sum() / (4 * num_threads)) | few) & lanes[tasks]
         of_item, head = _parts(np.where(by_head, num_kv_heads, 1))
         head = np.where(by_head[of_item], head, -1)
         cost = np.where(by_head, work, work * num_kv_heads)[of_item]
-        order = np.argsort(-cost, kind="stable")
-        columns = (self.key_start[of_item], self.num_keys[of_item], self.first[of_item], self.count[of_item], head)
-        return np.stack(columns, axis=1)[order].reshape(-1, 5)
+        by_cost = np.argsort(-cost, kind="stable")
+        items, head = tasks[of_item][by_cost], head[by_cost]
+        chained = np.flatnonzero(~is_task)
+        row_of = np.full(num_blocks, -1)  # a chained block's row in the table
+        row_of[chained] = len(items) + np.arange(len(chained))
+        blocks = np.concatenate([items, chained])
+        nxt = following[blocks]
+        columns = (
+            self.key_start[blocks], self.num_keys[blocks], self.first[blocks], self.count[blocks],
+            np.concatenate([head, np.full(len(chained), -1)]), np.where(nxt < 0, -1, row_of[nxt]),
+        )  # fmt: skip
+        return np.stack(columns, axis=1).reshape(-1, 6), len(items), np.repeat(is_task, self.count)
 
 
 def _parts(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -445,6 +500,7 @@ class TreeAttention:
         out, _ = self.kernel(
             q, keys, values, p.tasks, p.entry_row, p.entry_visible, p.row_ptr, p.row_entries,
             scale=self.scale, new=(k, v, self.plan.write_slots), angles=angles, query_angles=query_angles,
+            num_tasks=p.num_tasks,
         )  # fmt: skip
         return out
 

@@ -64,6 +64,41 @@ def test_long_chunked_prefill_beside_decodes(kernel, heads):
     run_case(Case(parents, lengths, runs, heads), kernel=kernel, head_dim=128, seed=4)
 
 
+@pytest.mark.parametrize("heads", [(8, 4), (14, 2)])
+def test_a_chunks_blocks_chain_its_spans_behind_decode_rows(kernel, heads):
+    # Three decode rows first, then two chunks under a shared root and a shared middle segment:
+    # each chunk's rows make the same blocks in every span they see (not cut where the decode
+    # rows before them would put the cuts), and those blocks run as one task each, their
+    # ranges chained — no merge for the chunk's rows.
+    parents = (None, 0, 1, 1, 0, 0, 0)
+    lengths = (150, 100, 90, 70, 30, 30, 30)
+    runs = ((4, 20, 1), (5, 25, 1), (6, 29, 1), (2, 10, 80), (3, 0, 70))
+    run_case(Case(parents, lengths, runs, heads), kernel=kernel, head_dim=64, seed=12)
+
+    num_heads, num_kv_heads = heads
+    segments = [SegmentKV(i, p, sum(lengths[:i]), n) for i, (p, n) in enumerate(zip(parents, lengths, strict=True))]
+    plan = plan_attention(segments, [QueryRun(s, sum(n for _, _, n in runs[:i]), o, n) for i, (s, o, n) in enumerate(runs)])
+    kernel_plan = tree_attention.KernelPlan.of(
+        plan, group=num_heads // num_kv_heads, num_kv_heads=num_kv_heads, num_threads=2,
+        dot_max_queries=kernel.dot_max_queries,
+    )  # fmt: skip
+    tasks = kernel_plan.tasks.tolist()
+    rows = kernel_plan.entry_row.tolist()
+    chained = tasks[kernel_plan.num_tasks :]
+    assert chained, "the chunks' blocks should chain"
+    for task in tasks[: kernel_plan.num_tasks]:
+        key_ranges, link = [task[:2]], task
+        while link[5] >= 0:
+            link = tasks[link[5]]
+            assert rows[link[2] : link[2] + link[3]] == rows[task[2] : task[2] + task[3]]
+            key_ranges.append(link[:2])
+        if rows[task[2]] >= 3:  # a chunk's block: root, middle segment and its own keys
+            assert len(key_ranges) == 3, key_ranges
+    # Each chunk row has one entry to write (its chained task's); decode rows one per span.
+    counts = [b - a for a, b in zip(kernel_plan.row_ptr.tolist(), kernel_plan.row_ptr.tolist()[1:])]
+    assert counts == [2, 2, 2] + [1] * 150
+
+
 @pytest.mark.parametrize("threads", [1, 2, 7])
 def test_one_long_sequence_split_across_threads(kernel, threads, monkeypatch):
     # One row over 1,500 keys and one kv head: too few tasks, so the range is split in pieces.

@@ -15,6 +15,10 @@
 
        lse = log Σᵢ exp(lseᵢ)        out = Σᵢ exp(lseᵢ − lse) · outᵢ
 
+   A lanes task may chain further key ranges that the same block of rows sees (a prefill
+   chunk's ancestors and its own keys): one online softmax over all of them, the queries
+   loaded once, and the rows' outputs written whole — nothing to merge.
+
    Before the tasks, the call can store the step's own keys and values at their slots (rotated
    by rope when it is given the angles; queries are then rotated as they are loaded), so one
    parallel region does a layer's rope, KV write and attention.
@@ -42,6 +46,7 @@
 #include <immintrin.h>
 #endif
 
+#define TASK_COLUMNS 6 /* key_start, num_keys, entry0, num_rows, kv head or -1, next range or -1 */
 #define MAX_QUERIES_PER_TASK 128 /* rows per task × G: the caller picks the rows */
 #define MAX_HEAD_DIM 256
 #define QUERY_BLOCK 4
@@ -173,6 +178,7 @@ static inline __attribute__((always_inline)) void transpose16(vf16 v[LANES]) {
 
 /* What every task of one call shares. */
 typedef struct {
+    const int64_t *tasks; /* [*, TASK_COLUMNS]: the rows `run_task_lanes` chains through */
     const float *q;
     int64_t q_row_stride;
     const float *cos, *sin; /* [T, D/2] each: q is rotated on load (rope); NULL: q is as given */
@@ -435,8 +441,9 @@ static __attribute__((noinline)) void load_query_vector(
    accumulated over d from its broadcast components, and the running max, the rescaling and
    the exps are lane-wise: no key transposition, no horizontal max or sum per query. */
 static inline __attribute__((always_inline)) void run_task_lanes(
-    const Call *call, const int head_dim, int64_t key_start, int64_t num_keys, int64_t entry0,
-    int num_rows, int head) {
+    const Call *call, const int head_dim, const int64_t *task, int head) {
+    const int64_t entry0 = task[2];
+    const int num_rows = (int)task[3];
     const int num_kv_heads = call->num_kv_heads, group = call->num_heads / num_kv_heads;
     const int num_queries = num_rows * group;
     const int qvecs = (num_queries + LANES - 1) / LANES;
@@ -452,19 +459,10 @@ static inline __attribute__((always_inline)) void run_task_lanes(
     float run_max[QUERY_VECS * LANES], run_sum[QUERY_VECS * LANES];
     vi16 visible[QUERY_VECS];
     vf16 top[QUERY_VECS], total[QUERY_VECS];
-    int64_t most_visible = 0, least_visible = num_keys;
 
     for (int v = 0; v < qvecs; v++) {
-        visible[v] = (vi16){0};
         top[v] = splat(-FLT_MAX);
         total[v] = splat(0.0f);
-    }
-    for (int r = 0; r < num_rows; r++) {
-        const int64_t entry = entry0 + r;
-        const int64_t seen = call->entry_visible[entry] < num_keys ? call->entry_visible[entry] : num_keys;
-        most_visible = seen > most_visible ? seen : most_visible;
-        least_visible = seen < least_visible ? seen : least_visible;
-        for (int g = 0; g < group; g++) visible[(r * group + g) / LANES][(r * group + g) % LANES] = (int32_t)seen;
     }
     for (int v = 0; v < qvecs; v++) load_query_vector(call, head_dim, entry0, num_queries, head, v, q_t);
     /* The output pass takes pv_block queries at a time: pv_block × chunks accumulators and the
@@ -477,6 +475,18 @@ static inline __attribute__((always_inline)) void run_task_lanes(
     for (int k = 0; k < LANE_TILE_KEYS; k++)
         for (int qi = qvecs * LANES; qi < qvecs * LANES + pv_block; qi++) probs[k][qi] = 0.0f;
 
+    /* The task's key range, then each range chained to it (the same rows' other spans): one
+       online softmax over all of them, so the rows' outputs need no merge. */
+    for (const int64_t *range = task; range != NULL; range = range[5] < 0 ? NULL : call->tasks + range[5] * TASK_COLUMNS) {
+    const int64_t key_start = range[0], num_keys = range[1], visible0 = range[2];
+    int64_t most_visible = 0, least_visible = num_keys;
+    for (int v = 0; v < qvecs; v++) visible[v] = (vi16){0};
+    for (int r = 0; r < num_rows; r++) {
+        const int64_t seen = call->entry_visible[visible0 + r] < num_keys ? call->entry_visible[visible0 + r] : num_keys;
+        most_visible = seen > most_visible ? seen : most_visible;
+        least_visible = seen < least_visible ? seen : least_visible;
+        for (int g = 0; g < group; g++) visible[(r * group + g) / LANES][(r * group + g) % LANES] = (int32_t)seen;
+    }
     for (int64_t tile = 0; tile < most_visible; tile += LANE_TILE_KEYS) {
         const int tile_keys = (int)(most_visible - tile < LANE_TILE_KEYS ? most_visible - tile : LANE_TILE_KEYS);
         const float *k_tile = call->keys + (key_start + tile) * key_stride + (int64_t)head * head_dim;
@@ -550,6 +560,7 @@ static inline __attribute__((always_inline)) void run_task_lanes(
                 for (int c = 0; c < chunks; c++) acc[q0 + b][c] = a[b * chunks + c];
         }
     }
+    }
 
     for (int v = 0; v < qvecs; v++) {
         /* A query that saw no key: total 0, so `write_results` gives out 0, lse -inf. */
@@ -559,27 +570,26 @@ static inline __attribute__((always_inline)) void run_task_lanes(
     write_results(call, head_dim, entry0, num_rows, head, acc, run_max, run_sum);
 }
 
+/* A task row: its kv heads [head_first, head_first + head_count); a task of few queries never
+   chains (the caller's contract). */
 #define RUN_TASK(D)                                                                                  \
     do {                                                                                             \
-        if (num_rows * (call->num_heads / call->num_kv_heads) >= LANES_MIN_QUERIES)                  \
+        if (task[3] * (call->num_heads / call->num_kv_heads) >= LANES_MIN_QUERIES)                   \
             for (int head = head_first; head < head_first + head_count; head++)                      \
-                run_task_lanes(call, D, key_start, num_keys, entry0, num_rows, head);                \
+                run_task_lanes(call, D, task, head);                                                 \
         else                                                                                         \
-            run_task(call, D, key_start, num_keys, entry0, num_rows, head_first, head_count);        \
+            run_task(call, D, task[0], task[1], task[2], (int)task[3], head_first, head_count);      \
     } while (0)
 
-static void run_task_64(const Call *call, int64_t key_start, int64_t num_keys, int64_t entry0, int num_rows,
-                        int head_first, int head_count) {
+static void run_task_64(const Call *call, const int64_t *task, int head_first, int head_count) {
     RUN_TASK(64);
 }
 
-static void run_task_128(const Call *call, int64_t key_start, int64_t num_keys, int64_t entry0, int num_rows,
-                         int head_first, int head_count) {
+static void run_task_128(const Call *call, const int64_t *task, int head_first, int head_count) {
     RUN_TASK(128);
 }
 
-static void run_task_any(const Call *call, int head_dim, int64_t key_start, int64_t num_keys, int64_t entry0,
-                         int num_rows, int head_first, int head_count) {
+static void run_task_any(const Call *call, int head_dim, const int64_t *task, int head_first, int head_count) {
     RUN_TASK(head_dim);
 }
 
@@ -612,8 +622,12 @@ static void store_new(
         }
 }
 
-/* tasks: [num_tasks, 5] int64 rows (key_start, num_keys, entry0, num_rows, kv head or -1 for
-   all of them); row_entries (CSR by row_ptr [T + 1]) lists, for each output row, its entries.
+/* tasks: [num_tasks + chained, TASK_COLUMNS] int64 rows (key_start, num_keys, entry0, num_rows,
+   kv head or -1 for all of them, next): the first num_tasks are run; a task of many queries may
+   go on with the key range of row `next` (which may go on likewise), the same rows seeing it
+   as that row's entries say (entry0 there), its results written for its own entries alone;
+   row_entries (CSR by row_ptr [T + 1]) lists, for each output row, its entries (chained
+   ranges' entries are not among them).
    num_new > 0: first the step's new keys and values go into the store (`store_new`: k_new,
    v_new [num_new, Hkv, D] rows at slots), before any task reads it. cos, sin [num_new, D/2]
    (or NULL): k_new is not yet rotated, the call applies rope to it; q_cos, q_sin [T, D/2] (or
@@ -630,7 +644,7 @@ int pb_span_attention(
     const int group = num_heads / num_kv_heads;
     if (group > MAX_QUERIES_PER_TASK || head_dim > MAX_HEAD_DIM || head_dim % LANES || num_heads % num_kv_heads)
         return 1;
-    const Call call = {q, q_row_stride, q_cos, q_sin, keys, values, num_heads, num_kv_heads, scale,
+    const Call call = {tasks, q, q_row_stride, q_cos, q_sin, keys, values, num_heads, num_kv_heads, scale,
                        entry_row, entry_visible, row_ptr, part_out, part_lse, out, lse};
 
     /* One parallel region, three loops: the new keys and values into the store; the tasks
@@ -645,16 +659,16 @@ int pb_span_attention(
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < num_tasks; i++) {
-            const int64_t *task = tasks + i * 5;
+            const int64_t *task = tasks + i * TASK_COLUMNS;
             if (task[3] * group > MAX_QUERIES_PER_TASK) continue; /* the caller never builds one */
             const int first = task[4] < 0 ? 0 : (int)task[4];
             const int count = task[4] < 0 ? num_kv_heads : 1;
             if (head_dim == 64)
-                run_task_64(&call, task[0], task[1], task[2], (int)task[3], first, count);
+                run_task_64(&call, task, first, count);
             else if (head_dim == 128)
-                run_task_128(&call, task[0], task[1], task[2], (int)task[3], first, count);
+                run_task_128(&call, task, first, count);
             else
-                run_task_any(&call, head_dim, task[0], task[1], task[2], (int)task[3], first, count);
+                run_task_any(&call, head_dim, task, first, count);
         }
 
 #pragma omp for schedule(static)
