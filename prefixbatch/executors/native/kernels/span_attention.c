@@ -255,6 +255,20 @@ static inline void prefetch_slots(
     }
 }
 
+/* a[b] += Σ_j probs[b][j] · v_j for the first nq queries: each value row loaded once for them. */
+static inline __attribute__((always_inline)) void accumulate_values(
+    const float *v_tile, int64_t key_stride, int keys, const int chunks, float probs[][TILE_KEYS],
+    vf16 a[][MAX_HEAD_DIM / LANES], const int nq) {
+    for (int j = 0; j < keys; j++) {
+        const float *v = v_tile + j * key_stride;
+        for (int c = 0; c < chunks; c++) {
+            vf16 vc;
+            memcpy(&vc, v + c * LANES, sizeof vc);
+            for (int b = 0; b < nq; b++) a[b][c] += probs[b][j] * vc;
+        }
+    }
+}
+
 /* One task of few queries per kv head (at most DOT_MAX_QUERIES: a decode row, its G heads):
    rows [entry0, entry0 + num_rows) of the entry list, kv heads [head_first, head_first +
    head_count), keys [key_start, key_start + num_keys). Writes its entries' results
@@ -377,14 +391,10 @@ static inline __attribute__((always_inline)) void run_task(
                 vf16 a[QUERY_BLOCK][MAX_HEAD_DIM / LANES];
                 for (int b = 0; b < QUERY_BLOCK; b++)
                     for (int c = 0; c < chunks; c++) a[b][c] = acc[hh][b][c] * correction[b];
-                for (int j = 0; j < block_live; j++) {
-                    const float *v = v_tile + j * key_stride;
-                    for (int c = 0; c < chunks; c++) {
-                        vf16 vc;
-                        memcpy(&vc, v + c * LANES, sizeof vc);
-                        for (int b = 0; b < QUERY_BLOCK; b++) a[b][c] += probs[b][j] * vc;
-                    }
-                }
+                if (num_queries <= 2)
+                    accumulate_values(v_tile, key_stride, block_live, chunks, probs, a, 2);
+                else
+                    accumulate_values(v_tile, key_stride, block_live, chunks, probs, a, QUERY_BLOCK);
                 for (int b = 0; b < QUERY_BLOCK; b++)
                     for (int c = 0; c < chunks; c++) acc[hh][b][c] = a[b][c];
             }
