@@ -8,10 +8,11 @@ peak, bytes per decode step against the memory bandwidth — measured in one run
 2. Runs `vllm_bench.py`'s native variant on each job (`--repeats`, median; own process).
 3. Counts each job's work from its requests: dense FLOPs (2 × weights × tokens computed:
    every unique prompt token once, as the prefix tree computes them, and every decode
-   token; lm_head only for the rows sampled) and attention FLOPs (4 × visible keys × heads ×
-   head_dim per token and layer), and for decode the bytes a step must read (every weight
-   once; every prompt key once, shared or not, as shared-prefix attention reads it; each
-   row's own generated keys).
+   token; lm_head only for the rows sampled; in the last layer a prompt token that is not
+   sampled needs only its k, v projection) and attention FLOPs (4 × visible keys × heads ×
+   head_dim per token and layer; in the last layer only for the rows sampled), and for
+   decode the bytes a step must read (every weight once; every prompt key once, shared or
+   not, as shared-prefix attention reads it; each row's own generated keys).
 
 Decode tokens are counted as if every request generated its `max_tokens` (random weights
 rarely stop early), scaled to the output tokens the run reported.
@@ -82,10 +83,12 @@ def job_work(requests, config) -> dict[str, float]:
     heads, head_dim, kv_heads = config.num_heads, config.head_dim, config.num_kv_heads
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
     layer_weights = hidden * (q_size + 2 * kv_size) + q_size * hidden + 3 * hidden * config.intermediate_size
+    kv_weights = hidden * 2 * kv_size  # all a prompt token not sampled needs of the last layer
     head_weights = hidden * config.vocab_size
     attn_per_key = 4 * heads * head_dim * layers  # q·k and p·v, every layer
     trie: dict[tuple[int, int], int] = {}
     prefill_tokens, prefill_keys = 0, 0
+    sampled: dict[int, int] = {}  # the node each prompt ends at → its keys: the rows sampled
     for request in requests:  # each new trie edge is a token the tree computes once
         node = 0
         for depth, token in enumerate(request.token_ids):
@@ -95,6 +98,7 @@ def job_work(requests, config) -> dict[str, float]:
                 prefill_tokens += 1
                 prefill_keys += depth + 1
             node = child
+        sampled[node] = request.num_prompt_tokens
     decode_tokens, decode_keys, step_keys = 0, 0, 0
     for request in requests:
         for i in range(1, request.sampling.max_tokens):  # the first token comes from prefill
@@ -104,10 +108,12 @@ def job_work(requests, config) -> dict[str, float]:
     steps = max(r.sampling.max_tokens for r in requests) - 1
     step_keys += prefill_tokens * steps  # shared-prefix attention reads each prompt key once a step
     return {
-        "prefill_flops": 2 * layer_weights * layers * prefill_tokens + 2 * head_weights * len(requests)
-        + attn_per_key * prefill_keys,
+        "prefill_flops": 2 * (layer_weights * (layers - 1) + kv_weights) * prefill_tokens
+        + 2 * (layer_weights - kv_weights + head_weights) * len(sampled)
+        + attn_per_key // layers * ((layers - 1) * prefill_keys + sum(sampled.values())),
         "decode_flops": 2 * (layer_weights * layers + head_weights) * decode_tokens + attn_per_key * decode_keys,
-        "attention_flops": attn_per_key * (prefill_keys + decode_keys),
+        "attention_flops": attn_per_key // layers * ((layers - 1) * prefill_keys + sum(sampled.values()))
+        + attn_per_key * decode_keys,
         "weight_bytes": 4 * (layer_weights * layers + head_weights),
         "decode_kv_bytes": 2 * 4 * kv_size * layers * step_keys,  # over all steps
         "max_tokens": sum(r.sampling.max_tokens for r in requests),
