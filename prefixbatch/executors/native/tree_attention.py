@@ -208,15 +208,21 @@ class KernelPlan:
         blocks = _Blocks.of(
             plan.spans, num_rows=plan.num_rows, rows_per_task=max(1, QUERIES_PER_TASK // group), dot_rows=dot_rows, kept=kept
         )
-        blocks = blocks.split_keys(min_tasks=2 * num_threads, num_kv_heads=num_kv_heads, dot_rows=dot_rows)
-        tasks, num_tasks, output = blocks.tasks(num_kv_heads=num_kv_heads, num_threads=num_threads, dot_rows=dot_rows)
+        pieces = blocks.split_keys(min_tasks=2 * num_threads, num_kv_heads=num_kv_heads, dot_rows=dot_rows)
+        # Pieces of a range split for the threads' sake are the same rows too, but must not chain.
+        chain = pieces is blocks
+        blocks = pieces
+        tasks, num_tasks, output = blocks.tasks(
+            num_kv_heads=num_kv_heads, num_threads=num_threads, dot_rows=dot_rows, chain=chain
+        )
         entry_row, entry_visible = blocks.rows, blocks.visible
         outputs = np.flatnonzero(output)  # entries of tasks: the rows' outputs come from these
         row_entries = outputs[np.argsort(entry_row[outputs], kind="stable")]
         row_ptr = np.zeros(num_rows + 1, dtype=np.int64)
         np.cumsum(np.bincount(entry_row[outputs], minlength=num_rows), out=row_ptr[1:])
-        tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
-        return cls(tensor(tasks), num_tasks, tensor(entry_row), tensor(entry_visible), tensor(row_ptr), tensor(row_entries))
+        return cls(
+            _int64(tasks), num_tasks, _int64(entry_row), _int64(entry_visible), _int64(row_ptr), _int64(row_entries)
+        )
 
 
 @dataclass(frozen=True)
@@ -287,20 +293,23 @@ class _Blocks:
         first = np.cumsum(count) - count
         return _Blocks(self.key_start[of_piece] + start, num_keys, first, count, self.rows[source], visible)
 
-    def tasks(self, *, num_kv_heads: int, num_threads: int, dot_rows: int) -> tuple[np.ndarray, int, np.ndarray]:
+    def tasks(
+        self, *, num_kv_heads: int, num_threads: int, dot_rows: int, chain: bool
+    ) -> tuple[np.ndarray, int, np.ndarray]:
         """The kernel's task rows [N + C, 6], N, and which entries are tasks' (not chained).
 
-        Blocks of more than `dot_rows` rows, consecutive, with the same rows (a prefill chunk's
-        block in each of its spans) chain: the first in the plan's order is the task, the
-        others follow it as ranges (no merge, the queries loaded once). Tasks come largest
-        first (threads take them in turn: the big ones do not come last). A task is one item
-        for all kv heads — it reads each key's slot whole — unless it is a large share of the
-        call's work and has more than `dot_rows` rows: then one item per kv head, so threads
-        share it."""
+        With chain, blocks of more than `dot_rows` rows, consecutive, with the same rows (a
+        prefill chunk's block in each of its spans) chain: the first in the plan's order is
+        the task, the others follow it as ranges (no merge, the queries loaded once). Tasks
+        come largest first (threads take them in turn: the big ones do not come last). A task
+        is one item for all kv heads — it reads each key's slot whole — unless it is a large
+        share of the call's work and has more than `dot_rows` rows: then one item per kv head,
+        so threads share it."""
         num_blocks = len(self.count)
         start = self.rows[self.first] if num_blocks else self.first
         lanes = self.count > dot_rows
-        chains = lanes & (self.rows[self.first + self.count - 1] - start == self.count - 1) if num_blocks else lanes
+        consecutive = self.rows[self.first + self.count - 1] - start == self.count - 1 if num_blocks else lanes
+        chains = lanes & consecutive & chain
         # Blocks with the same rows side by side (plan order within), every other block alone.
         same = np.where(chains, start * (int(self.count.max(initial=0)) + 1) + self.count, -1 - np.arange(num_blocks))
         order = np.argsort(same, kind="stable")
@@ -333,6 +342,10 @@ class _Blocks:
             np.concatenate([head, np.full(len(chained), -1)]), np.where(nxt < 0, -1, row_of[nxt]),
         )  # fmt: skip
         return np.stack(columns, axis=1).reshape(-1, 6), len(items), np.repeat(is_task, self.count)
+
+
+def _int64(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
 
 
 def _parts(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
