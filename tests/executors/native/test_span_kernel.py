@@ -193,6 +193,16 @@ def test_pieces_cover_each_row_keys_once(kernel):
     assert plan.row_ptr.tolist() == [0, 5]
 
 
+def test_pieces_of_a_chunks_range_are_not_chained_back_together(kernel):
+    # One 16-row chunk over 1,500 keys, one kv head (64 queries: the lanes path): too few tasks,
+    # so the range is split in pieces; the pieces are the same rows, but stay tasks of their own.
+    parents, lengths, runs = (None,), (1500,), ((0, 1484, 16),)
+    run_case(Case(parents, lengths, runs, (4, 1)), kernel=kernel, head_dim=64, seed=13)
+    chunk = plan_attention([SegmentKV(0, None, 0, 1500)], [QueryRun(0, 0, 1484, 16)])
+    plan = tree_attention.KernelPlan.of(chunk, group=4, num_kv_heads=1, num_threads=4, dot_max_queries=kernel.dot_max_queries)
+    assert plan.num_tasks == plan.tasks.shape[0] == 5 and set(plan.tasks[:, 5].tolist()) == {-1}
+
+
 def test_decode_rows_split_by_keys_never_by_head(kernel):
     # Four sequences decoding (2 queries a kv head each: the dot-product path, which reads each
     # key slot whole for all heads): too few tasks for 2 threads × 2, so the ranges are split
