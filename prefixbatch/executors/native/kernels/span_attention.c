@@ -487,89 +487,90 @@ static inline __attribute__((always_inline)) void run_task_lanes(
 
     /* The task's key range, then each range chained to it (the same rows' other spans): one
        online softmax over all of them, so the rows' outputs need no merge. */
-    for (const int64_t *range = task; range != NULL; range = range[5] < 0 ? NULL : call->tasks + range[5] * TASK_COLUMNS) {
-    const int64_t key_start = range[0], num_keys = range[1], visible0 = range[2];
-    int64_t most_visible = 0, least_visible = num_keys;
-    for (int v = 0; v < qvecs; v++) visible[v] = (vi16){0};
-    for (int r = 0; r < num_rows; r++) {
-        const int64_t seen = call->entry_visible[visible0 + r] < num_keys ? call->entry_visible[visible0 + r] : num_keys;
-        most_visible = seen > most_visible ? seen : most_visible;
-        least_visible = seen < least_visible ? seen : least_visible;
-        for (int g = 0; g < group; g++) visible[(r * group + g) / LANES][(r * group + g) % LANES] = (int32_t)seen;
-    }
-    for (int64_t tile = 0; tile < most_visible; tile += LANE_TILE_KEYS) {
-        const int tile_keys = (int)(most_visible - tile < LANE_TILE_KEYS ? most_visible - tile : LANE_TILE_KEYS);
-        const float *k_tile = call->keys + (key_start + tile) * key_stride + (int64_t)head * head_dim;
-        const float *v_tile = call->values + (key_start + tile) * key_stride + (int64_t)head * head_dim;
-        /* Scores, kb keys × up to 4 query vectors at a time: 8 keys when there are 1–2 vectors,
-           4 keys × 4 vectors otherwise (at least 8 independent accumulators). */
-        const int kb = qvecs <= 2 ? 8 : 4;
-        for (int k0 = 0; k0 < tile_keys; k0 += kb) {
-            /* the next tile's keys, kb at a time */
-            prefetch_slots(call, head_dim, key_start, tile + LANE_TILE_KEYS + k0, kb, most_visible, head);
-            const float *k_rows[8];
-            for (int i = 0; i < kb; i++) /* past the range: the last key again, never seen */
-                k_rows[i] = k_tile + (k0 + i < tile_keys ? k0 + i : tile_keys - 1) * key_stride;
-            if (qvecs == 1)
-                score_block(k_rows, q_t, 0, 8, 1, head_dim, tile_keys - k0, &scores[k0]);
-            else if (qvecs == 2)
-                score_block(k_rows, q_t, 0, 8, 2, head_dim, tile_keys - k0, &scores[k0]);
-            else
-                for (int v0 = 0; v0 < qvecs; v0 += 4) {
-                    const int nv = qvecs - v0 < 4 ? qvecs - v0 : 4;
-                    if (nv == 4)
-                        score_block(k_rows, q_t, v0, 4, 4, head_dim, tile_keys - k0, &scores[k0]);
-                    else if (nv == 2)
-                        score_block(k_rows, q_t, v0, 4, 2, head_dim, tile_keys - k0, &scores[k0]);
-                    else if (nv == 1)
-                        score_block(k_rows, q_t, v0, 4, 1, head_dim, tile_keys - k0, &scores[k0]);
-                    else
-                        score_block(k_rows, q_t, v0, 4, 3, head_dim, tile_keys - k0, &scores[k0]);
-                }
+    for (const int64_t *range = task; range != NULL;
+         range = range[5] < 0 ? NULL : call->tasks + range[5] * TASK_COLUMNS) {
+        const int64_t key_start = range[0], num_keys = range[1], visible0 = range[2];
+        int64_t most_visible = 0, least_visible = num_keys;
+        for (int v = 0; v < qvecs; v++) visible[v] = (vi16){0};
+        for (int r = 0; r < num_rows; r++) {
+            const int64_t seen = call->entry_visible[visible0 + r] < num_keys ? call->entry_visible[visible0 + r] : num_keys;
+            most_visible = seen > most_visible ? seen : most_visible;
+            least_visible = seen < least_visible ? seen : least_visible;
+            for (int g = 0; g < group; g++) visible[(r * group + g) / LANES][(r * group + g) % LANES] = (int32_t)seen;
         }
-        /* Online softmax, lane-wise; keys a query may not see weigh exactly 0. */
-        const int masked = tile + tile_keys > least_visible;
-        for (int v = 0; v < qvecs; v++) {
-            vf16 tops[4] = {splat(-FLT_MAX), splat(-FLT_MAX), splat(-FLT_MAX), splat(-FLT_MAX)};
-            for (int k = 0; k < tile_keys; k++) { /* four running maxima: no chain through every key */
-                if (masked) scores[k][v] = select((vi16){0} + (int32_t)(tile + k) >= visible[v], splat(-FLT_MAX), scores[k][v]);
-                tops[k % 4] = vmax(tops[k % 4], scores[k][v]);
+        for (int64_t tile = 0; tile < most_visible; tile += LANE_TILE_KEYS) {
+            const int tile_keys = (int)(most_visible - tile < LANE_TILE_KEYS ? most_visible - tile : LANE_TILE_KEYS);
+            const float *k_tile = call->keys + (key_start + tile) * key_stride + (int64_t)head * head_dim;
+            const float *v_tile = call->values + (key_start + tile) * key_stride + (int64_t)head * head_dim;
+            /* Scores, kb keys × up to 4 query vectors at a time: 8 keys when there are 1–2 vectors,
+               4 keys × 4 vectors otherwise (at least 8 independent accumulators). */
+            const int kb = qvecs <= 2 ? 8 : 4;
+            for (int k0 = 0; k0 < tile_keys; k0 += kb) {
+                /* the next tile's keys, kb at a time */
+                prefetch_slots(call, head_dim, key_start, tile + LANE_TILE_KEYS + k0, kb, most_visible, head);
+                const float *k_rows[8];
+                for (int i = 0; i < kb; i++) /* past the range: the last key again, never seen */
+                    k_rows[i] = k_tile + (k0 + i < tile_keys ? k0 + i : tile_keys - 1) * key_stride;
+                if (qvecs == 1)
+                    score_block(k_rows, q_t, 0, 8, 1, head_dim, tile_keys - k0, &scores[k0]);
+                else if (qvecs == 2)
+                    score_block(k_rows, q_t, 0, 8, 2, head_dim, tile_keys - k0, &scores[k0]);
+                else
+                    for (int v0 = 0; v0 < qvecs; v0 += 4) {
+                        const int nv = qvecs - v0 < 4 ? qvecs - v0 : 4;
+                        if (nv == 4)
+                            score_block(k_rows, q_t, v0, 4, 4, head_dim, tile_keys - k0, &scores[k0]);
+                        else if (nv == 2)
+                            score_block(k_rows, q_t, v0, 4, 2, head_dim, tile_keys - k0, &scores[k0]);
+                        else if (nv == 1)
+                            score_block(k_rows, q_t, v0, 4, 1, head_dim, tile_keys - k0, &scores[k0]);
+                        else
+                            score_block(k_rows, q_t, v0, 4, 3, head_dim, tile_keys - k0, &scores[k0]);
+                    }
             }
-            const vf16 tile_top = vmax(vmax(tops[0], tops[1]), vmax(tops[2], tops[3]));
-            const vf16 new_top = vmax(top[v], tile_top);
-            const vf16 factor = exp_nonpositive(top[v] - new_top);
-            vf16 sum = splat(0.0f);
-            for (int k = 0; k < tile_keys; k++) {
-                vf16 p = exp_nonpositive(scores[k][v] - new_top);
-                if (masked) p = select((vi16){0} + (int32_t)(tile + k) >= visible[v], splat(0.0f), p);
-                sum += p;
-                memcpy(&probs[k][v * LANES], &p, sizeof p);
-            }
-            total[v] = total[v] * factor + sum;
-            top[v] = new_top;
-            memcpy(&correction[v * LANES], &factor, sizeof factor);
-        }
-        /* Outputs, pv_block queries at a time, each value row loaded once for them. */
-        for (int q0 = 0; q0 < num_queries; q0 += pv_block) {
-            vf16 a[PV_ACCUMULATORS + MAX_HEAD_DIM / LANES]; /* [b * chunks + c] */
-            for (int b = 0; b < pv_block; b++)
-                for (int c = 0; c < chunks; c++) a[b * chunks + c] = acc[q0 + b][c] * correction[q0 + b];
-            for (int k = 0; k < tile_keys; k++) {
-                const float *vrow = v_tile + k * key_stride;
-                vf16 vc[MAX_HEAD_DIM / LANES];
-                for (int c = 0; c < chunks; c++) {
-                    memcpy(&vc[c], vrow + c * LANES, sizeof vc[c]);
-                    keep_in_register(&vc[c], chunks);
+            /* Online softmax, lane-wise; keys a query may not see weigh exactly 0. */
+            const int masked = tile + tile_keys > least_visible;
+            for (int v = 0; v < qvecs; v++) {
+                vf16 tops[4] = {splat(-FLT_MAX), splat(-FLT_MAX), splat(-FLT_MAX), splat(-FLT_MAX)};
+                for (int k = 0; k < tile_keys; k++) { /* four running maxima: no chain through every key */
+                    if (masked) scores[k][v] = select((vi16){0} + (int32_t)(tile + k) >= visible[v], splat(-FLT_MAX), scores[k][v]);
+                    tops[k % 4] = vmax(tops[k % 4], scores[k][v]);
                 }
-                for (int b = 0; b < pv_block; b++) {
-                    const float p = probs[k][q0 + b];
-                    for (int c = 0; c < chunks; c++) a[b * chunks + c] += p * vc[c];
+                const vf16 tile_top = vmax(vmax(tops[0], tops[1]), vmax(tops[2], tops[3]));
+                const vf16 new_top = vmax(top[v], tile_top);
+                const vf16 factor = exp_nonpositive(top[v] - new_top);
+                vf16 sum = splat(0.0f);
+                for (int k = 0; k < tile_keys; k++) {
+                    vf16 p = exp_nonpositive(scores[k][v] - new_top);
+                    if (masked) p = select((vi16){0} + (int32_t)(tile + k) >= visible[v], splat(0.0f), p);
+                    sum += p;
+                    memcpy(&probs[k][v * LANES], &p, sizeof p);
                 }
+                total[v] = total[v] * factor + sum;
+                top[v] = new_top;
+                memcpy(&correction[v * LANES], &factor, sizeof factor);
             }
-            for (int b = 0; b < pv_block; b++)
-                for (int c = 0; c < chunks; c++) acc[q0 + b][c] = a[b * chunks + c];
+            /* Outputs, pv_block queries at a time, each value row loaded once for them. */
+            for (int q0 = 0; q0 < num_queries; q0 += pv_block) {
+                vf16 a[PV_ACCUMULATORS + MAX_HEAD_DIM / LANES]; /* [b * chunks + c] */
+                for (int b = 0; b < pv_block; b++)
+                    for (int c = 0; c < chunks; c++) a[b * chunks + c] = acc[q0 + b][c] * correction[q0 + b];
+                for (int k = 0; k < tile_keys; k++) {
+                    const float *vrow = v_tile + k * key_stride;
+                    vf16 vc[MAX_HEAD_DIM / LANES];
+                    for (int c = 0; c < chunks; c++) {
+                        memcpy(&vc[c], vrow + c * LANES, sizeof vc[c]);
+                        keep_in_register(&vc[c], chunks);
+                    }
+                    for (int b = 0; b < pv_block; b++) {
+                        const float p = probs[k][q0 + b];
+                        for (int c = 0; c < chunks; c++) a[b * chunks + c] += p * vc[c];
+                    }
+                }
+                for (int b = 0; b < pv_block; b++)
+                    for (int c = 0; c < chunks; c++) acc[q0 + b][c] = a[b * chunks + c];
+            }
         }
-    }
     }
 
     for (int v = 0; v < qvecs; v++) {
