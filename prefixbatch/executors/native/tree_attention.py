@@ -270,7 +270,7 @@ class _Blocks:
         new_part[1:] = (of_row[1:] != of_row[:-1]) | (run[1:] != run[:-1])
         first = np.flatnonzero((place - np.maximum.accumulate(np.where(new_part, place, 0))) % rows_per_task == 0)
         count = np.diff(np.append(first, len(rows)))
-        num_keys = np.maximum.reduceat(visible, first) if len(first) else first
+        num_keys = np.maximum.reduceat(visible, first)
         key_start = np.fromiter((span.key_start for span in spans), np.int64, len(spans))[of_row[first]]
         return cls(key_start, num_keys, first, count, rows, visible)
 
@@ -306,10 +306,9 @@ class _Blocks:
         share of the call's work and has more than `dot_rows` rows: then one item per kv head,
         so threads share it."""
         num_blocks = len(self.count)
-        start = self.rows[self.first] if num_blocks else self.first
+        start = self.rows[self.first]
         lanes = self.count > dot_rows
-        consecutive = self.rows[self.first + self.count - 1] - start == self.count - 1 if num_blocks else lanes
-        chains = lanes & consecutive & chain
+        chains = lanes & (self.rows[self.first + self.count - 1] - start == self.count - 1) & chain
         # Blocks with the same rows side by side (plan order within), every other block alone.
         same = np.where(chains, start * (int(self.count.max(initial=0)) + 1) + self.count, -1 - np.arange(num_blocks))
         order = np.argsort(same, kind="stable")
@@ -495,20 +494,14 @@ class TreeAttention:
             return None
         if not all(x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] for x in (k, v)):
             return None  # heads not laid out as the kernel reads them: stored by `write` instead
-        settings = {
-            "group": q.shape[1] // keys.shape[1],
-            "num_kv_heads": keys.shape[1],
-            "num_threads": torch.get_num_threads(),
-            "dot_max_queries": self.kernel.dot_max_queries,
-        }
         query_angles = None
         if rows is not None:  # one layer a step (the last): its own plan, of these rows
-            p = KernelPlan.of(self.attention_plan, rows=rows.numpy(), **settings)
+            p = self._kernel_plan(q, keys, rows.numpy())
             q = q[rows]  # [R, H, D]
             query_angles = None if angles is None else (angles[0][rows], angles[1][rows])
         else:
             if self.kernel_plan is None:
-                self.kernel_plan = KernelPlan.of(self.attention_plan, **settings)
+                self.kernel_plan = self._kernel_plan(q, keys, None)
             p = self.kernel_plan
         out, _ = self.kernel(
             q, keys, values, p.tasks, p.entry_row, p.entry_visible, p.row_ptr, p.row_entries,
@@ -516,4 +509,14 @@ class TreeAttention:
             num_tasks=p.num_tasks,
         )  # fmt: skip
         return out
+
+    def _kernel_plan(self, q: torch.Tensor, keys: torch.Tensor, rows: np.ndarray | None) -> KernelPlan:
+        return KernelPlan.of(
+            self.attention_plan,
+            group=q.shape[1] // keys.shape[1],
+            num_kv_heads=keys.shape[1],
+            num_threads=torch.get_num_threads(),
+            dot_max_queries=self.kernel.dot_max_queries,
+            rows=rows,
+        )
 
