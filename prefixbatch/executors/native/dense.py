@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from prefixbatch.executors.native.span_kernel import SpanKernel, load_span_kernel
+
 __all__ = ["PackedWeight", "packing_available"]
 
 # Row count the packed layout is chosen for; any count works, this one suits decode steps
@@ -33,11 +35,13 @@ _PACK_FOR_ROWS = 64
 
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether dense layers on (device, dtype) can be packed: fp32 on a CPU with oneDNN."""
-    return (
-        device.type == "cpu"
-        and dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
+    """Whether dense layers on (device, dtype) can be packed: fp32 on a CPU, with our kernel
+    (AVX-512) or oneDNN."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return False
+    kernel = load_span_kernel()
+    return (kernel is not None and kernel.has_dense) or (
+        torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     )
@@ -45,23 +49,34 @@ def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A linear layer's weight in oneDNN's layout (an opaque `torch._mkldnn` tensor)."""
+    """A linear layer's weight packed once: for our kernel (`kernels/dense.c`) where the
+    library has it, else in oneDNN's layout (an opaque `torch._mkldnn` tensor)."""
 
     packed: torch.Tensor
     num_in: int
+    num_out: int
+    kernel: SpanKernel | None  # None: oneDNN's
 
     @classmethod
     def of(cls, weight: torch.Tensor) -> PackedWeight:
+        num_out, num_in = weight.shape
+        kernel = load_span_kernel()
+        if kernel is not None and kernel.has_dense:
+            return cls(kernel.pack_dense(weight), num_in, num_out, kernel)
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _PACK_FOR_ROWS)
-        return cls(packed, num_in=weight.shape[1])
+        return cls(packed, num_in, num_out, None)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None, *, then: str = "none") -> torch.Tensor:
         """x [T, in] → x Wᵀ + bias: [T, out], in x's dtype; then="swish": silu of that, in the
-        same pass (oneDNN's post-op: no second trip through memory)."""
+        same pass (no second trip through memory)."""
         assert x.shape[-1] == self.num_in, (tuple(x.shape), self.num_in)
+        if self.kernel is not None:
+            return self.kernel.dense(x, self.packed, self.num_out, bias, then)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, then, [], "")
 
     def linear_times(self, x: torch.Tensor, other: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """(x Wᵀ + bias) · other, elementwise, in one pass (oneDNN's binary post-op)."""
+        """(x Wᵀ + bias) · other, elementwise, in one pass."""
         assert x.shape[-1] == self.num_in, (tuple(x.shape), self.num_in)
+        if self.kernel is not None:
+            return self.kernel.dense(x, self.packed, self.num_out, bias, "times", other)
         return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), other, self.packed, bias, "mul")

@@ -40,10 +40,12 @@ __all__ = ["SpanKernel", "load_span_kernel", "takes"]
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "span_attention.c"
-# Built into the same library: the residual add and RMSNorm in one pass (`add_rms_norm`).
-EXTRA_SOURCES = (Path(__file__).with_name("kernels") / "residual_norm.c",)
+# Built into the same library: the thread pool every loop runs on (`pool.c`), the residual add
+# and RMSNorm in one pass (`add_rms_norm`) and the dense layers' products (`dense`).
+EXTRA_SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("pool.c", "residual_norm.c", "dense.c"))
+HEADERS = (Path(__file__).with_name("kernels") / "pool.h",)
 FLAGS = (
-    "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11",
+    "-O3", "-march=native", "-pthread", "-fPIC", "-shared", "-std=c11",
     # Vectorised sums (reassociation, no errno, no traps) and fused multiply-adds (ISO C mode
     # would otherwise keep every a·b + c two roundings and two instructions).
     "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros", "-ffp-contract=fast",
@@ -85,6 +87,46 @@ class SpanKernel:
             ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
         ]  # fmt: skip
         self._norm = norm
+        self.has_dense = bool(library.pb_dense_available())
+        if self.has_dense:
+            library.pb_dense_packed_floats.restype = ctypes.c_int64
+            library.pb_dense_packed_floats.argtypes = [ctypes.c_int64, ctypes.c_int64]
+            library.pb_dense_pack.restype = None
+            library.pb_dense_pack.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+            library.pb_dense.restype = None
+            library.pb_dense.argtypes = [
+                ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+            ]  # fmt: skip
+            self._dense = library.pb_dense
+
+    def pack_dense(self, weight: torch.Tensor) -> torch.Tensor:
+        """W [out, in] fp32 → its copy in the layout `dense` reads (kernels/dense.c)."""
+        num_out, num_in = weight.shape
+        weight = weight.detach().contiguous()
+        assert weight.dtype == torch.float32 and weight.device.type == "cpu" and self.has_dense
+        packed = torch.empty(self.library.pb_dense_packed_floats(num_out, num_in), dtype=torch.float32)
+        self.library.pb_dense_pack(weight.data_ptr(), num_out, num_in, packed.data_ptr(), torch.get_num_threads())
+        return packed
+
+    def dense(
+        self, x: torch.Tensor, packed: torch.Tensor, num_out: int, bias: torch.Tensor | None, then: str = "none",
+        other: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [T, in] → x Wᵀ + bias [T, out] (W packed by `pack_dense`); then "swish": silu of
+        that, "times": that · other [T, out], in the same pass."""
+        rows, num_in = x.shape
+        x = x.contiguous()
+        assert x.dtype == torch.float32 and packed.numel() == self.library.pb_dense_packed_floats(num_out, num_in)
+        assert bias is None or (bias.shape == (num_out,) and bias.is_contiguous())
+        assert (other is not None) == (then == "times") and then in _THEN
+        if other is not None:
+            assert other.shape == (rows, num_out) and other.dtype == torch.float32
+            other = other.contiguous()
+        out = torch.empty((rows, num_out), dtype=torch.float32)
+        self._dense(x.data_ptr(), rows, num_in, packed.data_ptr(), num_out, _pointer(bias), _THEN[then],
+                    _pointer(other), out.data_ptr(), torch.get_num_threads())  # fmt: skip
+        return out
 
     def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x += delta (in place: the residual stream), then RMSNorm(x) · weight, in one pass.
@@ -186,6 +228,9 @@ class SpanKernel:
         return out, lse
 
 
+_THEN = {"none": 0, "swish": 1, "times": 2}  # kernels/dense.c's post-ops
+
+
 def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
@@ -239,7 +284,7 @@ def _build_and_load() -> SpanKernel | None:
             [compiler, "--version"], capture_output=True, text=True, check=True, timeout=60
         ).stdout
         sources = (SOURCE, *EXTRA_SOURCES)
-        source = b"".join(path.read_bytes() for path in sources)
+        source = b"".join(path.read_bytes() for path in (*sources, *HEADERS))
         digest = hashlib.sha256(
             source + repr(FLAGS).encode() + version.encode() + _cpu_identity().encode()
         ).hexdigest()[:16]

@@ -13,22 +13,40 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "pool.h"
+
 #define PARALLEL_FROM 131072 /* elements; below, waking a thread costs more than it saves */
+
+typedef struct {
+    float *x;
+    const float *delta, *weight;
+    float eps;
+    float *out;
+    int64_t rows, dim;
+} Norm;
+
+#define ROWS_A_TASK 16
+
+static void norm_rows(void *ctx, int64_t task) {
+    const Norm *n = ctx;
+    const int64_t stop = (task + 1) * ROWS_A_TASK < n->rows ? (task + 1) * ROWS_A_TASK : n->rows;
+    for (int64_t r = task * ROWS_A_TASK; r < stop; r++) {
+        float *xr = n->x + r * n->dim;
+        const float *dr = n->delta + r * n->dim;
+        float *o = n->out + r * n->dim;
+        float squares = 0.0f;
+        for (int64_t d = 0; d < n->dim; d++) {
+            xr[d] += dr[d];
+            squares += xr[d] * xr[d];
+        }
+        const float inverse = 1.0f / sqrtf(squares / (float)n->dim + n->eps);
+        for (int64_t d = 0; d < n->dim; d++) o[d] = xr[d] * inverse * n->weight[d];
+    }
+}
 
 void pb_add_rms_norm(
     float *x, const float *delta, const float *weight, float eps, float *out, int64_t rows, int64_t dim,
     int num_threads) {
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * dim >= PARALLEL_FROM)
-    for (int64_t r = 0; r < rows; r++) {
-        float *xr = x + r * dim;
-        const float *dr = delta + r * dim;
-        float *o = out + r * dim;
-        float squares = 0.0f;
-        for (int64_t d = 0; d < dim; d++) {
-            xr[d] += dr[d];
-            squares += xr[d] * xr[d];
-        }
-        const float inverse = 1.0f / sqrtf(squares / (float)dim + eps);
-        for (int64_t d = 0; d < dim; d++) o[d] = xr[d] * inverse * weight[d];
-    }
+    Norm norm = {x, delta, weight, eps, out, rows, dim};
+    pb_parallel(rows * dim >= PARALLEL_FROM ? num_threads : 1, (rows + ROWS_A_TASK - 1) / ROWS_A_TASK, norm_rows, &norm);
 }

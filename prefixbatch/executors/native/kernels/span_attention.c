@@ -42,6 +42,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "pool.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -633,6 +635,86 @@ static void store_new(
         }
 }
 
+/* The three loops of a call, as pool tasks over one call's arguments. */
+typedef struct {
+    const Call *call;
+    float *keys, *values;
+    int num_kv_heads, head_dim, group;
+    const float *k_new;
+    int64_t k_row_stride;
+    const float *v_new;
+    int64_t v_row_stride;
+    const int64_t *slots;
+    int64_t num_new;
+    const float *cos, *sin;
+    const int64_t *tasks;
+    int num_rows_out;
+    const int64_t *row_entries;
+} Loops;
+
+#define ROWS_A_TASK 16 /* rows a task of the store and merge loops */
+#define STORE_PARALLEL_FROM 256 /* new rows: fewer are stored by the caller alone */
+
+static void store_rows(void *ctx, int64_t task) {
+    const Loops *l = ctx;
+    const int64_t stop = (task + 1) * ROWS_A_TASK < l->num_new ? (task + 1) * ROWS_A_TASK : l->num_new;
+    for (int64_t t = task * ROWS_A_TASK; t < stop; t++)
+        store_new(l->keys, l->values, l->num_kv_heads, l->head_dim, l->k_new, l->k_row_stride, l->v_new,
+                  l->v_row_stride, l->slots, t, l->cos, l->sin);
+}
+
+static void run_one_task(void *ctx, int64_t i) {
+    const Loops *l = ctx;
+    const int64_t *task = l->tasks + i * TASK_COLUMNS;
+    if (task[3] * l->group > MAX_QUERIES_PER_TASK) return; /* the caller never builds one */
+    const int first = task[4] < 0 ? 0 : (int)task[4];
+    const int count = task[4] < 0 ? l->num_kv_heads : 1;
+    if (l->head_dim == 64)
+        run_task_64(l->call, task, first, count);
+    else if (l->head_dim == 128)
+        run_task_128(l->call, task, first, count);
+    else
+        run_task_any(l->call, l->head_dim, task, first, count);
+}
+
+/* Rows with more than one entry: their entries' results merged by log-sum-exp. */
+static void merge_rows(void *ctx, int64_t task) {
+    const Loops *l = ctx;
+    const Call *call = l->call;
+    const int num_heads = call->num_heads, head_dim = l->head_dim;
+    const int stop_row = (task + 1) * ROWS_A_TASK < l->num_rows_out ? (int)((task + 1) * ROWS_A_TASK) : l->num_rows_out;
+    for (int row = (int)(task * ROWS_A_TASK); row < stop_row; row++) {
+        const int64_t first = call->row_ptr[row], stop = call->row_ptr[row + 1];
+        if (stop - first == 1) continue; /* written by its task */
+        for (int h = 0; h < num_heads; h++) {
+            float *o = call->out + ((int64_t)row * num_heads + h) * head_dim;
+            float *lse = call->lse + (int64_t)row * num_heads + h;
+            float total_max = -INFINITY;
+            for (int64_t i = first; i < stop; i++) {
+                const float part = call->part_lse[l->row_entries[i] * num_heads + h];
+                total_max = part > total_max ? part : total_max;
+            }
+            memset(o, 0, sizeof(float) * head_dim);
+            if (total_max == -INFINITY) {
+                *lse = -INFINITY;
+                continue;
+            }
+            float total = 0.0f;
+            for (int64_t i = first; i < stop; i++) {
+                const int64_t entry = l->row_entries[i];
+                const float part = call->part_lse[entry * num_heads + h];
+                if (part == -INFINITY) continue;
+                const float weight = exp_nonpositive1(part - total_max);
+                const float *p = call->part_out + (entry * num_heads + h) * head_dim;
+                total += weight;
+                for (int d = 0; d < head_dim; d++) o[d] += weight * p[d];
+            }
+            const float inv = 1.0f / total;
+            for (int d = 0; d < head_dim; d++) o[d] *= inv;
+            *lse = total_max + logf(total);
+        }
+    }
+}
 /* tasks: [num_tasks + chained, TASK_COLUMNS] int64 rows (key_start, num_keys, entry0, num_rows,
    kv head or -1 for all of them, next): the first num_tasks are run; a task of many queries may
    go on with the key range of row `next` (which may go on likewise), the same rows seeing it
@@ -658,61 +740,17 @@ int pb_span_attention(
     const Call call = {tasks, q, q_row_stride, q_cos, q_sin, keys, values, num_heads, num_kv_heads, scale,
                        entry_row, entry_visible, row_ptr, part_out, part_lse, out, lse};
 
-    /* One parallel region, three loops: the new keys and values into the store; the tasks
-       (largest first, as the caller orders them); then the rows whose entries must be merged.
-       Each loop's barrier orders it before the next. */
-#pragma omp parallel num_threads(num_threads)
-    {
-        if (num_new > 0) {
-#pragma omp for schedule(static)
-            for (int64_t t = 0; t < num_new; t++)
-                store_new(keys, values, num_kv_heads, head_dim, k_new, k_row_stride, v_new, v_row_stride, slots, t, cos, sin);
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < num_tasks; i++) {
-            const int64_t *task = tasks + i * TASK_COLUMNS;
-            if (task[3] * group > MAX_QUERIES_PER_TASK) continue; /* the caller never builds one */
-            const int first = task[4] < 0 ? 0 : (int)task[4];
-            const int count = task[4] < 0 ? num_kv_heads : 1;
-            if (head_dim == 64)
-                run_task_64(&call, task, first, count);
-            else if (head_dim == 128)
-                run_task_128(&call, task, first, count);
-            else
-                run_task_any(&call, head_dim, task, first, count);
-        }
-
-#pragma omp for schedule(static)
-        for (int row = 0; row < num_rows_out; row++) {
-            const int64_t first = row_ptr[row], stop = row_ptr[row + 1];
-            if (stop - first == 1) continue; /* written by its task */
-            for (int h = 0; h < num_heads; h++) {
-                float *o = out + ((int64_t)row * num_heads + h) * head_dim;
-                float total_max = -INFINITY;
-                for (int64_t i = first; i < stop; i++) {
-                    const float part = part_lse[row_entries[i] * num_heads + h];
-                    total_max = part > total_max ? part : total_max;
-                }
-                memset(o, 0, sizeof(float) * head_dim);
-                if (total_max == -INFINITY) {
-                    lse[(int64_t)row * num_heads + h] = -INFINITY;
-                    continue;
-                }
-                float total = 0.0f;
-                for (int64_t i = first; i < stop; i++) {
-                    const int64_t entry = row_entries[i];
-                    const float part = part_lse[entry * num_heads + h];
-                    if (part == -INFINITY) continue;
-                    const float weight = exp_nonpositive1(part - total_max);
-                    const float *p = part_out + (entry * num_heads + h) * head_dim;
-                    total += weight;
-                    for (int d = 0; d < head_dim; d++) o[d] += weight * p[d];
-                }
-                const float inv = 1.0f / total;
-                for (int d = 0; d < head_dim; d++) o[d] *= inv;
-                lse[(int64_t)row * num_heads + h] = total_max + logf(total);
-            }
-        }
-    }
+    /* Three loops on the pool, each done before the next starts: the new keys and values into
+       the store; the tasks (largest first, as the caller orders them); then the rows whose
+       entries must be merged. */
+    Loops loops = {&call, keys, values, num_kv_heads, head_dim, group, k_new, k_row_stride, v_new, v_row_stride,
+                   slots, num_new, cos, sin, tasks, num_rows_out, row_entries};
+    if (num_new > 0) /* a decode step's few rows: less than waking a thread costs */
+        pb_parallel(num_new < STORE_PARALLEL_FROM ? 1 : num_threads, (num_new + ROWS_A_TASK - 1) / ROWS_A_TASK,
+                    store_rows, &loops);
+    pb_parallel(num_threads, num_tasks, run_one_task, &loops);
+    int merged = 0;
+    for (int row = 0; row < num_rows_out && !merged; row++) merged = row_ptr[row + 1] - row_ptr[row] != 1;
+    if (merged) pb_parallel(num_threads, (num_rows_out + ROWS_A_TASK - 1) / ROWS_A_TASK, merge_rows, &loops);
     return 0;
 }
