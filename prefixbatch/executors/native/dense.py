@@ -1,20 +1,27 @@
-"""Dense layers on the CPU through oneDNN with prepacked weights.
+"""Dense layers on the CPU with weights packed once: our kernel where the CPU has AVX-512,
+else oneDNN.
 
-Why: PyTorch's CPU `F.linear` in fp32 calls its BLAS (MKL), and MKL picks a slower code path
-on CPUs it does not tune for: measured on this project's AMD EPYC (AVX-512) machine, 2
+Why not PyTorch's `F.linear`: in fp32 it calls its BLAS (MKL), and MKL picks a slower code
+path on CPUs it does not tune for: measured on this project's AMD EPYC (AVX-512) machine, 2
 threads, the model's shapes, MKL reaches 170 GFLOP/s at best where oneDNN (also in every
 PyTorch CPU build, and what vLLM's CPU backend calls) reaches 440-490 GFLOP/s; decode-sized
-products (4-16 rows) run 2-3x faster on weights packed once into oneDNN's blocked layout
-than on plain ones (the layout change otherwise happens on every call), 4-6x faster than
-MKL. See BENCHMARKS.md, "Native engine speed".
+products (4-16 rows) run 2-3x faster on weights packed once than on plain ones (the layout
+change otherwise happens on every call), 4-6x faster than MKL. See BENCHMARKS.md, "Native
+engine speed".
+
+Why our kernel over oneDNN (`kernels/dense.c`): as fast on a quiet machine (250-256 GFLOP/s
+a core on the model's shapes), and its products run on the library's thread pool, whose
+loops do not wait for a thread the scheduler parked beside another busy process; oneDNN's
+OpenMP split does, and ran every product ~2x slower there (BENCHMARKS.md, "Steady beside a
+busy process").
 
 `PackedWeight.of(W)` makes the packed copy once; `linear(x, b)` = x Wᵀ + b, optionally with
 the SwiGLU's activation and product fused into the GEMM's output pass (`then="swish"`,
-`linear_times`): on a 2,048-row prefill chunk at the Qwen2.5-0.5B shape the gated half of
-the MLP takes 102 ms instead of 125 ms, where the separate silu and product read and write
-[T, intermediate] tensors that do not fit in any cache. The results are
-the same products summed in another order: equal to `F.linear` within fp32 rounding, not
-bit for bit (so `batch_invariant`, whose guarantees were measured on MKL, keeps `F.linear`).
+`linear_times`): the separate silu and product would read and write [T, intermediate]
+tensors that do not fit in any cache (on a 2,048-row prefill chunk at the Qwen2.5-0.5B shape,
+oneDNN's gated half of the MLP took 102 ms fused, 125 ms apart). The results are the same
+products summed in another order: equal to `F.linear` within fp32 rounding, not bit for bit
+(so `batch_invariant`, whose guarantees were measured on MKL, keeps `F.linear`).
 
 in → out: W [out, in] → PackedWeight; x [T, in] → y [T, out].
 """
@@ -27,7 +34,7 @@ import torch
 
 from prefixbatch.executors.native.span_kernel import SpanKernel, load_span_kernel
 
-__all__ = ["PackedWeight", "packing_available"]
+__all__ = ["PackedWeight", "onednn_available", "packing_available"]
 
 # Row count the packed layout is chosen for; any count works, this one suits decode steps
 # and prefill chunks alike (measured: 4-1024 rows within 2% of a layout made per count).
@@ -40,7 +47,12 @@ def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type != "cpu" or dtype != torch.float32:
         return False
     kernel = load_span_kernel()
-    return (kernel is not None and kernel.has_dense) or (
+    return (kernel is not None and kernel.has_dense) or onednn_available()
+
+
+def onednn_available() -> bool:
+    """Whether this PyTorch build has oneDNN's packed fp32 products."""
+    return (
         torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -58,11 +70,13 @@ class PackedWeight:
     kernel: SpanKernel | None  # None: oneDNN's
 
     @classmethod
-    def of(cls, weight: torch.Tensor) -> PackedWeight:
+    def of(cls, weight: torch.Tensor, *, ours: bool = True) -> PackedWeight:
+        """ours=False: oneDNN's even where our kernel runs (as CPUs without AVX-512 do)."""
         num_out, num_in = weight.shape
-        kernel = load_span_kernel()
+        kernel = load_span_kernel() if ours else None
         if kernel is not None and kernel.has_dense:
             return cls(kernel.pack_dense(weight), num_in, num_out, kernel)
+        assert onednn_available(), "no packed products on this machine: check `packing_available` first"
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _PACK_FOR_ROWS)
         return cls(packed, num_in, num_out, None)
 

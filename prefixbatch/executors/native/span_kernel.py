@@ -1,11 +1,12 @@
 """Our C attention kernel (`kernels/span_attention.c`): built on first use, loaded with ctypes.
 
-One call per layer runs every span of a step's attention plan, all rows in one OpenMP
-parallel region, reading keys and values in place in the store (no gather, no
+One call per layer runs every span of a step's attention plan, all rows in a few loops on
+the library's thread pool (`kernels/pool.c`), reading keys and values in place in the store (no gather, no
 padding, no kernel call per row); see the C file for the algorithm. The same call can first
 store the step's keys and values and apply rope to q and k (`TreeAttention.attend_unroped`).
 The library also holds the residual add + RMSNorm pass the packed model's layers use
-(`kernels/residual_norm.c`, `SpanKernel.add_rms_norm`). It exists because
+(`kernels/residual_norm.c`, `SpanKernel.add_rms_norm`) and, on AVX-512 CPUs, their dense
+products (`kernels/dense.c`, `SpanKernel.dense`; `dense.PackedWeight` calls it). It exists because
 PyTorch's CPU API has no variable-length attention: there, a step's decode rows are either
 one fused-kernel call each or a padded gather of their keys (BENCHMARKS.md, "Prefill and
 decode apart").

@@ -112,7 +112,7 @@ def test_seeded_samples_do_not_depend_on_batch_mates_or_order(tiny_llama):
     assert len(set(samples)) > 1  # samples of one prompt differ (their own seeds)
 
 
-@pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.float32), reason="needs oneDNN")
+@pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.float32), reason="needs our dense kernel or oneDNN")
 def test_cpu_fp32_runs_packed_weights_and_batch_invariant_runs_dense(tiny_llama):
     model = ModelSpec(path=str(tiny_llama), dtype="float32")
     assert NativeExecutor(model, ExecutorSpec(kind="native", device="cpu")).model.is_packed

@@ -64,7 +64,7 @@ def native_model(folder: Path, packed: bool = False):
 
 # Dense layers through F.linear (the loaded model) and through oneDNN's packed weights.
 PACKED = [False, pytest.param(True, marks=pytest.mark.skipif(
-    not packing_available(torch.device("cpu"), torch.float32), reason="needs oneDNN"))]
+    not packing_available(torch.device("cpu"), torch.float32), reason="needs our dense kernel or oneDNN"))]
 
 
 @cache

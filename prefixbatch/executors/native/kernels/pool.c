@@ -1,23 +1,24 @@
-/* The library's thread pool: parallel loops that finish when their tasks are done, not when
+/* The library's thread pool: parallel loops that end when their tasks are done, not when
    every thread has checked in.
 
-   Why not OpenMP: an OpenMP loop ends at a barrier every thread of the team must reach. On a
-   machine another process keeps busy, the scheduler parks one of our threads behind it for a
-   time slice, and every loop waits for that thread, whether or not any work was left for it.
-   Measured on the 2-core machine with one spinning process beside us (BENCHMARKS.md,
-   "Steady beside a busy process"): a loop of small dynamic tasks ran 1.9-2.0x slower than on a
-   quiet machine under OpenMP, whatever the schedule, thread count or wait policy, because
-   Linux kept both of our threads on one core and the busy process alone on the other.
+   Why not OpenMP: an OpenMP loop ends at a barrier every thread of its team must reach. Beside
+   another busy process, Linux kept both of our threads on one core and the busy process alone
+   on the other (its wake-ups place a woken thread beside its waker), and every loop waited for
+   the thread queued behind: measured on the 2-core machine with one spinning process beside a
+   loop of small tasks (BENCHMARKS.md, "Steady beside a busy process"), OpenMP ran 1.9-2.0x
+   slower than quiet whatever the schedule, thread count or wait policy; this pool 1.3-1.5x.
 
-   Here a loop's tasks are claimed one at a time from a shared counter by the pool's workers,
-   and the loop ends when the last task is done: a parked worker holds back at most the task it
-   holds, and a worker that wakes late finds nothing left and goes back to sleep. The caller
-   hands the loop to the workers and sleeps until it is done; when the pool has one worker per
-   CPU the process may use, worker i runs on the i-th of those CPUs only, so no two of them
-   ever queue on one core while another core runs someone else's work.
+   How: a loop's tasks are claimed one at a time from a shared counter, and the loop ends when
+   the last task is done, so a thread the scheduler parks holds back at most the task it holds,
+   and a worker that wakes late finds nothing left. When the pool has as many threads as the
+   CPUs the process may use, each worker is pinned to one of those CPUs; the caller takes part
+   in each loop pinned to the CPU it is on (its affinity is restored after), and that CPU's
+   worker sits the loop out and is not woken. So no two of our threads ever queue on one core
+   while the other runs someone else's work. Workers poll briefly for the next loop before they
+   sleep: longer polls win a little on a quiet machine and lose more beside a busy process.
 
-   One loop at a time: a second thread calling while a loop runs runs its loop itself, one
-   task after another. A forked child starts with no workers (they do not survive fork). */
+   One loop at a time: a thread calling while another's loop runs runs its own loop itself.
+   A forked child starts with no workers (threads do not survive fork). */
 
 #define _GNU_SOURCE
 #include "pool.h"
@@ -30,7 +31,6 @@
 #include <stdatomic.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-#include <stdlib.h>
 
 #define MAX_WORKERS 256
 #define WORKER_SPINS 1000 /* polls of the job word before a worker sleeps (~10 µs) */
@@ -93,7 +93,6 @@ static void run_tasks(uint32_t loop) {
     }
 }
 
-static int worker_spins = WORKER_SPINS;
 static void *worker(void *arg) {
     const int index = (int)(intptr_t)arg;
     sigset_t all;
@@ -104,7 +103,7 @@ static void *worker(void *arg) {
     for (;;) {
         uint32_t loop;
         while ((loop = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen) {
-            if (++spins < worker_spins) {
+            if (++spins < WORKER_SPINS) {
                 pause_once();
             } else {
                 futex_wait_worker(&pool.generation, seen, index);
@@ -116,7 +115,7 @@ static void *worker(void *arg) {
             run_tasks(loop);
             spins = 0;
         } else {
-            spins = worker_spins; /* not this loop's: sleep at once, off the caller's CPU */
+            spins = WORKER_SPINS; /* not this loop's: sleep at once, off the caller's CPU */
         }
     }
     return NULL;
@@ -176,10 +175,7 @@ void pb_parallel(int num_threads, int64_t num_tasks, pb_task_fn fn, void *ctx) {
     start_workers(num_threads);
     /* Pinned: the caller stays on the CPU it is on for the loop, that CPU's worker sits out. */
     cpu_set_t before, here;
-    static int mode = -1;
-    if (mode < 0 && getenv("PB_POOL_SPINS")) worker_spins = atoi(getenv("PB_POOL_SPINS"));
-    if (mode < 0) mode = getenv("PB_POOL_MODE") ? atoi(getenv("PB_POOL_MODE")) : 0;
-    const int pin_caller = mode == 0 && pool.pinned && num_threads == pool.num_workers &&
+    const int pin_caller = pool.pinned && num_threads == pool.num_workers &&
                            sched_getaffinity(0, sizeof before, &before) == 0;
     pool.caller_cpu = pin_caller ? sched_getcpu() : -1;
     if (pin_caller) {
@@ -190,7 +186,7 @@ void pb_parallel(int num_threads, int64_t num_tasks, pb_task_fn fn, void *ctx) {
     pool.fn = fn;
     pool.ctx = ctx;
     pool.num_tasks = num_tasks;
-    pool.active = pin_caller || (mode == 1 && pool.pinned) ? pool.num_workers : num_threads - 1 < pool.num_workers ? num_threads - 1 : pool.num_workers;
+    pool.active = pin_caller ? pool.num_workers : num_threads - 1 < pool.num_workers ? num_threads - 1 : pool.num_workers;
     atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
     const uint32_t loop = atomic_load_explicit(&pool.generation, memory_order_relaxed) + 1;
     atomic_store_explicit(&pool.claim, (uint64_t)loop << 32, memory_order_release);
@@ -199,7 +195,7 @@ void pb_parallel(int num_threads, int64_t num_tasks, pb_task_fn fn, void *ctx) {
     for (int i = 0; i < pool.active; i++)
         if (!(pool.pinned && pool.cpu[i] == pool.caller_cpu)) wake |= 1u << (i % 32);
     futex_wake_workers(&pool.generation, wake);
-    if (mode != 1 || !pool.pinned) run_tasks(loop);
+    run_tasks(loop);
     int spins = 0;
     uint32_t done;
     while ((int64_t)(done = atomic_load_explicit(&pool.done, memory_order_acquire)) < num_tasks) {

@@ -21,15 +21,14 @@
 
    Before the tasks, the call can store the step's own keys and values at their slots (rotated
    by rope when it is given the angles; queries are then rotated as they are loaded), so one
-   parallel region does a layer's rope, KV write and attention.
+   call does a layer's rope, KV write and attention.
 
    A row sees the first `visible[entry]` keys of its task's range (causal masking, and keys
    split across tasks). Scores, softmax and accumulation are fp32; an entry that sees no key
    weighs nothing, and a row with no visible key gets out = 0, lse = -inf.
 
-   Both passes are OpenMP loops over independent items (tasks, then rows), so every row's
-   arithmetic is the same whichever thread runs it. The library links the OpenMP runtime
-   PyTorch already loaded (libgomp), so the two share one thread pool.
+   Both passes are loops over independent items (tasks, then rows) on the library's pool
+   (pool.c), so every row's arithmetic is the same whichever thread runs it.
 
    Layouts (fp32, innermost dimension contiguous):
      q      [T, H, D], row stride q_row_stride (floats), head stride D

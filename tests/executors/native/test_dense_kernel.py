@@ -1,0 +1,148 @@
+"""Our dense products (kernels/dense.c) on our thread pool (kernels/pool.c) equal PyTorch's.
+
+Shapes cross what the kernel does in pieces: 6-row register blocks and their remainders,
+96-row blocks above 144 rows, 64-column panels and a last partial one, k in blocks of 512
+with a remainder, products too small to share. And the pool itself: loops from several
+threads at once (one runs on the pool, the others in their own thread), a forked child
+(the workers do not survive fork), and no task left out.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prefixbatch.executors.native.dense import PackedWeight, onednn_available
+from prefixbatch.executors.native.span_kernel import load_span_kernel
+
+HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc"))
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if not HAS_COMPILER:
+        pytest.skip("needs a C compiler to build the kernel")
+    built = load_span_kernel()
+    assert built is not None, "a C compiler is on PATH, yet the kernel library did not build"
+    if not built.has_dense:
+        pytest.skip("our dense kernel needs AVX-512; this CPU keeps oneDNN's")
+    return built
+
+
+def reference(x, weight, bias, then, other):
+    y = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    if then == "swish":
+        y = F.silu(y)
+    elif then == "times":
+        y = y * other.double()
+    return y
+
+
+@pytest.mark.parametrize("rows", [1, 5, 6, 13, 64, 145, 300])
+@pytest.mark.parametrize(("num_in", "num_out"), [(100, 72), (512, 1408), (1100, 130), (64, 64)])
+@pytest.mark.parametrize("then", ["none", "swish", "times"])
+def test_products_equal_pytorchs(kernel, rows, num_in, num_out, then):
+    generator = torch.Generator().manual_seed(rows * 7919 + num_in + num_out)
+    weight = torch.randn(num_out, num_in, generator=generator) / num_in**0.5
+    x = torch.randn(rows, num_in, generator=generator) * 3
+    bias = torch.randn(num_out, generator=generator) if num_out != 64 else None
+    other = torch.randn(rows, num_out, generator=generator) if then == "times" else None
+    packed = PackedWeight.of(weight)
+    assert packed.kernel is kernel  # ours, not oneDNN's
+    if then == "times":
+        y = packed.linear_times(x, other, bias)
+    else:
+        y = packed.linear(x, bias, then=then)
+    expected = reference(x, weight, bias, then, other)
+    assert y.shape == (rows, num_out) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)  # fp32 sums of up to 1,100 terms
+
+
+@pytest.mark.skipif(not onednn_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("then", ["none", "swish", "times"])
+def test_onednns_products_where_ours_is_not_available_equal_pytorchs(then):
+    generator = torch.Generator().manual_seed(5)
+    weight, x = torch.randn(130, 300, generator=generator) / 300**0.5, torch.randn(50, 300, generator=generator)
+    bias, other = torch.randn(130, generator=generator), torch.randn(50, 130, generator=generator)
+    packed = PackedWeight.of(weight, ours=False)
+    assert packed.kernel is None
+    y = packed.linear_times(x, other, bias) if then == "times" else packed.linear(x, bias, then=then)
+    torch.testing.assert_close(y.double(), reference(x, weight, bias, then, other), rtol=1e-4, atol=1e-4)
+
+
+def test_no_rows_gives_an_empty_product(kernel):
+    packed = PackedWeight.of(torch.randn(72, 100))
+    assert packed.linear(torch.empty(0, 100), None).shape == (0, 72)
+
+
+def test_swish_is_right_far_out_on_both_sides(kernel):
+    # One input column, weight 1: y = x; silu must stay finite and exact where exp over- or underflows.
+    x = torch.tensor([[-1000.0], [-90.0], [-20.0], [-1e-3], [0.0], [1e-3], [20.0], [90.0], [1000.0]])
+    y = PackedWeight.of(torch.ones(16, 1)).linear(x, None, then="swish")
+    torch.testing.assert_close(y[:, 0].double(), F.silu(x[:, 0].double()), rtol=1e-6, atol=1e-30)
+
+
+def test_loops_from_several_threads_at_once_all_finish_right(kernel):
+    # One thread's loop runs on the pool; the others, finding it busy, run theirs themselves.
+    weight = torch.randn(1408, 512) / 512**0.5
+    packed = PackedWeight.of(weight)
+    inputs = [torch.randn(200, 512, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    expected = [packed.linear(x, None) for x in inputs]
+    results: dict[int, list[torch.Tensor]] = {}
+
+    def work(i: int) -> None:
+        results[i] = [packed.linear(inputs[i], None) for _ in range(30)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    for i in range(4):
+        assert all(torch.equal(y, expected[i]) for y in results[i])
+
+
+def _product_in_child(queue) -> None:
+    # PyTorch's own ops stay on one thread here (GNU OpenMP's threads do not survive fork
+    # either); the library's loops are asked for two.
+    torch.set_num_threads(1)
+    kernel = load_span_kernel()
+    library = kernel.library
+    weight, x = torch.ones(130, 600), torch.ones(300, 600)
+    packed = torch.empty(library.pb_dense_packed_floats(130, 600))
+    library.pb_dense_pack(weight.data_ptr(), 130, 600, packed.data_ptr(), 2)
+    y = torch.empty(300, 130)
+    library.pb_dense(x.data_ptr(), 300, 600, packed.data_ptr(), 130, None, 0, None, y.data_ptr(), 2)
+    queue.put(float(y.double().sum()))
+
+
+def test_a_forked_child_runs_loops_to_the_end(kernel):
+    # The parent's workers do not exist in the child: its loops must neither wait for them nor
+    # lose their tasks (the child starts workers of its own).
+    torch.set_num_threads(2)
+    PackedWeight.of(torch.ones(130, 600)).linear(torch.ones(300, 600), None)  # the parent's workers run
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_product_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0, "the child hung or died running a loop after fork"
+    assert queue.get(timeout=5) == 300 * 130 * 600.0
+
+
+def test_no_task_is_skipped(kernel):
+    # Outputs land in memory the last product just freed: a task not run would leave the
+    # previous product's values behind.
+    torch.set_num_threads(2)
+    packed = PackedWeight.of(torch.ones(1408, 7))
+    for i in range(1, 51):
+        y = packed.linear_times(torch.ones(400, 7), torch.full((400, 1408), float(i)), None)
+        assert torch.equal(y, torch.full((400, 1408), 7.0 * i))
