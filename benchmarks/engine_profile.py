@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 FAMILIES = {  # op name fragment → family; first match wins
-    "linear": "dense", "addmm": "dense", "mm": "dense", "_linear_pointwise": "dense",
+    "linear": "dense", "prefixbatch::dense": "dense", "addmm": "dense", "mm": "dense", "_linear_pointwise": "dense",
     "flash_attention": "attention", "span_attention": "attention", "bmm": "attention", "logsumexp": "attention",
     "logaddexp": "attention", "index_copy": "kv write", "argmax": "sampling",
     "multinomial": "sampling", "sort": "sampling", "softmax": "sampling",
