@@ -10,6 +10,7 @@ threads at once (one runs on the pool, the others in their own thread), a forked
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shutil
 import threading
 
@@ -108,28 +109,33 @@ def test_loops_from_several_threads_at_once_all_finish_right(kernel):
         assert all(torch.equal(y, expected[i]) for y in results[i])
 
 
-def _product_in_child(queue) -> None:
+def _product_in_child(queue, threads: int, one_cpu: bool) -> None:
     # PyTorch's own ops stay on one thread here (GNU OpenMP's threads do not survive fork
-    # either); the library's loops are asked for two.
+    # either); the library's loops are asked for `threads`.
     torch.set_num_threads(1)
+    if one_cpu:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     kernel = load_span_kernel()
     library = kernel.library
     weight, x = torch.ones(130, 600), torch.ones(300, 600)
     packed = torch.empty(library.pb_dense_packed_floats(130, 600))
-    library.pb_dense_pack(weight.data_ptr(), 130, 600, packed.data_ptr(), 2)
+    library.pb_dense_pack(weight.data_ptr(), 130, 600, packed.data_ptr(), threads)
     y = torch.empty(300, 130)
-    library.pb_dense(x.data_ptr(), 300, 600, packed.data_ptr(), 130, None, 0, None, y.data_ptr(), 2)
+    for _ in range(20):
+        library.pb_dense(x.data_ptr(), 300, 600, packed.data_ptr(), 130, None, 0, None, y.data_ptr(), threads)
     queue.put(float(y.double().sum()))
 
 
-def test_a_forked_child_runs_loops_to_the_end(kernel):
+@pytest.mark.parametrize(("threads", "one_cpu"), [(2, False), (3, False), (2, True)])
+def test_a_forked_child_runs_loops_to_the_end(kernel, threads, one_cpu):
     # The parent's workers do not exist in the child: its loops must neither wait for them nor
-    # lose their tasks (the child starts workers of its own).
+    # lose their tasks (the child starts workers of its own: one a CPU and pinned with as many
+    # threads as CPUs, else threads - 1 wherever the scheduler puts them).
     torch.set_num_threads(2)
     PackedWeight.of(torch.ones(130, 600)).linear(torch.ones(300, 600), None)  # the parent's workers run
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
-    child = context.Process(target=_product_in_child, args=(queue,))
+    child = context.Process(target=_product_in_child, args=(queue, threads, one_cpu))
     child.start()
     child.join(timeout=120)
     if child.is_alive():

@@ -145,12 +145,18 @@ static void start_workers(int num_threads) {
         }
         pool.started_at[pool.num_workers] = atomic_load_explicit(&pool.generation, memory_order_relaxed);
         pthread_t thread;
-        const int failed = pthread_create(&thread, &attributes, worker, (void *)(intptr_t)pool.num_workers);
+        int failed = pthread_create(&thread, &attributes, worker, (void *)(intptr_t)pool.num_workers);
         pthread_attr_destroy(&attributes);
+        if (failed && pool.pinned) { /* pinning refused (a sandbox, say): unpinned workers */
+            pool.pinned = 0;
+            wanted = num_threads - 1;
+            if (pool.num_workers >= wanted) break;
+            failed = pthread_create(&thread, NULL, worker, (void *)(intptr_t)pool.num_workers);
+            if (!failed) pthread_detach(thread);
+        }
         if (failed) break;
         pool.num_workers++;
     }
-    if (pool.pinned && pool.num_workers < num_cpus) pool.pinned = 0; /* some could not start */
 }
 
 static void forget_workers_after_fork(void) {
@@ -175,12 +181,12 @@ void pb_parallel(int num_threads, int64_t num_tasks, pb_task_fn fn, void *ctx) {
     start_workers(num_threads);
     /* Pinned: the caller stays on the CPU it is on for the loop, that CPU's worker sits out. */
     cpu_set_t before, here;
-    const int pin_caller = pool.pinned && num_threads == pool.num_workers &&
-                           sched_getaffinity(0, sizeof before, &before) == 0;
-    pool.caller_cpu = pin_caller ? sched_getcpu() : -1;
+    const int cpu = pool.pinned && num_threads == pool.num_workers ? sched_getcpu() : -1;
+    const int pin_caller = cpu >= 0 && cpu < CPU_SETSIZE && sched_getaffinity(0, sizeof before, &before) == 0;
+    pool.caller_cpu = pin_caller ? cpu : -1;
     if (pin_caller) {
         CPU_ZERO(&here);
-        CPU_SET(pool.caller_cpu, &here);
+        CPU_SET(cpu, &here);
         sched_setaffinity(0, sizeof here, &here);
     }
     pool.fn = fn;
