@@ -49,7 +49,6 @@ static struct {
     int active;        /* workers that take part */
     int caller_cpu;    /* pinned pools: the CPU the caller runs on; its worker sits the loop out */
     int pinned;        /* one worker per allowed CPU, each on its own */
-    cpu_set_t allowed; /* pinned pools: the CPUs the caller may run on, between loops */
     int cpu[MAX_WORKERS];              /* pinned pools: each worker's CPU */
     uint32_t started_at[MAX_WORKERS]; /* the loop number when each worker was started */
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
@@ -126,10 +125,11 @@ static void *worker(void *arg) {
    else num_threads − 1 workers, wherever the scheduler puts them. Called with the lock held. */
 static void start_workers(int num_threads) {
     if (pool.num_workers > 0) return;
+    cpu_set_t allowed;
     int num_cpus = 0;
-    if (sched_getaffinity(0, sizeof pool.allowed, &pool.allowed) == 0)
+    if (sched_getaffinity(0, sizeof allowed, &allowed) == 0)
         for (int cpu = 0; cpu < CPU_SETSIZE && num_cpus < MAX_WORKERS; cpu++)
-            if (CPU_ISSET(cpu, &pool.allowed)) pool.cpu[num_cpus++] = cpu;
+            if (CPU_ISSET(cpu, &allowed)) pool.cpu[num_cpus++] = cpu;
     pool.pinned = num_threads == num_cpus;
     int wanted = pool.pinned ? num_cpus : num_threads - 1;
     if (wanted > MAX_WORKERS) wanted = MAX_WORKERS;
