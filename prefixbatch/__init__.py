@@ -15,11 +15,12 @@ import os
 from prefixbatch.errors import PrefixbatchError, UserError
 
 # OpenMP threads (PyTorch's, oneDNN's, MKL's) spin this many times at a barrier before they
-# sleep (GNU OpenMP's default: 300,000). On a busy machine a spinning thread holds a core the
-# straggler it waits for could use: with a one-core CPU hog beside a 2-thread run, the native
-# engine took ~2.8x its quiet time by default and ~1.9x with 1,000, at no cost when quiet
-# (BENCHMARKS.md, "Under contention"). Read when the OpenMP runtime loads, i.e. before torch
-# is imported; a user's own GOMP_SPINCOUNT or OMP_WAIT_POLICY wins.
+# sleep (GNU OpenMP's default: 300,000). A spinning thread holds a core others could use: the
+# straggler it waits for on a busy machine, and the native engine's own pool between PyTorch's
+# ops. When the dense layers ran on oneDNN, a one-core CPU hog beside a 2-thread run cost ~2.8x
+# the quiet time by default and ~1.9x with 1,000, at no cost when quiet (BENCHMARKS.md, "Under
+# contention"). Read when the OpenMP runtime loads, i.e. before torch is imported; a user's own
+# GOMP_SPINCOUNT or OMP_WAIT_POLICY wins.
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
