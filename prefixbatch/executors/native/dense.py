@@ -9,7 +9,7 @@ products (4-16 rows) run 2-3x faster on weights packed once than on plain ones (
 change otherwise happens on every call), 4-6x faster than MKL. See BENCHMARKS.md, "Native
 engine speed".
 
-Why our kernel over oneDNN (`kernels/dense.c`): as fast on a quiet machine (250-256 GFLOP/s
+Why our kernel over oneDNN (`kernels/dense.c`): as fast on a quiet machine (241-256 GFLOP/s
 a core on the model's shapes), and its products run on the library's thread pool, whose
 loops do not wait for a thread the scheduler parked beside another busy process; oneDNN's
 OpenMP split does, and ran every product ~2x slower there (BENCHMARKS.md, "Steady beside a

@@ -4,7 +4,7 @@
    between OpenMP threads and ends it at a barrier, so beside another busy process each product
    waits for whichever thread the scheduler parked (pool.c). Here a product is many small tasks
    on the pool, and its speed on a quiet machine is oneDNN's (BENCHMARKS.md, "Steady beside a
-   busy process": 250-256 GFLOP/s a core on the model's shapes, oneDNN 231-255).
+   busy process": 241-256 GFLOP/s a core on the model's shapes, oneDNN 231-255).
 
    Layout: W [N, K] is packed once into panels of 64 output columns, each K rows of 64 floats
    (column-major within the panel; the last panel zero-padded), so a task streams its panel

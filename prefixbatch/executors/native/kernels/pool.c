@@ -5,8 +5,9 @@
    another busy process, Linux kept both of our threads on one core and the busy process alone
    on the other (its wake-ups place a woken thread beside its waker), and every loop waited for
    the thread queued behind: measured on the 2-core machine with one spinning process beside a
-   loop of small tasks (BENCHMARKS.md, "Steady beside a busy process"), OpenMP ran 1.9-2.0x
-   slower than quiet whatever the schedule, thread count or wait policy; this pool 1.3-1.5x.
+   loop of small tasks (BENCHMARKS.md, "Steady beside a busy process"), OpenMP ran 1.7-2.2x
+   slower than quiet whatever the schedule, thread count or wait policy; this pool 1.3x (and
+   the engine, on the pool, 1.34-1.45x).
 
    How: a loop's tasks are claimed one at a time from a shared counter, and the loop ends when
    the last task is done, so a thread the scheduler parks holds back at most the task it holds,
