@@ -1,7 +1,7 @@
 """Our dense products (kernels/dense.c) on our thread pool (kernels/pool.c) equal PyTorch's.
 
 Shapes cross what the kernel does in pieces: 6-row register blocks and their remainders,
-96-row blocks above 144 rows, 64-column panels and a last partial one, k in blocks of 512
+96-row blocks above 144 rows, 64-column panels and a last partial one, k in blocks of 1,024
 with a remainder, products too small to share. And the pool itself: loops from several
 threads at once (one runs on the pool, the others in their own thread), a forked child
 (the workers do not survive fork), and no task left out.

@@ -28,7 +28,7 @@
 
 #define PANEL 64 /* output columns a panel */
 #define ROWS 6   /* rows a register block */
-#define KC 512   /* k values a block */
+#define KC 1024  /* k values a block: its panel part (256 KB) and 96 rows of x (384 KB) share L2 */
 #define MIN_TASK_FLOPS 200000 /* below, a product is one task: a wake-up costs more */
 
 enum { THEN_NONE = 0, THEN_SWISH = 1, THEN_TIMES = 2 };
