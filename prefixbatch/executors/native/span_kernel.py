@@ -118,7 +118,7 @@ class SpanKernel:
         that, "times": that · other [T, out], in the same pass."""
         rows, num_in = x.shape
         x = x.contiguous()
-        assert x.dtype == torch.float32 and packed.numel() == self.library.pb_dense_packed_floats(num_out, num_in)
+        assert x.dtype == torch.float32 and packed.dtype == torch.float32  # sized by `pack_dense`
         assert bias is None or (bias.shape == (num_out,) and bias.is_contiguous())
         assert (other is not None) == (then == "times") and then in _THEN
         if other is not None:
