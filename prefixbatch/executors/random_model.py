@@ -55,6 +55,8 @@ from transformers.models.qwen2.tokenization_qwen2 import (
 )
 from transformers.utils import logging as hf_logging
 
+from prefixbatch.errors import ModelError
+
 __all__ = ["BOS", "EOS", "IM_END", "IM_START", "PAD", "Arch", "Size", "make_test_model"]
 
 Arch = Literal["llama", "qwen2", "qwen3"]
@@ -160,6 +162,7 @@ def make_test_model(
     _check_choice("size", size, Size)
     arch = arch_for(size, arch)
     directory = Path(directory)
+    _check_new_folder(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
     shape = SIZES[size]
@@ -174,6 +177,21 @@ def make_test_model(
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def _check_new_folder(directory: Path) -> None:
+    """Refuse a folder that holds anything: pointed at a real checkpoint by mistake, writing
+    here would overwrite its config, weights and tokenizer (and leave a sharded one broken)."""
+    if directory.exists() and not directory.is_dir():
+        raise ModelError(f"{directory} is a file; make-test-model writes a new model folder there")
+    entries = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    if entries:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        msg = (
+            f"{directory} is not empty ({shown}); make-test-model writes a random-weight model"
+            " only into a new or empty folder, so nothing was written. Choose another folder"
+        )
+        raise ModelError(msg)
 
 
 def _check_choice(name: str, value: str, choices: object) -> None:

@@ -1,14 +1,18 @@
 """A job's fingerprint: what decides its output, stored with the output so a resume can check it.
 
 Two runs with equal fingerprints produce the same rows (greedy: the same tokens; sampled:
-the same seeds), so a resume may keep the first run's commits. Each section is compared
-on its own, and a refusal names the sections that differ.
+the same seeds), so a resume may keep the first run's commits. Every field is compared on
+its own, and a refusal names each field that differs, with its old and new value.
 
-- `model`: config files hashed; weight files by name and size (hashing gigabytes of
-  safetensors on every run would cost minutes); the dtype.
+- `model`: config files and every weight file hashed (SHA-256; a weight file's digest is
+  cached by path, size and mtime, so a large checkpoint is read once, not on every run —
+  `file_digests`), the dtype, the Hub revision.
 - `tokenizer`: every tokenizer and chat-template file hashed, and the spec's chat_template mode.
-- `input`: each input file's URL, size and modification tag (ETag or mtime), and the
-  columns read.
+- `input`: each input file's URL, size and modification tag (ETag or mtime), and every input
+  setting that changes a row (columns, format, truncation, limits) — never the storage
+  options, which may hold credentials.
+- `executor`: what changes the numbers a row is computed with: the executor kind and device,
+  batch invariance, vLLM's context length.
 - `sampling`: the spec's sampling defaults.
 - `prefixbatch`: the version.
 """
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import prefixbatch
+from prefixbatch.file_digests import file_sha256
 from prefixbatch.jobs.spec import JobSpec
 from prefixbatch.pipeline.reader import InputFile
 
@@ -36,12 +41,17 @@ TOKENIZER_FILES = (
 )
 
 
+# Input settings that never change a row: where the files are (the files themselves are in
+# the fingerprint), how to reach them (may hold secrets), and whether unreadable ones are skipped.
+_INPUT_NOT_ROWS = {"path", "storage_options", "ignore_corrupt_files"}
+
+
 def job_fingerprint(spec: JobSpec, files: list[InputFile]) -> dict[str, Any]:
     folder = Path(spec.model.path)
     return {
         "model": {
             **_hashes(folder, CONFIG_FILES),
-            "weights": {p.name: p.stat().st_size for p in sorted(folder.glob("*.safetensors"))},
+            "weights": {p.name: file_sha256(p) for p in sorted(folder.glob("*.safetensors"))},
             "dtype": spec.model.dtype,
             "revision": spec.model.revision,  # the Hub commit a Hub id resolved to
         },
@@ -49,10 +59,13 @@ def job_fingerprint(spec: JobSpec, files: list[InputFile]) -> dict[str, Any]:
         "tokenizer": {**_hashes(folder, TOKENIZER_FILES), "chat_template": spec.model.chat_template},
         "input": {
             "files": [{"url": f.url, "size": f.size, "modified": f.modified} for f in files],
-            "id_column": spec.input.id_column,
-            "text_column": spec.input.text_column,
-            "carry_columns": list(spec.input.carry_columns),
-            "continuations_column": spec.input.continuations_column,
+            **spec.input.model_dump(mode="json", exclude=_INPUT_NOT_ROWS),
+        },
+        "executor": {
+            "kind": spec.executor.kind,
+            "device": spec.executor.device,
+            "native.batch_invariant": spec.executor.native.batch_invariant,
+            "vllm.max_model_len": spec.executor.vllm.max_model_len,
         },
         "sampling": spec.sampling.model_dump(mode="json"),
         "prefixbatch": prefixbatch.__version__,

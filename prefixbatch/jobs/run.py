@@ -100,7 +100,7 @@ def _open_output(spec: JobSpec, prepared: PreparedInput, log: Callable[[str], No
     """Claim the output folder for this input: the driver's writer and the rows already committed."""
     for problem in prepared.skipped_files:
         log(f"skipped (input.ignore_corrupt_files): {problem}")
-    output = _output_folder(spec)
+    output = _output_folder(spec, prepared)
     writer = part_writer(output, prepared, spec)  # checks the output columns before any model work
     committed = output.open(job_fingerprint(spec, prepared.files))
     if len(committed):
@@ -120,8 +120,9 @@ def inspect_job(spec: JobSpec) -> tuple[str, PreparedInput]:
     check_model_folder(spec.model.path)
     check_available(spec.model, spec.executor)
     device = _check_device(spec)
+    _refuse_input_in_output(spec)
     prepared = read_job_input(spec)
-    output = _output_folder(spec)
+    output = _output_folder(spec, prepared)
     committed = len(output.check(job_fingerprint(spec, prepared.files)))
     resumed = f", {committed} already committed (resume)" if committed else ""
     lines = [
@@ -171,11 +172,21 @@ def _check_device(spec: JobSpec) -> str:
 
 def committed_before(spec: JobSpec, prepared: PreparedInput) -> np.ndarray:
     """The input rows an earlier run committed that this one keeps (resume); writes nothing."""
-    return _output_folder(spec).check(job_fingerprint(spec, prepared.files))
+    return _output_folder(spec, prepared).check(job_fingerprint(spec, prepared.files))
 
 
-def _output_folder(spec: JobSpec) -> OutputFolder:
-    return OutputFolder(spec.output.path, mode=spec.output.mode, storage_options=spec.output.storage_options)
+def _output_folder(spec: JobSpec, prepared: PreparedInput | None = None) -> OutputFolder:
+    """The job's output folder; refused where it holds any of `prepared`'s input files."""
+    output = OutputFolder(spec.output.path, mode=spec.output.mode, storage_options=spec.output.storage_options)
+    if prepared is not None:
+        output.refuse_inputs_inside([file.url for file in prepared.files], spec.input.storage_options)
+    return output
+
+
+def _refuse_input_in_output(spec: JobSpec) -> None:
+    """Before any input is read: no input path (or what its glob can match) lies in the output
+    folder. Checked again on the files found (`_output_folder`), links resolved."""
+    _output_folder(spec).refuse_inputs_inside(spec.input.paths, spec.input.storage_options)
 
 
 def run_job(
@@ -198,6 +209,7 @@ def run_job(
     check_model_folder(spec.model.path)
     check_available(spec.model, spec.executor)
     _check_device(spec)
+    _refuse_input_in_output(spec)
     show = _Show(live_progress, log, stop, log_every_s)
     if spec.cluster.kind != "dask":
         return _run(spec, None, start, show)

@@ -34,6 +34,7 @@ in: Arrow tables + the input rows they cover → committed parts; out: the commi
 from __future__ import annotations
 
 import json
+import os
 import re
 import uuid
 from collections.abc import Iterable, Sequence
@@ -124,6 +125,25 @@ class OutputFolder:
         if not self._keeps_commits(fingerprint):
             return np.zeros(0, np.int64)
         return committed_rows(self.load_records()[0])
+
+    def refuse_inputs_inside(self, input_urls: Sequence[str], storage_options: dict[str, Any] | None = None) -> None:
+        """Raise `OutputError` if any input (a file, a folder, or a glob: what it can match) lies
+        in this folder: overwrite would delete it, and resume could remove it as a stray part
+        (an earlier output read back as input)."""
+        folder = _real(self._fs, self._path)
+        for url in input_urls:
+            fs, path = open_fs(url, storage_options)
+            if fs.protocol != self._fs.protocol:
+                continue
+            real = _real(fs, _fixed_part(path))
+            if real != folder and not _is_inside(real, folder):
+                continue
+            msg = (
+                f"input file {url} is inside the output folder {self.url}: the run would overwrite"
+                " or delete its own input, so nothing was written or deleted. Move the input out of"
+                " that folder (or copy it), or choose another output folder"
+            )
+            raise OutputError(msg)
 
     def _keeps_commits(self, fingerprint: dict[str, Any]) -> bool:
         """The checks of `check`, without reading the commits: whether this run resumes them."""
@@ -223,9 +243,9 @@ class OutputFolder:
             stored = json.loads(self._fs.cat_file(self._file(JOB_FILE)))
         except (OSError, ValueError) as exc:
             raise OutputError(f"{self._url_of(JOB_FILE)} is unreadable ({exc}); use --overwrite to start over") from exc
-        differences = [key for key in sorted(set(stored) | set(fingerprint)) if stored.get(key) != fingerprint.get(key)]
+        differences = _differences(stored, fingerprint)
         if differences:
-            details = "; ".join(_difference(key, stored.get(key), fingerprint.get(key)) for key in differences)
+            details = "; ".join(differences)
             msg = (
                 f"output folder {self.url} holds the output of a different job, so it cannot be"
                 f" resumed: {details}. Use --overwrite to replace it, or choose another folder"
@@ -261,8 +281,10 @@ class OutputFolder:
         records, stale, covered = [], [], np.zeros(0, np.int64)
         for path in sorted(self._fs.ls(directory, detail=False)):
             name = path.rstrip("/").rsplit("/", 1)[-1]
-            if name.startswith("_") or not name.endswith(".json"):  # a temporary of a write that died
+            if _is_temporary(name, _RECORD, ()):  # a temporary of a write that died
                 stale.append(path)
+                continue
+            if not _RECORD.fullmatch(name):  # not a record of ours: never read, never removed
                 continue
             try:
                 record = CommitRecord(**json.loads(self._fs.cat_file(path)))
@@ -309,12 +331,23 @@ class OutputFolder:
         named = {f"{r.unit}.json" for r in records}
         listed = self._fs.ls(self._file(COMMITS), detail=False) if self._fs.isdir(self._file(COMMITS)) else []
         for path in listed:  # duplicates, temporaries
-            if path.rstrip("/").rsplit("/", 1)[-1] not in named:
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if name not in named and _is_our_file(name, _RECORD):
                 self._fs.rm(path)
         self._remove_unreferenced(records)
-        if self._fs.isdir(self._file(CHECKPOINTS)):  # every row is in: nothing is in flight
-            self._fs.rm(self._file(CHECKPOINTS), recursive=True)
+        self._remove_checkpoints()  # every row is in: nothing is in flight
         self._write(SUCCESS, b"")
+
+    def _remove_checkpoints(self) -> None:
+        """Delete the checkpoint files (ours by name) and their folder once it is empty."""
+        folder = self._file(CHECKPOINTS)
+        if not self._fs.isdir(folder):
+            return
+        for info in self._fs.ls(folder, detail=True):
+            if info["type"] != "directory" and _is_our_file(info["name"].rstrip("/").rsplit("/", 1)[-1], _RECORD):
+                self._fs.rm(info["name"])
+        if is_local(self._fs) and not self._fs.ls(folder):  # object stores have no empty folders
+            self._fs.rmdir(folder)
 
     def remove_stray_parts(self) -> None:
         """Delete parts no commit names (written by an attempt given up for dead that was
@@ -359,10 +392,10 @@ class OutputFolder:
         keep = {r.part for r in records} | {JOB_FILE, COMMITS, CHECKPOINTS, *SIDE_FILES}
         for entry in self._entries():
             name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if name in keep:
+            if name in keep or self._fs.isdir(entry):
                 continue
-            if _is_our_file(name, _PART) or _is_temporary(name):  # never a file of the user's
-                self._fs.rm(entry, recursive=True)
+            if _is_our_file(name, _PART, SIDE_FILES):  # a stray part, or a temporary of ours; never a user's file
+                self._fs.rm(entry)
 
     def _write(self, name: str, data: bytes) -> None:
         fault_point("write")
@@ -395,10 +428,10 @@ class OutputFolder:
     def _entries(self, *, with_temporaries: bool = True) -> list[str]:
         if not self._fs.isdir(self._path):
             return []
-        entries = [e for e in self._fs.ls(self._path, detail=False) if e.rstrip("/") != self._path]
+        listed = [e for e in self._fs.ls(self._path, detail=True) if e["name"].rstrip("/") != self._path]
         if with_temporaries:
-            return entries
-        return [e for e in entries if not _is_temporary(e.rstrip("/").rsplit("/", 1)[-1])]
+            return [e["name"] for e in listed]
+        return [e["name"] for e in listed if e["type"] == "directory" or not _is_temporary(e["name"].rstrip("/").rsplit("/", 1)[-1])]
 
 
 def _is_our_file(name: str, pattern: re.Pattern, names: Sequence[str] = ()) -> bool:
@@ -410,9 +443,26 @@ def _is_our_file(name: str, pattern: re.Pattern, names: Sequence[str] = ()) -> b
     return bool(temporary) and _is_our_file(temporary.group(1), pattern, names)
 
 
-def _is_temporary(name: str) -> bool:
-    """A file `_write` had not yet renamed into place when its process died."""
-    return name.startswith("_") and name.endswith(".tmp")
+def _is_temporary(name: str, pattern: re.Pattern = _PART, names: Sequence[str] = SIDE_FILES) -> bool:
+    """A file `_write` had not yet renamed into place when its process died: exactly
+    `_<one of our names>.<32 hex>.tmp`, never merely any `_*.tmp` (that may be the user's)."""
+    temporary = _TEMPORARY.fullmatch(name)
+    return bool(temporary) and _is_our_file(temporary.group(1), pattern, names)
+
+
+def _real(fs: Any, path: str) -> str:
+    """The path with links resolved where the filesystem has them (local), as it is elsewhere."""
+    return os.path.realpath(path) if is_local(fs) else path.rstrip("/")
+
+
+def _fixed_part(path: str) -> str:
+    """A glob's folder before its first wildcard (`out/part-*.parquet` → `out`); a plain path as it is."""
+    cuts = [path.index(c) for c in "*?[" if c in path]
+    return path if not cuts else path[: min(cuts)].rsplit("/", 1)[0]
+
+
+def _is_inside(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip("/") + "/")
 
 
 def read_committed(url: str, *, storage_options: dict[str, Any] | None = None) -> pa.Table:
@@ -432,12 +482,26 @@ def _json_bytes(obj: dict) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _difference(key: str, stored: Any, now: Any) -> str:
-    if isinstance(stored, dict) and isinstance(now, dict):
-        missing = object()  # a field only one side has differs even when the other's value is null
-        changed = sorted(k for k in set(stored) | set(now) if stored.get(k, missing) != now.get(k, missing))
-        return f"{key} differs ({', '.join(map(str, changed[:5]))})"
-    return f"{key} was {stored!r}, now {now!r}"
+_ABSENT = "(not set)"
+
+
+def _differences(stored: dict, now: dict, prefix: str = "") -> list[str]:
+    """Each field (dotted, down to the leaves) whose value differs: `field was X, now Y`."""
+    lines = []
+    for key in sorted(set(stored) | set(now), key=str):
+        old, new = stored.get(key, _ABSENT), now.get(key, _ABSENT)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines += _differences(old, new, f"{prefix}{key}.")
+        else:
+            lines.append(f"{prefix}{key} was {_shown(old)}, now {_shown(new)}")
+    return lines
+
+
+def _shown(value: Any, limit: int = 120) -> str:
+    text = value if value is _ABSENT else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 __all__ = [

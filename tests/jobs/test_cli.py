@@ -121,6 +121,33 @@ def test_overwrite_never_deletes_files_prefixbatch_did_not_write(tmp_path, job, 
     assert run_cli(capsys, "run", str(spec), "--no-progress", "--overwrite")[0] == 0
 
 
+def test_a_job_never_writes_over_its_own_input(tmp_path, job, capsys):
+    # The first job's output read back as the next job's input, written to the same folder.
+    assert run_cli(capsys, "run", str(spec_file(tmp_path, job)), "--no-progress")[0] == 0
+    out = tmp_path / "out"
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    again = {**job, "input": {"path": "out/part-*.parquet", "prompt_column": "output_text"}}
+    spec = spec_file(tmp_path, again)
+    for flags in (["--overwrite"], ["--resume"], []):
+        code, err = run_cli(capsys, "run", str(spec), "--no-progress", *flags)
+        assert code == 2, flags
+        assert f"is inside the output folder {out}: the run would overwrite or delete its own input" in err
+        assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert run_cli(capsys, "validate", str(spec))[0] == 2
+    # Through a link to the folder, too.
+    (tmp_path / "link").symlink_to(out)
+    linked = spec_file(tmp_path, {**again, "input": {**again["input"], "path": "link/part-*.parquet"}})
+    assert run_cli(capsys, "run", str(linked), "--no-progress", "--overwrite")[0] == 2
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # A glob from outside that matches a file inside: refused once the files are listed.
+    (out / "prompts.parquet").write_bytes((tmp_path / "in.parquet").read_bytes())
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    wide = spec_file(tmp_path, {**job, "input": {**job["input"], "path": "*/prompts.parquet"}})
+    code, err = run_cli(capsys, "run", str(wide), "--no-progress", "--resume")
+    assert code == 2 and f"input file {out}/prompts.parquet is inside the output folder {out}" in err
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_validate_and_plan_load_no_weights(tmp_path, job, capsys):
     spec = spec_file(tmp_path, job)
     assert main(["validate", str(spec)]) == 0
@@ -156,6 +183,25 @@ def test_make_test_model_command_writes_a_loadable_checkpoint(tmp_path, capsys):
         ids = tokenizer(prompt, return_tensors="pt")
         outputs.append(model.generate(**ids, do_sample=False, max_new_tokens=8)[0, ids["input_ids"].shape[1]:].tolist())
     assert outputs[0] != outputs[1]
+
+
+def test_make_test_model_never_writes_into_a_folder_that_holds_anything(tmp_path, capsys, tiny_llama):
+    # A real checkpoint folder named by mistake: every file stays as it was, byte for byte.
+    real = tmp_path / "my-finetune"
+    real.mkdir()
+    for name in ("config.json", "tokenizer.json", "model-00001-of-00002.safetensors"):
+        (real / name).write_bytes((tiny_llama / name).read_bytes() if (tiny_llama / name).exists() else b"shard")
+    before = {p.name: p.read_bytes() for p in real.iterdir()}
+    code, err = run_cli(capsys, "make-test-model", str(real))
+    assert code == 2
+    assert f"{real} is not empty (config.json, model-00001-of-00002.safetensors, tokenizer.json)" in err
+    assert "nothing was written" in err
+    assert {p.name: p.read_bytes() for p in real.iterdir()} == before
+    (tmp_path / "a-file").write_text("mine")
+    code, err = run_cli(capsys, "make-test-model", str(tmp_path / "a-file"))
+    assert code == 2 and "is a file" in err and (tmp_path / "a-file").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    assert run_cli(capsys, "make-test-model", str(tmp_path / "empty"))[0] == 0
 
 
 def test_make_test_model_rejects_an_unknown_arch(tmp_path, capsys):

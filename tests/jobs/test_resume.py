@@ -170,5 +170,5 @@ def test_resume_refuses_output_of_a_different_job(job, tiny_llama, tmp_path, cap
     assert code == 2
     err = capsys.readouterr().err
     assert f"output folder {url} holds the output of a different job" in err
-    assert "sampling differs (max_tokens)" in err and "--overwrite" in err
+    assert "sampling.max_tokens was 6, now 7" in err and "--overwrite" in err
     assert main(["run", str(spec), "--overwrite", "--set", "sampling.max_tokens=7", "--no-progress"]) == 0

@@ -173,10 +173,10 @@ def test_resume_keeps_commits_and_removes_what_no_record_names(tmp_path):
     folder.open(FINGERPRINT)
     kept = commit_part(folder, [0, 1])
     _, orphan, _ = folder.write_part(sample_table(), metadata=METADATA)
-    (tmp_path / "out" / "_part-x.parquet.123.tmp").write_bytes(b"half")  # a write that died
-    (tmp_path / "out" / "_commits" / "_late.json.9.tmp").write_bytes(b"{")
-    duplicate = CommitRecord("zz-00000", orphan, [[1, 2]], 1, 10)  # covers row 1 again
-    (tmp_path / "out" / "_commits" / "zz-00000.json").write_text(json.dumps(duplicate.__dict__))
+    (tmp_path / "out" / f"_part-ab12-00003.parquet.{uuid.uuid4().hex}.tmp").write_bytes(b"half")  # a write that died
+    (tmp_path / "out" / "_commits" / f"_ab12-00009.json.{uuid.uuid4().hex}.tmp").write_bytes(b"{")
+    duplicate = CommitRecord("ffffffffff-99999", orphan, [[1, 2]], 1, 10)  # covers row 1 again
+    (tmp_path / "out" / "_commits" / "ffffffffff-99999.json").write_text(json.dumps(duplicate.__dict__))
 
     resumed = OutputFolder(url, mode="resume")
     assert len(resumed.check(FINGERPRINT)) == 2
@@ -190,6 +190,55 @@ def test_resume_keeps_commits_and_removes_what_no_record_names(tmp_path):
     assert (tmp_path / "out" / "_SUCCESS").exists()
 
 
+USERS_LOOK_ALIKES = {
+    # Named like temporaries, but not of a file a job writes: the user's, never touched.
+    "_scratch.tmp/notes.txt": b"the user's folder",
+    "_notes.tmp": b"the user's file",
+    f"_data.csv.{'0' * 32}.tmp": b"the user's half-written csv",
+    f"_commits/_mine.txt.{'1' * 32}.tmp": b"the user's file among the records",
+    "_commits/mine.json": b"{}",
+    "_checkpoints/keep.txt": b"the user's file among the checkpoints",
+}
+
+
+def plant(folder, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+
+
+def contents(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_users_look_alike_temporaries_are_never_deleted(tmp_path):
+    # A folder holding only a user's `_scratch.tmp/` is not empty: mode error and overwrite refuse it.
+    alone = tmp_path / "alone"
+    plant(alone, {"_scratch.tmp/notes.txt": b"mine"})
+    for mode in ("error", "overwrite"):
+        with pytest.raises(OutputError, match="is not empty|has no _job.json"):
+            OutputFolder(str(alone), mode=mode).open(FINGERPRINT)
+    assert contents(alone) == {"_scratch.tmp/notes.txt": b"mine"}
+
+    # Resumed and finished beside the user's files: every one of them byte for byte.
+    url = str(tmp_path / "out")
+    folder = OutputFolder(url, mode="error")
+    folder.open(FINGERPRINT)
+    commit_part(folder, [0])
+    Checkpoints(folder).write({(1, 0): (5, 6)})
+    plant(tmp_path / "out", USERS_LOOK_ALIKES)
+    resumed = OutputFolder(url, mode="resume")
+    assert resumed.open(FINGERPRINT).tolist() == [0]
+    commit_part(resumed, [1])
+    resumed.mark_success(resumed.write_manifest(2, extra={}))
+    kept = contents(tmp_path / "out")
+    assert {name: kept.get(name) for name in USERS_LOOK_ALIKES} == USERS_LOOK_ALIKES
+    assert not any(name.startswith("_checkpoints/") and name.endswith(".json") for name in kept)
+    with pytest.raises(OutputError, match="holds files that prefixbatch did not write"):
+        OutputFolder(url, mode="overwrite").open(FINGERPRINT)
+    assert contents(tmp_path / "out") == kept
+
+
 def test_resume_refuses_another_jobs_folder(tmp_path):
     url = str(tmp_path / "out")
     OutputFolder(url, mode="error").open(FINGERPRINT)
@@ -198,8 +247,8 @@ def test_resume_refuses_another_jobs_folder(tmp_path):
         OutputFolder(url, mode="resume").open(changed)
     assert str(e.value) == (
         f"output folder {url} holds the output of a different job, so it cannot be resumed:"
-        " model differs (config.json); prefixbatch was '0.1.0', now '0.2.0'. Use --overwrite to"
-        " replace it, or choose another folder"
+        " model.config.json was 'abc', now 'def'; prefixbatch was '0.1.0', now '0.2.0'. Use"
+        " --overwrite to replace it, or choose another folder"
     )
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "data.csv").write_text("x")
