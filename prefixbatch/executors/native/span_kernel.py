@@ -11,12 +11,17 @@ PyTorch's CPU API has no variable-length attention: there, a step's decode rows 
 one fused-kernel call each or a padded gather of their keys (BENCHMARKS.md, "Prefill and
 decode apart").
 
-The library is compiled for this machine's CPU (`-march=native`) with the C compiler on
-PATH (`$CC`, else `cc`/`gcc`) into a cache folder (`$PREFIXBATCH_KERNEL_CACHE`, else
-`~/.cache/prefixbatch/kernels`), named by a hash of the source, the flags, the compiler's
-version and the CPU's model and flags, so a home folder shared by different machines never
-loads a library built for another CPU. Where there is no compiler, or the build fails, the
-engine keeps PyTorch's kernels (same results within fp32 rounding) and says so once.
+The library's interface is one header (`kernels/prefixbatch_kernels.h`): its entry points,
+and `struct pb_span_args`, the attention call's arguments, which `SpanArgs` mirrors field for
+field; a library whose struct is not the size of ours is refused. It is compiled with the C
+compiler on PATH (`$CC`, else `cc`/`gcc`) for `-march=$PREFIXBATCH_KERNEL_MARCH` (default
+`native`: this CPU; `x86-64-v3`, `x86-64-v2`: portable builds, AVX-512 paths left out), into
+a cache folder it is loaded from only when it can be trusted (`kernel_library`:
+`$PREFIXBATCH_KERNEL_CACHE`, else `~/.cache/prefixbatch/kernels`, else a private temporary
+folder; ownership, permissions and the SHA-256 recorded at build are checked). Where there is
+no compiler, or the build fails (recorded: not retried by every process), the engine keeps
+PyTorch's kernels (same results within fp32 rounding) and says so once. docs/kernels.md has
+the details.
 
 in → out: nothing → `SpanKernel` (a loaded library) or None.
 """
@@ -24,37 +29,60 @@ in → out: nothing → `SpanKernel` (a loaded library) or None.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
+import re
 import threading
 from pathlib import Path
 
 import torch
 
-__all__ = ["SpanKernel", "load_span_kernel", "takes"]
+from prefixbatch.executors.native.kernel_library import CACHE_ENV, Recipe, load_library
+
+__all__ = ["SpanArgs", "SpanKernel", "load_span_kernel", "takes"]
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "span_attention.c"
-# Built into the same library: the thread pool every loop runs on (`pool.c`), the residual add
-# and RMSNorm in one pass (`add_rms_norm`) and the dense layers' products (`dense`).
-EXTRA_SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("pool.c", "residual_norm.c", "dense.c"))
-HEADERS = (Path(__file__).with_name("kernels") / "pool.h",)
+KERNELS = Path(__file__).with_name("kernels")
+# One library: the attention call, the thread pool every loop runs on (`pool.c`), the residual
+# add and RMSNorm in one pass (`add_rms_norm`) and the dense layers' products (`dense`).
+SOURCES = tuple(KERNELS / name for name in ("span_attention.c", "pool.c", "residual_norm.c", "dense.c"))
+HEADERS = (KERNELS / "prefixbatch_kernels.h", KERNELS / "pool.h")
 FLAGS = (
-    "-O3", "-march=native", "-pthread", "-fPIC", "-shared", "-std=c11",
+    "-O3", "-pthread", "-fPIC", "-shared", "-std=c11",
+    "-fvisibility=hidden",  # exported: what prefixbatch_kernels.h marks PB_EXPORT, nothing else
+    "-Wno-psabi",  # 64-byte vectors passed between static functions of a narrower build: no ABI at stake
     # Vectorised sums (reassociation, no errno, no traps) and fused multiply-adds (ISO C mode
     # would otherwise keep every a·b + c two roundings and two instructions).
     "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros", "-ffp-contract=fast",
 )
 DISABLE_ENV = "PREFIXBATCH_SPAN_KERNEL"  # "0": never build or use it (PyTorch's kernels only)
+MARCH_ENV = "PREFIXBATCH_KERNEL_MARCH"  # the build's -march: "native" (the default), "x86-64-v3", ...
+_MARCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+_FALLBACK = "uses PyTorch's attention kernels, which are slower on decode steps"
 
 _lock = threading.Lock()
-_loaded: dict[str, SpanKernel | None] = {}
+_loaded: dict[tuple[str, str | None], SpanKernel | None] = {}  # by (march, cache folder setting)
+
+
+class SpanArgs(ctypes.Structure):
+    """`struct pb_span_args` (kernels/prefixbatch_kernels.h), field for field: one attention call."""
+
+    _fields_ = [
+        ("q", ctypes.c_void_p), ("q_row_stride", ctypes.c_int64),
+        ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p),
+        ("num_tasks", ctypes.c_int64), ("tasks", ctypes.c_void_p),
+        ("entry_row", ctypes.c_void_p), ("entry_visible", ctypes.c_void_p),
+        ("row_ptr", ctypes.c_void_p), ("row_entries", ctypes.c_void_p),
+        ("k_new", ctypes.c_void_p), ("k_row_stride", ctypes.c_int64),
+        ("v_new", ctypes.c_void_p), ("v_row_stride", ctypes.c_int64),
+        ("slots", ctypes.c_void_p), ("num_new", ctypes.c_int64),
+        ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("q_cos", ctypes.c_void_p), ("q_sin", ctypes.c_void_p),
+        ("part_out", ctypes.c_void_p), ("part_lse", ctypes.c_void_p), ("out", ctypes.c_void_p), ("lse", ctypes.c_void_p),
+        ("num_rows_out", ctypes.c_int32), ("num_heads", ctypes.c_int32),
+        ("num_kv_heads", ctypes.c_int32), ("head_dim", ctypes.c_int32),
+        ("scale", ctypes.c_float), ("num_threads", ctypes.c_int32),
+    ]  # fmt: skip
 
 
 class SpanKernel:
@@ -67,16 +95,7 @@ class SpanKernel:
         self.library = library
         fn = library.pb_span_attention
         fn.restype = ctypes.c_int
-        fn.argtypes = [
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-            ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
-            ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-            ctypes.c_void_p, ctypes.c_void_p,
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-            ctypes.c_void_p, ctypes.c_void_p,
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-        ]  # fmt: skip
+        fn.argtypes = [ctypes.POINTER(SpanArgs)]
         self._fn = fn
         limits = [ctypes.c_int() for _ in range(3)]
         library.pb_span_attention_limits(*(ctypes.byref(x) for x in limits))
@@ -213,22 +232,23 @@ class SpanKernel:
         part_lse = torch.empty((num_entries, num_heads), dtype=torch.float32)
         out = torch.empty((num_rows, num_heads, head_dim), dtype=torch.float32)
         lse = torch.empty((num_rows, num_heads), dtype=torch.float32)
-        args = (
-            q.data_ptr(), q.stride(0), keys.data_ptr(), values.data_ptr(),
-            num_rows, num_heads, num_kv_heads, head_dim, scale,
-            tasks.shape[0] if num_tasks is None else num_tasks, tasks.data_ptr(), entry_row.data_ptr(), entry_visible.data_ptr(),
-            row_ptr.data_ptr(), row_entries.data_ptr(),
-            _pointer(k_new), 0 if k_new is None else k_new.stride(0),
-            _pointer(v_new), 0 if v_new is None else v_new.stride(0),
-            _pointer(slots), num_new, _pointer(cos), _pointer(sin),
-            _pointer(q_cos), _pointer(q_sin), part_out.data_ptr(), part_lse.data_ptr(), out.data_ptr(), lse.data_ptr(),
-            torch.get_num_threads(),
+        args = SpanArgs(
+            q=q.data_ptr(), q_row_stride=q.stride(0), keys=keys.data_ptr(), values=values.data_ptr(),
+            num_tasks=tasks.shape[0] if num_tasks is None else num_tasks, tasks=tasks.data_ptr(),
+            entry_row=entry_row.data_ptr(), entry_visible=entry_visible.data_ptr(),
+            row_ptr=row_ptr.data_ptr(), row_entries=row_entries.data_ptr(),
+            k_new=_pointer(k_new), k_row_stride=0 if k_new is None else k_new.stride(0),
+            v_new=_pointer(v_new), v_row_stride=0 if v_new is None else v_new.stride(0),
+            slots=_pointer(slots), num_new=num_new, cos=_pointer(cos), sin=_pointer(sin),
+            q_cos=_pointer(q_cos), q_sin=_pointer(q_sin), part_out=part_out.data_ptr(), part_lse=part_lse.data_ptr(),
+            out=out.data_ptr(), lse=lse.data_ptr(), num_rows_out=num_rows, num_heads=num_heads,
+            num_kv_heads=num_kv_heads, head_dim=head_dim, scale=scale, num_threads=torch.get_num_threads(),
         )  # fmt: skip
         if torch.autograd._profiler_enabled():  # named in profiles (the marker costs ~5 µs a call)
             with torch.profiler.record_function("prefixbatch::span_attention"):
-                status = self._fn(*args)
+                status = self._fn(args)
         else:
-            status = self._fn(*args)
+            status = self._fn(args)
         if status:
             raise ValueError(f"span attention kernel refused shapes q {tuple(q.shape)}, kv heads {num_kv_heads}")
         return out, lse
@@ -251,67 +271,29 @@ def load_span_kernel() -> SpanKernel | None:
     """The kernel for this machine, built on first use; None where it cannot be built (said once)."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None
+    march = os.environ.get(MARCH_ENV) or "native"
     with _lock:
-        if "kernel" not in _loaded:
-            _loaded["kernel"] = _build_and_load()
-        return _loaded["kernel"]
+        key = (march, os.environ.get(CACHE_ENV))
+        if key not in _loaded:
+            _loaded[key] = _load(march)
+        return _loaded[key]
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _cpu_identity() -> str:
-    """The CPU's model and feature flags: what `-march=native` compiles for."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    wanted = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
-    return "\n".join(dict.fromkeys(wanted)) + platform.machine()
-
-
-def _build_and_load() -> SpanKernel | None:
-    if platform.system() != "Linux":
-        log.info("span attention kernel: built on Linux only; using PyTorch's attention kernels")
+def _load(march: str) -> SpanKernel | None:
+    if not _MARCH.fullmatch(march):
+        log.warning("$%s must name a -march value (native, x86-64-v3, ...), got %r: the native engine %s",
+                    MARCH_ENV, march, _FALLBACK)  # fmt: skip
         return None
-    compiler = _compiler()
-    if compiler is None:
+    recipe = Recipe("span_attention", SOURCES, HEADERS, (*FLAGS, f"-march={march}"), _FALLBACK)
+    library = load_library(recipe)
+    if library is None:
+        return None
+    library.pb_span_args_size.restype = ctypes.c_int64
+    if library.pb_span_args_size() != ctypes.sizeof(SpanArgs):
         log.warning(
-            "no C compiler found (set $CC, or install gcc): the native engine uses PyTorch's "
-            "attention kernels, which are slower on decode steps"
-        )
+            "the kernel library's struct pb_span_args is %d bytes, span_kernel.SpanArgs %d: they no longer "
+            "match (kernels/prefixbatch_kernels.h); the native engine %s",
+            library.pb_span_args_size(), ctypes.sizeof(SpanArgs), _FALLBACK,
+        )  # fmt: skip
         return None
-    try:
-        version = subprocess.run(
-            [compiler, "--version"], capture_output=True, text=True, check=True, timeout=60
-        ).stdout
-        sources = (SOURCE, *EXTRA_SOURCES)
-        source = b"".join(path.read_bytes() for path in (*sources, *HEADERS))
-        digest = hashlib.sha256(
-            source + repr(FLAGS).encode() + version.encode() + _cpu_identity().encode()
-        ).hexdigest()[:16]
-        cache = Path(os.environ.get("PREFIXBATCH_KERNEL_CACHE") or Path.home() / ".cache" / "prefixbatch" / "kernels")
-        target = cache / f"span_attention-{digest}.so"
-        if not target.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as scratch:
-                built = Path(scratch) / target.name
-                result = subprocess.run(
-                    [compiler, *FLAGS, *map(str, sources), "-o", str(built), "-lm"],
-                    capture_output=True, text=True, timeout=300,
-                )  # fmt: skip
-                if result.returncode:
-                    log.warning(
-                        "building the span attention kernel failed (%s); the native engine uses "
-                        "PyTorch's attention kernels:\n%s", compiler, result.stderr[-2000:]
-                    )
-                    return None
-                os.replace(built, target)  # atomic: a concurrent builder's copy is as good
-        return SpanKernel(ctypes.CDLL(str(target)))
-    except (OSError, subprocess.SubprocessError) as error:
-        log.warning("span attention kernel unavailable (%s); using PyTorch's attention kernels", error)
-        return None
+    return SpanKernel(library)

@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 #include "pool.h"
+#include "prefixbatch_kernels.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>

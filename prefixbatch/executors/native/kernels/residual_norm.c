@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "pool.h"
+#include "prefixbatch_kernels.h"
 
 #define PARALLEL_FROM 131072 /* elements; below, waking a thread costs more than it saves */
 

@@ -43,8 +43,14 @@
 #include <string.h>
 
 #include "pool.h"
+#include "prefixbatch_kernels.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#else
+/* Without AVX-512 each 16-lane vector below is split into narrower registers, and GCC's -O3-only
+   passes (RTL PRE, load CSE after reload) then took ~38 s on this file, against ~5 s at -O2
+   (GCC 12, x86-64-v2/v3); see docs/kernels.md for what each build flavour runs. */
+#pragma GCC optimize("O2")
 #endif
 
 #define TASK_COLUMNS 6 /* key_start, num_keys, entry0, num_rows, kv head or -1, next range or -1 */
@@ -84,7 +90,7 @@ static inline vf16 vmax(vf16 a, vf16 b) { return select(a > b, a, b); }
    uses the value (one load per FMA, more than the load ports serve). Not for long rows, which
    would not fit the registers beside the accumulators. */
 static inline __attribute__((always_inline)) void keep_in_register(vf16 *x, const int chunks) {
-#if defined(__x86_64__)
+#if defined(__AVX512F__) /* "v": one zmm register; narrower builds have none that holds 16 lanes */
     if (chunks <= 8) __asm__("" : "+v"(*x));
 #else
     (void)x, (void)chunks;
@@ -714,6 +720,8 @@ static void merge_rows(void *ctx, int64_t task) {
         }
     }
 }
+int64_t pb_span_args_size(void) { return (int64_t)sizeof(struct pb_span_args); }
+
 /* tasks: [num_tasks + chained, TASK_COLUMNS] int64 rows (key_start, num_keys, entry0, num_rows,
    kv head or -1 for all of them, next): the first num_tasks are run; a task of many queries may
    go on with the key range of row `next` (which may go on likewise), the same rows seeing it
@@ -725,31 +733,28 @@ static void merge_rows(void *ctx, int64_t task) {
    (or NULL): k_new is not yet rotated, the call applies rope to it; q_cos, q_sin [T, D/2] (or
    NULL) likewise for q (the same arrays when q's rows are the new keys' rows; q may also be
    a subset of them: the rows whose outputs are wanted). */
-int pb_span_attention(
-    const float *q, int64_t q_row_stride, float *keys, float *values,
-    int num_rows_out, int num_heads, int num_kv_heads, int head_dim, float scale,
-    int64_t num_tasks, const int64_t *tasks, const int64_t *entry_row, const int64_t *entry_visible,
-    const int64_t *row_ptr, const int64_t *row_entries,
-    const float *k_new, int64_t k_row_stride, const float *v_new, int64_t v_row_stride,
-    const int64_t *slots, int64_t num_new, const float *cos, const float *sin,
-    const float *q_cos, const float *q_sin, float *part_out, float *part_lse, float *out, float *lse, int num_threads) {
+int pb_span_attention(const struct pb_span_args *a) {
+    const int num_heads = a->num_heads, num_kv_heads = a->num_kv_heads, head_dim = a->head_dim;
     const int group = num_heads / num_kv_heads;
     if (group > MAX_QUERIES_PER_TASK || head_dim > MAX_HEAD_DIM || head_dim % LANES || num_heads % num_kv_heads)
         return 1;
-    const Call call = {tasks, q, q_row_stride, q_cos, q_sin, keys, values, num_heads, num_kv_heads, scale,
-                       entry_row, entry_visible, row_ptr, part_out, part_lse, out, lse};
+    const Call call = {a->tasks, a->q, a->q_row_stride, a->q_cos, a->q_sin, a->keys, a->values, num_heads,
+                       num_kv_heads, a->scale, a->entry_row, a->entry_visible, a->row_ptr, a->part_out,
+                       a->part_lse, a->out, a->lse};
 
     /* Three loops on the pool, each done before the next starts: the new keys and values into
        the store; the tasks (largest first, as the caller orders them); then the rows whose
        entries must be merged. */
-    Loops loops = {&call, keys, values, num_kv_heads, head_dim, group, k_new, k_row_stride, v_new, v_row_stride,
-                   slots, num_new, cos, sin, tasks, num_rows_out, row_entries};
+    Loops loops = {&call, a->keys, a->values, num_kv_heads, head_dim, group, a->k_new, a->k_row_stride, a->v_new,
+                   a->v_row_stride, a->slots, a->num_new, a->cos, a->sin, a->tasks, a->num_rows_out, a->row_entries};
+    const int64_t num_new = a->num_new, num_rows_out = a->num_rows_out;
+    const int num_threads = a->num_threads;
     if (num_new > 0) /* a decode step's few rows: less than waking a thread costs */
         pb_parallel(num_new < STORE_PARALLEL_FROM ? 1 : num_threads, (num_new + ROWS_A_TASK - 1) / ROWS_A_TASK,
                     store_rows, &loops);
-    pb_parallel(num_threads, num_tasks, run_one_task, &loops);
+    pb_parallel(num_threads, a->num_tasks, run_one_task, &loops);
     int merged = 0;
-    for (int row = 0; row < num_rows_out && !merged; row++) merged = row_ptr[row + 1] - row_ptr[row] != 1;
+    for (int64_t row = 0; row < num_rows_out && !merged; row++) merged = a->row_ptr[row + 1] - a->row_ptr[row] != 1;
     if (merged) pb_parallel(num_threads, (num_rows_out + ROWS_A_TASK - 1) / ROWS_A_TASK, merge_rows, &loops);
     return 0;
 }
