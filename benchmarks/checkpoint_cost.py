@@ -10,6 +10,14 @@ tokens/s of each, their ratio, and how many checkpoints the "on" runs wrote.
     long  4 prompts, 1,024 new tokens each (a long generation: checkpoints hold ~4K tokens)
 
     .venv/bin/python benchmarks/checkpoint_cost.py --repeats 3
+
+`--fsync`: instead, what making every write durable costs (each part, commit record and
+checkpoint fsync'ed, then its folder: `pipeline/commits.py`). Job (a) with checkpoints every
+1 s and 8 rows a part (8 parts, 8 records, ~10 checkpoints: more writes than a real job of
+this size makes), with fsync and with `_fsync` patched to do nothing, alternating; reported:
+median whole-job wall time and generate time of each, and their ratio.
+
+    .venv/bin/python benchmarks/checkpoint_cost.py --fsync --repeats 5
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from prefixbatch.executors.random_model import make_test_model
 from prefixbatch.jobs.run import run_job
 from prefixbatch.jobs.spec import spec_from_dict
 from prefixbatch.pipeline import checkpoints as checkpoint_module
+from prefixbatch.pipeline import commits as commits_module
 
 WORDS = "river stone lamp seed tower bread violin ocean cloud apple garden window letter".split()
 
@@ -42,13 +51,14 @@ def prompts(job: str) -> tuple[list[str], int]:
     return [f"Story {i}: " + " ".join(rnd.sample(WORDS, 6)) for i in range(4)], 1024
 
 
-def run_once(model: Path, work: Path, job: str, every_s: float | None) -> tuple[float, float]:
+def run_once(model: Path, work: Path, job: str, every_s: float | None, rows_per_part: int = 10_000) -> tuple[float, float]:
     texts, max_tokens = prompts(job)
     pq.write_table(pa.table({"id": list(range(len(texts))), "prompt": texts}), work / "in.parquet")
     spec = {
         "name": f"checkpoint-cost-{job}",
         "input": {"path": str(work / "in.parquet"), "prompt_column": "prompt"},
-        "output": {"path": str(work / "out"), "mode": "overwrite", "checkpoint_seconds": every_s},
+        "output": {"path": str(work / "out"), "mode": "overwrite", "checkpoint_seconds": every_s,
+                   "rows_per_part": rows_per_part},
         "model": {"path": str(model), "dtype": "float32"},
         "sampling": {"max_tokens": max_tokens},
         "executor": {"kind": "native", "device": "cpu"},
@@ -76,16 +86,43 @@ class CountWrites:
         checkpoint_module.Checkpoints.write = self._write
 
 
+def fsync_cost(model: Path, repeats: int) -> None:
+    """Job (a), durable writes on and off (`_fsync` a no-op), alternating: wall and generate medians."""
+    real_fsync = commits_module._fsync
+    times: dict[str, list[tuple[float, float]]] = {"fsync": [], "no fsync": []}
+    with tempfile.TemporaryDirectory() as tmp, CountWrites() as writes:
+        run_once(model, Path(tmp), "a", 1.0, rows_per_part=8)  # warm-up
+        for repeat in range(repeats):
+            pair = ("no fsync", "fsync")
+            for mode in pair if repeat % 2 == 0 else pair[::-1]:
+                commits_module._fsync = real_fsync if mode == "fsync" else (lambda path: None)
+                start = time.monotonic()
+                generate_s, _ = run_once(model, Path(tmp), "a", 1.0, rows_per_part=8)
+                times[mode].append((time.monotonic() - start, generate_s))
+        commits_module._fsync = real_fsync
+    med = {m: (statistics.median(w for w, _ in v), statistics.median(g for _, g in v)) for m, v in times.items()}
+    print("| job | no fsync: wall s | fsync: wall s | wall ratio | no fsync: generate s | fsync: generate s | generate ratio | checkpoints |")
+    print("|---|---|---|---|---|---|---|---|")
+    off, on = med["no fsync"], med["fsync"]
+    print(f"| a | {off[0]:.2f} | {on[0]:.2f} | {on[0] / off[0]:.3f} | {off[1]:.2f} | {on[1]:.2f} | {on[1] / off[1]:.3f} |"
+          f" {writes.count} |")
+    print(json.dumps({"repeats": repeats, "times": times}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model-dir", type=Path, default=Path(".cache/engine_bench/small-llama"))
     parser.add_argument("--jobs", default="a,long", help="comma-separated: a, long")
+    parser.add_argument("--fsync", action="store_true", help="measure durable writes (fsync) on vs off on job (a)")
     args = parser.parse_args()
     args.model_dir = args.model_dir.resolve()
     torch.set_num_threads(2)
     if not (args.model_dir / "config.json").exists():
         make_test_model(args.model_dir, arch="llama", size="small")
+    if args.fsync:
+        fsync_cost(args.model_dir, args.repeats)
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for job in args.jobs.split(","):

@@ -3,7 +3,10 @@
 A run writes its completions as part files, each covering a set of whole input rows (all
 samples of each). A part becomes part of the result only when its *commit record* is
 written: one JSON object under `_commits/`, written with one atomic step (a local rename,
-or a single object-store PUT), naming the part and the input rows it covers. Everything
+or a single object-store PUT), naming the part and the input rows it covers. On a local
+filesystem every file is fsync'ed, then its folder, before the next step: a part is on disk
+before its record is, so a power loss or host crash never leaves a record naming an empty
+part. On an object store the completed PUT is the commit (the store makes it durable). Everything
 that reads the result, resumes included, trusts the commit records, never a listing of
 part files: a part written by an attempt that died before committing it is ignored and
 deleted by the next run.
@@ -401,12 +404,8 @@ class OutputFolder:
         fault_point("write")
         path = self._file(name)
         try:
-            if is_local(self._fs):  # a rename is atomic here: readers see all of the file or none
-                folder, base = path.rsplit("/", 1)
-                self._fs.makedirs(folder, exist_ok=True)
-                temporary = f"{folder}/_{base}.{uuid.uuid4().hex}.tmp"
-                self._fs.pipe_file(temporary, data)
-                self._fs.mv(temporary, path)
+            if is_local(self._fs):
+                self._write_durably(path, data)
             else:  # one PUT: the object appears whole when the upload completes
                 self._fs.pipe_file(path, data)
         except OSError as exc:
@@ -415,6 +414,21 @@ class OutputFolder:
                 " run the job again with --resume to finish it"
             )
             raise OutputError(msg) from exc
+
+    def _write_durably(self, path: str, data: bytes) -> None:
+        """Write a local file whole or not at all, on disk before this returns: the data is
+        fsync'ed under a temporary name, renamed into place (atomic: readers see all of the
+        file or none), then its folder is fsync'ed so the name survives a power loss too. A
+        commit record written after a part therefore never reaches the disk before the part."""
+        folder, base = path.rsplit("/", 1)
+        if not self._fs.isdir(folder):
+            self._fs.makedirs(folder, exist_ok=True)
+            _fsync(folder.rsplit("/", 1)[0])  # the new folder's own name
+        temporary = f"{folder}/_{base}.{uuid.uuid4().hex}.tmp"
+        self._fs.pipe_file(temporary, data)
+        _fsync(temporary)
+        self._fs.mv(temporary, path)
+        _fsync(folder)
 
     def _file(self, name: str) -> str:
         return f"{self._path}/{name}"
@@ -448,6 +462,15 @@ def _is_temporary(name: str, pattern: re.Pattern = _PART, names: Sequence[str] =
     `_<one of our names>.<32 hex>.tmp`, never merely any `_*.tmp` (that may be the user's)."""
     temporary = _TEMPORARY.fullmatch(name)
     return bool(temporary) and _is_our_file(temporary.group(1), pattern, names)
+
+
+def _fsync(path: str) -> None:
+    """Flush a local file's data, or a folder's entries, to the disk (any descriptor will do)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _real(fs: Any, path: str) -> str:

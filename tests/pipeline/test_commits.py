@@ -310,3 +310,30 @@ def test_s3_folder(s3_server):
     OutputFolder(url, mode="overwrite", storage_options=options).open(FINGERPRINT)  # all ours: removed
     fs.invalidate_cache()
     assert [p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/run")] == ["_job.json"]
+
+
+def test_a_part_is_on_disk_before_its_commit_record_names_it(tmp_path, monkeypatch):
+    # What reaches the disk, in order: each file's data (under its temporary name), then its
+    # folder (the rename). The record's data is synced only after the part's name is.
+    import os as os_module
+
+    synced = []
+    real_fsync = os_module.fsync
+
+    def recording_fsync(descriptor):
+        synced.append(os_module.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    out = tmp_path / "out"
+    folder = OutputFolder(str(out), mode="error")
+    folder.open(FINGERPRINT)
+    monkeypatch.setattr("prefixbatch.pipeline.commits.os.fsync", recording_fsync)
+    record = commit_part(folder, [0, 1, 2])
+    shown = [path.replace(str(out), "out").replace(record.part, "PART").replace(record.unit, "UNIT") for path in synced]
+    assert [path.rsplit(".", 2)[0] if path.endswith(".tmp") else path for path in shown] == [
+        "out/_PART",  # the part's bytes
+        "out",  # its name
+        "out",  # the new _commits folder's name, held by its parent (first commit only)
+        "out/_commits/_UNIT.json",  # the record's bytes
+        "out/_commits",  # its name
+    ]
