@@ -15,7 +15,8 @@ The library's interface is one header (`kernels/prefixbatch_kernels.h`): its ent
 and `struct pb_span_args`, the attention call's arguments, which `SpanArgs` mirrors field for
 field; a library whose struct is not the size of ours is refused. It is compiled with the C
 compiler on PATH (`$CC`, else `cc`/`gcc`) for `-march=$PREFIXBATCH_KERNEL_MARCH` (default
-`native`: this CPU; `x86-64-v3`, `x86-64-v2`: portable builds, AVX-512 paths left out), into
+`native`: this CPU; `x86-64-v3`, `x86-64-v2`: portable builds, AVX-512 paths left out; an x86
+build without AVX-512 keeps PyTorch's attention by default, being slower: `attention_wins`), into
 a cache folder it is loaded from only when it can be trusted (`kernel_library`:
 `$PREFIXBATCH_KERNEL_CACHE`, else `~/.cache/prefixbatch/kernels`, else a private temporary
 folder; ownership, permissions and the SHA-256 recorded at build are checked). Where there is
@@ -31,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import platform
 import re
 import threading
 from pathlib import Path
@@ -39,7 +41,7 @@ import torch
 
 from prefixbatch.executors.native.kernel_library import CACHE_ENV, Recipe, load_library
 
-__all__ = ["SpanArgs", "SpanKernel", "load_span_kernel", "takes"]
+__all__ = ["SpanArgs", "SpanKernel", "attention_wins", "load_span_kernel", "takes"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ class SpanKernel:
         limits = [ctypes.c_int() for _ in range(3)]
         library.pb_span_attention_limits(*(ctypes.byref(x) for x in limits))
         self.max_queries_per_task, self.max_head_dim, self.dot_max_queries = (x.value for x in limits)
+        self.vector_bytes = library.pb_vector_bytes()  # 64: an AVX-512 build (`attention_wins`)
         norm = library.pb_add_rms_norm
         norm.restype = None
         norm.argtypes = [
@@ -169,7 +172,7 @@ class SpanKernel:
         """Whether the kernel takes q [T, H, D] over an fp32 CPU store with num_kv_heads heads."""
         num_heads, head_dim = q.shape[1], q.shape[2]
         return (
-            takes(q.device, q.dtype, head_dim)
+            _fits(q.device, q.dtype, head_dim)
             and num_heads // num_kv_heads <= self.max_queries_per_task
             and head_dim <= self.max_head_dim
             and q.stride(2) == 1
@@ -262,9 +265,28 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 
 
 def takes(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether the kernel is for tensors like these at all (before building it): fp32 on the
-    CPU, heads a multiple of its 16-lane vectors."""
+    """Whether "auto" runs the kernel for tensors like these: fp32 on the CPU, heads a multiple
+    of its 16-lane vectors (checked before the library is built), and a library whose attention
+    is the faster one here (`attention_wins`)."""
+    if not _fits(device, dtype, head_dim):
+        return False
+    kernel = load_span_kernel()
+    return kernel is not None and attention_wins(kernel)
+
+
+def _fits(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and head_dim % 16 == 0
+
+
+def attention_wins(kernel: SpanKernel) -> bool:
+    """Whether the library's attention beats PyTorch's kernels, as far as measured: everywhere
+    but in x86 builds without AVX-512. There a 16-lane vector is two or four registers, and the
+    kernel's register blocking, sized for AVX-512's 32, spills: on an AVX2 AMD EPYC (native and
+    x86-64-v3 builds alike, one thread) a layer of 32 decode rows under a shared prefix took
+    21 ms against PyTorch's 10, a 256-row prefill chunk 219 ms against 31. Those CPUs ran
+    PyTorch's kernels before such builds compiled, and still do; the residual add + RMSNorm
+    pass, 3x faster there than PyTorch's two ops, is used on every build."""
+    return kernel.vector_bytes >= 64 or platform.machine() not in ("x86_64", "AMD64")
 
 
 def load_span_kernel() -> SpanKernel | None:

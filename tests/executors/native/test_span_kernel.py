@@ -4,21 +4,23 @@ The cases of `test_tree_attention` (random segment trees and steps, garbage in e
 yet written) run on the kernel, plus cases sized to cross what the kernel does in pieces:
 key tiles of 64, row blocks of `QUERIES_PER_TASK // G` rows, ranges split across threads,
 query blocks padded past the last query, and both ways of computing scores (dot products for
-few queries a task, queries in the vector lanes for many). And: how it is built, cached and refused.
+few queries a task, queries in the vector lanes for many). Each test that runs the kernel runs
+it in every build flavour (`kernel_build`, conftest.py): the library for this CPU and the
+portable x86-64-v3 and x86-64-v2 ones. How the library is built, cached and trusted:
+test_kernel_library.py.
 """
 
 from __future__ import annotations
 
-import os
+import platform
 import shutil
-import stat
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prefixbatch.executors.native import kernel_library, span_kernel, tree_attention
+from prefixbatch.executors.native import span_kernel, tree_attention
 from prefixbatch.executors.native.attention_plan import QueryRun, SegmentKV, plan_attention
 from prefixbatch.executors.native.kv import KVStore
 from prefixbatch.executors.native.rope import apply_rope, rope_angles
@@ -32,15 +34,28 @@ pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="needs a C compiler to 
 
 
 @pytest.fixture(scope="module")
-def kernel():
+def native_kernel():
+    """The library the engine loads (for the tests of plans, which are the same in every build)."""
     built = load_span_kernel()
     assert built is not None, "a C compiler is on PATH, yet the span kernel did not build"
     return built
 
 
+@pytest.fixture(scope="session")
+def kernel(kernel_build):
+    """Each build flavour's library in turn."""
+    return kernel_build
+
+
 @settings(max_examples=150, deadline=None)
 @given(cases(), st.sampled_from([16, 32, 64]))
-def test_random_trees_and_steps_equal_full_attention(kernel, case, head_dim):
+def test_random_trees_and_steps_equal_full_attention(native_kernel, case, head_dim):
+    run_case(case, kernel=native_kernel, head_dim=head_dim)
+
+
+@settings(max_examples=25, deadline=None)
+@given(cases(), st.sampled_from([16, 32, 64]))
+def test_random_trees_and_steps_equal_full_attention_in_every_build(kernel, case, head_dim):
     run_case(case, kernel=kernel, head_dim=head_dim)
 
 
@@ -181,10 +196,10 @@ def test_residual_add_and_rms_norm_in_one_pass_equal_the_two_ops(kernel, rows):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_pieces_cover_each_row_keys_once(kernel):
+def test_pieces_cover_each_row_keys_once(native_kernel):
     one_row = plan_attention([SegmentKV(0, None, 0, 1500)], [QueryRun(0, 0, 1499, 1)])
     plan = tree_attention.KernelPlan.of(
-        one_row, group=4, num_kv_heads=1, num_threads=4, dot_max_queries=kernel.dot_max_queries
+        one_row, group=4, num_kv_heads=1, num_threads=4, dot_max_queries=native_kernel.dot_max_queries
     )
     tasks = plan.tasks.tolist()
     assert len(tasks) == 5  # 8 tasks wanted, pieces of at least MIN_SPLIT_KEYS (256) keys
@@ -203,68 +218,30 @@ def test_pieces_of_a_chunks_range_are_not_chained_back_together(kernel):
     assert plan.num_tasks == plan.tasks.shape[0] == 5 and set(plan.tasks[:, 5].tolist()) == {-1}
 
 
-def test_decode_rows_split_by_keys_never_by_head(kernel):
+def test_decode_rows_split_by_keys_never_by_head(native_kernel):
     # Four sequences decoding (2 queries a kv head each: the dot-product path, which reads each
     # key slot whole for all heads): too few tasks for 2 threads × 2, so the ranges are split
     # in key pieces, each a task over every kv head.
     segments = [SegmentKV(i, None, 1500 * i, 1500) for i in range(4)]
     plan = plan_attention(segments, [QueryRun(i, i, 1499, 1) for i in range(4)])
     kernel_plan = tree_attention.KernelPlan.of(
-        plan, group=2, num_kv_heads=4, num_threads=4, dot_max_queries=kernel.dot_max_queries
+        plan, group=2, num_kv_heads=4, num_threads=4, dot_max_queries=native_kernel.dot_max_queries
     )
     tasks = kernel_plan.tasks.tolist()
     assert {t[4] for t in tasks} == {-1} and len(tasks) == 8  # 2 pieces of 750 keys each
     assert sum(kernel_plan.entry_visible.tolist()) == 4 * 1500
 
 
-def test_where_the_kernel_runs(kernel):
+def test_where_the_kernel_runs(native_kernel):
     def store(head_dim=32, dtype=torch.float32):
         return KVStore(num_layers=1, num_kv_heads=2, head_dim=head_dim, capacity_tokens=8, dtype=dtype, device="cpu")
 
     plan = plan_attention([SegmentKV(0, None, 0, 8)], [QueryRun(0, 0, 0, 8)])
-    assert TreeAttention(store(), plan, scale=1.0).kernel is kernel  # "auto": fp32, CPU, D 32
+    # "auto": fp32, CPU, D 32, where its attention is the faster (not x86 without AVX-512)
+    wins = native_kernel.vector_bytes == 64 or platform.machine() != "x86_64"
+    assert TreeAttention(store(), plan, scale=1.0).kernel is (native_kernel if wins else None)
+    assert span_kernel.attention_wins(native_kernel) == wins
     assert TreeAttention(store(dtype=torch.bfloat16), plan, scale=1.0).kernel is None
     assert TreeAttention(store(head_dim=24), plan, scale=1.0).kernel is None  # D not 16·n
     assert TreeAttention(store(), plan, scale=1.0, fused=True).kernel is None  # forced
     assert TreeAttention(store(), plan, scale=1.0, kernel=None).kernel is None
-
-
-def _fresh_build(monkeypatch, tmp_path, **env):
-    monkeypatch.setattr(span_kernel, "_loaded", {})
-    monkeypatch.setenv("PREFIXBATCH_KERNEL_CACHE", str(tmp_path / "cache"))
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return load_span_kernel()
-
-
-def test_built_once_into_the_cache_and_reused(monkeypatch, tmp_path):
-    first = _fresh_build(monkeypatch, tmp_path)
-    assert first is not None
-    (built,) = (tmp_path / "cache").glob("span_attention-*.so")
-    mtime = built.stat().st_mtime_ns
-    assert _fresh_build(monkeypatch, tmp_path) is not None
-    assert built.stat().st_mtime_ns == mtime  # loaded, not rebuilt
-    # Beside it: its SHA-256 as built, and the lock builders of this key take; no scratch left behind.
-    names = sorted(path.name for path in (tmp_path / "cache").iterdir())
-    assert names == sorted(built.with_suffix(suffix).name for suffix in (".lock", ".sha256", ".so"))
-
-
-def test_a_failing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
-    compiler = tmp_path / "broken-cc"
-    compiler.write_text("#!/bin/sh\ncase \"$1\" in --version) echo broken 1.0;; *) echo 'no such flag' >&2; exit 1;; esac\n")
-    compiler.chmod(compiler.stat().st_mode | stat.S_IEXEC)
-    assert _fresh_build(monkeypatch, tmp_path, CC=str(compiler)) is None
-    assert "building the kernel library failed" in caplog.text
-    assert "no such flag" in caplog.text
-
-
-def test_no_compiler_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(kernel_library.shutil, "which", lambda name: None)
-    assert _fresh_build(monkeypatch, tmp_path) is None
-    assert "no C compiler found" in caplog.text
-
-
-def test_switched_off_by_the_environment(monkeypatch, tmp_path):
-    assert _fresh_build(monkeypatch, tmp_path, PREFIXBATCH_SPAN_KERNEL="0") is None
-    assert not (tmp_path / "cache").exists()
-    assert os.environ["PREFIXBATCH_SPAN_KERNEL"] == "0"

@@ -39,6 +39,9 @@ struct pb_span_args {
 
 PB_EXPORT int64_t pb_span_args_size(void);
 
+/* The widest vectors this build computes with, in bytes: 64 (AVX-512), 32 (AVX, AVX2), else 16. */
+PB_EXPORT int pb_vector_bytes(void);
+
 /* 0, or 1 where the shapes are refused (heads not 16·n up to the limits). */
 PB_EXPORT int pb_span_attention(const struct pb_span_args *args);
 PB_EXPORT int pb_span_attention_limits(int *max_queries_per_task, int *max_head_dim, int *dot_max_queries);

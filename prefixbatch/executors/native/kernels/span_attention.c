@@ -722,6 +722,16 @@ static void merge_rows(void *ctx, int64_t task) {
 }
 int64_t pb_span_args_size(void) { return (int64_t)sizeof(struct pb_span_args); }
 
+int pb_vector_bytes(void) {
+#if defined(__AVX512F__)
+    return 64;
+#elif defined(__AVX__)
+    return 32;
+#else
+    return 16;
+#endif
+}
+
 /* tasks: [num_tasks + chained, TASK_COLUMNS] int64 rows (key_start, num_keys, entry0, num_rows,
    kv head or -1 for all of them, next): the first num_tasks are run; a task of many queries may
    go on with the key range of row `next` (which may go on likewise), the same rows seeing it
