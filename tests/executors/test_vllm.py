@@ -25,8 +25,9 @@ from prefixbatch.executors.hf import HfExecutor
 from prefixbatch.executors.native.executor import NativeExecutor
 from tests.executors.native.test_engine import by_request, make_requests
 from tests.executors.planned import planned
+from tests.vllm_import import import_vllm
 
-pytest.importorskip("vllm")
+import_vllm()
 
 # nobind: vLLM would pin this test process's OpenMP threads (the engine runs in it) for the tests after.
 SPEC = ExecutorSpec(kind="vllm", device="cpu", vllm={"cpu_kv_cache_gib": 1, "cpu_threads_bind": "nobind"})

@@ -20,8 +20,9 @@ from prefixbatch.jobs.run import run_job
 from prefixbatch.jobs.spec import spec_from_dict
 from tests.jobs.test_resume import by_key, expected_keys, kill_and_resume, write_input, write_spec
 from tests.output_helpers import finished_output, without_cached
+from tests.vllm_import import import_vllm
 
-pytest.importorskip("vllm")
+import_vllm()
 
 VLLM = {"kind": "vllm", "device": "cpu", "vllm": {"cpu_kv_cache_gib": 1, "cpu_threads_bind": "nobind"}}
 STOP = ["e "]  # ends many rows of the random model's text early
