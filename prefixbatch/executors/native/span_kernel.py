@@ -280,8 +280,8 @@ def _fits(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
 
 def attention_wins(kernel: SpanKernel) -> bool:
     """Whether the library's attention beats PyTorch's kernels, as far as measured: everywhere
-    but in x86 builds without AVX-512. There a 16-lane vector is two or four registers, and the
-    kernel's register blocking, sized for AVX-512's 32, spills: on an AVX2 AMD EPYC (native and
+    but in x86 builds without AVX-512, where a 16-lane vector takes two or four registers (the
+    kernel's blocking is sized for AVX-512's 32 of one vector each): on an AVX2 AMD EPYC (native and
     x86-64-v3 builds alike, one thread) a layer of 32 decode rows under a shared prefix took
     21 ms against PyTorch's 10, a 256-row prefill chunk 219 ms against 31. Those CPUs ran
     PyTorch's kernels before such builds compiled, and still do; the residual add + RMSNorm
