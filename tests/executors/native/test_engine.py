@@ -8,8 +8,12 @@ unique tokens); sampled requests do not depend on their batch mates or the job's
 from __future__ import annotations
 
 import gc
+import os
 import random
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +21,10 @@ from transformers import AutoTokenizer
 
 from prefixbatch.executors.config import ExecutorSpec, ModelSpec
 from prefixbatch.executors.hf import HfExecutor
+from prefixbatch.executors.native import span_kernel
 from prefixbatch.executors.native.dense import packing_available
 from prefixbatch.executors.native.executor import NativeExecutor
+from prefixbatch.executors.native.span_kernel import load_span_kernel
 from prefixbatch.types import Request, SamplingParams
 from tests.executors.planned import planned
 
@@ -70,11 +76,48 @@ def hf_outputs(model_dir):
     return by_request(executor.generate(planned(make_requests(model_dir), kind="hf")))
 
 
+# Set by `test_greedy_equals_hf_on_every_cpu_with_the_pinned_pool` for the run it starts: the
+# engine as users run it, one thread a CPU (the C kernels' pool pins a worker to each).
+ON_EVERY_CPU = os.environ.get("PREFIXBATCH_TEST_EVERY_CPU") == "1"
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def threads():
+    if not ON_EVERY_CPU:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(len(CPUS))
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["auto", "kernel"] if ON_EVERY_CPU else ["auto"])
+def attention(request, monkeypatch):
+    """"auto": the attention this CPU's users get; "kernel": our C span attention (and so its
+    thread pool) even where auto keeps PyTorch's (x86 builds without AVX-512)."""
+    if request.param == "kernel":
+        monkeypatch.setattr(span_kernel, "attention_wins", lambda kernel: True)
+    return request.param
+
+
+def pinned_cpus() -> set[int]:
+    """The CPUs that some thread of this process is pinned to alone (the kernels' pool workers)."""
+    pinned = set()
+    for task in Path("/proc/self/task").iterdir():
+        allowed = [line for line in (task / "status").read_text().splitlines() if line.startswith("Cpus_allowed_list:")]
+        value = allowed[0].split(":", 1)[1].strip() if allowed else ""
+        if value.isdigit():
+            pinned.add(int(value))
+    return pinned
+
+
 @pytest.mark.parametrize(
     ("kv_budget", "step_tokens"),
     [(131_072, 16_384), (150, 16_384), (100, 7)],  # one group; groups split; tiny chunked steps
 )
-def test_native_greedy_equals_hf_and_prefills_each_prefix_once(model_dir, hf_outputs, kv_budget, step_tokens):
+def test_native_greedy_equals_hf_and_prefills_each_prefix_once(model_dir, hf_outputs, kv_budget, step_tokens, attention):
     requests = make_requests(model_dir)
     spec = ExecutorSpec(kind="native", device="cpu", kv_budget_tokens=kv_budget, native={"max_step_tokens": step_tokens})
     executor = NativeExecutor(ModelSpec(path=str(model_dir), dtype="float32"), spec)
@@ -93,6 +136,20 @@ def test_native_greedy_equals_hf_and_prefills_each_prefix_once(model_dir, hf_out
     total = sum(r.num_prompt_tokens for r in requests)
     assert sum(c.num_cached_prompt_tokens for c in native.values()) == total - unique
     assert unique < total / 2  # the job really shares
+    if ON_EVERY_CPU and attention == "kernel":
+        assert load_span_kernel() is not None and torch.get_num_threads() == len(CPUS)
+        assert pinned_cpus() == set(CPUS)  # a worker pinned to every CPU: the pool users run
+
+
+@pytest.mark.skipif(len(CPUS) < 2, reason="one CPU: the pool never starts")
+def test_greedy_equals_hf_on_every_cpu_with_the_pinned_pool():
+    # A fresh process: the first parallel loop decides the pool (pinned when the thread count
+    # is the CPU count), and this one's may have been decided by another test's count.
+    env = {**os.environ, "PREFIXBATCH_TEST_EVERY_CPU": "1", "OMP_NUM_THREADS": str(len(CPUS))}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "greedy_equals_hf_and"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[3])
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "18 passed" in result.stdout
 
 
 def test_seeded_samples_do_not_depend_on_batch_mates_or_order(tiny_llama):
