@@ -9,6 +9,8 @@ exact shared-prefix (tree) attention.
 - `tree_attention`: runs a plan on tensors; `TreeAttention` is the model's callback.
 - `span_kernel`: our C attention kernel (`kernels/span_attention.c`), built on first use:
   on the CPU in fp32 a step's whole plan is one call per layer.
+- `kernel_library`: where that library is built and cached, and loading it only when it can
+  be trusted (its folder and file ours alone, its SHA-256 the one recorded at build).
 - `dense`: the CPU's dense layers through oneDNN, weights packed once.
 - `kv`: `KVStore`, per-layer K/V buffers with a contiguous slot range per segment.
 
