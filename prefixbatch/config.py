@@ -26,6 +26,12 @@ class ModelSpec(StrictModel):
     allows, used from the cache offline (`HF_HUB_OFFLINE=1`). A relative path is resolved
     against the spec file's folder; a folder that exists wins over a Hub id of the same name."""
 
+    gguf_file: str | None = None
+    """A GGUF file (llama.cpp's format) inside the `path` folder to load; or name the `.gguf`
+    file in `path` itself. Dequantized once to fp32 safetensors in a cached Hugging Face folder
+    (in the Hub cache, keyed by the file's SHA-256) that every executor reads; `validate` and
+    `plan` read only its config and tokenizer."""
+
     revision: str | None = None
     """Hub ids only: the branch, tag or commit to use (null: `main`). The commit it resolves
     to is recorded in the job's fingerprint."""

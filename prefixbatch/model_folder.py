@@ -92,11 +92,26 @@ def context_length(config: dict) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
+# Written into a folder made from a GGUF file (`executors.gguf`): which file, its SHA-256,
+# architecture and tensor types. Its weights are written only when a run needs them.
+GGUF_MARKER = "prefixbatch_gguf.json"
+
+
+def gguf_source(path: str) -> dict | None:
+    """The GGUF file a folder was made from (`executors.gguf.GgufInfo` as a dict), or None."""
+    marker = Path(path) / GGUF_MARKER
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 def check_model_folder(path: str) -> dict:
-    """The folder's config, after checking that safetensors weights are present."""
+    """The folder's config, after checking that safetensors weights are present (or, for a
+    folder made from a GGUF file, that they will be: dequantized when a run needs them)."""
     config = read_config(path)
     folder = Path(path)
-    if not any(folder.glob("*.safetensors")):
+    if not any(folder.glob("*.safetensors")) and gguf_source(path) is None:
         pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
         found = f"; found only {', '.join(pickled)} (pickle, refused for safety)" if pickled else ""
         raise ModelError(f"model.path {path}: no *.safetensors weights in this folder{found}")

@@ -208,7 +208,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from prefixbatch.jobs.plan import plan_report, plan_text, preview_job, write_plan_report
     from prefixbatch.jobs.spec import with_local_model
 
-    spec = with_local_model(_load(args, [f"executor.kv_budget_tokens={args.kv_budget}"] if args.kv_budget else []))
+    spec = with_local_model(_load(args, [f"executor.kv_budget_tokens={args.kv_budget}"] if args.kv_budget else []), weights=False)
     job = preview_job(spec, num_shards=args.shards)
     report = plan_report(job, spec)
     if args.estimate:

@@ -26,6 +26,7 @@ from typing import Any
 import prefixbatch
 from prefixbatch.file_digests import file_sha256
 from prefixbatch.jobs.spec import JobSpec
+from prefixbatch.model_folder import gguf_source
 from prefixbatch.pipeline.reader import InputFile
 
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -51,7 +52,7 @@ def job_fingerprint(spec: JobSpec, files: list[InputFile]) -> dict[str, Any]:
     return {
         "model": {
             **_hashes(folder, CONFIG_FILES),
-            "weights": {p.name: file_sha256(p) for p in sorted(folder.glob("*.safetensors"))},
+            "weights": _weights(folder),
             "dtype": spec.model.dtype,
             "revision": spec.model.revision,  # the Hub commit a Hub id resolved to
         },
@@ -70,6 +71,15 @@ def job_fingerprint(spec: JobSpec, files: list[InputFile]) -> dict[str, Any]:
         "sampling": spec.sampling.model_dump(mode="json"),
         "prefixbatch": prefixbatch.__version__,
     }
+
+
+def _weights(folder: Path) -> dict[str, str]:
+    """Each weight file's SHA-256; for a folder made from a GGUF file, that file's (its weights
+    are made from it, and `validate` sees the folder before they are)."""
+    gguf = gguf_source(str(folder))
+    if gguf is not None:
+        return {Path(gguf["file"]).name: gguf["sha256"]}
+    return {p.name: file_sha256(p) for p in sorted(folder.glob("*.safetensors"))}
 
 
 def _hashes(folder: Path, names: tuple[str, ...]) -> dict[str, str]:

@@ -39,7 +39,7 @@ def preview_job(spec: JobSpec, *, num_shards: int | None = None) -> JobPlan:
     × `cluster.shards_per_worker` on Dask (a running cluster at `cluster.address` is asked
     how many workers it has).
     """
-    spec = with_local_model(spec)
+    spec = with_local_model(spec, weights=False)
     prepared = read_job_input(spec)
     todo = prepared.without_rows(committed_before(spec, prepared))
     if num_shards is None:

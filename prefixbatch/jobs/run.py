@@ -33,7 +33,7 @@ from prefixbatch.jobs.planning import plan_job, plan_settings, plan_summary
 from prefixbatch.jobs.progress import JobProgress
 from prefixbatch.jobs.signals import JobStopped
 from prefixbatch.jobs.spec import JobSpec, with_local_model
-from prefixbatch.model_folder import check_model_folder, model_name
+from prefixbatch.model_folder import check_model_folder, gguf_source, model_name
 from prefixbatch.periodic import Periodic
 from prefixbatch.pipeline.checkpoints import Checkpointer, Checkpoints, continue_from
 from prefixbatch.pipeline.commits import (
@@ -116,7 +116,7 @@ def check_job(spec: JobSpec) -> str:
 
 def inspect_job(spec: JobSpec) -> tuple[str, PreparedInput]:
     """`check_job`'s report, and the input as `run` would read it."""
-    spec = with_local_model(spec)
+    spec = with_local_model(spec, weights=False)
     check_model_folder(spec.model.path)
     check_available(spec.model, spec.executor)
     device = _check_device(spec)
@@ -129,6 +129,11 @@ def inspect_job(spec: JobSpec) -> tuple[str, PreparedInput]:
         f"{prepared.num_rows} rows, {len(prepared.requests)} to generate, "
         f"{len(prepared.errors)} would be error rows{resumed}; {device}"
     ]
+    gguf = gguf_source(spec.model.path)
+    if gguf is not None:
+        from prefixbatch.executors.gguf import GgufInfo
+
+        lines.append(f"  model: {GgufInfo(**gguf).summary()}")
     return "\n".join(lines + _row_notes(prepared)), prepared
 
 

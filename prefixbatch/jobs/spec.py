@@ -208,13 +208,28 @@ def _model_path(path: str, base_dir: Path) -> str:
     return _resolve(path, base_dir)
 
 
-def with_local_model(spec: JobSpec) -> JobSpec:
-    """The spec with `model.path` a local folder (a Hub id fetched or found in the cache) and
-    `model.revision` the commit it resolved to; a local folder's spec is returned as it is."""
+def with_local_model(spec: JobSpec, *, weights: bool = True) -> JobSpec:
+    """The spec with `model.path` a local folder: a Hub id fetched or found in the cache
+    (`model.revision` then the commit it resolved to), a GGUF file made into its cached folder
+    (with its dequantized weights only when `weights`: `validate` and `plan` read no weights);
+    a local folder's spec is returned as it is."""
+    gguf = gguf_file(spec.model)
+    if gguf is not None:
+        from prefixbatch.executors.gguf import gguf_model_folder
+
+        folder = str(gguf_model_folder(gguf, weights=weights))
+        return spec.model_copy(update={"model": spec.model.model_copy(update={"path": folder, "gguf_file": None})})
     folder, commit = resolve_model_path(spec.model.path, spec.model.revision)
     if commit is None:
         return spec
     return spec.model_copy(update={"model": spec.model.model_copy(update={"path": folder, "revision": commit})})
+
+
+def gguf_file(model: ModelSpec) -> str | None:
+    """The GGUF file the model section names (`path` a `.gguf` file, or a folder + `gguf_file`), or None."""
+    if model.gguf_file is not None:
+        return str(Path(model.path) / model.gguf_file)
+    return model.path if model.path.lower().endswith(".gguf") else None
 
 
 def resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:
