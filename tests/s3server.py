@@ -1,14 +1,22 @@
-"""A real S3-compatible server on loopback for tests: moto's ThreadedMotoServer.
+"""A real S3-compatible server on loopback for tests: moto's server, in a process of its own.
 
-Binds 127.0.0.1 only, on a port the OS picks. While it runs, the AWS environment holds
+Not in the test process: moto's server is a Flask app, and importing Flask leaves proxy
+objects in module globals that raise on `hasattr` outside a request; vLLM's start-up scans
+every module's globals that way and fails ("Working outside of application context"), so a
+test process that had run an S3 test could no longer start vLLM.
+
+Binds 127.0.0.1 only, on a free port. While it runs, the AWS environment holds
 dummy credentials and every setting that could send a request elsewhere (a real AWS
 endpoint, instance metadata, a user's profile or config file) is switched off.
 """
 
 from __future__ import annotations
 
-import logging
 import os
+import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
-from moto.server import ThreadedMotoServer
 
 _HOST = "127.0.0.1"
 
@@ -77,13 +84,33 @@ def _is_ours(key: str) -> bool:
 
 @contextmanager
 def running_s3_server() -> Iterator[S3Server]:
-    """Start moto on 127.0.0.1 (a free port), yield it, stop it."""
+    """Start moto on 127.0.0.1 (a free port) in a child process, yield it, stop it."""
     with aws_test_env():
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request
-        server = ThreadedMotoServer(ip_address=_HOST, port=0, verbose=False)
-        server.start()
+        port = _free_port()
+        command = [sys.executable, "-m", "moto.server", "-H", _HOST, "-p", str(port)]
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            _host, port = server.get_host_and_port()
+            _wait_for(server, port)
             yield S3Server(endpoint_url=f"http://{_HOST}:{port}")
         finally:
-            server.stop()
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((_HOST, 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for(server: subprocess.Popen, port: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"moto's server exited ({server.returncode}): {server.stderr.read().decode()[-2000:]}")
+        try:
+            socket.create_connection((_HOST, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"moto's server did not listen on {_HOST}:{port} within {timeout_s:.0f} s")
