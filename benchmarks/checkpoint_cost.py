@@ -12,10 +12,10 @@ tokens/s of each, their ratio, and how many checkpoints the "on" runs wrote.
     .venv/bin/python benchmarks/checkpoint_cost.py --repeats 3
 
 `--fsync`: instead, what making every write durable costs (each part, commit record and
-checkpoint fsync'ed, then its folder: `pipeline/commits.py`). Job (a) with checkpoints every
-1 s and 8 rows a part (8 parts, 8 records, ~10 checkpoints: more writes than a real job of
-this size makes), with fsync and with `_fsync` patched to do nothing, alternating; reported:
-median whole-job wall time and generate time of each, and their ratio.
+checkpoint fsync'ed, then its folder: `pipeline/commits.py`). Job (a) at the shipped
+settings and at a write-heavy one (checkpoints every 1 s, 8 rows a part), each with fsync and
+with `_fsync` patched to do nothing, alternating; reported: median whole-job wall time of
+each and their ratio, and the time spent inside fsync itself, timed directly.
 
     .venv/bin/python benchmarks/checkpoint_cost.py --fsync --repeats 5
 """
@@ -86,27 +86,44 @@ class CountWrites:
         checkpoint_module.Checkpoints.write = self._write
 
 
+FSYNC_SETTINGS = {  # (checkpoint_seconds, rows_per_part)
+    "defaults": (60.0, 10_000),  # a job as shipped: a part, its record, the side files
+    "stress": (1.0, 8),  # 60x the checkpoints, 8 parts and 8 records: far more writes than real jobs make
+}
+
+
 def fsync_cost(model: Path, repeats: int) -> None:
-    """Job (a), durable writes on and off (`_fsync` a no-op), alternating: wall and generate medians."""
+    """Job (a), durable writes on and off (`_fsync` a no-op), alternating, at the shipped
+    settings and at a write-heavy stress setting: wall and generate medians, and the time spent
+    inside fsync itself (timed directly: immune to other processes slowing whole runs)."""
     real_fsync = commits_module._fsync
-    times: dict[str, list[tuple[float, float]]] = {"fsync": [], "no fsync": []}
-    with tempfile.TemporaryDirectory() as tmp, CountWrites() as writes:
-        run_once(model, Path(tmp), "a", 1.0, rows_per_part=8)  # warm-up
-        for repeat in range(repeats):
-            pair = ("no fsync", "fsync")
-            for mode in pair if repeat % 2 == 0 else pair[::-1]:
-                commits_module._fsync = real_fsync if mode == "fsync" else (lambda path: None)
-                start = time.monotonic()
-                generate_s, _ = run_once(model, Path(tmp), "a", 1.0, rows_per_part=8)
-                times[mode].append((time.monotonic() - start, generate_s))
-        commits_module._fsync = real_fsync
-    med = {m: (statistics.median(w for w, _ in v), statistics.median(g for _, g in v)) for m, v in times.items()}
-    print("| job | no fsync: wall s | fsync: wall s | wall ratio | no fsync: generate s | fsync: generate s | generate ratio | checkpoints |")
-    print("|---|---|---|---|---|---|---|---|")
-    off, on = med["no fsync"], med["fsync"]
-    print(f"| a | {off[0]:.2f} | {on[0]:.2f} | {on[0] / off[0]:.3f} | {off[1]:.2f} | {on[1]:.2f} | {on[1] / off[1]:.3f} |"
-          f" {writes.count} |")
-    print(json.dumps({"repeats": repeats, "times": times}))
+    print("| settings | no fsync: wall s | fsync: wall s | wall ratio | fsync calls a run | inside fsync a run | share of the fsync runs' wall |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (every_s, rows_per_part) in FSYNC_SETTINGS.items():
+        inside = [0.0, 0]  # seconds inside fsync, calls
+
+        def timed_fsync(path: str, inside=inside) -> None:
+            start = time.monotonic()
+            real_fsync(path)
+            inside[0] += time.monotonic() - start
+            inside[1] += 1
+
+        walls: dict[str, list[float]] = {"fsync": [], "no fsync": []}
+        with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:  # a real disk, not tmpfs
+            run_once(model, Path(tmp), "a", every_s, rows_per_part=rows_per_part)  # warm-up
+            for repeat in range(repeats):
+                pair = ("no fsync", "fsync")
+                for mode in pair if repeat % 2 == 0 else pair[::-1]:
+                    commits_module._fsync = timed_fsync if mode == "fsync" else (lambda path: None)
+                    start = time.monotonic()
+                    run_once(model, Path(tmp), "a", every_s, rows_per_part=rows_per_part)
+                    walls[mode].append(time.monotonic() - start)
+            commits_module._fsync = real_fsync
+        off, on = statistics.median(walls["no fsync"]), statistics.median(walls["fsync"])
+        print(f"| {name} (checkpoint every {every_s:g} s, {rows_per_part} rows a part) | {off:.2f} | {on:.2f} |"
+              f" {on / off:.3f} | {inside[1] / repeats:.0f} | {1000 * inside[0] / repeats:.0f} ms |"
+              f" {100 * inside[0] / sum(walls['fsync']):.2f}% |")
+        print(json.dumps({"settings": name, "repeats": repeats, "walls": walls, "inside_fsync_s": inside[0]}))
 
 
 def main() -> None:
