@@ -22,7 +22,8 @@ def smollm2_gguf() -> Path:
     try:
         return Path(trained_model_path(try_hub=False))
     except ModelError as error:
-        pytest.fail(f"the real-model tier needs SmolLM2-135M-Instruct, which could not be had: {error}", pytrace=False)
+        reason = str(error)
+    pytest.fail(f"the real-model tier needs SmolLM2-135M-Instruct, which could not be had: {reason}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -34,8 +35,8 @@ def smollm2(smollm2_gguf: Path) -> Path:
     try:
         return gguf_model_folder(smollm2_gguf, weights=True)
     except ModelError as error:
-        pytest.fail(f"the real-model tier could not make SmolLM2's model folder from {smollm2_gguf}: {error}",
-                    pytrace=False)
+        reason = str(error)
+    pytest.fail(f"the real-model tier could not make SmolLM2's model folder from {smollm2_gguf}: {reason}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

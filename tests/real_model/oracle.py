@@ -20,13 +20,17 @@ def forward_logprobs(model, sequences: Sequence[Sequence[int]]) -> list[torch.Te
     return [torch.log_softmax(logits[i, : len(s)], dim=-1) for i, s in enumerate(sequences)]
 
 
-def greedy(model, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
-    """transformers' greedy continuation of one unpadded prompt (end-of-sequence included)."""
-    ids = torch.tensor([list(prompt)])
+def greedy(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuations of `prompts` (one left-padded batch), each cut before
+    its end-of-sequence."""
+    eos = model.config.eos_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[*[eos] * (width - len(p)), *p] for p in prompts])  # [B, T]
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, eos_token_id=model.config.eos_token_id)
-    return out[0, ids.shape[1]:].tolist()
+        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             eos_token_id=eos, pad_token_id=eos)[:, width:].tolist()
+    return [row[: row.index(eos)] if eos in row else row for row in out]
 
 
 def parting(model, prompt: Sequence[int], a: Sequence[int], b: Sequence[int]) -> str:

@@ -2,7 +2,8 @@
 
 Random tiny models (tests/conftest.py) are exact oracles but hide what trained weights do:
 natural end-of-sequence, calm logits, sensible JSON. Here, on the model the product fetches
-as a GGUF file: the dequantized folder generates as transformers' own GGUF load does; the
+as a GGUF file: the dequantized folder holds transformers' own GGUF load bit for bit, encodes
+and generates as it does; the
 native executor equals the hf executor token for token on everyday chats; its logprobs and
 scores equal a transformers forward within 1e-4; it answers a multiple-choice set well above
 chance; constrained JSON is valid and right; stop strings cut exactly; seeded samples repeat
@@ -29,23 +30,27 @@ from tests.real_model.oracle import forward_logprobs, greedy
 TOLERANCE = {"abs": 1e-4}
 
 
-def test_the_dequantized_folder_is_transformers_own_gguf_load(smollm2_gguf, tokenizer, transformers_model):
-    parent, name = smollm2_gguf.parent, smollm2_gguf.name
-    gguf_tokenizer = AutoTokenizer.from_pretrained(parent, gguf_file=name)
+def test_the_folder_tokenizer_encodes_as_the_gguf_tokenizer(smollm2_gguf, tokenizer):
+    gguf_tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
     for index in range(len(QUESTIONS)):
         assert chat_token_ids(tokenizer, index) == chat_token_ids(gguf_tokenizer, index), index
     for text in ["Hello, world!", "naïve café: 42 × 7 = 294 €", "  two spaces\n\ttab", "<|im_start|>user\nHi<|im_end|>"]:
         assert tokenizer(text)["input_ids"] == gguf_tokenizer(text)["input_ids"], text
-    gguf_model = AutoModelForCausalLM.from_pretrained(parent, gguf_file=name, dtype=torch.float32).eval()
-    theirs = gguf_model.state_dict()
-    for key, tensor in transformers_model.state_dict().items():
-        assert torch.equal(tensor, theirs[key]), key
-    for index in (5, 17, 23):
-        prompt = chat_token_ids(tokenizer, index)
-        assert greedy(transformers_model, prompt, 32) == greedy(gguf_model, prompt, 32), index
+
+
+def test_the_folder_model_is_transformers_own_gguf_load(smollm2_gguf, tokenizer, transformers_model):
+    gguf_model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                      dtype=torch.float32).eval()
+    ours, theirs = transformers_model.state_dict(), gguf_model.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, tensor in ours.items():
+        assert torch.equal(tensor, theirs[key]), key  # bit for bit
+    # The same weights under the folder's config.json generate as under the file's metadata.
     france = tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[0]}], add_generation_prompt=True)
-    answer = greedy(transformers_model, france["input_ids"], 16)
-    assert tokenizer.decode(answer, skip_special_tokens=True) == "The capital of France is Paris."  # trained
+    prompts = [france["input_ids"], *(chat_token_ids(tokenizer, index) for index in (5, 17, 23))]
+    answer, *_ = outputs = greedy(transformers_model, prompts, 32)
+    assert outputs == greedy(gguf_model, prompts, 32)
+    assert tokenizer.decode(answer) == "The capital of France is Paris."  # a trained model
 
 
 def test_native_greedy_chats_equal_the_hf_executor_token_for_token(smollm2, greedy_chats):
@@ -66,13 +71,15 @@ def test_native_greedy_chats_equal_the_hf_executor_token_for_token(smollm2, gree
         assert (completion.finish_reason == "length") is (completion.num_output_tokens == 48)
 
 
-def check_record(record, row: torch.Tensor, token: int, k: int, texts) -> None:
-    """One logprob record against the oracle's log-softmax `row`: its token, its logprob, its top k."""
+def check_record(record, row: torch.Tensor, token: int, k: int, texts) -> float:
+    """One logprob record against the oracle's log-softmax `row`: its token, its logprob, its
+    top k; → how far its logprob is from the oracle's."""
     assert record.token_id == token and record.token == texts.decode([token])
     assert record.logprob == pytest.approx(row[token].item(), **TOLERANCE)
     values, ids = torch.topk(row, k)
     assert [i for i, _, _ in record.top] == ids.tolist()
     assert [lp for _, _, lp in record.top] == pytest.approx(values.tolist(), **TOLERANCE)
+    return abs(record.logprob - row[token].item())
 
 
 def test_logprobs_and_prompt_logprobs_equal_a_transformers_forward(native, tokenizer, transformers_model):
@@ -80,18 +87,17 @@ def test_logprobs_and_prompt_logprobs_equal_a_transformers_forward(native, token
     requests = chat_requests(tokenizer, sampling, rows=range(6))
     found = by_request(native.generate(planned(requests)))
     sequences = [[*r.token_ids, *found[r.row_index, 0].token_ids] for r in requests]
-    compared = 0
+    gaps = []
     for request, tokens, expected in zip(requests, sequences, forward_logprobs(transformers_model, sequences)):
         completion = found[request.row_index, 0]
         assert len(completion.prompt_logprobs) == len(request.token_ids) - 1
         for position, record in enumerate(completion.prompt_logprobs):  # predicts prompt token position + 1
-            check_record(record, expected[position], tokens[position + 1], 3, tokenizer)
+            gaps.append(check_record(record, expected[position], tokens[position + 1], 3, tokenizer))
         start = len(request.token_ids) - 1
         assert len(completion.logprobs) == completion.num_output_tokens > 0
         for step, record in enumerate(completion.logprobs):
-            check_record(record, expected[start + step], completion.token_ids[step], 5, tokenizer)
-        compared += len(tokens) - 1
-    print(f"\nlogprobs == transformers within 1e-4: {compared} positions")
+            gaps.append(check_record(record, expected[start + step], completion.token_ids[step], 5, tokenizer))
+    print(f"\nlogprobs == transformers within 1e-4: {len(gaps)} positions, largest gap {max(gaps):.1e}")
 
 
 # Everyday facts, the right answer first (`choices_of` rotates it to every position).
