@@ -207,9 +207,11 @@ class SamplingSpec(StrictModel):
     @field_validator("json_schema", mode="before")
     @classmethod
     def _schema_as_text(cls, value: Any) -> Any:
-        # A schema object in YAML/JSON specs; a JSON string in a column: kept as canonical text.
+        # A schema object in YAML/JSON specs; a JSON string in a column: kept as compact text, its
+        # keys in the order written (the grammar generates `properties` in that order, as OpenAI's
+        # structured outputs do: sorting them would reorder every output object).
         if isinstance(value, dict | bool):
-            return json.dumps(value, sort_keys=True)
+            return json.dumps(value)
         if isinstance(value, str):
             try:
                 parsed = json.loads(value)
@@ -217,7 +219,7 @@ class SamplingSpec(StrictModel):
                 raise ValueError(f"not valid JSON: {exc}") from None
             if not isinstance(parsed, dict | bool):
                 raise ValueError(f"a JSON schema is an object, got {type(parsed).__name__}")
-            return json.dumps(parsed, sort_keys=True)
+            return json.dumps(parsed)
         return value
 
     @field_validator("choice")

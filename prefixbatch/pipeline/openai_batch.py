@@ -173,7 +173,7 @@ def _sampling(body: dict[str, Any], row: dict[str, Any]) -> str | None:
             schema = (fmt.get("json_schema") or {}).get("schema") if isinstance(fmt.get("json_schema"), dict) else None
             if not isinstance(schema, dict):
                 return "body.response_format.json_schema.schema must be a JSON schema object"
-            row["json_schema"] = json.dumps(schema, sort_keys=True)
+            row["json_schema"] = json.dumps(schema)  # properties in the order given: the output's order
         elif kind != "text":
             return f"body.response_format: type {kind!r} is not supported (text, json_object, json_schema)"
     return None

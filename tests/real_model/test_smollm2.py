@@ -181,10 +181,6 @@ def test_json_schema_outputs_are_valid_and_mostly_right(extracted):
     assert names >= len(PEOPLE) - 1 and ages >= 0.6 * len(PEOPLE)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: SamplingSpec._schema_as_text (prefixbatch/pipeline/config.py) and the OpenAI batch reader"
-    " (pipeline/openai_batch.py) canonicalise json_schema with sort_keys=True, so xgrammar generates the"
-    " properties alphabetically ({\"age\", \"name\"}), not in the schema's order"))
 def test_json_outputs_keep_the_schema_property_order(extracted):
     assert [list(json.loads(row["output_text"])) for row in extracted] == [["name", "age"]] * len(PEOPLE)
 
