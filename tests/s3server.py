@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -88,13 +89,19 @@ def running_s3_server() -> Iterator[S3Server]:
     with aws_test_env():
         port = _free_port()
         command = [sys.executable, "-m", "moto.server", "-H", _HOST, "-p", str(port)]
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            _wait_for(server, port)
-            yield S3Server(endpoint_url=f"http://{_HOST}:{port}")
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        # Its log goes to a file: a pipe nobody reads fills up (a line per request) and blocks the server.
+        with tempfile.TemporaryFile() as log:
+            server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+            try:
+                _wait_for(server, port, log)
+                yield S3Server(endpoint_url=f"http://{_HOST}:{port}")
+            finally:
+                server.terminate()
+                try:
+                    server.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait(timeout=10)
 
 
 def _free_port() -> int:
@@ -103,11 +110,12 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _wait_for(server: subprocess.Popen, port: int, timeout_s: float = 60.0) -> None:
+def _wait_for(server: subprocess.Popen, port: int, log, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"moto's server exited ({server.returncode}): {server.stderr.read().decode()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"moto's server exited ({server.returncode}): {log.read().decode()[-2000:]}")
         try:
             socket.create_connection((_HOST, port), timeout=1).close()
             return

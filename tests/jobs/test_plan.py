@@ -2,18 +2,44 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prefixbatch.jobs.cli import main
-from prefixbatch.jobs.demo import SPEC, SYSTEM_PROMPTS, demo_prompts
+from prefixbatch.jobs.demo import SPEC
+
+TOPICS = ("tea", "bread", "a flat tyre", "poetry", "maps", "rice", "chains", "history", "soup", "brakes")
+QUESTIONS = ("What should I know first about {}?", "Can you explain {} to a ten year old?",
+             "What is the most common mistake with {}?", "Where do I start with {} if I have one hour?",
+             "Give me three facts about {}.", "How has {} changed in the last century?",
+             "Which tools do I need for {}?", "What is a good question to ask about {}?",
+             "Why do people get {} wrong?", "Summarise {} in two sentences.")
+SYSTEM_PROMPTS = (
+    "You are a careful assistant for a public library. Answer in one short paragraph, "
+    "cite the shelf section when you can, and never invent a book that is not in the catalogue.",
+    "You are a support agent for a bicycle shop. Be friendly and concrete: name the part, "
+    "the tool needed and the time the repair takes.",
+    "You translate cooking questions into step by step instructions for a beginner. "
+    "Use metric units and warn about anything hot or sharp.",
+)
+
+
+def plan_prompts() -> pa.Table:
+    """300 conversations: 3 shared system prompts × 10 topics × 10 questions."""
+    rows = []
+    for system, topic, question in itertools.product(SYSTEM_PROMPTS, TOPICS, QUESTIONS):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question.format(topic)}]
+        rows.append({"id": f"q{len(rows):04d}", "messages": messages, "question": question.format(topic)})
+    return pa.Table.from_pylist(rows)
 
 
 def demo_job(tmp_path, model) -> str:
-    pq.write_table(demo_prompts(), tmp_path / "prompts.parquet")
-    (tmp_path / "job.yaml").write_text(SPEC.replace("path: model", f"path: {model}"))
+    pq.write_table(plan_prompts(), tmp_path / "prompts.parquet")
+    (tmp_path / "job.yaml").write_text(SPEC.format(model=model, max_tokens=24))
     return str(tmp_path / "job.yaml")
 
 
