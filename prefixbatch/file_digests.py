@@ -26,7 +26,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-__all__ = ["file_sha256", "private_cache_dir"]
+__all__ = ["file_sha256", "private_cache_dir", "sha256_of"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,11 @@ def file_sha256(path: str | Path) -> str:
 def _hash(path: Path, size: int) -> str:
     if size > _LOG_ABOVE_BYTES:
         log.warning("hashing %s (%.1f GB) once for the job's fingerprint; later runs read it from the cache", path, size / 1e9)
+    return sha256_of(path)
+
+
+def sha256_of(path: Path) -> str:
+    """A file's SHA-256 (hex), read in chunks, never cached (for files that are checked once)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):

