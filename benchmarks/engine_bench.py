@@ -16,6 +16,14 @@ ids); requests are greedy except in (d).
 
 `--scale s` multiplies every count and length (and max_tokens) by s, at least 1.
 
+`--model smollm2` runs the trained SmolLM2-135M-Instruct (30 layers, hidden 576, vocabulary
+49,152; the PyPI wheel's GGUF file dequantized once, `real_chats.py`) on real chats:
+
+    chat-shared   2 long system prompts (~220 tokens) × 32 questions, up to 128 new tokens
+    chat-unique   64 questions, each under a system prompt of its own, up to 128 new tokens
+
+rows ending at end-of-sequence at natural lengths.
+
 Each executor is loaded once per process and reused by every repeat (loading is not timed);
 one warm-up call runs first. A run is planning the requests as a job's run does
 (`plan_requests` with the executor's settings: hf without sharing) and
@@ -33,6 +41,7 @@ whatever the batch; what that costs), run only when named in `--executors`.
     .venv/bin/python benchmarks/engine_bench.py                       # everything, full scale
     .venv/bin/python benchmarks/engine_bench.py --scenario a --scale 0.25 --repeats 1
     .venv/bin/python benchmarks/engine_bench.py --json results.json
+    .venv/bin/python benchmarks/engine_bench.py --model smollm2      # the trained model's chats
 """
 
 from __future__ import annotations
@@ -59,7 +68,7 @@ from prefixbatch.jobs.planning import DEFAULT_CPU_KV_BUDGET
 from prefixbatch.prefix_tree import PlanSettings, plan_requests
 from prefixbatch.types import Request, SamplingParams
 
-ABLATION_SCENARIOS = ("a", "b", "d")
+ABLATION_SCENARIOS = ("a", "b", "d", "chat-shared")
 EXECUTORS = ("native", "native-noshare", "hf", "native-invariant")
 DEFAULT_EXECUTORS = ("native", "native-noshare", "hf")
 
@@ -105,8 +114,9 @@ class Result:
 class Prompts:
     """Random token ids from the regular vocabulary, at a scale."""
 
-    def __init__(self, vocab_size: int, special_ids: list[int], scale: float, seed: int) -> None:
+    def __init__(self, vocab_size: int, special_ids: list[int], scale: float, seed: int, tokenizer=None) -> None:
         regular = np.setdiff1d(np.arange(vocab_size), special_ids)
+        self.tokenizer = tokenizer  # for the real-text scenarios
         self.regular = regular
         self.scale = scale
         self.rng = np.random.default_rng(seed)
@@ -190,13 +200,28 @@ def document_qa(p: Prompts) -> list[Workload]:
     return out
 
 
+def real_chats(p: Prompts) -> list[Workload]:
+    """The trained model's chat jobs (`real_chats.py`; `--scale` does not apply)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import real_chats as chats
+
+    return [
+        Workload("chat-shared", "chats: 2 system prompts (~220 tokens) × 32 questions, ≤ 128 new (natural ends)",
+                 chats.chat_shared(p.tokenizer)),
+        Workload("chat-unique", "chats: 64 questions, each under a system prompt of its own, ≤ 128 new (natural ends)",
+                 chats.chat_unique(p.tokenizer)),
+    ]
+
+
 SCENARIOS: dict[str, Callable[[Prompts], list[Workload]]] = {
     "a": system_prompt,
     "b": few_shot_tree,
     "c": no_sharing,
     "d": n_samples,
     "e": document_qa,
+    "chat": real_chats,
 }
+RANDOM_SCENARIOS = ("a", "b", "c", "d", "e")
 
 
 # Running ----------------------------------------------------------------------------------
@@ -344,6 +369,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--model-dir", type=Path, default=Path(".cache/engine_bench/small-llama"),
         help="the small test model, built here on first use",
     )
+    parser.add_argument(
+        "--model", choices=("small", "smollm2"), default="small",
+        help="small: the random-weight test model in --model-dir; smollm2: the trained SmolLM2-135M-Instruct "
+             "(its chat scenarios by default)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
     args.executors = [e for e in args.executors.split(",") if e]
@@ -358,17 +388,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not (args.model_dir / "config.json").exists():
+    if args.model == "smollm2":
+        sys.path.insert(0, str(Path(__file__).parent))
+        import real_chats as chats
+
+        args.model_dir = chats.smollm2_folder()
+    elif not (args.model_dir / "config.json").exists():
         make_test_model(args.model_dir, arch="llama", size="small")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    prompts = Prompts(len(tokenizer), tokenizer.all_special_ids, args.scale, args.seed)
-    names = sorted(set(args.scenario or SCENARIOS))
+    prompts = Prompts(len(tokenizer), tokenizer.all_special_ids, args.scale, args.seed, tokenizer)
+    names = sorted(set(args.scenario or (["chat"] if args.model == "smollm2" else RANDOM_SCENARIOS)))
     scenarios = {name: SCENARIOS[name](prompts) for name in names}
     workloads = [w for name in names for w in scenarios[name]]
     executor_names = list(args.executors)
-    if not any(name in ABLATION_SCENARIOS for name in names) and "native-noshare" in executor_names:
+    if not any(w.name in ABLATION_SCENARIOS for w in workloads) and "native-noshare" in executor_names:
         executor_names.remove("native-noshare")
     kv_budget = args.kv_budget or DEFAULT_CPU_KV_BUDGET
     started = time.perf_counter()
@@ -385,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"- **{workload.name}**: {workload.title}")
     print()
     print(markdown_table(results))
-    print(f"\n{args.repeats} repeats, scale {args.scale}, {args.threads} threads, total {elapsed:.0f} s")
+    print(f"\nmodel {args.model}, {args.repeats} repeats, scale {args.scale}, {args.threads} threads, total {elapsed:.0f} s")
     if args.json:
         report = {
             "command": " ".join(sys.argv),

@@ -1,64 +1,85 @@
-"""The peer benchmark: vLLM alone vs vLLM through prefixbatch (the plan's order) vs native.
+"""The peer benchmark: native vs vLLM as its users run it vs vLLM fed our plan.
 
 Each variant runs in a process of its own (`--variant`), so each starts cold and vLLM's
 prefix cache starts empty; variants alternate within each repeat and the median of
 `--repeats` is kept. Every variant gets the same token-id requests:
 
-    vllm-alone        vLLM's engine as a user drives it: every request added at once, in
-                      input order, prefix caching on (vLLM's own first-come-first-served
-                      scheduling and LRU eviction)
-    vllm-prefixbatch  `executor.kind: vllm`: the same engine settings, fed the job's plan
+    vllm              vLLM as its users run it (`vllm_alone.py`, which imports nothing of
+                      prefixbatch): `LLM(model, dtype, seed=0)` with every other setting its
+                      default — compiled, its block size, its KV cache size, its engine process,
+                      its OpenMP thread binding, prefix caching on — and one `LLM.generate` of
+                      every request in input order; the environment as the user's shell has it
+                      (no prefixbatch OpenMP spin count), plus the allocator and OpenMP runtime
+                      vLLM's CPU docs recommend (`LD_PRELOAD` of tcmalloc and Intel OpenMP)
+                      where they are installed (`--preload`, found automatically; which, is logged)
+    vllm-all-cores    the same with its OpenMP threads bound to every core (`VLLM_CPU_OMP_THREADS_BIND=0-N`):
+                      by default vLLM keeps one core for its engine process and binds threads
+                      to the rest (on a 2-core machine: one thread)
+    vllm-eager        `vllm` with `enforce_eager=True`
+    vllm-prefixbatch  `executor.kind: vllm` at its defaults: the same engine fed the job's plan
                       group by group (`prefixbatch.executors.vllm_engine`)
-    native            `executor.kind: native`, planned with the same KV budget
-    vllm-prefixbatch-compiled
-                      vllm-prefixbatch with `executor.vllm.enforce_eager: false` (torch.compile),
-                      only when named in `--variants`
+    native            `executor.kind: native` at its defaults
 
-vLLM: the CPU build (`make install-vllm`), in-process engine, eager, 32-token blocks, 1 GiB
-of KV cache; fp32, 2 threads everywhere.
+Compiling and engine start are outside "generate s" for every variant (they are in "wall s").
+`--dtype` is the model's dtype for all (float32 or bfloat16). `--kv-cache-tokens N` caps every
+variant's cache at N tokens (a labelled extra: vLLM's default cache is far larger).
 
 Jobs (`--jobs`, comma-separated):
 
     a, b, c, d, e-random, e-tiled, e-interleaved
                       engine_bench.py's scenarios (system prompt; few-shot tree; no sharing;
                       n samples, T = 1.0, seeded; document QA in three orders)
+    chat-shared, chat-unique
+                      real chats (`real_chats.py`), for `--model smollm2`: two long system
+                      prompts × 32 questions; 64 questions under system prompts of their own;
+                      up to 128 new tokens, rows ending at end-of-sequence
     over-interleaved, over-random
-                      40 documents (900–1,100 tokens) × 4 questions (16–48), 16 new tokens,
-                      vLLM's cache capped at 8,192 tokens: the documents (~40K tokens) are
-                      five times what it holds
+                      40 documents (900–1,100 tokens) × 4 questions (16–48), 16 new tokens
     long              4 prompts of 256 tokens, 1,024 new tokens each
 
 Reported per job and variant: wall s from the process's start to its last completion
-(imports, model load and engine start included), generate s (the requests only), output
-tok/s over generate s, prompt tokens computed (vLLM: prompt − cached tokens; native: its
-prefill) against the planner's unique tokens and the bound vLLM's blocks allow (unique + one
-partial block per request), and agreement with the first variant (token for token).
+(imports, model load, compile and engine start included), generate s (the requests only),
+output tok/s over generate s, prompt tokens computed (vLLM: prompt − cached tokens; native: its
+prefill) against the planner's unique tokens, agreement with the first variant (token for
+token), and each engine's set-up: CPU kernel ISA, threads and their binding, block size, KV
+cache tokens.
 
     .venv/bin/python benchmarks/vllm_bench.py --repeats 3
-    .venv/bin/python benchmarks/vllm_bench.py --jobs a,c --model qwen2.5-0.5b --variants vllm-alone,native
+    .venv/bin/python benchmarks/vllm_bench.py --model smollm2 --jobs chat-shared,chat-unique
+    .venv/bin/python benchmarks/vllm_bench.py --jobs a,c --dtype bfloat16 --variants vllm,native
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 START = time.perf_counter()
-BLOCK = 32  # vLLM's smallest CPU block: a shared prefix is reused in whole blocks of it
-VARIANTS = ("vllm-alone", "vllm-prefixbatch", "native")
-COMPILED = "vllm-prefixbatch-compiled"
-DEFAULT_JOBS = "a,over-interleaved,over-random"
+USER_ENV = dict(os.environ)  # before anything imports prefixbatch (which sets GOMP_SPINCOUNT)
+HERE = Path(__file__).parent
+VARIANTS = ("vllm", "vllm-all-cores", "vllm-eager", "vllm-prefixbatch", "native")
+DEFAULT_JOBS = "a,c"
 MODELS = {
     "small": Path(".cache/engine_bench/small-llama"),
     "qwen2.5-0.5b": Path(".cache/bench-models/qwen2.5-0.5b"),
     "llama-3.2-1b": Path(".cache/bench-models/llama-3.2-1b"),
+    "smollm2": None,  # the trained model (`real_chats.smollm2_folder`)
 }
+# vLLM's CPU docs: tcmalloc and Intel OpenMP preloaded; the first match of each is used.
+PRELOADS = (
+    ("tcmalloc", ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib64/libtcmalloc_minimal.so.4",
+                  "{site}/**/libtcmalloc_minimal.so*", "{site}/**/libtcmalloc.so*")),
+    ("iomp", ("{prefix}/lib/libiomp5.so", "{site}/**/libiomp5.so")),
+)
 
 
 def make_jobs(model_dir: Path, names: list[str]) -> dict[str, list]:
@@ -66,8 +87,9 @@ def make_jobs(model_dir: Path, names: list[str]) -> dict[str, list]:
     import numpy as np
     from transformers import AutoTokenizer
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(HERE))
     import engine_bench
+    import real_chats
 
     from prefixbatch.types import Request, SamplingParams
 
@@ -76,7 +98,10 @@ def make_jobs(model_dir: Path, names: list[str]) -> dict[str, list]:
     for name in names:
         prompts = engine_bench.Prompts(len(tokenizer), tokenizer.all_special_ids, 1.0, seed=0)
         scenario = name.split("-")[0]
-        if scenario in engine_bench.SCENARIOS and name not in ("over-interleaved", "over-random"):
+        if name in ("chat-shared", "chat-unique"):
+            jobs[name] = getattr(real_chats, name.replace("-", "_"))(tokenizer)
+            continue
+        if scenario in engine_bench.SCENARIOS:
             jobs[name] = next(w.requests for w in engine_bench.SCENARIOS[scenario](prompts) if w.name == name)
             continue
         rng = np.random.default_rng(0)
@@ -87,6 +112,8 @@ def make_jobs(model_dir: Path, names: list[str]) -> dict[str, list]:
         if name == "long":
             jobs[name] = [Request(i, tuple(tokens(256)), SamplingParams(max_tokens=1024)) for i in range(4)]
             continue
+        if name not in ("over-interleaved", "over-random"):
+            sys.exit(f"--jobs: unknown job {name!r}")
         docs = [tokens(int(rng.integers(900, 1101))) for _ in range(40)]
         questions = [[tokens(int(rng.integers(16, 49))) for _ in range(4)] for _ in docs]
         interleaved = [docs[d] + questions[d][q] for q in range(4) for d in range(len(docs))]
@@ -96,94 +123,93 @@ def make_jobs(model_dir: Path, names: list[str]) -> dict[str, list]:
     return jobs
 
 
-def engine_settings(job: str) -> dict:
-    settings = {"cpu_kv_cache_gib": 1, "block_size": BLOCK}
-    if job.startswith("over"):
-        settings["kv_cache_tokens"] = 8_192
-    return settings
-
-
-def run_variant(variant: str, model_dir: Path, requests: list, job: str) -> dict:
-    """In this process: one variant on one job → its measurements."""
+def run_variant(variant: str, model_dir: Path, requests: list, dtype: str, kv_cache_tokens: int | None) -> dict:
+    """In this process: vllm-prefixbatch or native on one job → its measurements."""
     import torch
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     from prefixbatch.executors.config import ExecutorSpec, ModelSpec
+    from prefixbatch.executors.registry import create_executor
+    from prefixbatch.jobs.planning import DEFAULT_CPU_KV_BUDGET
     from prefixbatch.prefix_tree import PlanSettings, plan_requests
 
-    model = ModelSpec(path=str(model_dir), dtype="float32")
-    settings = engine_settings(job)
-    if variant == "vllm-alone":
-        engine = _vllm_engine(model_dir, settings)
-        started = time.perf_counter()
-        outputs, computed = _vllm_alone(engine, requests)
-        budget = None
-    else:
-        from prefixbatch.executors.registry import create_executor
-
-        kind = "native" if variant == "native" else "vllm"
-        if variant == COMPILED:
-            settings["enforce_eager"] = False
-        executor = create_executor(model, ExecutorSpec(kind=kind, device="cpu", vllm=settings))
-        budget = getattr(executor, "kv_cache_tokens", settings.get("kv_cache_tokens", 131_072))
-        started = time.perf_counter()
-        work = plan_requests(requests, PlanSettings(kv_budget_tokens=budget))
-        index = {(r.row_index, r.sample_index): i for i, r in enumerate(requests)}
-        outputs = {index[c.row_index, c.sample_index]: list(c.token_ids) for c in executor.generate(work)}
-        computed = executor.stats.num_prefill_tokens
+    kind = "native" if variant == "native" else "vllm"
+    vllm = {} if kv_cache_tokens is None else {"kv_cache_tokens": kv_cache_tokens}
+    executor = create_executor(ModelSpec(path=str(model_dir), dtype=dtype),
+                               ExecutorSpec(kind=kind, device="cpu", vllm=vllm, kv_budget_tokens=kv_cache_tokens))
+    budget = getattr(executor, "kv_cache_tokens", kv_cache_tokens or DEFAULT_CPU_KV_BUDGET)
+    started = time.perf_counter()
+    work = plan_requests(requests, PlanSettings(kv_budget_tokens=budget))
+    index = {(r.row_index, r.sample_index): i for i, r in enumerate(requests)}
+    outputs = {index[c.row_index, c.sample_index]: list(c.token_ids) for c in executor.generate(work)}
     end = time.perf_counter()
-    return {"wall_s": end - START, "generate_s": end - started, "computed": computed, "outputs": outputs,
-            "kv_budget": budget, "output_tokens": sum(len(t) for t in outputs.values())}
+    setup = {"isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+             "kv_cache_tokens": budget}
+    if kind == "native":
+        setup.update(_native_kernels())
+    else:
+        setup["block_size"] = executor.block_size
+        setup["compiled"] = False
+    return {"wall_s": end - START, "generate_s": end - started, "computed": executor.stats.num_prefill_tokens,
+            "outputs": outputs, "output_tokens": sum(len(t) for t in outputs.values()), "setup": setup}
 
 
-def _vllm_engine(model_dir: Path, settings: dict):
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings["cpu_kv_cache_gib"])
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from vllm import EngineArgs, LLMEngine
+def _native_kernels() -> dict:
+    from prefixbatch.executors.native.span_kernel import attention_wins, load_span_kernel
 
-    override = settings.get("kv_cache_tokens")
-    return LLMEngine.from_engine_args(EngineArgs(
-        model=str(model_dir), dtype="float32", seed=0, enable_prefix_caching=True, block_size=BLOCK,
-        enforce_eager=True, distributed_executor_backend="uni", disable_log_stats=True,
-        num_gpu_blocks_override=None if override is None else override // BLOCK,
-    ))
+    kernel = load_span_kernel()
+    if kernel is None:
+        return {"kernels": "PyTorch's only (no kernel library)"}
+    march = os.environ.get("PREFIXBATCH_KERNEL_MARCH", "native")
+    parts = [f"library -march={march} ({kernel.vector_bytes * 8}-bit vectors)",
+             "attention: ours" if attention_wins(kernel) else "attention: PyTorch's",
+             "dense: ours" if kernel.has_dense else "dense: PyTorch's"]
+    return {"kernels": ", ".join(parts)}
 
 
-def _vllm_alone(engine, requests) -> tuple[dict, int]:
-    """Every request at once, in input order; stepped until all finish."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+def _vllm_requests_file(requests: list) -> str:
+    handle, path = tempfile.mkstemp(prefix="vllm-bench-", suffix=".json")
+    with os.fdopen(handle, "w") as file:
+        json.dump([{"prompt_token_ids": list(r.token_ids), "max_tokens": r.sampling.max_tokens,
+                    "temperature": r.sampling.temperature, "top_p": r.sampling.top_p, "top_k": r.sampling.top_k,
+                    "seed": None if r.sampling.is_greedy else r.sampling.seed} for r in requests], file)
+    return path
 
-    for i, r in enumerate(requests):
-        p = r.sampling
-        engine.add_request(str(i), TokensPrompt(prompt_token_ids=list(r.token_ids)), SamplingParams(
-            max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or 0,
-            seed=None if p.is_greedy else p.seed))
-    outputs, computed = {}, 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                outputs[int(out.request_id)] = list(out.outputs[0].token_ids)
-                computed += len(out.prompt_token_ids) - (out.num_cached_tokens or 0)
-    return outputs, computed
+
+def preloads() -> dict[str, str]:
+    """The libraries vLLM's CPU docs say to preload, where installed: name → path."""
+    import site
+
+    found = {}
+    places = {"site": site.getsitepackages()[0], "prefix": sys.prefix}
+    for name, patterns in PRELOADS:
+        for pattern in patterns:
+            hits = sorted(glob.glob(pattern.format(**places), recursive=True))
+            if hits:
+                found[name] = hits[0]
+                break
+    return found
 
 
 def native_setup(job: str, model: str = "small"):
-    """(native executor, planned work) for one job, planned with the job's KV budget: what the
-    profiling benchmarks run (`engine_profile.py`, `phase_times.py`)."""
+    """(native executor, planned work) for one job, planned with the native default KV budget:
+    what the profiling benchmarks run (`engine_profile.py`, `phase_times.py`)."""
     from prefixbatch.executors.config import ExecutorSpec, ModelSpec
     from prefixbatch.executors.registry import create_executor
+    from prefixbatch.jobs.planning import DEFAULT_CPU_KV_BUDGET
     from prefixbatch.prefix_tree import PlanSettings, plan_requests
 
     folder = model_dir(model)
     requests = make_jobs(folder, [job])[job]
     executor = create_executor(ModelSpec(path=str(folder), dtype="float32"), ExecutorSpec(kind="native", device="cpu"))
-    budget = engine_settings(job).get("kv_cache_tokens", 131_072)
-    return executor, plan_requests(requests, PlanSettings(kv_budget_tokens=budget))
+    return executor, plan_requests(requests, PlanSettings(kv_budget_tokens=DEFAULT_CPU_KV_BUDGET))
 
 
 def model_dir(name: str) -> Path:
+    if name == "smollm2":
+        sys.path.insert(0, str(HERE))
+        import real_chats
+
+        return real_chats.smollm2_folder()
     from prefixbatch.executors.random_model import make_test_model
 
     folder = MODELS[name]
@@ -192,77 +218,133 @@ def model_dir(name: str) -> Path:
     return folder
 
 
+def measure(variant: str, job: str, requests_file: str, args) -> tuple[dict, str]:
+    """One run of one variant in a process of its own → (its JSON result, its binding log lines)."""
+    if variant in ("vllm", "vllm-all-cores", "vllm-eager"):
+        command = [sys.executable, str(HERE / "vllm_alone.py"), requests_file, str(args.folder), "--dtype", args.dtype]
+        command += ["--eager"] if variant == "vllm-eager" else []
+        child_env = USER_ENV | {"VLLM_LOGGING_LEVEL": "INFO"}
+        if variant == "vllm-all-cores":
+            child_env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{os.cpu_count() - 1}"
+        if args.preload:
+            child_env["LD_PRELOAD"] = ":".join(args.preload.values())
+        if args.kv_cache_tokens is not None:
+            sys.exit("--kv-cache-tokens: vLLM as users run it keeps its default cache; drop the vllm variants")
+    else:
+        command = [sys.executable, __file__, "--variant", variant, "--jobs", job, "--model", args.model,
+                   "--dtype", args.dtype] + ([] if args.kv_cache_tokens is None else ["--kv-cache-tokens",
+                                                                                      str(args.kv_cache_tokens)])
+        child_env = USER_ENV  # native and vllm-prefixbatch at their defaults (threads included)
+    done = subprocess.run(command, env=child_env, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        sys.exit(f"{variant} on {job} failed:\n{done.stderr[-3000:]}")
+    binding = [re.sub(r"^.*?\] ", "", line.strip()) for line in done.stderr.splitlines()
+               if re.search(r"VLLM_CPU_OMP|core ids|reserved_cpus|Torch threads|KV cache size|not found in LD_PRELOAD", line)]
+    [line] = [line for line in done.stdout.splitlines() if line.startswith('{"wall_s"')]  # vLLM prints too
+    return json.loads(line), "\n".join(binding[-8:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--jobs", default=DEFAULT_JOBS)
     parser.add_argument("--model", choices=sorted(MODELS), default="small")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--kv-cache-tokens", type=int, help="cap native's and vllm-prefixbatch's cache (an extra)")
+    parser.add_argument("--no-preload", dest="use_preload", action="store_false",
+                        help="run vLLM without the LD_PRELOAD its CPU docs recommend")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--hog", action="store_true",
                         help="a process spinning on one core beside every run (contention)")
     args = parser.parse_args()
-    folder = model_dir(args.model)
+    args.folder = model_dir(args.model)
     names = [j for j in args.jobs.split(",") if j]
     if args.variant:  # a child: one measurement, as JSON on stdout
         [job] = names
-        print(json.dumps(run_variant(args.variant, folder, make_jobs(folder, names)[job], job)))
+        requests = make_jobs(args.folder, names)[job]
+        print(json.dumps(run_variant(args.variant, args.folder, requests, args.dtype, args.kv_cache_tokens)))
         return
     from prefixbatch.prefix_tree import PlanSettings, plan_requests
 
     variants = [v for v in args.variants.split(",") if v]
-    jobs = make_jobs(folder, names)
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        sys.exit(f"--variants must name some of {list(VARIANTS)}, got {unknown}")
+    args.preload = preloads() if args.use_preload else {}
+    jobs = make_jobs(args.folder, names)
+    files = {job: _vllm_requests_file(jobs[job]) for job in names}
     runs: dict[tuple[str, str], list[dict]] = {}
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    for repeat in range(args.repeats):
-        for job in names:
-            for variant in variants:
-                command = [sys.executable, __file__, "--variant", variant, "--jobs", job, "--model", args.model]
-                hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.hog else None
-                try:
-                    # vLLM alone as a user runs it: GNU OpenMP's default spin count, not the
-                    # one importing prefixbatch sets (`prefixbatch/__init__.py`).
-                    own = {"GOMP_SPINCOUNT": "300000"} if variant == "vllm-alone" else {}
-                    done = subprocess.run(command, env=env | own, capture_output=True, text=True, timeout=3600)
-                finally:
-                    if hog is not None:
-                        hog.kill()
-                        hog.wait()
-                if done.returncode != 0:
-                    sys.exit(f"{variant} on {job} failed:\n{done.stderr[-3000:]}")
-                result = json.loads(done.stdout.strip().splitlines()[-1])
-                runs.setdefault((job, variant), []).append(result)
-                print(f"  {job:17s} {variant:17s} run {repeat + 1}: {result['wall_s']:6.1f} s wall, "
-                      f"{result['generate_s']:6.1f} s generating, {result['computed']} prompt tokens computed",
-                      file=sys.stderr, flush=True)
-    print(f"model {args.model}, {args.repeats} repeats (median){', one-core CPU hog running' if args.hog else ''}\n")
+    bindings: dict[str, str] = {}
+    try:
+        for repeat in range(args.repeats):
+            for job in names:
+                for variant in variants:
+                    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.hog else None
+                    try:
+                        result, bindings[variant] = measure(variant, job, files[job], args)
+                    finally:
+                        if hog is not None:
+                            hog.kill()
+                            hog.wait()
+                    result["outputs"] = {int(k): v for k, v in result["outputs"].items()}
+                    runs.setdefault((job, variant), []).append(result)
+                    print(f"  {job:17s} {variant:17s} run {repeat + 1}: {result['wall_s']:6.1f} s wall, "
+                          f"{result['generate_s']:6.2f} s generating, {result['computed']} prompt tokens computed",
+                          file=sys.stderr, flush=True)
+    finally:
+        for path in files.values():
+            os.unlink(path)
+    report_tables(args, names, variants, jobs, runs, bindings, plan_requests, PlanSettings)
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """How many tokens two outputs share before they first differ."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def report_tables(args, names, variants, jobs, runs, bindings, plan_requests, PlanSettings) -> None:
+    import platform
+
+    print(f"model {args.model} ({args.dtype}), {args.repeats} repeats (median)"
+          f"{', one-core CPU hog running' if args.hog else ''}; machine {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs; vLLM preloads: {args.preload or 'none found'}\n")
     print("| job | variant | wall s (with start-up) | generate s | output tok/s | prompt tokens computed | "
-          "planner unique | unique + 1 partial block per request | prompt tokens | agreement |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "planner unique | prompt tokens | agreement (share of tokens before rows part) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     report = {}
     for job in names:
         requests = jobs[job]
         unique = plan_requests(requests, PlanSettings(kv_budget_tokens=131_072)).plan.stats.num_unique_tokens
-        bound = unique + len(requests) * (BLOCK - 1)
         reference = runs[(job, variants[0])][0]["outputs"]
         for variant in variants:
             measured = runs[(job, variant)]
             median = sorted(measured, key=lambda r: r["generate_s"])[len(measured) // 2]
             agree = sum(median["outputs"][k] == reference[k] for k in reference)
+            shared = sum(_common(median["outputs"][k], reference[k]) for k in reference)
             wall = statistics.median(r["wall_s"] for r in measured)
             generate = statistics.median(r["generate_s"] for r in measured)
             print(f"| {job} | {variant} | {wall:.1f} | {generate:.2f} | {median['output_tokens'] / generate:.1f} | "
-                  f"{median['computed']:,} | {unique:,} | {bound:,} | {sum(r.num_prompt_tokens for r in requests):,} "
-                  f"| {agree}/{len(reference)} |")
+                  f"{median['computed']:,} | {unique:,} | {sum(r.num_prompt_tokens for r in requests):,} "
+                  f"| {agree}/{len(reference)} ({shared / max(1, sum(map(len, reference.values()))):.0%}) |")
             report[f"{job}/{variant}"] = {"walls": [r["wall_s"] for r in measured],
                                           "generates": [r["generate_s"] for r in measured],
-                                          "computed": median["computed"], "unique": unique, "bound": bound}
-    if "vllm-alone" in variants and "native" in variants:
-        print("\nnative speed ÷ vLLM alone's (generate time, median):")
+                                          "computed": median["computed"], "unique": unique,
+                                          "output_tokens": median["output_tokens"], "setup": median["setup"]}
+    print("\nset-up of each engine (last run):")
+    for variant in variants:
+        setup = runs[(names[-1], variant)][-1]["setup"]
+        print(f"  {variant}: " + ", ".join(f"{k} {v}" for k, v in setup.items()))
+        if bindings.get(variant):
+            print("    " + bindings[variant].replace("\n", "\n    "))
+    if "native" in variants:
+        print("\nnative speed ÷ each variant's (generate time, median):")
         for job in names:
-            vllm, native = (statistics.median(r["generate_s"] for r in runs[(job, v)]) for v in ("vllm-alone", "native"))
-            print(f"  {job}: {vllm / native:.2f}x")
+            native = statistics.median(r["generate_s"] for r in runs[(job, "native")])
+            ratios = [f"{v} {statistics.median(r['generate_s'] for r in runs[(job, v)]) / native:.2f}x"
+                      for v in variants if v != "native"]
+            print(f"  {job}: " + ", ".join(ratios))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 
