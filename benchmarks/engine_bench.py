@@ -20,7 +20,8 @@ ids); requests are greedy except in (d).
 49,152; the PyPI wheel's GGUF file dequantized once, `real_chats.py`) on real chats:
 
     chat-shared   2 long system prompts (~220 tokens) × 32 questions, up to 128 new tokens
-    chat-unique   64 questions, each under a system prompt of its own, up to 128 new tokens
+    chat-unique   64 short chats, each under a system prompt of its own (little to share),
+                  up to 128 new tokens
 
 rows ending at end-of-sequence at natural lengths.
 
@@ -208,7 +209,7 @@ def real_chats(p: Prompts) -> list[Workload]:
     return [
         Workload("chat-shared", "chats: 2 system prompts (~220 tokens) × 32 questions, ≤ 128 new (natural ends)",
                  chats.chat_shared(p.tokenizer)),
-        Workload("chat-unique", "chats: 64 questions, each under a system prompt of its own, ≤ 128 new (natural ends)",
+        Workload("chat-unique", "chats: 64 short ones, each under a system prompt of its own, ≤ 128 new (natural ends)",
                  chats.chat_unique(p.tokenizer)),
     ]
 

@@ -48,12 +48,13 @@ def main() -> None:
     outputs = llm.generate(prompts, params, use_tqdm=False)
     end = time.perf_counter()
     cache = llm.llm_engine.vllm_config.cache_config
+    tokens = [_without_eos(o.outputs[0]) for o in outputs]
     print(json.dumps({
         "wall_s": end - START,
         "generate_s": end - started,
-        "outputs": {i: list(o.outputs[0].token_ids) for i, o in enumerate(outputs)},
+        "outputs": dict(enumerate(tokens)),
         "computed": sum(len(o.prompt_token_ids) - (o.num_cached_tokens or 0) for o in outputs),
-        "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+        "output_tokens": sum(map(len, tokens)),
         "setup": {
             "block_size": cache.block_size,
             "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size,
@@ -62,6 +63,14 @@ def main() -> None:
         },
     }))
     sys.stdout.flush()
+
+
+def _without_eos(output) -> list[int]:
+    """The generated tokens as prefixbatch reports them: a row ended by end-of-sequence does not
+    count the end-of-sequence token (vLLM's `token_ids` hold it)."""
+    ids = list(output.token_ids)
+    ended_by_eos = output.finish_reason == "stop" and output.stop_reason is None
+    return ids[:-1] if ended_by_eos and ids else ids
 
 
 if __name__ == "__main__":

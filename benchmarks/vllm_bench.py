@@ -31,8 +31,8 @@ Jobs (`--jobs`, comma-separated):
                       n samples, T = 1.0, seeded; document QA in three orders)
     chat-shared, chat-unique
                       real chats (`real_chats.py`), for `--model smollm2`: two long system
-                      prompts × 32 questions; 64 questions under system prompts of their own;
-                      up to 128 new tokens, rows ending at end-of-sequence
+                      prompts × 32 questions; 64 short chats under system prompts of their own
+                      (little to share); up to 128 new tokens, rows ending at end-of-sequence
     over-interleaved, over-random
                       40 documents (900–1,100 tokens) × 4 questions (16–48), 16 new tokens
     long              4 prompts of 256 tokens, 1,024 new tokens each
