@@ -45,9 +45,9 @@ demo: $(STAMP)
 test: $(STAMP) $(VLLM_STAMP)
 	PREFIXBATCH_REQUIRE_VLLM=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
-# The quick subset (under 2 minutes): no Dask clusters, no killed-and-resumed runs, no vLLM.
+# The quick subset: no Dask clusters, no killed-and-resumed runs, no vLLM, no test marked slow.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests/prefix_tree tests/packing tests/pipeline tests/executors tests/test_layering.py \
+	$(PY) -m pytest -q -m "not slow" tests/prefix_tree tests/packing tests/pipeline tests/executors tests/test_layering.py \
 		tests/jobs/test_spec.py tests/jobs/test_bad_inputs.py --ignore=tests/executors/test_vllm.py
 
 lint: $(STAMP)

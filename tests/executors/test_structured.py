@@ -87,6 +87,7 @@ def check_valid(batch: list[Request], found: dict[int, Completion]) -> dict[str,
     return counts
 
 
+@pytest.mark.slow
 def test_outputs_ended_by_eos_are_valid_and_native_equals_hf(tiny_llama: Path) -> None:
     batch = constrained_requests(tiny_llama)
     native, hf = run("native", tiny_llama, batch), run("hf", tiny_llama, batch)

@@ -120,6 +120,7 @@ def test_truncation_makes_an_overlong_prompt_fit(tmp_path, corpus, side):
     assert summary["rows_with_truncated_prompt"] == 1
 
 
+@pytest.mark.slow
 def test_max_tokens_over_the_context_is_clamped_or_refused(tmp_path, corpus):
     corpus["sampling"]["max_tokens"] = 2_040  # every prompt but the shortest leaves less room
     corpus["input"]["max_tokens_overflow"] = "error"

@@ -141,6 +141,7 @@ def test_native_greedy_equals_hf_and_prefills_each_prefix_once(model_dir, hf_out
         assert pinned_cpus() == set(CPUS)  # a worker pinned to every CPU: the pool users run
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(len(CPUS) < 2, reason="one CPU: the pool never starts")
 def test_greedy_equals_hf_on_every_cpu_with_the_pinned_pool():
     # A fresh process: the first parallel loop decides the pool (pinned when the thread count

@@ -75,6 +75,7 @@ def runs(model_dir, monkeypatch, *, invariant: bool) -> tuple[dict, list[dict], 
     return (whole_logits, whole), [o[0] for o in others], [o[1] for o in others]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_qwen3"])
 def test_logits_are_bit_identical_whatever_the_step(model_name, request, monkeypatch):
     model_dir = request.getfixturevalue(model_name)
@@ -90,6 +91,7 @@ def test_logits_are_bit_identical_whatever_the_step(model_name, request, monkeyp
             assert completion.token_ids == whole[key].token_ids, key
 
 
+@pytest.mark.slow
 def test_without_the_setting_some_rows_differ_in_the_last_bits(tiny_llama, monkeypatch):
     (whole_logits, _), other_logits, _ = runs(tiny_llama, monkeypatch, invariant=False)
     pairs = [(row, whole_logits[key]) for logits in other_logits for key, row in logits.items()]

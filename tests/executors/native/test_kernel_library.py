@@ -76,6 +76,7 @@ def planted(tmp_path: Path, marker: Path) -> bytes:
     return (tmp_path / "planted.so").read_bytes()
 
 
+@pytest.mark.slow
 def test_built_once_into_a_private_folder_and_reused(cache, monkeypatch):
     first = load_span_kernel()
     assert first is not None
@@ -160,6 +161,7 @@ def test_a_planted_library_is_never_loaded(cache, tmp_path, monkeypatch, caplog,
     assert record.read_text().strip() == kernel_library._sha256(library)
 
 
+@pytest.mark.slow
 def test_a_planted_span_kernel_is_rebuilt_and_the_engine_gets_the_real_one(genuine, cache, tmp_path, caplog):
     cache.mkdir(mode=0o700)
     shutil.copy(genuine.with_suffix(".sha256"), cache)
@@ -305,6 +307,7 @@ def test_each_build_says_what_it_computes_with(kernel_build, request):
     assert span_kernel.attention_wins(kernel_build) == (expected == 64 or not on_x86)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("avx512f" in cpu_flags() or os.uname().machine != "x86_64", reason="the native build is the AVX-512 one here")
 def test_the_avx512_build_compiles_where_the_cpu_cannot_run_it(tmp_path):
     # This CPU runs no AVX-512 code, so its tests never reach those paths: they must compile, at least.

@@ -45,6 +45,7 @@ print(json.dumps({"package": prefixbatch.__file__, "library": kernel.library._na
 """
 
 
+@pytest.mark.slow
 def test_the_wheel_carries_the_kernels_and_its_install_builds_them(tmp_path):
     source = tmp_path / "source"  # a copy: the build writes build/ and egg-info beside its sources
     shutil.copytree(ROOT / "prefixbatch", source / "prefixbatch", ignore=shutil.ignore_patterns("__pycache__"))
