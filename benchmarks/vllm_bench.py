@@ -154,12 +154,12 @@ def run_variant(variant: str, model_dir: Path, requests: list, dtype: str, kv_ca
 
 
 def _native_kernels() -> dict:
-    from prefixbatch.executors.native.span_kernel import attention_wins, load_span_kernel
+    from prefixbatch.executors.native.span_kernel import MARCH_ENV, attention_wins, load_span_kernel
 
     kernel = load_span_kernel()
     if kernel is None:
         return {"kernels": "PyTorch's only (no kernel library)"}
-    march = os.environ.get("PREFIXBATCH_KERNEL_MARCH", "native")
+    march = os.environ.get(MARCH_ENV) or "native"
     parts = [f"library -march={march} ({kernel.vector_bytes * 8}-bit vectors)",
              "attention: ours" if attention_wins(kernel) else "attention: PyTorch's",
              "dense: ours" if kernel.has_dense else "dense: PyTorch's"]
@@ -228,8 +228,6 @@ def measure(variant: str, job: str, requests_file: str, args) -> tuple[dict, str
             child_env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{os.cpu_count() - 1}"
         if args.preload:
             child_env["LD_PRELOAD"] = ":".join(args.preload.values())
-        if args.kv_cache_tokens is not None:
-            sys.exit("--kv-cache-tokens: vLLM as users run it keeps its default cache; drop the vllm variants")
     else:
         command = [sys.executable, __file__, "--variant", variant, "--jobs", job, "--model", args.model,
                    "--dtype", args.dtype] + ([] if args.kv_cache_tokens is None else ["--kv-cache-tokens",
@@ -266,12 +264,12 @@ def main() -> None:
         requests = make_jobs(args.folder, names)[job]
         print(json.dumps(run_variant(args.variant, args.folder, requests, args.dtype, args.kv_cache_tokens)))
         return
-    from prefixbatch.prefix_tree import PlanSettings, plan_requests
-
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         sys.exit(f"--variants must name some of {list(VARIANTS)}, got {unknown}")
+    if args.kv_cache_tokens is not None and {"vllm", "vllm-all-cores", "vllm-eager"} & set(variants):
+        sys.exit("--kv-cache-tokens: vLLM as users run it keeps its default cache; drop the vllm variants")
     args.preload = preloads() if args.use_preload else {}
     jobs = make_jobs(args.folder, names)
     files = {job: _vllm_requests_file(jobs[job]) for job in names}
@@ -296,7 +294,7 @@ def main() -> None:
     finally:
         for path in files.values():
             os.unlink(path)
-    report_tables(args, names, variants, jobs, runs, bindings, plan_requests, PlanSettings)
+    report_tables(args, names, variants, jobs, runs, bindings)
 
 
 def _common(a: list[int], b: list[int]) -> int:
@@ -304,8 +302,10 @@ def _common(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def report_tables(args, names, variants, jobs, runs, bindings, plan_requests, PlanSettings) -> None:
+def report_tables(args, names, variants, jobs, runs, bindings) -> None:
     import platform
+
+    from prefixbatch.prefix_tree import PlanSettings, plan_requests
 
     print(f"model {args.model} ({args.dtype}), {args.repeats} repeats (median)"
           f"{', one-core CPU hog running' if args.hog else ''}; machine {platform.processor() or platform.machine()}, "
@@ -338,7 +338,7 @@ def report_tables(args, names, variants, jobs, runs, bindings, plan_requests, Pl
         print(f"  {variant}: " + ", ".join(f"{k} {v}" for k, v in setup.items()))
         if bindings.get(variant):
             print("    " + bindings[variant].replace("\n", "\n    "))
-    if "native" in variants:
+    if "native" in variants and len(variants) > 1:
         print("\nnative speed ÷ each variant's (generate time, median):")
         for job in names:
             native = statistics.median(r["generate_s"] for r in runs[(job, "native")])
