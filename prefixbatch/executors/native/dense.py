@@ -1,5 +1,5 @@
-"""Dense layers on the CPU with weights packed once: our kernel where the CPU has AVX-512,
-else oneDNN.
+"""Dense layers on the CPU with weights packed once: our kernel where the CPU has AVX-512
+(bf16 weights: AVX512-BF16), else oneDNN.
 
 Why not PyTorch's `F.linear`: in fp32 it calls its BLAS (MKL), and MKL picks a slower code
 path on CPUs it does not tune for: measured on this project's AMD EPYC (AVX-512) machine, 2
@@ -23,6 +23,12 @@ oneDNN's gated half of the MLP took 102 ms fused, 125 ms apart). The results are
 products summed in another order: equal to `F.linear` within fp32 rounding, not bit for bit
 (so `batch_invariant`, whose guarantees were measured on MKL, keeps `F.linear`).
 
+In bf16 (`model.dtype: bfloat16`), weights and activations are bf16 and the sums fp32; our
+kernel rounds each output where PyTorch's bf16 modules do (the product, the SiLU of the
+rounded product, the gated product), so a layer equals transformers' bf16 layer up to the
+order of the fp32 sums. oneDNN's fused forms round once, after the activation (a bf16 ulp off
+at most, at those elements).
+
 in → out: W [out, in] → PackedWeight; x [T, in] → y [T, out].
 """
 
@@ -42,20 +48,21 @@ _PACK_FOR_ROWS = 64
 
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether dense layers on (device, dtype) can be packed: fp32 on a CPU, with our kernel
-    (AVX-512) or oneDNN."""
-    if device.type != "cpu" or dtype != torch.float32:
+    """Whether dense layers on (device, dtype) can be packed: fp32 or bf16 on a CPU, with our
+    kernel (fp32: AVX-512; bf16: AVX512-BF16) or oneDNN's (bf16: where it runs bf16 products)."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return False
     kernel = load_span_kernel()
-    return (kernel is not None and kernel.has_dense) or onednn_available()
+    return (kernel is not None and kernel.dense_takes(dtype)) or onednn_available(dtype)
 
 
-def onednn_available() -> bool:
-    """Whether this PyTorch build has oneDNN's packed fp32 products."""
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this PyTorch build has oneDNN's packed products for weights of this dtype."""
     return (
         torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and (dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
     )
 
 
@@ -74,9 +81,9 @@ class PackedWeight:
         """ours=False: oneDNN's even where our kernel runs (as CPUs without AVX-512 do)."""
         num_out, num_in = weight.shape
         kernel = load_span_kernel() if ours else None
-        if kernel is not None and kernel.has_dense:
+        if kernel is not None and kernel.dense_takes(weight.dtype) and num_in % 2 == 0:
             return cls(kernel.pack_dense(weight), num_in, num_out, kernel)
-        assert onednn_available(), "no packed products on this machine: check `packing_available` first"
+        assert onednn_available(weight.dtype), "no packed products here: check `packing_available` first"
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _PACK_FOR_ROWS)
         return cls(packed, num_in, num_out, None)
 

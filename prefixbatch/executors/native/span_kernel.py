@@ -122,14 +122,39 @@ class SpanKernel:
                 ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
             ]  # fmt: skip
             self._dense = library.pb_dense
+        self.has_dense_bf16 = bool(library.pb_dense_bf16_available())
+        if self.has_dense_bf16:
+            for name in ("pb_dense_bf16_packed_halves", "pb_dense_bf16_scratch_floats"):
+                getattr(library, name).restype = ctypes.c_int64
+            library.pb_dense_bf16_packed_halves.argtypes = [ctypes.c_int64, ctypes.c_int64]
+            library.pb_dense_bf16_scratch_floats.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+            library.pb_dense_bf16_pack.restype = None
+            library.pb_dense_bf16_pack.argtypes = library.pb_dense_pack.argtypes
+            library.pb_dense_bf16.restype = None
+            library.pb_dense_bf16.argtypes = [
+                ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+            ]  # fmt: skip
+        library.pb_add_rms_norm_bf16.restype = None
+        library.pb_add_rms_norm_bf16.argtypes = norm.argtypes
+
+    def dense_takes(self, dtype: torch.dtype) -> bool:
+        """Whether the library has products for weights of this dtype (fp32, bf16)."""
+        return {torch.float32: self.has_dense, torch.bfloat16: self.has_dense_bf16}.get(dtype, False)
 
     def pack_dense(self, weight: torch.Tensor) -> torch.Tensor:
-        """W [out, in] fp32 → its copy in the layout `dense` reads (kernels/dense.c)."""
+        """W [out, in] fp32 or bf16 (in even) → its copy in the layout `dense` reads (kernels/dense.c)."""
         num_out, num_in = weight.shape
         weight = weight.detach().contiguous()
-        assert weight.dtype == torch.float32 and weight.device.type == "cpu" and self.has_dense
-        packed = torch.empty(self.library.pb_dense_packed_floats(num_out, num_in), dtype=torch.float32)
-        self.library.pb_dense_pack(weight.data_ptr(), num_out, num_in, packed.data_ptr(), torch.get_num_threads())
+        assert weight.device.type == "cpu" and self.dense_takes(weight.dtype)
+        if weight.dtype == torch.bfloat16:
+            assert num_in % 2 == 0, num_in
+            packed = torch.empty(self.library.pb_dense_bf16_packed_halves(num_out, num_in), dtype=torch.bfloat16)
+            pack = self.library.pb_dense_bf16_pack
+        else:
+            packed = torch.empty(self.library.pb_dense_packed_floats(num_out, num_in), dtype=torch.float32)
+            pack = self.library.pb_dense_pack
+        pack(weight.data_ptr(), num_out, num_in, packed.data_ptr(), torch.get_num_threads())
         return packed
 
     def dense(
@@ -140,32 +165,40 @@ class SpanKernel:
         that, "times": that · other [T, out], in the same pass."""
         rows, num_in = x.shape
         x = x.contiguous()
-        assert x.dtype == torch.float32 and packed.dtype == torch.float32  # sized by `pack_dense`
-        assert bias is None or (bias.shape == (num_out,) and bias.is_contiguous())
+        dtype = packed.dtype  # fp32 or bf16, as `pack_dense` made it: x, bias, other and out too
+        assert x.dtype == dtype and (bias is None or (bias.shape == (num_out,) and bias.dtype == dtype))
         assert (other is not None) == (then == "times") and then in _THEN
         if other is not None:
-            assert other.shape == (rows, num_out) and other.dtype == torch.float32
+            assert other.shape == (rows, num_out) and other.dtype == dtype
             other = other.contiguous()
-        out = torch.empty((rows, num_out), dtype=torch.float32)
+        bias = None if bias is None else bias.contiguous()
+        out = torch.empty((rows, num_out), dtype=dtype)
         args = (x.data_ptr(), rows, num_in, packed.data_ptr(), num_out, _pointer(bias), _THEN[then],
-                _pointer(other), out.data_ptr(), torch.get_num_threads())  # fmt: skip
+                _pointer(other), out.data_ptr())  # fmt: skip
+        if dtype == torch.bfloat16:
+            floats = self.library.pb_dense_bf16_scratch_floats(rows, num_out, num_in)
+            scratch = torch.empty(floats, dtype=torch.float32) if floats else None
+            call, args = self.library.pb_dense_bf16, (*args, _pointer(scratch), torch.get_num_threads())
+        else:
+            call, args = self._dense, (*args, torch.get_num_threads())
         if torch.autograd._profiler_enabled():  # named in profiles, as the attention call is
             with torch.profiler.record_function("prefixbatch::dense"):
-                self._dense(*args)
+                call(*args)
         else:
-            self._dense(*args)
+            call(*args)
         return out
 
     def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x += delta (in place: the residual stream), then RMSNorm(x) · weight, in one pass.
-        x, delta [T, E] fp32 CPU contiguous, weight [E] → out [T, E]."""
+        x, delta [T, E] fp32 (or bf16, rounded as Hugging Face's bf16 modules round) CPU
+        contiguous, weight [E] → out [T, E]."""
         rows, dim = x.shape
         assert x.is_contiguous() and delta.shape == x.shape and weight.shape == (dim,)
-        assert x.dtype == delta.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+        assert x.dtype == delta.dtype == weight.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
         delta, weight = delta.contiguous(), weight.contiguous()
         out = torch.empty_like(x)
-        self._norm(x.data_ptr(), delta.data_ptr(), weight.data_ptr(), eps, out.data_ptr(), rows, dim,
-                   torch.get_num_threads())  # fmt: skip
+        norm = self._norm if x.dtype == torch.float32 else self.library.pb_add_rms_norm_bf16
+        norm(x.data_ptr(), delta.data_ptr(), weight.data_ptr(), eps, out.data_ptr(), rows, dim, torch.get_num_threads())
         return out
 
     def supports(self, q: torch.Tensor, num_kv_heads: int) -> bool:

@@ -16,7 +16,8 @@
    consecutive tasks share the panel they read. The sums are fp32 in k order, fused
    multiply-adds: equal to PyTorch's products within fp32 rounding, not bit for bit.
 
-   AVX-512 only (`pb_dense_available`); elsewhere the engine keeps oneDNN. */
+   AVX-512 only (`pb_dense_available`); elsewhere the engine keeps oneDNN. The bf16 products
+   below need AVX512-BF16 too (`pb_dense_bf16_available`). */
 
 #include <math.h>
 #include <stdint.h>
@@ -169,8 +170,161 @@ void pb_dense(const float *x, int64_t rows, int64_t k, const float *packed, int6
     pb_parallel(flops < MIN_TASK_FLOPS ? 1 : num_threads, panels * pr.row_blocks, product_task, &pr);
 }
 
+/* bf16 weights and activations, fp32 sums (AVX512-BF16's pairwise dot product, `vdpbf16ps`).
+
+   Packed like the fp32 panels but by pairs of k: for each pair, the panel's 64 columns × the
+   pair's two values, so one 64-byte load holds 16 columns × 2 k and one dot-product
+   instruction adds both to 16 sums. Each x pair is broadcast as one 32-bit value. k must be
+   even (every model dimension is). Sums of earlier k blocks wait in fp32 `scratch` (only when
+   k exceeds one block), never in the bf16 output.
+
+   The outputs are rounded as Hugging Face's bf16 modules round them (round to nearest even):
+   y = bf16(x Wᵀ + b); swish: bf16(silu(y)) of the rounded y; times: bf16(y · other) of the
+   rounded y — the same values `F.linear`, `F.silu` and `*` give in bf16, up to the order
+   of the fp32 sums. */
+#if defined(__AVX512BF16__)
+
+#define KC_PAIRS 512 /* k pairs a block: 128 KB of a panel */
+
+int pb_dense_bf16_available(void) { return 1; }
+
+int64_t pb_dense_bf16_packed_halves(int64_t n, int64_t k) { return (n + PANEL - 1) / PANEL * PANEL * k; }
+
+typedef struct {
+    const uint16_t *w;
+    int64_t n, k;
+    uint16_t *out;
+} PackBf16;
+
+static void pack_panel_bf16(void *ctx, int64_t p) {
+    const PackBf16 *pack = ctx;
+    uint16_t *out = pack->out + p * pack->k * PANEL;
+    for (int64_t pair = 0; pair < pack->k / 2; pair++)
+        for (int c = 0; c < PANEL; c++)
+            for (int e = 0; e < 2; e++) {
+                const int64_t col = p * PANEL + c;
+                out[(pair * PANEL + c) * 2 + e] = col < pack->n ? pack->w[col * pack->k + 2 * pair + e] : 0;
+            }
+}
+
+/* W [n, k] bf16 (k even) → out [pb_dense_bf16_packed_halves(n, k)] bf16. */
+void pb_dense_bf16_pack(const uint16_t *w, int64_t n, int64_t k, uint16_t *out, int num_threads) {
+    PackBf16 pack = {w, n, k, out};
+    pb_parallel(num_threads, (n + PANEL - 1) / PANEL, pack_panel_bf16, &pack);
+}
+
+typedef struct {
+    const uint16_t *x;
+    int64_t rows, k;
+    const uint16_t *packed;
+    int64_t n;
+    const uint16_t *bias;
+    int then;
+    const uint16_t *other;
+    uint16_t *y;
+    float *scratch; /* [rows, n] fp32 where k spans several blocks, else NULL */
+    int64_t row_block, row_blocks;
+} ProductBf16;
+
+static inline __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+static inline __m256i narrow(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+
+/* v rounded to bf16 and back: the value a bf16 tensor would hold. */
+static inline __m512 rounded(__m512 v) { return widen(narrow(v)); }
+
+static inline __attribute__((always_inline)) void block_bf16(const ProductBf16 *pr, const int mr, int64_t r, int64_t p,
+                                                             int64_t kp0, int kpc, const __mmask16 mask[4]) {
+    const int64_t col = p * PANEL;
+    const int64_t last = 2 * (kp0 + kpc) == pr->k;
+    const uint16_t *a = pr->x + r * pr->k + 2 * kp0;
+    const uint16_t *b = pr->packed + (p * pr->k + 2 * kp0) * PANEL;
+    float *sums = pr->scratch ? pr->scratch + r * pr->n + col : NULL;
+    __m512 acc[ROWS][4];
+    for (int j = 0; j < 4; j++) {
+        const __m512 start = pr->bias ? widen(_mm256_maskz_loadu_epi16(mask[j], pr->bias + col + 16 * j)) : _mm512_setzero_ps();
+        for (int i = 0; i < mr; i++)
+            acc[i][j] = kp0 == 0 ? start : _mm512_maskz_loadu_ps(mask[j], sums + i * pr->n + 16 * j);
+    }
+    for (int kk = 0; kk < kpc; kk++, b += 2 * PANEL) {
+        const __m512bh b0 = (__m512bh)_mm512_load_si512(b), b1 = (__m512bh)_mm512_load_si512(b + 32);
+        const __m512bh b2 = (__m512bh)_mm512_load_si512(b + 64), b3 = (__m512bh)_mm512_load_si512(b + 96);
+        for (int i = 0; i < mr; i++) {
+            uint32_t pair;
+            __builtin_memcpy(&pair, a + i * pr->k + 2 * kk, sizeof pair);
+            const __m512bh ai = (__m512bh)_mm512_set1_epi32((int)pair);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], ai, b0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], ai, b1);
+            acc[i][2] = _mm512_dpbf16_ps(acc[i][2], ai, b2);
+            acc[i][3] = _mm512_dpbf16_ps(acc[i][3], ai, b3);
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < 4; j++) {
+            if (!last) {
+                _mm512_mask_storeu_ps(sums + i * pr->n + 16 * j, mask[j], acc[i][j]);
+                continue;
+            }
+            __m512 v = rounded(acc[i][j]);
+            if (pr->then == THEN_SWISH) {
+                const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), v));
+                v = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+            } else if (pr->then == THEN_TIMES) {
+                v = _mm512_mul_ps(v, widen(_mm256_maskz_loadu_epi16(mask[j], pr->other + (r + i) * pr->n + col + 16 * j)));
+            }
+            _mm256_mask_storeu_epi16(pr->y + (r + i) * pr->n + col + 16 * j, mask[j], narrow(v));
+        }
+}
+
+static void product_task_bf16(void *ctx, int64_t task) {
+    const ProductBf16 *pr = ctx;
+    const int64_t p = task / pr->row_blocks;
+    const int64_t r0 = task % pr->row_blocks * pr->row_block;
+    const int64_t r1 = r0 + pr->row_block < pr->rows ? r0 + pr->row_block : pr->rows;
+    __mmask16 mask[4];
+    for (int j = 0; j < 4; j++) {
+        const int64_t valid = pr->n - p * PANEL - 16 * j;
+        mask[j] = valid >= 16 ? 0xFFFF : valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1);
+    }
+    const int64_t pairs = pr->k / 2;
+    for (int64_t kp0 = 0; kp0 < pairs; kp0 += KC_PAIRS) {
+        const int kpc = pairs - kp0 < KC_PAIRS ? (int)(pairs - kp0) : KC_PAIRS;
+        for (int64_t r = r0; r < r1; r += ROWS) {
+            switch (r1 - r < ROWS ? r1 - r : ROWS) {
+            case 6: block_bf16(pr, 6, r, p, kp0, kpc, mask); break;
+            case 5: block_bf16(pr, 5, r, p, kp0, kpc, mask); break;
+            case 4: block_bf16(pr, 4, r, p, kp0, kpc, mask); break;
+            case 3: block_bf16(pr, 3, r, p, kp0, kpc, mask); break;
+            case 2: block_bf16(pr, 2, r, p, kp0, kpc, mask); break;
+            default: block_bf16(pr, 1, r, p, kp0, kpc, mask); break;
+            }
+        }
+    }
+}
+
+int64_t pb_dense_bf16_scratch_floats(int64_t rows, int64_t n, int64_t k) { return k / 2 > KC_PAIRS ? rows * n : 0; }
+
+/* As `pb_dense`, bf16: x [rows, k], packed (`pb_dense_bf16_pack`), bias [n] or NULL, other
+   [rows, n] → y [rows, n]; scratch: `pb_dense_bf16_scratch_floats` fp32 (NULL when 0). */
+void pb_dense_bf16(const uint16_t *x, int64_t rows, int64_t k, const uint16_t *packed, int64_t n, const uint16_t *bias,
+                   int then, const uint16_t *other, uint16_t *y, float *scratch, int num_threads) {
+    if (rows <= 0 || n <= 0) return;
+    const int64_t panels = (n + PANEL - 1) / PANEL;
+    const int64_t row_block = rows > 144 ? 96 : rows;
+    ProductBf16 pr = {x, rows, k, packed, n, bias, then, other, y, scratch, row_block, (rows + row_block - 1) / row_block};
+    const double flops = 2.0 * (double)rows * (double)n * (double)k;
+    pb_parallel(flops < MIN_TASK_FLOPS ? 1 : num_threads, panels * pr.row_blocks, product_task_bf16, &pr);
+}
+
+#else
+
+int pb_dense_bf16_available(void) { return 0; }
+
+#endif /* __AVX512BF16__ */
+
 #else
 
 int pb_dense_available(void) { return 0; }
+int pb_dense_bf16_available(void) { return 0; }
 
 #endif

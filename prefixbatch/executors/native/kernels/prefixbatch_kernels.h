@@ -57,4 +57,19 @@ PB_EXPORT void pb_dense_pack(const float *w, int64_t n, int64_t k, float *out, i
 PB_EXPORT void pb_dense(const float *x, int64_t rows, int64_t k, const float *packed, int64_t n, const float *bias,
                         int then, const float *other, float *y, int num_threads);
 
+/* dense.c, bf16 (AVX512-BF16 builds; the other four exist only then): as above, bf16 arrays
+   (uint16_t), fp32 sums, outputs rounded to bf16 as PyTorch's bf16 ops round them. */
+PB_EXPORT int pb_dense_bf16_available(void);
+PB_EXPORT int64_t pb_dense_bf16_packed_halves(int64_t n, int64_t k);
+PB_EXPORT int64_t pb_dense_bf16_scratch_floats(int64_t rows, int64_t n, int64_t k);
+PB_EXPORT void pb_dense_bf16_pack(const uint16_t *w, int64_t n, int64_t k, uint16_t *out, int num_threads);
+PB_EXPORT void pb_dense_bf16(const uint16_t *x, int64_t rows, int64_t k, const uint16_t *packed, int64_t n,
+                             const uint16_t *bias, int then, const uint16_t *other, uint16_t *y, float *scratch,
+                             int num_threads);
+
+/* residual_norm.c, bf16: as pb_add_rms_norm with x, delta, weight, out bf16 (uint16_t), rounded
+   where Hugging Face's bf16 modules round (the sum, the normalised x, its product by weight). */
+PB_EXPORT void pb_add_rms_norm_bf16(uint16_t *x, const uint16_t *delta, const uint16_t *weight, float eps,
+                                    uint16_t *out, int64_t rows, int64_t dim, int num_threads);
+
 #endif
