@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 KERNELS = Path(__file__).with_name("kernels")
 # One library: the attention call, the thread pool every loop runs on (`pool.c`), the residual
 # add and RMSNorm in one pass (`add_rms_norm`) and the dense layers' products (`dense`).
-SOURCES = tuple(KERNELS / name for name in ("span_attention.c", "pool.c", "residual_norm.c", "dense.c"))
+SOURCES = tuple(
+    KERNELS / name for name in ("span_attention.c", "span_attention_bf16.c", "pool.c", "residual_norm.c", "dense.c")
+)
 HEADERS = (KERNELS / "prefixbatch_kernels.h", KERNELS / "pool.h")
 FLAGS = (
     "-O3", "-pthread", "-fPIC", "-shared", "-std=c11",
@@ -99,6 +101,10 @@ class SpanKernel:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.POINTER(SpanArgs)]
         self._fn = fn
+        fn = library.pb_span_attention_bf16  # the same over a bf16 store
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.POINTER(SpanArgs)]
+        self._fn_bf16 = fn
         limits = [ctypes.c_int() for _ in range(3)]
         library.pb_span_attention_limits(*(ctypes.byref(x) for x in limits))
         self.max_queries_per_task, self.max_head_dim, self.dot_max_queries = (x.value for x in limits)
@@ -202,7 +208,8 @@ class SpanKernel:
         return out
 
     def supports(self, q: torch.Tensor, num_kv_heads: int) -> bool:
-        """Whether the kernel takes q [T, H, D] over an fp32 CPU store with num_kv_heads heads."""
+        """Whether the kernel takes q [T, H, D] (fp32; bf16 once made fp32) over a CPU store with
+        num_kv_heads heads."""
         num_heads, head_dim = q.shape[1], q.shape[2]
         return (
             _fits(q.device, q.dtype, head_dim)
@@ -244,7 +251,8 @@ class SpanKernel:
         """
         num_rows, num_heads, head_dim = q.shape
         num_kv_heads = keys.shape[1]
-        assert keys.is_contiguous() and values.is_contiguous()
+        assert keys.is_contiguous() and values.is_contiguous() and keys.dtype == values.dtype
+        assert q.dtype == torch.float32 and keys.dtype in (torch.float32, torch.bfloat16)
         assert tasks.shape[1:] == (6,) and tasks.dtype == torch.int64 and tasks.is_contiguous()
         k_new = v_new = slots = cos = sin = None
         num_new = 0
@@ -252,6 +260,7 @@ class SpanKernel:
             k_new, v_new, slots = new
             num_new = slots.shape[0]
             assert k_new.shape == v_new.shape == (num_new, num_kv_heads, head_dim) and slots.shape == (num_new,)
+            assert k_new.dtype == v_new.dtype == torch.float32  # rounded to the store's dtype as stored
             assert all(x.stride(2) == 1 and x.stride(1) == head_dim for x in (k_new, v_new))
             assert slots.dtype == torch.int64 and slots.is_contiguous()
         assert query_angles is None or angles is not None, "query_angles go with the new keys' angles"
@@ -280,11 +289,12 @@ class SpanKernel:
             out=out.data_ptr(), lse=lse.data_ptr(), num_rows_out=num_rows, num_heads=num_heads,
             num_kv_heads=num_kv_heads, head_dim=head_dim, scale=scale, num_threads=torch.get_num_threads(),
         )  # fmt: skip
+        fn = self._fn if keys.dtype == torch.float32 else self._fn_bf16
         if torch.autograd._profiler_enabled():  # named in profiles (the marker costs ~5 µs a call)
             with torch.profiler.record_function("prefixbatch::span_attention"):
-                status = self._fn(args)
+                status = fn(args)
         else:
-            status = self._fn(args)
+            status = fn(args)
         if status:
             raise ValueError(f"span attention kernel refused shapes q {tuple(q.shape)}, kv heads {num_kv_heads}")
         return out, lse
@@ -298,7 +308,7 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 
 
 def takes(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether "auto" runs the kernel for tensors like these: fp32 on the CPU, heads a multiple
+    """Whether "auto" runs the kernel for tensors like these: fp32 or bf16 on the CPU, heads a multiple
     of its 16-lane vectors (checked before the library is built), and a library whose attention
     is the faster one here (`attention_wins`)."""
     if not _fits(device, dtype, head_dim):
@@ -308,7 +318,7 @@ def takes(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
 
 
 def _fits(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    return device.type == "cpu" and dtype == torch.float32 and head_dim % 16 == 0
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and head_dim % 16 == 0
 
 
 def attention_wins(kernel: SpanKernel) -> bool:

@@ -475,8 +475,9 @@ class TreeAttention:
         """As a call, for q and k before rope (cos, sin [T, D/2] fp32: `rope_angles`): rope, the
         KV write and attention in the span kernel's one call. None where the kernel does not
         apply: the caller applies rope and calls this object instead. rows (ascending,
-        distinct): every row's k, v stored, the outputs of these rows only [len(rows), H, D]."""
-        if cos.dtype != torch.float32 or sin.dtype != torch.float32:
+        distinct): every row's k, v stored, the outputs of these rows only [len(rows), H, D].
+        bf16 q: None too, so that rope rounds as transformers' bf16 rope does (the model's)."""
+        if cos.dtype != torch.float32 or sin.dtype != torch.float32 or q.dtype != torch.float32:
             return None
         return self._in_kernel(layer, q, k, v, angles=(cos.contiguous(), sin.contiguous()), rows=rows)
 
@@ -484,9 +485,14 @@ class TreeAttention:
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: tuple | None,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """The span kernel's call (k, v stored in it), or None where it does not apply."""
+        """The span kernel's call (k, v stored in it), or None where it does not apply. bf16 q,
+        k, v (a bf16 store) are computed with in fp32: exact copies, every sum fp32 (as
+        PyTorch's CPU attention sums bf16 inputs), the output rounded back to bf16."""
         if self.kernel is None:
             return None
+        if q.dtype == torch.bfloat16:
+            out = self._in_kernel(layer, q.float(), k.float(), v.float(), angles, rows)
+            return None if out is None else out.to(torch.bfloat16)
         keys, values = self.store.keys[layer], self.store.values[layer]
         if not self.kernel.supports(q, keys.shape[1]):  # shapes it does not take: PyTorch's from now on
             self.kernel = None

@@ -152,3 +152,34 @@ def test_no_task_is_skipped(kernel):
     for i in range(1, 51):
         y = packed.linear_times(torch.ones(400, 7), torch.full((400, 1408), float(i)), None)
         assert torch.equal(y, torch.full((400, 1408), 7.0 * i))
+
+
+def bf16_reference(x, weight, bias, then, other):
+    """What transformers' bf16 modules compute: each op's result rounded to bf16."""
+    y = F.linear(x, weight, bias)  # bf16 in, fp32 sums, bf16 out
+    if then == "swish":
+        return F.silu(y)
+    return y * other if then == "times" else y
+
+
+@pytest.mark.parametrize("rows", [1, 6, 13, 145])
+@pytest.mark.parametrize(("num_in", "num_out"), [(100, 72), (512, 1408), (2200, 130)])  # 2,200: two k blocks
+@pytest.mark.parametrize("then", ["none", "swish", "times"])
+def test_bf16_products_round_as_pytorchs_bf16_ops(kernel, rows, num_in, num_out, then):
+    if not kernel.has_dense_bf16:
+        pytest.skip("our bf16 products need AVX512-BF16; this CPU keeps oneDNN's or PyTorch's")
+    generator = torch.Generator().manual_seed(rows * 31 + num_in + num_out)
+    weight = (torch.randn(num_out, num_in, generator=generator) / num_in**0.5).bfloat16()
+    x = (torch.randn(rows, num_in, generator=generator) * 3).bfloat16()
+    bias = torch.randn(num_out, generator=generator).bfloat16()
+    other = torch.randn(rows, num_out, generator=generator).bfloat16() if then == "times" else None
+    packed = PackedWeight.of(weight)
+    assert packed.kernel is kernel and packed.packed.dtype == torch.bfloat16
+    y = packed.linear_times(x, other, bias) if then == "times" else packed.linear(x, bias, then=then)
+    expected = bf16_reference(x, weight, bias, then, other)
+    assert y.shape == (rows, num_out) and y.dtype == torch.bfloat16
+    # The fp32 sums run in another order than PyTorch's: a sum on a rounding boundary may round
+    # the other way — one bf16 step (2^-8 of the value, relative), at a few elements in a thousand.
+    differ = y != expected
+    assert differ.float().mean() < 5e-3, differ.float().mean()
+    torch.testing.assert_close(y.float(), expected.float(), rtol=2**-7, atol=1e-2)

@@ -245,3 +245,43 @@ def test_where_the_kernel_runs(native_kernel):
     assert TreeAttention(store(head_dim=24), plan, scale=1.0).kernel is None  # D not 16·n
     assert TreeAttention(store(), plan, scale=1.0, fused=True).kernel is None  # forced
     assert TreeAttention(store(), plan, scale=1.0, kernel=None).kernel is None
+
+
+@pytest.mark.parametrize("heads", [(8, 4), (14, 2)])
+def test_a_bf16_store_gives_what_an_fp32_store_of_the_same_values_gives(kernel, heads):
+    # A bf16 model's keys and values are stored as bf16 (half the bytes) and read back exactly;
+    # q and every sum stay fp32, the output is rounded to bf16 once. So the call over a bf16
+    # store equals the fp32 one over the same values, up to that last rounding.
+    num_heads, num_kv_heads = heads
+    head_dim, generator = 64, torch.Generator().manual_seed(21)
+    segments = [SegmentKV(0, None, 0, 200), SegmentKV(1, 0, 200, 90), SegmentKV(2, 0, 290, 40)]
+    plan = plan_attention(segments, [QueryRun(1, 0, 20, 70), QueryRun(2, 70, 39, 1)])
+    stores = {dtype: KVStore(num_layers=1, num_kv_heads=num_kv_heads, head_dim=head_dim, capacity_tokens=330,
+                             dtype=dtype, device="cpu") for dtype in (torch.bfloat16, torch.float32)}  # fmt: skip
+    old = torch.randn(stores[torch.float32].keys.shape, generator=generator).bfloat16()
+    for store in stores.values():
+        store.keys.copy_(old)
+        store.values.copy_(old.flip(1))
+    q = torch.randn(71, num_heads, head_dim, generator=generator).bfloat16()
+    k, v = (torch.randn(71, num_kv_heads, head_dim, generator=generator).bfloat16() for _ in range(2))
+    ours = TreeAttention(stores[torch.bfloat16], plan, scale=head_dim**-0.5, kernel=kernel)(0, q, k, v)
+    exact = TreeAttention(stores[torch.float32], plan, scale=head_dim**-0.5, kernel=kernel)(0, q.float(), k.float(), v.float())
+    assert ours.dtype == torch.bfloat16
+    assert torch.equal(stores[torch.bfloat16].keys.float(), stores[torch.float32].keys)  # stored exactly
+    assert torch.equal(stores[torch.bfloat16].values.float(), stores[torch.float32].values)
+    torch.testing.assert_close(ours, exact.bfloat16(), atol=0, rtol=2**-8)  # at most the one rounding's step
+
+
+@pytest.mark.parametrize("rows", [3, 300])
+def test_residual_add_and_rms_norm_in_bf16_round_as_transformers(kernel, rows):
+    # transformers in bf16: x = bf16(x + delta); out = weight * bf16(x32 * rsqrt(mean(x32²) + eps)).
+    generator = torch.Generator().manual_seed(19)
+    x, delta = ((torch.randn(rows, 512, generator=generator) * 4).bfloat16() for _ in range(2))
+    weight = (torch.rand(512, generator=generator) + 0.5).bfloat16()
+    expected_x = x + delta
+    x32 = expected_x.float()
+    expected = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
+    out = kernel.add_rms_norm(x, delta, weight, 1e-6)
+    assert torch.equal(x, expected_x)  # the residual stream, in place
+    assert out.dtype == torch.bfloat16 and (out != expected).float().mean() < 5e-3  # fp32 sum order only
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=0)

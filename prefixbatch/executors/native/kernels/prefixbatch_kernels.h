@@ -17,7 +17,7 @@
 struct pb_span_args {
     const float *q;          /* [T, H, D], rows q_row_stride floats apart */
     int64_t q_row_stride;
-    float *keys, *values;    /* [capacity, Hkv, D] each: the layer's store */
+    void *keys, *values;     /* [capacity, Hkv, D] each: the layer's store, fp32 (bf16: `_bf16`) */
     int64_t num_tasks;       /* run the first num_tasks rows of `tasks`; the rest are only chained */
     const int64_t *tasks;    /* [*, 6] */
     const int64_t *entry_row, *entry_visible; /* [E] each */
@@ -44,6 +44,9 @@ PB_EXPORT int pb_vector_bytes(void);
 
 /* 0, or 1 where the shapes are refused (heads not 16·n up to the limits). */
 PB_EXPORT int pb_span_attention(const struct pb_span_args *args);
+/* The same over a bf16 store (keys, values; the step's new ones are rounded to bf16 as stored,
+   q and every sum stay fp32): span_attention_bf16.c. */
+PB_EXPORT int pb_span_attention_bf16(const struct pb_span_args *args);
 PB_EXPORT int pb_span_attention_limits(int *max_queries_per_task, int *max_head_dim, int *dot_max_queries);
 
 /* residual_norm.c */

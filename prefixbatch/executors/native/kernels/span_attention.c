@@ -70,7 +70,43 @@
 /* 16 fp32 lanes: one AVX-512 register (two AVX2 ones, where that is what the CPU has). */
 typedef float vf16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
+typedef uint32_t vu16 __attribute__((vector_size(64)));
+typedef uint16_t vh16 __attribute__((vector_size(32)));
 #define LANES 16
+
+/* The store's element, `kv_t`: fp32, or bf16 where this file is built as span_attention_bf16.c
+   (a bf16 model's keys and values: half the bytes to read; every sum still fp32). `kv_load`
+   widens 16 of them to fp32 lanes, `kv_round` narrows one fp32 value as PyTorch rounds it. */
+#ifdef PB_KV_BF16
+typedef uint16_t kv_t;
+#define SPAN_ATTENTION pb_span_attention_bf16
+static inline vf16 kv_load(const kv_t *p) {
+    vh16 h;
+    memcpy(&h, p, sizeof h);
+    return (vf16)(__builtin_convertvector(h, vu16) << 16);
+}
+static inline float kv_scalar(kv_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline kv_t kv_round(float f) { /* to nearest even (finite values) */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (kv_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+#else
+typedef float kv_t;
+#define SPAN_ATTENTION pb_span_attention
+static inline vf16 kv_load(const kv_t *p) {
+    vf16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline float kv_scalar(kv_t x) { return x; }
+static inline kv_t kv_round(float f) { return f; }
+#endif
 
 
 static inline vf16 splat(float x) { return (vf16){0} + x; }
@@ -189,7 +225,7 @@ typedef struct {
     const float *q;
     int64_t q_row_stride;
     const float *cos, *sin; /* [T, D/2] each: q is rotated on load (rope); NULL: q is as given */
-    const float *keys, *values;
+    const kv_t *keys, *values;
     int num_heads, num_kv_heads;
     float scale;
     const int64_t *entry_row, *entry_visible, *row_ptr;
@@ -255,7 +291,7 @@ static inline void prefetch_slots(
     for (int64_t key = first; key < first + count && key < stop; key++) {
         const char *k = (const char *)(call->keys + (key_start + key) * key_stride + (int64_t)head * head_dim);
         const char *v = (const char *)(call->values + (key_start + key) * key_stride + (int64_t)head * head_dim);
-        for (int64_t b = 0; b < (int64_t)sizeof(float) * head_dim; b += 64) {
+        for (int64_t b = 0; b < (int64_t)sizeof(kv_t) * head_dim; b += 64) {
             __builtin_prefetch(k + b, 0, 3);
             __builtin_prefetch(v + b, 0, 3);
         }
@@ -264,13 +300,12 @@ static inline void prefetch_slots(
 
 /* a[b] += Σ_j probs[b][j] · v_j for the first nq queries: each value row loaded once for them. */
 static inline __attribute__((always_inline)) void accumulate_values(
-    const float *v_tile, int64_t key_stride, int keys, const int chunks, float probs[][TILE_KEYS],
+    const kv_t *v_tile, int64_t key_stride, int keys, const int chunks, float probs[][TILE_KEYS],
     vf16 a[][MAX_HEAD_DIM / LANES], const int nq) {
     for (int j = 0; j < keys; j++) {
-        const float *v = v_tile + j * key_stride;
+        const kv_t *v = v_tile + j * key_stride;
         for (int c = 0; c < chunks; c++) {
-            vf16 vc;
-            memcpy(&vc, v + c * LANES, sizeof vc);
+            const vf16 vc = kv_load(v + c * LANES);
             for (int b = 0; b < nq; b++) a[b][c] += probs[b][j] * vc;
         }
     }
@@ -291,7 +326,7 @@ static inline __attribute__((always_inline)) void accumulate_values(
 static inline __attribute__((always_inline)) void run_task(
     const Call *call, const int head_dim, int64_t key_start, int64_t num_keys, int64_t entry0,
     int num_rows, int head_first, int head_count) {
-    const float *keys = call->keys, *values = call->values;
+    const kv_t *keys = call->keys, *values = call->values;
     const int num_heads = call->num_heads, num_kv_heads = call->num_kv_heads;
     const int64_t *entry_row = call->entry_row, *entry_visible = call->entry_visible;
     const int group = num_heads / num_kv_heads;
@@ -335,8 +370,8 @@ static inline __attribute__((always_inline)) void run_task(
                 const int head = head_first + h0 + hh;
                 /* the next head's part of this tile, while this head's is computed */
                 if (hh + 1 < heads) prefetch_slots(call, head_dim, key_start, tile, tile_keys, most_visible, head + 1);
-                const float *k_tile = keys + (key_start + tile) * key_stride + (int64_t)head * head_dim;
-                const float *v_tile = values + (key_start + tile) * key_stride + (int64_t)head * head_dim;
+                const kv_t *k_tile = keys + (key_start + tile) * key_stride + (int64_t)head * head_dim;
+                const kv_t *v_tile = values + (key_start + tile) * key_stride + (int64_t)head * head_dim;
                 vf16 s[QUERY_BLOCK][TILE_VECS];
                 for (int t = 0; t < TILE_VECS; t++) {
                     for (int b = 0; b < QUERY_BLOCK; b++) s[b][t] = splat(0.0f);
@@ -348,7 +383,8 @@ static inline __attribute__((always_inline)) void run_task(
                         const int key = t * LANES + j;
                         vf16 kc[MAX_HEAD_DIM / LANES];
                         for (int c = 0; c < chunks; c++) kc[c] = splat(0.0f);
-                        if (key < tile_keys) memcpy(kc, k_tile + key * key_stride, sizeof(float) * head_dim);
+                        if (key < tile_keys)
+                            for (int c = 0; c < chunks; c++) kc[c] = kv_load(k_tile + key * key_stride + c * LANES);
                         for (int b = 0; b < num_queries; b++) {
                             vf16 x = splat(0.0f);
                             for (int c = 0; c < chunks; c++) {
@@ -415,14 +451,14 @@ static inline __attribute__((always_inline)) void run_task(
 /* Scores of kb keys (rows k_rows) for `nv` query vectors from v0: kb × nv accumulators over
    d; inlined with kb, nv and head_dim constant, so they stay in registers. Stores the first `keys`. */
 static inline __attribute__((always_inline)) void score_block(
-    const float *const k_rows[8], const vf16 q_t[][QUERY_VECS], int v0, const int kb, const int nv,
+    const kv_t *const k_rows[8], const vf16 q_t[][QUERY_VECS], int v0, const int kb, const int nv,
     const int head_dim, int keys, vf16 out[][QUERY_VECS]) {
     vf16 sc[8][4];
     for (int i = 0; i < kb; i++)
         for (int v = 0; v < nv; v++) sc[i][v] = splat(0.0f);
     for (int d = 0; d < head_dim; d++)
         for (int i = 0; i < kb; i++) {
-            const float x = k_rows[i][d];
+            const float x = kv_scalar(k_rows[i][d]);
             for (int v = 0; v < nv; v++) sc[i][v] += x * q_t[d][v0 + v];
         }
     for (int i = 0; i < kb && i < keys; i++)
@@ -507,15 +543,15 @@ static inline __attribute__((always_inline)) void run_task_lanes(
         }
         for (int64_t tile = 0; tile < most_visible; tile += LANE_TILE_KEYS) {
             const int tile_keys = (int)(most_visible - tile < LANE_TILE_KEYS ? most_visible - tile : LANE_TILE_KEYS);
-            const float *k_tile = call->keys + (key_start + tile) * key_stride + (int64_t)head * head_dim;
-            const float *v_tile = call->values + (key_start + tile) * key_stride + (int64_t)head * head_dim;
+            const kv_t *k_tile = call->keys + (key_start + tile) * key_stride + (int64_t)head * head_dim;
+            const kv_t *v_tile = call->values + (key_start + tile) * key_stride + (int64_t)head * head_dim;
             /* Scores, kb keys × up to 4 query vectors at a time: 8 keys when there are 1–2 vectors,
                4 keys × 4 vectors otherwise (at least 8 independent accumulators). */
             const int kb = qvecs <= 2 ? 8 : 4;
             for (int k0 = 0; k0 < tile_keys; k0 += kb) {
                 /* the next tile's keys, kb at a time */
                 prefetch_slots(call, head_dim, key_start, tile + LANE_TILE_KEYS + k0, kb, most_visible, head);
-                const float *k_rows[8];
+                const kv_t *k_rows[8];
                 for (int i = 0; i < kb; i++) /* past the range: the last key again, never seen */
                     k_rows[i] = k_tile + (k0 + i < tile_keys ? k0 + i : tile_keys - 1) * key_stride;
                 if (qvecs == 1)
@@ -563,10 +599,10 @@ static inline __attribute__((always_inline)) void run_task_lanes(
                 for (int b = 0; b < pv_block; b++)
                     for (int c = 0; c < chunks; c++) a[b * chunks + c] = acc[q0 + b][c] * correction[q0 + b];
                 for (int k = 0; k < tile_keys; k++) {
-                    const float *vrow = v_tile + k * key_stride;
+                    const kv_t *vrow = v_tile + k * key_stride;
                     vf16 vc[MAX_HEAD_DIM / LANES];
                     for (int c = 0; c < chunks; c++) {
-                        memcpy(&vc[c], vrow + c * LANES, sizeof vc[c]);
+                        vc[c] = kv_load(vrow + c * LANES);
                         keep_in_register(&vc[c], chunks);
                     }
                     for (int b = 0; b < pv_block; b++) {
@@ -611,39 +647,41 @@ static void run_task_any(const Call *call, int head_dim, const int64_t *task, in
     RUN_TASK(head_dim);
 }
 
+#ifndef PB_KV_BF16
 int pb_span_attention_limits(int *max_queries_per_task, int *max_head_dim, int *dot_max_queries) {
     *max_queries_per_task = MAX_QUERIES_PER_TASK;
     *max_head_dim = MAX_HEAD_DIM;
     *dot_max_queries = DOT_MAX_QUERIES;
     return 0;
 }
+#endif
 
 /* The step's own keys and values into the store: row t's k (rotated when there are angles)
    and v at slot slots[t]. Heads of a row are D apart; rows k_row_stride / v_row_stride. */
 static void store_new(
-    float *keys, float *values, int num_kv_heads, const int head_dim, const float *k_new, int64_t k_row_stride,
+    kv_t *keys, kv_t *values, int num_kv_heads, const int head_dim, const float *k_new, int64_t k_row_stride,
     const float *v_new, int64_t v_row_stride, const int64_t *slots, int64_t t, const float *cos, const float *sin) {
     const int64_t slot_stride = (int64_t)num_kv_heads * head_dim;
-    float *kd = keys + slots[t] * slot_stride;
-    const float *ks = k_new + t * k_row_stride;
-    memcpy(values + slots[t] * slot_stride, v_new + t * v_row_stride, sizeof(float) * slot_stride);
+    kv_t *kd = keys + slots[t] * slot_stride, *vd = values + slots[t] * slot_stride;
+    const float *ks = k_new + t * k_row_stride, *vs = v_new + t * v_row_stride;
+    for (int64_t i = 0; i < slot_stride; i++) vd[i] = kv_round(vs[i]);
     if (cos == NULL) {
-        memcpy(kd, ks, sizeof(float) * slot_stride);
+        for (int64_t i = 0; i < slot_stride; i++) kd[i] = kv_round(ks[i]);
         return;
     }
     const int half = head_dim / 2;
     const float *c = cos + t * half, *s = sin + t * half;
     for (int h = 0; h < num_kv_heads; h++, kd += head_dim, ks += head_dim)
         for (int i = 0; i < half; i++) {
-            kd[i] = ks[i] * c[i] - ks[i + half] * s[i];
-            kd[i + half] = ks[i + half] * c[i] + ks[i] * s[i];
+            kd[i] = kv_round(ks[i] * c[i] - ks[i + half] * s[i]);
+            kd[i + half] = kv_round(ks[i + half] * c[i] + ks[i] * s[i]);
         }
 }
 
 /* The three loops of a call, as pool tasks over one call's arguments. */
 typedef struct {
     const Call *call;
-    float *keys, *values;
+    kv_t *keys, *values;
     int num_kv_heads, head_dim, group;
     const float *k_new;
     int64_t k_row_stride;
@@ -720,6 +758,7 @@ static void merge_rows(void *ctx, int64_t task) {
         }
     }
 }
+#ifndef PB_KV_BF16 /* once in the library: the fp32 build's */
 int64_t pb_span_args_size(void) { return (int64_t)sizeof(struct pb_span_args); }
 
 int pb_vector_bytes(void) {
@@ -731,6 +770,7 @@ int pb_vector_bytes(void) {
     return 16;
 #endif
 }
+#endif
 
 /* tasks: [num_tasks + chained, TASK_COLUMNS] int64 rows (key_start, num_keys, entry0, num_rows,
    kv head or -1 for all of them, next): the first num_tasks are run; a task of many queries may
@@ -743,19 +783,20 @@ int pb_vector_bytes(void) {
    (or NULL): k_new is not yet rotated, the call applies rope to it; q_cos, q_sin [T, D/2] (or
    NULL) likewise for q (the same arrays when q's rows are the new keys' rows; q may also be
    a subset of them: the rows whose outputs are wanted). */
-int pb_span_attention(const struct pb_span_args *a) {
+int SPAN_ATTENTION(const struct pb_span_args *a) {
     const int num_heads = a->num_heads, num_kv_heads = a->num_kv_heads, head_dim = a->head_dim;
     const int group = num_heads / num_kv_heads;
     if (group > MAX_QUERIES_PER_TASK || head_dim > MAX_HEAD_DIM || head_dim % LANES || num_heads % num_kv_heads)
         return 1;
-    const Call call = {a->tasks, a->q, a->q_row_stride, a->q_cos, a->q_sin, a->keys, a->values, num_heads,
+    kv_t *keys = a->keys, *values = a->values;
+    const Call call = {a->tasks, a->q, a->q_row_stride, a->q_cos, a->q_sin, keys, values, num_heads,
                        num_kv_heads, a->scale, a->entry_row, a->entry_visible, a->row_ptr, a->part_out,
                        a->part_lse, a->out, a->lse};
 
     /* Three loops on the pool, each done before the next starts: the new keys and values into
        the store; the tasks (largest first, as the caller orders them); then the rows whose
        entries must be merged. */
-    Loops loops = {&call, a->keys, a->values, num_kv_heads, head_dim, group, a->k_new, a->k_row_stride, a->v_new,
+    Loops loops = {&call, keys, values, num_kv_heads, head_dim, group, a->k_new, a->k_row_stride, a->v_new,
                    a->v_row_stride, a->slots, a->num_new, a->cos, a->sin, a->tasks, a->num_rows_out, a->row_entries};
     const int64_t num_new = a->num_new, num_rows_out = a->num_rows_out;
     const int num_threads = a->num_threads;
