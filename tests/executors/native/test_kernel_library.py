@@ -290,10 +290,12 @@ def test_a_library_whose_struct_differs_is_refused(genuine, monkeypatch, caplog)
 def test_the_library_exports_the_headers_entry_points_and_nothing_else(kernel_build):
     text = (span_kernel.KERNELS / "prefixbatch_kernels.h").read_text()
     declared = re.findall(r"PB_EXPORT [\w ]+?\**(pb_\w+)\(", text)
-    assert len(declared) == 9
+    assert len(declared) == 16
     dense = {"pb_dense_packed_floats", "pb_dense_pack", "pb_dense"}  # only where the library has them
+    dense_bf16 = {"pb_dense_bf16_packed_halves", "pb_dense_bf16_scratch_floats", "pb_dense_bf16_pack", "pb_dense_bf16"}
     for name in declared:
-        assert hasattr(kernel_build.library, name) == (name not in dense or kernel_build.has_dense), name
+        present = kernel_build.has_dense if name in dense else kernel_build.has_dense_bf16 if name in dense_bf16 else True
+        assert hasattr(kernel_build.library, name) == present, name
     assert not hasattr(kernel_build.library, "pb_parallel")  # the pool's, inside
 
 
@@ -303,6 +305,7 @@ def test_each_build_says_what_it_computes_with(kernel_build, request):
     expected = {"x86-64-v2": 16, "x86-64-v3": 32, "native": native}[flavour]
     assert kernel_build.vector_bytes == expected
     assert kernel_build.has_dense == (expected == 64)  # our dense products are AVX-512's; elsewhere oneDNN's
+    assert kernel_build.has_dense_bf16 == (flavour == "native" and "avx512_bf16" in flags)  # and AVX512-BF16's
     on_x86 = os.uname().machine == "x86_64"
     assert span_kernel.attention_wins(kernel_build) == (expected == 64 or not on_x86)
 
@@ -311,7 +314,8 @@ def test_each_build_says_what_it_computes_with(kernel_build, request):
 @pytest.mark.skipif("avx512f" in cpu_flags() or os.uname().machine != "x86_64", reason="the native build is the AVX-512 one here")
 def test_the_avx512_build_compiles_where_the_cpu_cannot_run_it(tmp_path):
     # This CPU runs no AVX-512 code, so its tests never reach those paths: they must compile, at least.
-    command = [COMPILER, *span_kernel.FLAGS, "-march=x86-64-v4", *map(str, span_kernel.SOURCES), "-o", str(tmp_path / "v4.so"), "-lm"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert b"pb_dense_pack" in (tmp_path / "v4.so").read_bytes()
+    for march, symbol in (["-march=x86-64-v4"], b"pb_dense_pack"), (["-march=x86-64-v4", "-mavx512bf16"], b"pb_dense_bf16_pack"):
+        command = [COMPILER, *span_kernel.FLAGS, *march, *map(str, span_kernel.SOURCES), "-o", str(tmp_path / "v4.so"), "-lm"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert symbol in (tmp_path / "v4.so").read_bytes()

@@ -237,11 +237,12 @@ def test_where_the_kernel_runs(native_kernel):
         return KVStore(num_layers=1, num_kv_heads=2, head_dim=head_dim, capacity_tokens=8, dtype=dtype, device="cpu")
 
     plan = plan_attention([SegmentKV(0, None, 0, 8)], [QueryRun(0, 0, 0, 8)])
-    # "auto": fp32, CPU, D 32, where its attention is the faster (not x86 without AVX-512)
+    # "auto": fp32 or bf16, CPU, D 32, where its attention is the faster (not x86 without AVX-512)
     wins = native_kernel.vector_bytes == 64 or platform.machine() != "x86_64"
     assert TreeAttention(store(), plan, scale=1.0).kernel is (native_kernel if wins else None)
     assert span_kernel.attention_wins(native_kernel) == wins
-    assert TreeAttention(store(dtype=torch.bfloat16), plan, scale=1.0).kernel is None
+    assert TreeAttention(store(dtype=torch.bfloat16), plan, scale=1.0).kernel is (native_kernel if wins else None)
+    assert TreeAttention(store(dtype=torch.float16), plan, scale=1.0).kernel is None
     assert TreeAttention(store(head_dim=24), plan, scale=1.0).kernel is None  # D not 16·n
     assert TreeAttention(store(), plan, scale=1.0, fused=True).kernel is None  # forced
     assert TreeAttention(store(), plan, scale=1.0, kernel=None).kernel is None
