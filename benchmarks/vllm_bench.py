@@ -162,7 +162,8 @@ def _native_kernels() -> dict:
     march = os.environ.get(MARCH_ENV) or "native"
     parts = [f"library -march={march} ({kernel.vector_bytes * 8}-bit vectors)",
              "attention: ours" if attention_wins(kernel) else "attention: PyTorch's",
-             "dense: ours" if kernel.has_dense else "dense: PyTorch's"]
+             "dense fp32: ours" if kernel.has_dense else "dense fp32: oneDNN's",
+             "dense bf16: ours (AVX512-BF16)" if kernel.has_dense_bf16 else "dense bf16: oneDNN's or PyTorch's"]
     return {"kernels": ", ".join(parts)}
 
 

@@ -8,10 +8,11 @@ exact shared-prefix (tree) attention.
 - `attention_plan`: plain data saying which rows attend to which slots (`plan_attention`).
 - `tree_attention`: runs a plan on tensors; `TreeAttention` is the model's callback.
 - `span_kernel`: our C attention kernel (`kernels/span_attention.c`), built on first use:
-  on the CPU in fp32 a step's whole plan is one call per layer.
+  on the CPU (fp32 or bf16) a step's whole plan is one call per layer.
 - `kernel_library`: where that library is built and cached, and loading it only when it can
   be trusted (its folder and file ours alone, its SHA-256 the one recorded at build).
-- `dense`: the CPU's dense layers through oneDNN, weights packed once.
+- `dense`: the CPU's dense layers, weights packed once: our products (fp32; bf16 with
+  AVX512-BF16), else oneDNN's.
 - `kv`: `KVStore`, per-layer K/V buffers with a contiguous slot range per segment.
 
 Layering inside: `attention_plan` imports nothing from torch; `tree_attention` joins

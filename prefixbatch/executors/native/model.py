@@ -299,7 +299,7 @@ class CausalLM(nn.Module):
         # and MLP run for them alone (a prefill chunk asks for one row's logits of thousands).
         wanted = None if batch_invariant else _distinct_rows(logits_rows, num_rows)
         rows = None if wanted is None else wanted[0]
-        if self.residual_norm is not None and self.layers:  # packed: fp32 CPU, not batch_invariant
+        if self.residual_norm is not None and self.layers:  # packed: CPU fp32 or bf16, not batch_invariant
             normed = self._layers_adding_in_norms(hidden, cos, sin, attention, rows)  # [T or R, E]
             if logits_rows is not None:
                 normed = normed[logits_rows if wanted is None else wanted[1]]  # [N, E]

@@ -1,7 +1,7 @@
 """Runs an `AttentionPlan` on tensors: shared-prefix (tree) attention for a whole flat batch.
 
 Two ways to run a plan, same contract and results within fp32 rounding:
-- on the CPU in fp32, our span kernel (`span_kernel`, C): the whole plan is one task list
+- on the CPU in fp32 or bf16 (a bf16 store, fp32 sums), our span kernel (`span_kernel`, C): the whole plan is one task list
   (`KernelPlan`), each layer one call, every span read in place from the store, rows of a
   span in blocks that share each key load, each row's spans merged inside the call;
 - elsewhere (GPUs, other dtypes, no C compiler), PyTorch's kernels: for each span of the
@@ -422,7 +422,7 @@ def _merge_into(
 class TreeAttention:
     """The model's attention callback for one step: store k, v at the plan's slots, attend by plan.
 
-    kernel: "auto" runs the span kernel where it applies (CPU, fp32, a head size it takes, and
+    kernel: "auto" runs the span kernel where it applies (CPU, fp32 or bf16, a head size it takes, and
     a C compiler to build it) and PyTorch's kernels elsewhere; None always PyTorch's. fused
     True/False forces `attend_fused` / `attend_matmul` (tests).
     """
