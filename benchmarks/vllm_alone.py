@@ -4,12 +4,18 @@ A script of its own that imports vLLM and nothing of prefixbatch (importing pref
 set its OpenMP spin count in this process's environment): `LLM(model, dtype, seed=0)` with
 every other setting vLLM's default — compiled (unless `--eager`), its block size, its KV cache
 size, its engine process, its OpenMP thread binding, prefix caching on — then one
-`LLM.generate` of every request, in input order, token ids in. Compiling and engine start
-happen in `LLM(...)`, before the timed part. Prints one JSON line: the outputs, the timings,
-prompt tokens computed (prompt − cached) and what vLLM says it set up (block size, cache
-blocks, CPU kernel ISA, thread binding).
+`LLM.generate` of every request of a job, in input order, token ids in. Compiling and engine
+start happen in `LLM(...)`, before the timed part. Prints one JSON line a generate: the
+outputs, the timings, prompt tokens computed (prompt − cached) and what vLLM says it set up
+(block size, cache blocks, CPU kernel ISA, thread binding).
 
-    python benchmarks/vllm_alone.py REQUESTS.json MODEL_DIR --dtype float32 [--eager]
+Several jobs (request files) and `--repeats` run on the one engine, its prefix cache emptied
+before each generate (`reset_prefix_cache`): each generate starts as cold as in a fresh
+process, only the engine's start-up (its compile: minutes on a 2-core CPU) is paid once; a
+later generate can only gain from the warm-up of earlier ones. Its "wall s" is the start-up
+plus that generate.
+
+    python benchmarks/vllm_alone.py REQUESTS.json [MORE.json ...] MODEL_DIR --dtype float32 [--eager] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -25,19 +31,35 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("requests", help="JSON: a list of {prompt_token_ids, max_tokens, temperature, top_p, top_k, seed}")
+    parser.add_argument("requests", nargs="+", help="JSON files: each a list of {prompt_token_ids, max_tokens, "
+                        "temperature, top_p, top_k, seed}")
     parser.add_argument("model")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
-    with open(args.requests) as file:
-        requests = json.load(file)
 
-    import torch
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
     llm = LLM(model=args.model, dtype=args.dtype, seed=0, enforce_eager=args.eager)
+    started = time.perf_counter() - START
+    for repeat in range(args.repeats):
+        for path in args.requests:
+            with open(path) as file:
+                requests = json.load(file)
+            assert llm.reset_prefix_cache(), "vLLM did not empty its prefix cache"
+            result = generate(llm, requests, eager=args.eager)
+            result["wall_s"] = started + result["generate_s"]
+            print(json.dumps({"requests": path, "repeat": repeat, **result}))
+            sys.stdout.flush()
+
+
+def generate(llm, requests: list[dict], *, eager: bool) -> dict:
+    """One `LLM.generate` of a job's requests → its measurements."""
+    import torch
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     prompts = [TokensPrompt(prompt_token_ids=r["prompt_token_ids"]) for r in requests]
     params = [
         SamplingParams(max_tokens=r["max_tokens"], temperature=r["temperature"], top_p=r["top_p"],
@@ -49,8 +71,7 @@ def main() -> None:
     end = time.perf_counter()
     cache = llm.llm_engine.vllm_config.cache_config
     tokens = [_without_eos(o.outputs[0]) for o in outputs]
-    print(json.dumps({
-        "wall_s": end - START,
+    return {
         "generate_s": end - started,
         "outputs": dict(enumerate(tokens)),
         "computed": sum(len(o.prompt_token_ids) - (o.num_cached_tokens or 0) for o in outputs),
@@ -59,10 +80,9 @@ def main() -> None:
             "block_size": cache.block_size,
             "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size,
             "isa": torch.backends.cpu.get_cpu_capability(),
-            "compiled": not args.eager,
+            "compiled": not eager,
         },
-    }))
-    sys.stdout.flush()
+    }
 
 
 def _without_eos(output) -> list[int]:

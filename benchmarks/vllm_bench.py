@@ -1,8 +1,11 @@
 """The peer benchmark: native vs vLLM as its users run it vs vLLM fed our plan.
 
-Each variant runs in a process of its own (`--variant`), so each starts cold and vLLM's
-prefix cache starts empty; variants alternate within each repeat and the median of
-`--repeats` is kept. Every variant gets the same token-id requests:
+Each variant runs in a process of its own, one engine for every job and repeat (`--variant`;
+vLLM alone in `vllm_alone.py`), with vLLM's prefix cache emptied before each generate: each
+generate starts as cold as in a fresh process, the engine's start-up (vLLM's compile takes
+minutes on a 2-core CPU) is paid once, and a generate can only gain from the warm-up of the
+ones before it. The median of `--repeats` is kept. Every variant gets the same token-id
+requests:
 
     vllm              vLLM as its users run it (`vllm_alone.py`, which imports nothing of
                       prefixbatch): `LLM(model, dtype, seed=0)` with every other setting its
@@ -20,7 +23,8 @@ prefix cache starts empty; variants alternate within each repeat and the median 
                       group by group (`prefixbatch.executors.vllm_engine`)
     native            `executor.kind: native` at its defaults
 
-Compiling and engine start are outside "generate s" for every variant (they are in "wall s").
+Compiling and engine start are outside "generate s" for every variant (they are in "wall s":
+start-up plus that generate, for vLLM alone too).
 `--dtype` is the model's dtype for all (float32 or bfloat16). `--kv-cache-tokens N` caps every
 variant's cache at N tokens (a labelled extra: vLLM's default cache is far larger).
 
@@ -67,6 +71,7 @@ START = time.perf_counter()
 USER_ENV = dict(os.environ)  # before anything imports prefixbatch (which sets GOMP_SPINCOUNT)
 HERE = Path(__file__).parent
 VARIANTS = ("vllm", "vllm-all-cores", "vllm-eager", "vllm-prefixbatch", "native")
+ALONE = ("vllm", "vllm-all-cores", "vllm-eager")  # vLLM as its users run it: `vllm_alone.py`
 DEFAULT_JOBS = "a,c"
 MODELS = {
     "small": Path(".cache/engine_bench/small-llama"),
@@ -123,8 +128,10 @@ def make_jobs(model_dir: Path, names: list[str]) -> dict[str, list]:
     return jobs
 
 
-def run_variant(variant: str, model_dir: Path, requests: list, dtype: str, kv_cache_tokens: int | None) -> dict:
-    """In this process: vllm-prefixbatch or native on one job → its measurements."""
+def run_variant(variant: str, model_dir: Path, jobs: dict[str, list], args) -> None:
+    """In this process: vllm-prefixbatch or native, one executor for every job and repeat →
+    one JSON line each on stdout. vLLM's prefix cache is emptied before each generate (as
+    `vllm_alone.py` does); native keeps nothing between plans."""
     import torch
 
     from prefixbatch.executors.config import ExecutorSpec, ModelSpec
@@ -133,15 +140,12 @@ def run_variant(variant: str, model_dir: Path, requests: list, dtype: str, kv_ca
     from prefixbatch.prefix_tree import PlanSettings, plan_requests
 
     kind = "native" if variant == "native" else "vllm"
+    kv_cache_tokens = args.kv_cache_tokens
     vllm = {} if kv_cache_tokens is None else {"kv_cache_tokens": kv_cache_tokens}
-    executor = create_executor(ModelSpec(path=str(model_dir), dtype=dtype),
+    executor = create_executor(ModelSpec(path=str(model_dir), dtype=args.dtype),
                                ExecutorSpec(kind=kind, device="cpu", vllm=vllm, kv_budget_tokens=kv_cache_tokens))
+    start_up = time.perf_counter() - START
     budget = getattr(executor, "kv_cache_tokens", kv_cache_tokens or DEFAULT_CPU_KV_BUDGET)
-    started = time.perf_counter()
-    work = plan_requests(requests, PlanSettings(kv_budget_tokens=budget))
-    index = {(r.row_index, r.sample_index): i for i, r in enumerate(requests)}
-    outputs = {index[c.row_index, c.sample_index]: list(c.token_ids) for c in executor.generate(work)}
-    end = time.perf_counter()
     setup = {"isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
              "kv_cache_tokens": budget}
     if kind == "native":
@@ -149,8 +153,19 @@ def run_variant(variant: str, model_dir: Path, requests: list, dtype: str, kv_ca
     else:
         setup["block_size"] = executor.block_size
         setup["compiled"] = False
-    return {"wall_s": end - START, "generate_s": end - started, "computed": executor.stats.num_prefill_tokens,
-            "outputs": outputs, "output_tokens": sum(len(t) for t in outputs.values()), "setup": setup}
+    for repeat in range(args.repeats):
+        for job, requests in jobs.items():
+            if kind == "vllm":
+                assert executor.engine.reset_prefix_cache(), "vLLM did not empty its prefix cache"
+            computed_before = executor.stats.num_prefill_tokens
+            started = time.perf_counter()
+            work = plan_requests(requests, PlanSettings(kv_budget_tokens=budget))
+            index = {(r.row_index, r.sample_index): i for i, r in enumerate(requests)}
+            outputs = {index[c.row_index, c.sample_index]: list(c.token_ids) for c in executor.generate(work)}
+            generate_s = time.perf_counter() - started
+            print(json.dumps({"job": job, "repeat": repeat, "wall_s": start_up + generate_s, "generate_s": generate_s,
+                              "computed": executor.stats.num_prefill_tokens - computed_before, "outputs": outputs,
+                              "output_tokens": sum(len(t) for t in outputs.values()), "setup": setup}), flush=True)
 
 
 def _native_kernels() -> dict:
@@ -219,28 +234,56 @@ def model_dir(name: str) -> Path:
     return folder
 
 
-def measure(variant: str, job: str, requests_file: str, args) -> tuple[dict, str]:
-    """One run of one variant in a process of its own → (its JSON result, its binding log lines)."""
-    if variant in ("vllm", "vllm-all-cores", "vllm-eager"):
-        command = [sys.executable, str(HERE / "vllm_alone.py"), requests_file, str(args.folder), "--dtype", args.dtype]
-        command += ["--eager"] if variant == "vllm-eager" else []
-        child_env = USER_ENV | {"VLLM_LOGGING_LEVEL": "INFO"}
-        if variant == "vllm-all-cores":
-            child_env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{os.cpu_count() - 1}"
-        if args.preload:
-            child_env["LD_PRELOAD"] = ":".join(args.preload.values())
-    else:
-        command = [sys.executable, __file__, "--variant", variant, "--jobs", job, "--model", args.model,
-                   "--dtype", args.dtype] + ([] if args.kv_cache_tokens is None else ["--kv-cache-tokens",
-                                                                                      str(args.kv_cache_tokens)])
-        child_env = USER_ENV  # native and vllm-prefixbatch at their defaults (threads included)
-    done = subprocess.run(command, env=child_env, capture_output=True, text=True, timeout=3600)
-    if done.returncode != 0:
-        sys.exit(f"{variant} on {job} failed:\n{done.stderr[-3000:]}")
-    binding = [re.sub(r"^.*?\] ", "", line.strip()) for line in done.stderr.splitlines()
+def measure(variant: str, names: list[str], args) -> dict[tuple[str, int], dict]:
+    """native or vllm-prefixbatch, every job and repeat in one process of its own →
+    {(job, repeat): its JSON result}."""
+    command = [sys.executable, __file__, "--variant", variant, "--jobs", ",".join(names), "--model", args.model,
+               "--dtype", args.dtype, "--repeats", str(args.repeats)]
+    if args.kv_cache_tokens is not None:
+        command += ["--kv-cache-tokens", str(args.kv_cache_tokens)]
+    stdout, _ = _run(variant, command, USER_ENV, hog=args.hog)  # at their defaults (threads included)
+    results = {}
+    for line in stdout.splitlines():
+        if line.startswith('{"job"'):  # vLLM prints too
+            result = json.loads(line)
+            results[(result.pop("job"), result.pop("repeat"))] = result
+    return results
+
+
+def measure_alone(variant: str, files: dict[str, str], args) -> tuple[dict[tuple[str, int], dict], str]:
+    """Every job and repeat of a vLLM-alone variant on one engine (`vllm_alone.py`) →
+    ({(job, repeat): its JSON result}, its binding log lines)."""
+    command = [sys.executable, str(HERE / "vllm_alone.py"), *files.values(), str(args.folder), "--dtype", args.dtype,
+               "--repeats", str(args.repeats)] + (["--eager"] if variant == "vllm-eager" else [])
+    child_env = USER_ENV | {"VLLM_LOGGING_LEVEL": "INFO"}
+    if variant == "vllm-all-cores":
+        child_env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{os.cpu_count() - 1}"
+    if args.preload:
+        child_env["LD_PRELOAD"] = ":".join(args.preload.values())
+    stdout, stderr = _run(variant, command, child_env, hog=args.hog)
+    job_of = {path: job for job, path in files.items()}
+    results = {}
+    for line in stdout.splitlines():
+        if line.startswith('{"requests"'):
+            result = json.loads(line)
+            results[(job_of[result.pop("requests")], result.pop("repeat"))] = result
+    binding = [re.sub(r"^.*?\] ", "", line.strip()) for line in stderr.splitlines()
                if re.search(r"VLLM_CPU_OMP|core ids|reserved_cpus|Torch threads|KV cache size|not found in LD_PRELOAD", line)]
-    [line] = [line for line in done.stdout.splitlines() if line.startswith('{"wall_s"')]  # vLLM prints too
-    return json.loads(line), "\n".join(binding[-8:])
+    return results, "\n".join(binding[-8:])
+
+
+def _run(variant: str, command: list[str], env: dict, *, hog: bool) -> tuple[str, str]:
+    """The command's (stdout, stderr); hog: a process spinning on one core beside it."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if hog else None
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=4 * 3600)
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+    if done.returncode != 0:
+        sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
+    return done.stdout, done.stderr
 
 
 def main() -> None:
@@ -260,38 +303,39 @@ def main() -> None:
     args = parser.parse_args()
     args.folder = model_dir(args.model)
     names = [j for j in args.jobs.split(",") if j]
-    if args.variant:  # a child: one measurement, as JSON on stdout
-        [job] = names
-        requests = make_jobs(args.folder, names)[job]
-        print(json.dumps(run_variant(args.variant, args.folder, requests, args.dtype, args.kv_cache_tokens)))
+    if args.variant:  # a child: its measurements, as JSON lines on stdout
+        run_variant(args.variant, args.folder, make_jobs(args.folder, names), args)
         return
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         sys.exit(f"--variants must name some of {list(VARIANTS)}, got {unknown}")
-    if args.kv_cache_tokens is not None and {"vllm", "vllm-all-cores", "vllm-eager"} & set(variants):
+    if args.kv_cache_tokens is not None and set(ALONE) & set(variants):
         sys.exit("--kv-cache-tokens: vLLM as users run it keeps its default cache; drop the vllm variants")
     args.preload = preloads() if args.use_preload else {}
     jobs = make_jobs(args.folder, names)
     files = {job: _vllm_requests_file(jobs[job]) for job in names}
     runs: dict[tuple[str, str], list[dict]] = {}
     bindings: dict[str, str] = {}
+
+    def record(job: str, variant: str, repeat: int, result: dict) -> None:
+        result["outputs"] = {int(k): v for k, v in result["outputs"].items()}
+        runs.setdefault((job, variant), []).append(result)
+        print(f"  {job:17s} {variant:17s} run {repeat + 1}: {result['wall_s']:6.1f} s wall, "
+              f"{result['generate_s']:6.2f} s generating, {result['computed']} prompt tokens computed",
+              file=sys.stderr, flush=True)
+
     try:
-        for repeat in range(args.repeats):
-            for job in names:
-                for variant in variants:
-                    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.hog else None
-                    try:
-                        result, bindings[variant] = measure(variant, job, files[job], args)
-                    finally:
-                        if hog is not None:
-                            hog.kill()
-                            hog.wait()
-                    result["outputs"] = {int(k): v for k, v in result["outputs"].items()}
-                    runs.setdefault((job, variant), []).append(result)
-                    print(f"  {job:17s} {variant:17s} run {repeat + 1}: {result['wall_s']:6.1f} s wall, "
-                          f"{result['generate_s']:6.2f} s generating, {result['computed']} prompt tokens computed",
-                          file=sys.stderr, flush=True)
+        for variant in variants:
+            if variant in ALONE:
+                results, bindings[variant] = measure_alone(variant, files, args)
+            else:
+                results = measure(variant, names, args)
+            missing = {(job, r) for job in names for r in range(args.repeats)} - results.keys()
+            if missing:
+                sys.exit(f"{variant}: no result for {sorted(missing)}")
+            for (job, repeat), result in sorted(results.items(), key=lambda item: item[0][1]):
+                record(job, variant, repeat, result)
     finally:
         for path in files.values():
             os.unlink(path)
