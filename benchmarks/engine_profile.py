@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--job", default="a")
     parser.add_argument("--model", default="small")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
 
     # prefixbatch before torch, as in a user's process: it sets GOMP_SPINCOUNT before OpenMP loads.
@@ -46,7 +47,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(2)
-    executor, work = vllm_bench.native_setup(args.job, args.model)
+    executor, work = vllm_bench.native_setup(args.job, args.model, args.dtype)
     started = time.perf_counter()
     list(executor.generate(work))
     plain = time.perf_counter() - started

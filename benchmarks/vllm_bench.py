@@ -206,7 +206,7 @@ def preloads() -> dict[str, str]:
     return found
 
 
-def native_setup(job: str, model: str = "small"):
+def native_setup(job: str, model: str = "small", dtype: str = "float32"):
     """(native executor, planned work) for one job, planned with the native default KV budget:
     what the profiling benchmarks run (`engine_profile.py`, `phase_times.py`)."""
     from prefixbatch.executors.config import ExecutorSpec, ModelSpec
@@ -216,7 +216,7 @@ def native_setup(job: str, model: str = "small"):
 
     folder = model_dir(model)
     requests = make_jobs(folder, [job])[job]
-    executor = create_executor(ModelSpec(path=str(folder), dtype="float32"), ExecutorSpec(kind="native", device="cpu"))
+    executor = create_executor(ModelSpec(path=str(folder), dtype=dtype), ExecutorSpec(kind="native", device="cpu"))
     return executor, plan_requests(requests, PlanSettings(kv_budget_tokens=DEFAULT_CPU_KV_BUDGET))
 
 
