@@ -267,8 +267,9 @@ def measure_alone(variant: str, files: dict[str, str], args) -> tuple[dict[tuple
         if line.startswith('{"requests"'):
             result = json.loads(line)
             results[(job_of[result.pop("requests")], result.pop("repeat"))] = result
-    binding = [re.sub(r"^.*?\] ", "", line.strip()) for line in stderr.splitlines()
-               if re.search(r"VLLM_CPU_OMP|core ids|reserved_cpus|Torch threads|KV cache size|not found in LD_PRELOAD", line)]
+    log = stdout + "\n" + stderr  # vLLM logs to stdout by default
+    binding = [re.sub(r"^.*?\] ", "", line.strip()) for line in log.splitlines()
+               if re.search(r"VLLM_CPU_OMP|core ids|reserved_cpus|Torch threads|for KV cache|not found in LD_PRELOAD", line)]
     return results, "\n".join(binding[-8:])
 
 
