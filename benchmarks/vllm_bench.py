@@ -282,8 +282,9 @@ def _run(variant: str, command: list[str], env: dict, *, hog: bool) -> tuple[str
         if hog is not None:
             hog.kill()
             hog.wait()
-    if done.returncode != 0:
-        sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
+    if done.returncode != 0:  # its results so far are kept; the table says what is missing
+        print(f"{variant} failed (exit {done.returncode}):\n{done.stderr[-3000:]}\n{done.stdout[-3000:]}",
+              file=sys.stderr, flush=True)
     return done.stdout, done.stderr
 
 
@@ -334,7 +335,7 @@ def main() -> None:
                 results = measure(variant, names, args)
             missing = {(job, r) for job in names for r in range(args.repeats)} - results.keys()
             if missing:
-                sys.exit(f"{variant}: no result for {sorted(missing)}")
+                print(f"  {variant}: no result for {sorted(missing)}", file=sys.stderr, flush=True)
             for (job, repeat), result in sorted(results.items(), key=lambda item: item[0][1]):
                 record(job, variant, repeat, result)
     finally:
@@ -363,9 +364,15 @@ def report_tables(args, names, variants, jobs, runs, bindings) -> None:
     for job in names:
         requests = jobs[job]
         unique = plan_requests(requests, PlanSettings(kv_budget_tokens=131_072)).plan.stats.num_unique_tokens
-        reference = runs[(job, variants[0])][0]["outputs"]
+        measured_variants = [v for v in variants if (job, v) in runs]
+        if not measured_variants:
+            continue
+        reference = runs[(job, measured_variants[0])][0]["outputs"]
         for variant in variants:
-            measured = runs[(job, variant)]
+            measured = runs.get((job, variant))
+            if not measured:
+                print(f"| {job} | {variant} | failed (its log above) | | | | | | |")
+                continue
             median = sorted(measured, key=lambda r: r["generate_s"])[len(measured) // 2]
             agree = sum(median["outputs"][k] == reference[k] for k in reference)
             shared = sum(_common(median["outputs"][k], reference[k]) for k in reference)
@@ -380,16 +387,19 @@ def report_tables(args, names, variants, jobs, runs, bindings) -> None:
                                           "output_tokens": median["output_tokens"], "setup": median["setup"]}
     print("\nset-up of each engine (last run):")
     for variant in variants:
-        setup = runs[(names[-1], variant)][-1]["setup"]
+        done = [runs[(job, variant)] for job in names if (job, variant) in runs]
+        if not done:
+            continue
+        setup = done[-1][-1]["setup"]
         print(f"  {variant}: " + ", ".join(f"{k} {v}" for k, v in setup.items()))
         if bindings.get(variant):
             print("    " + bindings[variant].replace("\n", "\n    "))
     if "native" in variants and len(variants) > 1:
         print("\nnative speed ÷ each variant's (generate time, median):")
-        for job in names:
+        for job in [job for job in names if (job, "native") in runs]:
             native = statistics.median(r["generate_s"] for r in runs[(job, "native")])
             ratios = [f"{v} {statistics.median(r['generate_s'] for r in runs[(job, v)]) / native:.2f}x"
-                      for v in variants if v != "native"]
+                      for v in variants if v != "native" and (job, v) in runs]
             print(f"  {job}: " + ", ".join(ratios))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
