@@ -80,6 +80,26 @@ static inline __m512 exp_ps(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* The 4 vectors' masks of panel p's 64 columns: the columns that exist (n of them in all). */
+static inline void panel_masks(int64_t n, int64_t p, __mmask16 mask[4]) {
+    for (int j = 0; j < 4; j++) {
+        const int64_t valid = n - p * PANEL - 16 * j;
+        mask[j] = valid >= 16 ? 0xFFFF : valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1);
+    }
+}
+
+/* fn(pr, rows, r, ...) for the rows [r, r1) left, at most ROWS, with the count a constant (so
+   `fn`, always inlined, keeps its sums in registers). */
+#define BLOCK_OF_ROWS(fn, r1, r, ...)                                                                                \
+    switch ((r1) - (r) < ROWS ? (r1) - (r) : ROWS) {                                                                 \
+    case 6: fn(pr, 6, r, __VA_ARGS__); break;                                                                        \
+    case 5: fn(pr, 5, r, __VA_ARGS__); break;                                                                        \
+    case 4: fn(pr, 4, r, __VA_ARGS__); break;                                                                        \
+    case 3: fn(pr, 3, r, __VA_ARGS__); break;                                                                        \
+    case 2: fn(pr, 2, r, __VA_ARGS__); break;                                                                        \
+    default: fn(pr, 1, r, __VA_ARGS__); break;                                                                       \
+    }
+
 typedef struct {
     const float *x;
     int64_t rows, k;
@@ -137,21 +157,11 @@ static void product_task(void *ctx, int64_t task) {
     const int64_t r0 = task % pr->row_blocks * pr->row_block;
     const int64_t r1 = r0 + pr->row_block < pr->rows ? r0 + pr->row_block : pr->rows;
     __mmask16 mask[4];
-    for (int j = 0; j < 4; j++) {
-        const int64_t valid = pr->n - p * PANEL - 16 * j;
-        mask[j] = valid >= 16 ? 0xFFFF : valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1);
-    }
+    panel_masks(pr->n, p, mask);
     for (int64_t k0 = 0; k0 < pr->k; k0 += KC) {
         const int kc = pr->k - k0 < KC ? (int)(pr->k - k0) : KC;
         for (int64_t r = r0; r < r1; r += ROWS) {
-            switch (r1 - r < ROWS ? r1 - r : ROWS) {
-            case 6: block(pr, 6, r, p, k0, kc, mask); break;
-            case 5: block(pr, 5, r, p, k0, kc, mask); break;
-            case 4: block(pr, 4, r, p, k0, kc, mask); break;
-            case 3: block(pr, 3, r, p, k0, kc, mask); break;
-            case 2: block(pr, 2, r, p, k0, kc, mask); break;
-            default: block(pr, 1, r, p, k0, kc, mask); break;
-            }
+            BLOCK_OF_ROWS(block, r1, r, p, k0, kc, mask)
         }
     }
 }
@@ -282,22 +292,12 @@ static void product_task_bf16(void *ctx, int64_t task) {
     const int64_t r0 = task % pr->row_blocks * pr->row_block;
     const int64_t r1 = r0 + pr->row_block < pr->rows ? r0 + pr->row_block : pr->rows;
     __mmask16 mask[4];
-    for (int j = 0; j < 4; j++) {
-        const int64_t valid = pr->n - p * PANEL - 16 * j;
-        mask[j] = valid >= 16 ? 0xFFFF : valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1);
-    }
+    panel_masks(pr->n, p, mask);
     const int64_t pairs = pr->k / 2;
     for (int64_t kp0 = 0; kp0 < pairs; kp0 += KC_PAIRS) {
         const int kpc = pairs - kp0 < KC_PAIRS ? (int)(pairs - kp0) : KC_PAIRS;
         for (int64_t r = r0; r < r1; r += ROWS) {
-            switch (r1 - r < ROWS ? r1 - r : ROWS) {
-            case 6: block_bf16(pr, 6, r, p, kp0, kpc, mask); break;
-            case 5: block_bf16(pr, 5, r, p, kp0, kpc, mask); break;
-            case 4: block_bf16(pr, 4, r, p, kp0, kpc, mask); break;
-            case 3: block_bf16(pr, 3, r, p, kp0, kpc, mask); break;
-            case 2: block_bf16(pr, 2, r, p, kp0, kpc, mask); break;
-            default: block_bf16(pr, 1, r, p, kp0, kpc, mask); break;
-            }
+            BLOCK_OF_ROWS(block_bf16, r1, r, p, kp0, kpc, mask)
         }
     }
 }
