@@ -94,7 +94,7 @@ def main() -> None:
         if args.variant == "native":  # prefixbatch before torch, as in a user's process: it
             importlib.import_module("prefixbatch")  # sets GOMP_SPINCOUNT before OpenMP loads
         steps = (native_steps if args.variant == "native" else vllm_steps)(args.job, args.model, args.dtype)
-        print(json.dumps(steps))
+        print("steps " + json.dumps(steps), flush=True)  # vLLM logs to stdout too
         return
     print("| variant | prefill steps | prefill s | decode steps | median decode step ms | total s |\n|---|---|---|---|---|---|")
     for variant in VARIANTS:
@@ -106,7 +106,8 @@ def main() -> None:
              "--variant", variant],
             capture_output=True, text=True, env=env, check=True,
         )
-        steps = json.loads(result.stdout.strip().splitlines()[-1])
+        [line] = [line for line in result.stdout.splitlines() if line.startswith("steps ")]
+        steps = json.loads(line.removeprefix("steps "))
         prefill = [s for is_prefill, s in steps if is_prefill]
         decode = [s for is_prefill, s in steps if not is_prefill]
         print(f"| {variant} | {len(prefill)} | {sum(prefill):.2f} | {len(decode)} | "
