@@ -81,7 +81,7 @@ class PackedWeight:
         """ours=False: oneDNN's even where our kernel runs (as CPUs without AVX-512 do)."""
         num_out, num_in = weight.shape
         kernel = load_span_kernel() if ours else None
-        if kernel is not None and kernel.dense_takes(weight.dtype) and num_in % 2 == 0:
+        if kernel is not None and kernel.dense_takes(weight.dtype, num_in):
             return cls(kernel.pack_dense(weight), num_in, num_out, kernel)
         assert onednn_available(weight.dtype), "no packed products here: check `packing_available` first"
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _PACK_FOR_ROWS)

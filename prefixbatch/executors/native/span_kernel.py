@@ -97,25 +97,22 @@ class SpanKernel:
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self.library = library
-        fn = library.pb_span_attention
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.POINTER(SpanArgs)]
-        self._fn = fn
-        fn = library.pb_span_attention_bf16  # the same over a bf16 store
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.POINTER(SpanArgs)]
-        self._fn_bf16 = fn
+        # Entry points by the store's dtype: the attention call and the residual norm pass.
+        self._attention = {torch.float32: library.pb_span_attention, torch.bfloat16: library.pb_span_attention_bf16}
+        for fn in self._attention.values():
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.POINTER(SpanArgs)]
         limits = [ctypes.c_int() for _ in range(3)]
         library.pb_span_attention_limits(*(ctypes.byref(x) for x in limits))
         self.max_queries_per_task, self.max_head_dim, self.dot_max_queries = (x.value for x in limits)
         self.vector_bytes = library.pb_vector_bytes()  # 64: an AVX-512 build (`attention_wins`)
-        norm = library.pb_add_rms_norm
-        norm.restype = None
-        norm.argtypes = [
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
-            ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
-        ]  # fmt: skip
-        self._norm = norm
+        self._norm = {torch.float32: library.pb_add_rms_norm, torch.bfloat16: library.pb_add_rms_norm_bf16}
+        for norm in self._norm.values():
+            norm.restype = None
+            norm.argtypes = [
+                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
+                ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+            ]  # fmt: skip
         self.has_dense = bool(library.pb_dense_available())
         if self.has_dense:
             library.pb_dense_packed_floats.restype = ctypes.c_int64
@@ -141,20 +138,20 @@ class SpanKernel:
                 ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                 ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
             ]  # fmt: skip
-        library.pb_add_rms_norm_bf16.restype = None
-        library.pb_add_rms_norm_bf16.argtypes = norm.argtypes
 
-    def dense_takes(self, dtype: torch.dtype) -> bool:
-        """Whether the library has products for weights of this dtype (fp32, bf16)."""
-        return {torch.float32: self.has_dense, torch.bfloat16: self.has_dense_bf16}.get(dtype, False)
+    def dense_takes(self, dtype: torch.dtype, num_in: int = 2) -> bool:
+        """Whether the library has products for weights of this dtype (fp32, bf16) and input size
+        (bf16 products take k in pairs: an even num_in)."""
+        if dtype == torch.bfloat16:
+            return self.has_dense_bf16 and num_in % 2 == 0
+        return dtype == torch.float32 and self.has_dense
 
     def pack_dense(self, weight: torch.Tensor) -> torch.Tensor:
         """W [out, in] fp32 or bf16 (in even) → its copy in the layout `dense` reads (kernels/dense.c)."""
         num_out, num_in = weight.shape
         weight = weight.detach().contiguous()
-        assert weight.device.type == "cpu" and self.dense_takes(weight.dtype)
+        assert weight.device.type == "cpu" and self.dense_takes(weight.dtype, num_in)
         if weight.dtype == torch.bfloat16:
-            assert num_in % 2 == 0, num_in
             packed = torch.empty(self.library.pb_dense_bf16_packed_halves(num_out, num_in), dtype=torch.bfloat16)
             pack = self.library.pb_dense_bf16_pack
         else:
@@ -203,8 +200,7 @@ class SpanKernel:
         assert x.dtype == delta.dtype == weight.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
         delta, weight = delta.contiguous(), weight.contiguous()
         out = torch.empty_like(x)
-        norm = self._norm if x.dtype == torch.float32 else self.library.pb_add_rms_norm_bf16
-        norm(x.data_ptr(), delta.data_ptr(), weight.data_ptr(), eps, out.data_ptr(), rows, dim, torch.get_num_threads())
+        self._norm[x.dtype](x.data_ptr(), delta.data_ptr(), weight.data_ptr(), eps, out.data_ptr(), rows, dim, torch.get_num_threads())
         return out
 
     def supports(self, q: torch.Tensor, num_kv_heads: int) -> bool:
@@ -289,7 +285,7 @@ class SpanKernel:
             out=out.data_ptr(), lse=lse.data_ptr(), num_rows_out=num_rows, num_heads=num_heads,
             num_kv_heads=num_kv_heads, head_dim=head_dim, scale=scale, num_threads=torch.get_num_threads(),
         )  # fmt: skip
-        fn = self._fn if keys.dtype == torch.float32 else self._fn_bf16
+        fn = self._attention[keys.dtype]
         if torch.autograd._profiler_enabled():  # named in profiles (the marker costs ~5 µs a call)
             with torch.profiler.record_function("prefixbatch::span_attention"):
                 status = fn(args)
