@@ -60,7 +60,7 @@ from prefixbatch.errors import ModelError
 __all__ = ["BOS", "EOS", "IM_END", "IM_START", "PAD", "Arch", "Size", "make_test_model"]
 
 Arch = Literal["llama", "qwen2", "qwen3"]
-Size = Literal["tiny", "small", "qwen2.5-0.5b", "llama-3.2-1b"]
+Size = Literal["tiny", "small", "qwen2.5-0.5b", "llama-3.2-1b", "kv-heavy"]
 
 BOS = "<|bos|>"
 EOS = "<|eos|>"
@@ -127,6 +127,19 @@ REAL_SHAPES: dict[str, dict] = {
     },
 }
 SIZES.update({name: real["shape"] for name, real in REAL_SHAPES.items()})
+# A benchmark size for jobs over a cache's capacity: the KV bytes per token of Llama-3.1-8B
+# (128 KiB in bf16: 16 layers × 16 KV heads × 128 here, 32 × 8 × 128 there) with everything
+# else tiny, so that documents filling a CPU engine's ~20 GiB cache are computed in minutes.
+SIZES["kv-heavy"] = {
+    "vocab_size": 8192,
+    "hidden_size": 64,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "head_dim": 128,
+    "intermediate_size": 128,
+    "max_position_embeddings": 4096,
+}
 
 
 

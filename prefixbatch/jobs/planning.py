@@ -6,7 +6,9 @@ resolved here, with its one default:
 
 - the KV budget: `executor.kv_budget_tokens`, else on CUDA what free device memory holds
   after the weights (bytes per KV token from the model's config.json; no weights loaded),
-  else `DEFAULT_CPU_KV_BUDGET`; a group may take `GROUP_SHARE` of it;
+  else on the CPU `DEFAULT_CPU_KV_BUDGET` or what half the available memory holds after the
+  weights, whichever is less (a model with a large KV per token); a group may take
+  `GROUP_SHARE` of it;
 - prefix sharing: `executor.prefix_sharing`, and off for an executor that cannot share
   (`hf`), so the plan predicts exactly what that executor computes;
 - shards: 1 in one process; on Dask, workers × `cluster.shards_per_worker`.
@@ -31,6 +33,7 @@ from prefixbatch.prefix_tree import PlannedRequests, PlanSettings, plan_requests
 from prefixbatch.types import Request
 
 DEFAULT_CPU_KV_BUDGET = 131_072  # tokens held at once on the CPU (2 GiB of fp32 KV for the `small` model)
+CPU_KV_MEMORY_SHARE = 0.5  # of the memory available when the job is planned, at most, for KV
 
 
 def plan_settings(spec: JobSpec, *, num_shards: int) -> PlanSettings:
@@ -55,8 +58,10 @@ def kv_budget_tokens(spec: JobSpec) -> int:
     )
     if on_cpu and resolve_kind(spec.model, spec.executor) == "vllm":
         return vllm_cpu_cache_tokens(spec)
-    if on_cpu or spec.cluster.kind == "dask":  # a cluster's workers' devices: not seen here
+    if spec.cluster.kind == "dask":  # a cluster's workers' memories: not seen here
         return DEFAULT_CPU_KV_BUDGET
+    if on_cpu:
+        return cpu_kv_budget(spec.model.path, spec.model.dtype)
     device = resolve_device(spec.executor.device)
     dtype = resolve_dtype(spec.model.dtype, device)
     config = read_config(spec.model.path)
@@ -65,6 +70,27 @@ def kv_budget_tokens(spec: JobSpec) -> int:
         weights_bytes=weights_bytes(spec.model.path, config, dtype.itemsize),
         bytes_per_token=kv_bytes_per_token(config, dtype.itemsize),
     )
+
+
+def cpu_kv_budget(model_path: str, dtype_name: str) -> int:
+    """KV tokens held at once on the CPU: `DEFAULT_CPU_KV_BUDGET`, or fewer where they would
+    take over `CPU_KV_MEMORY_SHARE` of the memory available now once the weights are in (a
+    model with a large KV per token: Llama-3.1-8B's 128 KiB a token in bf16 would make the
+    default 16 GiB) — then a power of two, so that `plan` and a later `run` on a machine whose
+    free memory moved a little still make the same plan."""
+    import psutil
+
+    from prefixbatch.executors.device import resolve_device, resolve_dtype
+
+    itemsize = resolve_dtype(dtype_name, resolve_device("cpu")).itemsize
+    config = read_config(model_path)
+    fits = kv_budget_for_memory(
+        free_bytes=int(psutil.virtual_memory().available * CPU_KV_MEMORY_SHARE),
+        weights_bytes=weights_bytes(model_path, config, itemsize),
+        bytes_per_token=kv_bytes_per_token(config, itemsize),
+        reserve=0.0,
+    )
+    return DEFAULT_CPU_KV_BUDGET if fits >= DEFAULT_CPU_KV_BUDGET else 1 << (fits.bit_length() - 1)
 
 
 def vllm_cpu_cache_tokens(spec: JobSpec) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -82,6 +83,23 @@ def test_plan_and_run_agree_in_one_process(tmp_path, tiny_llama, capsys, shape, 
     assert planned["group_budget_tokens"] == planned["kv_budget_tokens"] // 2
     if shape != "none":
         assert planned["prefill_tokens"] < summary["prompt_tokens"]  # sharing was planned and done
+
+
+def test_the_cpu_budget_shrinks_to_what_memory_holds(tmp_path, tiny_llama, capsys, monkeypatch):
+    """A model whose default budget (131,072 tokens) would not fit in half the available
+    memory gets the largest power of two that does, in `plan` and `run` alike."""
+    import psutil
+
+    from prefixbatch.model_folder import kv_bytes_per_token, read_config, weights_bytes
+
+    available = 200 * 2**20
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=available))
+    config = read_config(str(tiny_llama))
+    fits = (available // 2 - weights_bytes(str(tiny_llama), config, 4)) // kv_bytes_per_token(config, 4)
+    spec = write_job(tmp_path, tiny_llama, "systems")
+    planned, summary = plan_then_run(spec, tmp_path, capsys)
+    check_same(planned, summary)
+    assert planned["kv_budget_tokens"] == 32_768 <= fits < 65_536
 
 
 def test_hf_is_planned_without_sharing_and_computes_what_it_predicts(tmp_path, tiny_llama, capsys):
