@@ -37,8 +37,12 @@ Jobs (`--jobs`, comma-separated):
                       real chats (`real_chats.py`), for `--model smollm2`: two long system
                       prompts × 32 questions; 64 short chats under system prompts of their own
                       (little to share); up to 128 new tokens, rows ending at end-of-sequence
-    over-interleaved, over-random
-                      40 documents (900–1,100 tokens) × 4 questions (16–48), 16 new tokens
+    over-grouped, over-interleaved, over-random
+                      over capacity, for `--model kv-heavy` (a random model with Llama-3.1-8B's
+                      KV bytes per token, 128 KiB in bf16, and little else), `--dtype float32`:
+                      416 documents (240–272 tokens) × 4 questions (8–24), 8 new tokens — the
+                      documents' KV (26 GiB) over vLLM's default cache (~21 GiB here); each
+                      document's questions together (input order), interleaved, random
     long              4 prompts of 256 tokens, 1,024 new tokens each
 
 Reported per job and variant: wall s from the process's start to its last completion
@@ -77,6 +81,7 @@ MODELS = {
     "small": Path(".cache/engine_bench/small-llama"),
     "qwen2.5-0.5b": Path(".cache/bench-models/qwen2.5-0.5b"),
     "llama-3.2-1b": Path(".cache/bench-models/llama-3.2-1b"),
+    "kv-heavy": Path(".cache/bench-models/kv-heavy"),  # the over-capacity jobs' model
     "smollm2": None,  # the trained model (`real_chats.smollm2_folder`)
 }
 # vLLM's CPU docs: tcmalloc and Intel OpenMP preloaded; the first match of each is used.
@@ -85,6 +90,19 @@ PRELOADS = (
                   "{site}/**/libtcmalloc_minimal.so*", "{site}/**/libtcmalloc.so*")),
     ("iomp", ("{prefix}/lib/libiomp5.so", "{site}/**/libiomp5.so")),
 )
+
+
+# Over capacity (`--model kv-heavy --dtype float32`): documents of 240–272 tokens × 4
+# questions each, the documents' KV 26 GiB in fp32 against vLLM's default cache of ~21 GiB
+# here (in bf16 the cache holds twice the tokens: the job would need twice the documents):
+# in input order (each document's questions together), interleaved (every document's first
+# question, then every second, ...) and in a random order.
+OVER_DOCUMENTS = 416
+OVER_ORDERS = {
+    "over-grouped": lambda rows, rng: rows,
+    "over-interleaved": lambda rows, rng: [rows[d * 4 + q] for q in range(4) for d in range(len(rows) // 4)],
+    "over-random": lambda rows, rng: [rows[i] for i in rng.permutation(len(rows))],
+}
 
 
 def make_jobs(model_dir: Path, names: list[str]) -> dict[str, list]:
@@ -117,14 +135,12 @@ def make_jobs(model_dir: Path, names: list[str]) -> dict[str, list]:
         if name == "long":
             jobs[name] = [Request(i, tuple(tokens(256)), SamplingParams(max_tokens=1024)) for i in range(4)]
             continue
-        if name not in ("over-interleaved", "over-random"):
+        if name not in OVER_ORDERS:
             sys.exit(f"--jobs: unknown job {name!r}")
-        docs = [tokens(int(rng.integers(900, 1101))) for _ in range(40)]
-        questions = [[tokens(int(rng.integers(16, 49))) for _ in range(4)] for _ in docs]
-        interleaved = [docs[d] + questions[d][q] for q in range(4) for d in range(len(docs))]
-        if name == "over-random":
-            interleaved = [interleaved[i] for i in rng.permutation(len(interleaved))]
-        jobs[name] = [Request(i, tuple(p), SamplingParams(max_tokens=16)) for i, p in enumerate(interleaved)]
+        docs = [tokens(int(rng.integers(240, 273))) for _ in range(OVER_DOCUMENTS)]
+        questions = [[tokens(int(rng.integers(8, 25))) for _ in range(4)] for _ in docs]
+        prompts = OVER_ORDERS[name]([d + q for d, qs in zip(docs, questions) for q in qs], rng)
+        jobs[name] = [Request(i, tuple(p), SamplingParams(max_tokens=8)) for i, p in enumerate(prompts)]
     return jobs
 
 
@@ -136,7 +152,7 @@ def run_variant(variant: str, model_dir: Path, jobs: dict[str, list], args) -> N
 
     from prefixbatch.executors.config import ExecutorSpec, ModelSpec
     from prefixbatch.executors.registry import create_executor
-    from prefixbatch.jobs.planning import DEFAULT_CPU_KV_BUDGET
+    from prefixbatch.jobs.planning import cpu_kv_budget
     from prefixbatch.prefix_tree import PlanSettings, plan_requests
 
     kind = "native" if variant == "native" else "vllm"
@@ -145,7 +161,7 @@ def run_variant(variant: str, model_dir: Path, jobs: dict[str, list], args) -> N
     executor = create_executor(ModelSpec(path=str(model_dir), dtype=args.dtype),
                                ExecutorSpec(kind=kind, device="cpu", vllm=vllm, kv_budget_tokens=kv_cache_tokens))
     start_up = time.perf_counter() - START
-    budget = getattr(executor, "kv_cache_tokens", kv_cache_tokens or DEFAULT_CPU_KV_BUDGET)
+    budget = getattr(executor, "kv_cache_tokens", kv_cache_tokens or cpu_kv_budget(str(model_dir), args.dtype))
     setup = {"isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
              "kv_cache_tokens": budget}
     if kind == "native":
