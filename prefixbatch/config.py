@@ -3,12 +3,23 @@
 Each component owns the section it consumes (`pipeline.config`, `executors.config`,
 `cluster.config`); `jobs.spec.JobSpec` only composes them, so no component imports the job
 layer. `ModelSpec` lives here, at the bottom: the tokenizer (`pipeline`) and the executors
-both read the model folder it names.
+both read the model folder it names. The field docstrings are the spec's reference: `prefixbatch
+spec-reference` renders them into docs/spec.md and `validate --explain` prints one.
 """
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
+
+
+@dataclass(frozen=True)
+class ShownAs:
+    """`Annotated[..., ShownAs("...")]`: the type the spec reference names for a field whose
+    validator accepts more than its annotation says (a schema object kept as JSON text). Only
+    the reference reads it; validation ignores it."""
+
+    type: str
 
 
 class StrictModel(BaseModel):
@@ -22,22 +33,28 @@ class ModelSpec(StrictModel):
 
     path: str
     """Folder of a Hugging Face checkpoint (config.json, safetensors weights, tokenizer files),
-    or a Hugging Face Hub id (`org/name`): downloaded into the Hub cache when the network
+    or a Hugging Face Hub id (`org/name`, e.g. `Qwen/Qwen2.5-0.5B-Instruct`): downloaded into
+    the Hub cache (`HF_HOME`; config, tokenizer and safetensors files only) when the network
     allows, used from the cache offline (`HF_HUB_OFFLINE=1`). A relative path is resolved
-    against the spec file's folder; a folder that exists wins over a Hub id of the same name."""
+    against the spec file's folder; a folder that exists wins over a Hub id of the same name.
+    On Dask, workers use the folder the driver resolved (a shared cache or filesystem)."""
 
     gguf_file: str | None = None
-    """A GGUF file (llama.cpp's format) inside the `path` folder to load; or name the `.gguf`
-    file in `path` itself. Dequantized once to fp32 safetensors in a cached Hugging Face folder
-    (in the Hub cache, keyed by the file's SHA-256) that every executor reads; `validate` and
-    `plan` read only its config and tokenizer."""
+    """A GGUF file (llama.cpp's format, as Ollama and LM Studio store models) inside the `path`
+    folder to load; or name the `.gguf` file in `path` itself. Dequantized once to fp32
+    safetensors in a cached Hugging Face folder (in the Hub cache, keyed by the file's SHA-256)
+    that every executor reads; `validate` and `plan` read only its config and tokenizer. The
+    job's fingerprint (`_job.json`) records the file's SHA-256."""
 
     revision: str | None = None
     """Hub ids only: the branch, tag or commit to use (null: `main`). The commit it resolves
-    to is recorded in the job's fingerprint."""
+    to is recorded in the job's fingerprint (`_job.json`), so a resume against another
+    revision is refused."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights and activations dtype. `auto`: float32 on CPU, bfloat16 on CUDA."""
+    """Weights and activations dtype. `auto`: float32 on the CPU, bfloat16 on CUDA.
+    `bfloat16` on the CPU: `native` keeps weights, activations and KV in bf16 and sums in
+    fp32 (faster than fp32; outputs equal transformers' bf16 up to near-ties)."""
 
     chat_template: Literal["auto", "always", "never"] = "auto"
     """`auto`: messages rows go through the tokenizer's chat template, prompt rows are used as

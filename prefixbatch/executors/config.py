@@ -21,7 +21,8 @@ class NativeSettings(StrictModel):
 
     max_step_tokens: int | None = Field(None, ge=1)
     """Most tokens in one forward step: every running sequence's decode token, then prefill
-    chunks (long prompt segments are chunked to fit). null: `default_step_tokens(device)`."""
+    chunks (long prompt segments are chunked to fit). Null: 2,048 on a CPU (smaller steps
+    keep activations in cache: 10% faster than 16,384), 16,384 on a GPU."""
 
     @staticmethod
     def default_step_tokens(device: str) -> int:
@@ -32,10 +33,14 @@ class NativeSettings(StrictModel):
 
     batch_invariant: bool = False
     """true: a row's logits are the same to the last bit whatever it is computed with (its
-    batch mates, prefill or decode), so a seeded sampled row draws the same completion in any
-    job and across a resume. Costs speed (attention in fixed blocks instead of the fused
-    kernel: 0.5–0.73× in BENCHMARKS.md); CPU only. false: exact up to fp32 rounding, which a
-    seeded sample notices about once in ten thousand tokens."""
+    batch mates, groups, prefill chunks, or a resume that prefills its checkpointed tokens),
+    so a seeded sampled row draws the same completion in any job and across `--resume` (with
+    the same thread count). Costs speed: dense layers on row counts rounded up to 16,
+    attention in fixed 64-key blocks instead of the fused kernel, PyTorch's dense products
+    rather than the packed ones (every shared prefix is still computed once; 0.25–0.45× of
+    `native` in BENCHMARKS.md). CPU only. false: exact up to fp32 rounding, which a seeded
+    sample notices about once in ten thousand tokens; greedy rows seldom do (only a near-tie
+    between the two most likely tokens can flip)."""
 
 
 class HfSettings(StrictModel):
@@ -69,7 +74,8 @@ class VllmSettings(StrictModel):
     """GPUs one engine spans."""
 
     max_model_len: int | None = Field(None, ge=1)
-    """Longest prompt + output the engine accepts (null: the model's own context)."""
+    """Longest prompt + output the engine accepts (null: the model's own context); a longer
+    request becomes an `executor_refused` error row."""
 
     block_size: int | None = Field(None, ge=1)
     """Tokens per KV block, the prefix cache's unit: a shared prefix is reused in whole
@@ -111,16 +117,25 @@ class ExecutorSpec(StrictModel):
 
     kv_budget_tokens: int | None = Field(None, ge=1)
     """Most KV-cache tokens an executor holds at once; the planner sizes groups to fit half
-    of it (the other half lets the next group prefill while one decodes). Null: sized from
-    free device memory on CUDA, 131072 on the CPU."""
+    of it (the other half lets the next group prefill while one decodes). Null: on CUDA, what
+    free device memory holds once the weights are in (10% kept for activations; bytes per
+    token from the model's config); on the CPU, 131,072, or the largest power of two that
+    half the available memory holds when that is less (`vllm` on the CPU: what
+    `executor.vllm.cpu_kv_cache_gib` holds); on Dask, 131,072. `plan` and `run` resolve it
+    the same way."""
 
     prefix_sharing: bool = True
     """false: plan as if no two prompts shared a prefix, so every prompt is prefilled in full
-    (for ablations: what sharing saves)."""
+    (for ablations: what sharing saves). `hf` cannot share, so its plans never do."""
 
     native: NativeSettings = NativeSettings()
+    """Settings only the `native` engine reads: its step size and numerics."""
+
     hf: HfSettings = HfSettings()
+    """Settings only the `hf` executor reads: the size of transformers' `generate` batches."""
+
     vllm: VllmSettings = VllmSettings()
+    """Settings only the `vllm` executor reads: vLLM's engine arguments, as its users tune them."""
 
     @model_validator(mode="after")
     def _invariant_on_cpu(self) -> ExecutorSpec:

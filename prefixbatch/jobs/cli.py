@@ -1,4 +1,4 @@
-"""The `prefixbatch` command: run, validate, plan, make-test-model, demo.
+"""The `prefixbatch` command: run, validate, plan, make-test-model, demo, spec-reference.
 
 Exit codes: 0 success; 2 a user's mistake (one message, no traceback; `--debug` shows it);
 3 the job finished but more rows than `max_error_fraction` are error rows; 130 / 143 `run`
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from prefixbatch.errors import UserError
 
 
-def _add_spec_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", help="job spec file (.yaml, .yml, .toml or .json)")
+def _add_spec_args(parser: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    parser.add_argument("spec", nargs="?" if optional else None, help="job spec file (.yaml, .yml, .toml or .json)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -54,9 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     validate = verbs.add_parser("validate", help="check the spec, input files and model folder; load no weights")
-    _add_spec_args(validate)
+    _add_spec_args(validate, optional=True)
     validate.add_argument(
         "--errors", metavar="FILE.jsonl", help="write every row that would be an error row (id, code, message)"
+    )
+    validate.add_argument(
+        "--explain", metavar="FIELD",
+        help="print a spec field's type, default, allowed values and meaning (e.g. sampling.max_tokens; a section"
+        " such as sampling lists its fields) instead of validating; needs no spec file",
     )
     validate.set_defaults(func=cmd_validate)
 
@@ -94,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = verbs.add_parser("demo", help="make a tiny model and sample prompts, run a job, show the output")
     demo.add_argument("dir", nargs="?", default="demo", help="working folder (default: ./demo)")
     demo.set_defaults(func=cmd_demo)
+
+    reference = verbs.add_parser(
+        "spec-reference", help="write the job spec reference (Markdown) generated from the spec's models"
+    )
+    reference.add_argument(
+        "--output", metavar="FILE.md", help="file to write (default: print it); the project's is docs/spec.md"
+    )
+    reference.set_defaults(func=cmd_spec_reference)
     return parser
 
 
@@ -189,6 +202,13 @@ def _resume_command(args: argparse.Namespace) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    if args.explain is not None:
+        from prefixbatch.jobs.spec_reference import explain
+
+        print(explain(args.explain))
+        return 0
+    if args.spec is None:
+        raise UserError("validate needs a spec file (or --explain FIELD to look a field up)")
     from prefixbatch.jobs.run import inspect_job
 
     spec = _load(args)
@@ -244,6 +264,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from prefixbatch.jobs.demo import run_demo
 
     run_demo(args.dir, log=_info)
+    return 0
+
+
+def cmd_spec_reference(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from prefixbatch.jobs.spec_reference import spec_reference_markdown
+
+    text = spec_reference_markdown()
+    if args.output is None:
+        print(text, end="")
+        return 0
+    path = Path(args.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    _info(f"wrote {path}")
     return 0
 
 

@@ -43,11 +43,27 @@ class JobSpec(StrictModel):
     `loglikelihood` request of lm-evaluation-harness)."""
 
     input: InputSpec
+    """Where the prompts are (Parquet, CSV, JSON Lines or OpenAI Batch files) and which columns
+    hold the id, the prompt or messages, and what to copy to the output."""
+
     output: OutputSpec
+    """The output folder: Parquet part files, their commit records, `_job.json`,
+    `_manifest.json`, `_summary.json` and `_SUCCESS`; how a folder that is not empty is treated."""
+
     model: ModelSpec
+    """The model to run: a Hugging Face checkpoint folder, a Hub id or a GGUF file."""
+
     sampling: SamplingSpec = SamplingSpec()
+    """Decoding defaults for every row; an input column named like a field (`max_tokens`,
+    `temperature`, `seed`, `n`, `stop`, `json_schema`, ...) overrides it for its row where it
+    is not null, and a value out of range makes that row an `invalid_sampling` error row."""
+
     executor: ExecutorSpec = ExecutorSpec()
+    """Which engine runs the plan (`native`, `hf`, `vllm`), on which device, with how much KV
+    memory; each engine's own settings in its sub-section."""
+
     cluster: ClusterSpec = ClusterSpec()
+    """One process (the default) or a Dask cluster that runs the plan's shards."""
 
     max_error_fraction: float = Field(1.0, ge=0.0, le=1.0)
     """Highest share of input rows that may end as error rows. Above it the run still writes

@@ -3,17 +3,17 @@
 `sampling` holds the job's defaults; an input column of the same name overrides a field
 per row (see `pipeline.requests`). `SamplingSpec` is the one list of sampling fields: the
 override columns and their types (`columns`), the per-request params (`requests`) and the
-README table are derived from it, so a new option is one field here plus its use.
+spec reference (docs/spec.md) are derived from it, so a new option is one field here plus its use.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from prefixbatch.config import StrictModel
+from prefixbatch.config import ShownAs, StrictModel
 
 
 class InputSpec(StrictModel):
@@ -108,9 +108,12 @@ class OutputSpec(StrictModel):
 
     mode: Literal["error", "overwrite", "resume"] = "error"
     """`error`: refuse a folder that is not empty. `overwrite`: remove what an earlier
-    prefixbatch job wrote there; a folder holding anything else is refused, nothing deleted.
+    prefixbatch job wrote there (`_job.json`, `_commits/`, `part-*.parquet`, `_manifest.json`,
+    `_summary.json`, `_SUCCESS`, temporaries of interrupted writes), then start fresh; a folder
+    holding anything else, or without `_job.json`, is refused and nothing is deleted.
     `resume`: keep the rows an earlier run of the same job committed and run only the rest
-    (an empty folder starts fresh; a folder written by a different job is refused)."""
+    (an empty folder starts fresh; a folder written by a different job is refused).
+    `run --overwrite` / `--resume` set it too."""
 
     rows_per_part: int = Field(10_000, ge=1)
     """Rows per output part file."""
@@ -118,7 +121,9 @@ class OutputSpec(StrictModel):
     checkpoint_seconds: float | None = Field(60.0, gt=0)
     """Seconds between checkpoints of the generations in flight (also written on Ctrl-C /
     SIGTERM): a killed run resumed with `--resume` continues each row from its checkpoint
-    instead of from its prompt. Null: no checkpoints (a kill loses all work in flight)."""
+    instead of from its prompt (`native`; on `vllm` only greedy rows without logprobs or
+    presence/frequency penalties; `hf` restarts every row). Null: no checkpoints (a kill
+    loses all work in flight)."""
 
     storage_options: dict[str, Any] = Field(default_factory=dict)
     """Passed to fsspec for the output filesystem."""
@@ -145,12 +150,16 @@ class SamplingSpec(StrictModel):
     """Keep only the k most likely tokens (null: no cut)."""
 
     seed: int = 0
-    """Job seed. Each row's generator is seeded from it and the row's id, so a row's sample does
-    not depend on its batch mates, sharding or resumes. A `seed` column sets it per row. With
-    `n > 1`, sample 0 uses the row's seed and sample k a seed derived from it and k."""
+    """Job seed. Each row's generator is seeded from it and the row's id, so a row's random
+    draws do not depend on its batch mates, sharding or resumes; with
+    `executor.native.batch_invariant` its sample is then the same to the last token in any run
+    (without it, fp32 rounding that varies with the batch flips a draw about once in ten
+    thousand tokens). A `seed` column sets it per row. With `n > 1`, sample 0 uses the row's
+    seed and sample k a seed derived from it and k."""
 
-    stop: tuple[str, ...] = ()
-    """Stop strings: the output is cut before the first one that appears."""
+    stop: Annotated[tuple[str, ...], ShownAs("string or list of strings")] = ()
+    """Stop strings: the output is cut before the first one that appears (one string or a
+    list)."""
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -163,7 +172,9 @@ class SamplingSpec(StrictModel):
 
     n: int = Field(1, ge=1)
     """Completions per prompt: a row becomes n output rows (`sample_index` 0..n-1), each sampled
-    with its own seed. The samples share the prompt's KV in the native engine."""
+    with its own seed (see `seed`), so samples differ under temperature > 0 and are the same
+    in every run. The samples share the prompt's KV in the native engine. An `n` column sets
+    it per row."""
 
     repetition_penalty: float = Field(1.0, gt=0.0)
     """transformers' repetition penalty over the prompt's and the output's tokens: a token seen
@@ -180,29 +191,37 @@ class SamplingSpec(StrictModel):
 
     min_tokens: int = Field(0, ge=0)
     """Output tokens before the output may stop on a token: until then the end-of-sequence and
-    `stop_token_ids` tokens are masked (stop strings still apply). At most `max_tokens`."""
+    `stop_token_ids` tokens are masked (stop strings still apply). At most `max_tokens`;
+    lowered with `max_tokens` when that is clamped to the context."""
 
     logprobs: int | None = Field(None, ge=0, le=20)
     """Log-probabilities in the output (`logprobs` column): for every output token its own and
-    the k most likely tokens' (0–20; null: no column values). From the model's distribution,
-    before penalties, temperature and top-k/top-p."""
+    the k most likely tokens' (0–20; null: no column values). From the model's distribution
+    (fp32 log-softmax of the raw logits), before penalties, temperature and top-k/top-p. A row
+    that asks for them is not checkpointed mid-generation: a resumed run generates it again
+    from its prompt (to the same output)."""
 
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
     """Log-probabilities of the prompt's tokens (`prompt_logprobs` column): for every prompt
     token after the first its own and the k most likely tokens' (0–20; null: none). A prefix
-    that rows share is scored once for all of them."""
+    that rows share is scored once for all of them (`native`; `vllm` computes each request's
+    own)."""
 
-    json_schema: str | None = None
+    json_schema: Annotated[str | None, ShownAs("JSON schema (an object, or its JSON text) or null")] = None
     """Structured output: the output must be JSON valid against this schema (a schema object
-    in the spec; per row, a column of JSON strings). Enforced token by token with xgrammar;
-    an output that ends by end-of-sequence is valid, one cut by `max_tokens` is not
-    (finish reason `length`, counted in the summary)."""
+    in the spec; per row, a column of JSON strings), written compact (no free whitespace, `,`
+    and `:` separators). Enforced token by token with xgrammar; an output that ends by
+    end-of-sequence is valid, one cut by `max_tokens` is not (finish reason `length`, counted
+    in the summary). A schema that does not compile is a job error (the spec's) or an
+    `invalid_constraint` error row (a row's)."""
 
     regex: str | None = None
     """Structured output: the output must match this regular expression (xgrammar's syntax)."""
 
     choice: tuple[str, ...] | None = None
-    """Structured output: the output must be exactly one of these strings (labelling)."""
+    """Structured output: the output must be exactly one of these strings (labelling). At most
+    one of `json_schema`, `regex` and `choice` is set; a row's own (an input column) replaces
+    the spec's."""
 
     @field_validator("json_schema", mode="before")
     @classmethod
