@@ -37,7 +37,9 @@ executor must compute), native/hf output tokens/s, and for native the peak KV to
 (`stats.peak_kv_tokens`) against the KV budget. `native-noshare` is the native engine with
 `executor.prefix_sharing: false` (the ablation), run on (a), (b), (d). `native-invariant`
 is the native engine with `executor.native.batch_invariant: true` (exact seeded samples
-whatever the batch; what that costs), run only when named in `--executors`.
+whatever the batch; what that costs) and `native-16k-steps` native with
+`executor.native.max_step_tokens: 16384` (the GPU default; against the CPU's 2,048) run only
+when named in `--executors`.
 
     .venv/bin/python benchmarks/engine_bench.py                       # everything, full scale
     .venv/bin/python benchmarks/engine_bench.py --scenario a --scale 0.25 --repeats 1
@@ -70,7 +72,7 @@ from prefixbatch.prefix_tree import PlanSettings, plan_requests
 from prefixbatch.types import Request, SamplingParams
 
 ABLATION_SCENARIOS = ("a", "b", "d", "chat-shared")
-EXECUTORS = ("native", "native-noshare", "hf", "native-invariant")
+EXECUTORS = ("native", "native-noshare", "hf", "native-invariant", "native-16k-steps")
 DEFAULT_EXECUTORS = ("native", "native-noshare", "hf")
 
 
@@ -240,7 +242,8 @@ def load_executors(model_dir: Path, names: list[str], kv_budget: int | None) -> 
                 device="cpu",
                 kv_budget_tokens=kv_budget,
                 prefix_sharing=name != "native-noshare",
-                native={"batch_invariant": name == "native-invariant"},
+                native={"batch_invariant": name == "native-invariant",
+                        "max_step_tokens": 16_384 if name == "native-16k-steps" else None},
             )
             executors[name] = NativeExecutor(model, spec)
         executors[name].plan_settings = PlanSettings(

@@ -89,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     make_model.add_argument("dir", help="folder to write the checkpoint into")
     make_model.add_argument("--arch", choices=["llama", "qwen2", "qwen3"], default="llama")
     make_model.add_argument(
-        "--size", choices=["tiny", "small", "qwen2.5-0.5b", "llama-3.2-1b"], default="tiny",
+        "--size", choices=["tiny", "small", "qwen2.5-0.5b", "llama-3.2-1b", "kv-heavy"], default="tiny",
         help="tiny/small: test sizes; qwen2.5-0.5b/llama-3.2-1b: those checkpoints' shapes and "
-        "architecture, random weights, for benchmarks",
+        "architecture, random weights, for benchmarks; kv-heavy: Llama-3.1-8B's KV bytes per token "
+        "and little else (the over-capacity benchmark)",
     )
     make_model.add_argument("--seed", type=int, default=0)
     make_model.set_defaults(func=cmd_make_test_model)
