@@ -22,12 +22,12 @@ class NativeSettings(StrictModel):
     max_step_tokens: int | None = Field(None, ge=1)
     """Most tokens in one forward step: every running sequence's decode token, then prefill
     chunks (long prompt segments are chunked to fit). Null: 2,048 on a CPU (smaller steps
-    keep activations in cache: 10% faster than 16,384), 16,384 on a GPU."""
+    keep activations in cache: 5–15% faster than 16,384), 16,384 on a GPU."""
 
     @staticmethod
     def default_step_tokens(device: str) -> int:
         """2,048 on a CPU (a step's activations stay in cache and its GEMMs at the row counts
-        oneDNN runs fastest: 10% faster than 16,384 on the no-sharing benchmark), 16,384 on a
+        run fastest: 5–15% faster than 16,384 in BENCHMARKS.md), 16,384 on a
         GPU (fewer, fuller steps)."""
         return 2048 if device == "cpu" else 16384
 
