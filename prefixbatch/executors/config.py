@@ -120,7 +120,7 @@ class ExecutorSpec(StrictModel):
     of it (the other half lets the next group prefill while one decodes). Null: on CUDA, what
     free device memory holds once the weights are in (10% kept for activations; bytes per
     token from the model's config); on the CPU, 131,072, or the largest power of two that
-    half the available memory holds when that is less (`vllm` on the CPU: what
+    half the memory available after the weights holds when that is less (`vllm` on the CPU: what
     `executor.vllm.cpu_kv_cache_gib` holds); on Dask, 131,072. `plan` and `run` resolve it
     the same way."""
 

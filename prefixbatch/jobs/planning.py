@@ -6,8 +6,8 @@ resolved here, with its one default:
 
 - the KV budget: `executor.kv_budget_tokens`, else on CUDA what free device memory holds
   after the weights (bytes per KV token from the model's config.json; no weights loaded),
-  else on the CPU `DEFAULT_CPU_KV_BUDGET` or what half the available memory holds after the
-  weights, whichever is less (a model with a large KV per token); a group may take
+  else on the CPU `DEFAULT_CPU_KV_BUDGET` or what half the memory available after the weights
+  holds, whichever is less (a model with a large KV per token); a group may take
   `GROUP_SHARE` of it;
 - prefix sharing: `executor.prefix_sharing`, and off for an executor that cannot share
   (`hf`), so the plan predicts exactly what that executor computes;
@@ -33,7 +33,7 @@ from prefixbatch.prefix_tree import PlannedRequests, PlanSettings, plan_requests
 from prefixbatch.types import Request
 
 DEFAULT_CPU_KV_BUDGET = 131_072  # tokens held at once on the CPU (2 GiB of fp32 KV for the `small` model)
-CPU_KV_MEMORY_SHARE = 0.5  # of the memory available when the job is planned, at most, for KV
+CPU_KV_MEMORY_SHARE = 0.5  # of the memory available after the weights, at most, for KV
 
 
 def plan_settings(spec: JobSpec, *, num_shards: int) -> PlanSettings:
@@ -85,10 +85,10 @@ def cpu_kv_budget(model_path: str, dtype_name: str) -> int:
     itemsize = resolve_dtype(dtype_name, resolve_device("cpu")).itemsize
     config = read_config(model_path)
     fits = kv_budget_for_memory(
-        free_bytes=int(psutil.virtual_memory().available * CPU_KV_MEMORY_SHARE),
+        free_bytes=psutil.virtual_memory().available,
         weights_bytes=weights_bytes(model_path, config, itemsize),
         bytes_per_token=kv_bytes_per_token(config, itemsize),
-        reserve=0.0,
+        reserve=1.0 - CPU_KV_MEMORY_SHARE,
     )
     return DEFAULT_CPU_KV_BUDGET if fits >= DEFAULT_CPU_KV_BUDGET else 1 << (fits.bit_length() - 1)
 

@@ -86,8 +86,8 @@ def test_plan_and_run_agree_in_one_process(tmp_path, tiny_llama, capsys, shape, 
 
 
 def test_the_cpu_budget_shrinks_to_what_memory_holds(tmp_path, tiny_llama, capsys, monkeypatch):
-    """A model whose default budget (131,072 tokens) would not fit in half the available
-    memory gets the largest power of two that does, in `plan` and `run` alike."""
+    """A model whose default budget (131,072 tokens) would not fit in half the memory available
+    after its weights gets the largest power of two that does, in `plan` and `run` alike."""
     import psutil
 
     from prefixbatch.model_folder import kv_bytes_per_token, read_config, weights_bytes
@@ -95,7 +95,7 @@ def test_the_cpu_budget_shrinks_to_what_memory_holds(tmp_path, tiny_llama, capsy
     available = 200 * 2**20
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=available))
     config = read_config(str(tiny_llama))
-    fits = (available // 2 - weights_bytes(str(tiny_llama), config, 4)) // kv_bytes_per_token(config, 4)
+    fits = (available - weights_bytes(str(tiny_llama), config, 4)) // 2 // kv_bytes_per_token(config, 4)
     spec = write_job(tmp_path, tiny_llama, "systems")
     planned, summary = plan_then_run(spec, tmp_path, capsys)
     check_same(planned, summary)
