@@ -63,13 +63,7 @@ def kv_budget_tokens(spec: JobSpec) -> int:
     if on_cpu:
         return cpu_kv_budget(spec.model.path, spec.model.dtype)
     device = resolve_device(spec.executor.device)
-    dtype = resolve_dtype(spec.model.dtype, device)
-    config = read_config(spec.model.path)
-    return kv_budget_for_memory(
-        free_bytes=free_device_bytes(device),
-        weights_bytes=weights_bytes(spec.model.path, config, dtype.itemsize),
-        bytes_per_token=kv_bytes_per_token(config, dtype.itemsize),
-    )
+    return _tokens_in_memory(spec.model.path, resolve_dtype(spec.model.dtype, device), free_device_bytes(device))
 
 
 def cpu_kv_budget(model_path: str, dtype_name: str) -> int:
@@ -82,15 +76,23 @@ def cpu_kv_budget(model_path: str, dtype_name: str) -> int:
 
     from prefixbatch.executors.device import resolve_device, resolve_dtype
 
-    itemsize = resolve_dtype(dtype_name, resolve_device("cpu")).itemsize
-    config = read_config(model_path)
-    fits = kv_budget_for_memory(
-        free_bytes=psutil.virtual_memory().available,
-        weights_bytes=weights_bytes(model_path, config, itemsize),
-        bytes_per_token=kv_bytes_per_token(config, itemsize),
-        reserve=1.0 - CPU_KV_MEMORY_SHARE,
+    dtype = resolve_dtype(dtype_name, resolve_device("cpu"))
+    fits = _tokens_in_memory(
+        model_path, dtype, psutil.virtual_memory().available, reserve=1.0 - CPU_KV_MEMORY_SHARE
     )
     return DEFAULT_CPU_KV_BUDGET if fits >= DEFAULT_CPU_KV_BUDGET else 1 << (fits.bit_length() - 1)
+
+
+def _tokens_in_memory(model_path: str, dtype, free_bytes: int, *, reserve: float = 0.1) -> int:
+    """KV tokens of the model in `dtype` that `free_bytes` hold once its weights are in
+    (sizes from config.json and the safetensors headers; no weights read)."""
+    config = read_config(model_path)
+    return kv_budget_for_memory(
+        free_bytes=free_bytes,
+        weights_bytes=weights_bytes(model_path, config, dtype.itemsize),
+        bytes_per_token=kv_bytes_per_token(config, dtype.itemsize),
+        reserve=reserve,
+    )
 
 
 def vllm_cpu_cache_tokens(spec: JobSpec) -> int:
