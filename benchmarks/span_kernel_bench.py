@@ -23,10 +23,10 @@ import time
 import numpy as np
 import torch
 
-from prefixbatch.executors.native.attention_plan import QueryRun, SegmentKV, plan_attention
+from prefixbatch.executors.native.attention.plan import QueryRun, SegmentKV, plan_attention
+from prefixbatch.executors.native.attention.tree import TreeAttention
 from prefixbatch.executors.native.kv import KVStore
 from prefixbatch.executors.native.span_kernel import load_span_kernel
-from prefixbatch.executors.native.tree_attention import TreeAttention
 
 HEAD_DIM = 64
 

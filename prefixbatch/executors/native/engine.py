@@ -40,12 +40,11 @@ import torch
 
 from prefixbatch.executors.base import ExecutorStats, StopFlag
 from prefixbatch.executors.grammar import LazyConstraints, Matcher
-from prefixbatch.executors.native.attention_plan import QueryRun, SegmentKV, plan_attention
-from prefixbatch.executors.native.invariant import InvariantAttention
+from prefixbatch.executors.native.attention import tree
+from prefixbatch.executors.native.attention.plan import QueryRun, SegmentKV, plan_attention
 from prefixbatch.executors.native.kv import KVStore
 from prefixbatch.executors.native.model import CausalLM
 from prefixbatch.executors.native.prompt_scores import PromptScores
-from prefixbatch.executors.native.tree_attention import TreeAttention
 from prefixbatch.executors.sampling import (
     RawLogprob,
     TokenTexts,
@@ -390,17 +389,12 @@ def _forward(
     runs += [QueryRun(c.node_id, c.first_row, c.offset, c.num_tokens) for c in step.prefill_chunks]
     scale = model.config.attention_scale
     plan = plan_attention(segments, runs)
-    if batch_invariant:
-        attention = InvariantAttention(store, plan, scale=scale)
-        positions = attention.positions
-    else:
-        attention = TreeAttention(store, plan, scale=scale)
-        positions = attention.plan.positions
+    attention = tree.for_step(store, plan, scale=scale, batch_invariant=batch_invariant)
     device = model.device
     with torch.inference_mode():
         return model(
             torch.tensor(token_ids, dtype=torch.long, device=device),  # [T]
-            positions,
+            attention.positions,
             attention,
             logits_rows=torch.tensor(step.logits_rows, dtype=torch.long, device=device),
             batch_invariant=batch_invariant,

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prefixbatch.executors.native import dense, invariant
+from prefixbatch.executors.native import dense
+from prefixbatch.executors.native.attention import invariant
 from prefixbatch.executors.native.config import ModelConfig
 from prefixbatch.executors.native.rope import apply_rope, inverse_frequencies, rope_angles
 from prefixbatch.executors.native.span_kernel import SpanKernel, load_span_kernel

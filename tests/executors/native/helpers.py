@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from prefixbatch.executors.native.attention import attend
+from prefixbatch.executors.native.attention.parts import attend
 from prefixbatch.executors.native.model import CausalLM
 
 

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from prefixbatch.executors.native.attention import (
+from prefixbatch.executors.native.attention.parts import (
     attend,
     attend_fused,
     attend_gathered,

@@ -19,9 +19,9 @@ import torch
 from prefixbatch.executors.config import ExecutorSpec, ModelSpec
 from prefixbatch.executors.hf import HfExecutor
 from prefixbatch.executors.native import engine as engine_module
-from prefixbatch.executors.native.attention import reference_attention
+from prefixbatch.executors.native.attention.invariant import attend_blocks
+from prefixbatch.executors.native.attention.parts import reference_attention
 from prefixbatch.executors.native.executor import NativeExecutor
-from prefixbatch.executors.native.invariant import attend_blocks
 from tests.executors.native.test_engine import by_request, make_requests
 from tests.executors.planned import planned
 

@@ -25,10 +25,10 @@ pytestmark = pytest.mark.skipif(
 # it equal to PyTorch's.
 INSTALLED = """
 import json, torch, prefixbatch
-from prefixbatch.executors.native.attention_plan import QueryRun, SegmentKV, plan_attention
+from prefixbatch.executors.native.attention.plan import QueryRun, SegmentKV, plan_attention
 from prefixbatch.executors.native.kv import KVStore
 from prefixbatch.executors.native.span_kernel import load_span_kernel
-from prefixbatch.executors.native.tree_attention import TreeAttention
+from prefixbatch.executors.native.attention.tree import TreeAttention
 
 kernel = load_span_kernel()
 assert kernel is not None, "the installed copy did not build its kernel library"

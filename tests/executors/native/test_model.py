@@ -24,13 +24,13 @@ from transformers import (
 )
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from prefixbatch.executors.native.attention_plan import QueryRun, SegmentKV, plan_attention
+from prefixbatch.executors.native.attention.plan import QueryRun, SegmentKV, plan_attention
+from prefixbatch.executors.native.attention.tree import TreeAttention
 from prefixbatch.executors.native.config import model_config_from_hf
 from prefixbatch.executors.native.dense import packing_available
 from prefixbatch.executors.native.kv import KVStore
 from prefixbatch.executors.native.model import MLP, Linear
 from prefixbatch.executors.native.rope import inverse_frequencies
-from prefixbatch.executors.native.tree_attention import TreeAttention
 from prefixbatch.executors.native.weights import load_model
 from prefixbatch.executors.random_model import randomize_parameters
 from tests.executors.native.helpers import ContiguousKV, greedy

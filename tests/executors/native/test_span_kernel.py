@@ -20,12 +20,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prefixbatch.executors.native import span_kernel, tree_attention
-from prefixbatch.executors.native.attention_plan import QueryRun, SegmentKV, plan_attention
+from prefixbatch.executors.native import span_kernel
+from prefixbatch.executors.native.attention import c_kernel
+from prefixbatch.executors.native.attention.plan import QueryRun, SegmentKV, plan_attention
+from prefixbatch.executors.native.attention.tree import TreeAttention
 from prefixbatch.executors.native.kv import KVStore
 from prefixbatch.executors.native.rope import apply_rope, rope_angles
 from prefixbatch.executors.native.span_kernel import load_span_kernel
-from prefixbatch.executors.native.tree_attention import TreeAttention
 
 from .test_tree_attention import Case, cases, run_case
 
@@ -93,7 +94,7 @@ def test_a_chunks_blocks_chain_its_spans_behind_decode_rows(kernel, heads):
     num_heads, num_kv_heads = heads
     segments = [SegmentKV(i, p, sum(lengths[:i]), n) for i, (p, n) in enumerate(zip(parents, lengths, strict=True))]
     plan = plan_attention(segments, [QueryRun(s, sum(n for _, _, n in runs[:i]), o, n) for i, (s, o, n) in enumerate(runs)])
-    kernel_plan = tree_attention.KernelPlan.of(
+    kernel_plan = c_kernel.KernelPlan.of(
         plan, group=num_heads // num_kv_heads, num_kv_heads=num_kv_heads, num_threads=2,
         dot_max_queries=kernel.dot_max_queries,
     )  # fmt: skip
@@ -198,7 +199,7 @@ def test_residual_add_and_rms_norm_in_one_pass_equal_the_two_ops(kernel, rows):
 
 def test_pieces_cover_each_row_keys_once(native_kernel):
     one_row = plan_attention([SegmentKV(0, None, 0, 1500)], [QueryRun(0, 0, 1499, 1)])
-    plan = tree_attention.KernelPlan.of(
+    plan = c_kernel.KernelPlan.of(
         one_row, group=4, num_kv_heads=1, num_threads=4, dot_max_queries=native_kernel.dot_max_queries
     )
     tasks = plan.tasks.tolist()
@@ -214,7 +215,7 @@ def test_pieces_of_a_chunks_range_are_not_chained_back_together(kernel):
     parents, lengths, runs = (None,), (1500,), ((0, 1484, 16),)
     run_case(Case(parents, lengths, runs, (4, 1)), kernel=kernel, head_dim=64, seed=13)
     chunk = plan_attention([SegmentKV(0, None, 0, 1500)], [QueryRun(0, 0, 1484, 16)])
-    plan = tree_attention.KernelPlan.of(chunk, group=4, num_kv_heads=1, num_threads=4, dot_max_queries=kernel.dot_max_queries)
+    plan = c_kernel.KernelPlan.of(chunk, group=4, num_kv_heads=1, num_threads=4, dot_max_queries=kernel.dot_max_queries)
     assert plan.num_tasks == plan.tasks.shape[0] == 5 and set(plan.tasks[:, 5].tolist()) == {-1}
 
 
@@ -224,7 +225,7 @@ def test_decode_rows_split_by_keys_never_by_head(native_kernel):
     # in key pieces, each a task over every kv head.
     segments = [SegmentKV(i, None, 1500 * i, 1500) for i in range(4)]
     plan = plan_attention(segments, [QueryRun(i, i, 1499, 1) for i in range(4)])
-    kernel_plan = tree_attention.KernelPlan.of(
+    kernel_plan = c_kernel.KernelPlan.of(
         plan, group=2, num_kv_heads=4, num_threads=4, dot_max_queries=native_kernel.dot_max_queries
     )
     tasks = kernel_plan.tasks.tolist()

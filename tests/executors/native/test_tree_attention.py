@@ -15,11 +15,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prefixbatch.executors.native import tree_attention
-from prefixbatch.executors.native.attention import reference_attention
-from prefixbatch.executors.native.attention_plan import KeySpan, QueryRun, SegmentKV, plan_attention
+from prefixbatch.executors.native.attention import torch_spans as tree_attention
+from prefixbatch.executors.native.attention.parts import reference_attention
+from prefixbatch.executors.native.attention.plan import KeySpan, QueryRun, SegmentKV, plan_attention
+from prefixbatch.executors.native.attention.tree import TreeAttention
 from prefixbatch.executors.native.kv import KVStore
-from prefixbatch.executors.native.tree_attention import TreeAttention
 
 TOL = 1e-5
 HEADS = [(4, 4), (4, 2), (4, 1), (6, 3), (2, 1)]
@@ -79,8 +79,12 @@ def run_case(
     fused: bool | None = None,
     kernel="auto",
     head_dim: int = HEAD_DIM,
+    backend: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
-    """kernel: TreeAttention's (a `SpanKernel` to force it, None for PyTorch's kernels)."""
+    """kernel: TreeAttention's (a `SpanKernel` to force it, None for PyTorch's kernels);
+    backend: a name of `backends.TABLE` to force (then kernel and fused are not used); dtype:
+    the store's and the queries' (the truth stays fp32, from the same rounded tensors)."""
     generator = torch.Generator().manual_seed(seed)
     num_heads, num_kv_heads = case.heads
     # The true KV of every segment ([layer, token, Hkv, D]), and the step's queries.
@@ -88,13 +92,16 @@ def run_case(
     truth_v = [_randn(NUM_LAYERS, n, num_kv_heads, head_dim, generator=generator) for n in case.lengths]
     num_rows = sum(n for _, _, n in case.runs)
     q = 3 * _randn(NUM_LAYERS, num_rows, num_heads, head_dim, generator=generator)
+    if dtype != torch.float32:  # the truth from the values the store holds
+        truth_k, truth_v = [t.to(dtype).float() for t in truth_k], [t.to(dtype).float() for t in truth_v]
+        q = q.to(dtype).float()
 
     store = KVStore(
         num_layers=NUM_LAYERS,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         capacity_tokens=sum(case.lengths) + 7,
-        dtype=torch.float32,
+        dtype=dtype,
         device=device,
     )
     store.allocate(-1, 3)  # keep segments off slot 0, so a slot mix-up cannot hide there
@@ -117,14 +124,17 @@ def run_case(
         row += num_tokens
     plan = plan_attention(segments, runs)
     scale = head_dim**-0.5
-    attention = TreeAttention(store, plan, scale=scale, fused=fused, kernel=kernel)
-    if kernel not in ("auto", None):
+    if backend is not None:
+        attention = TreeAttention(store, plan, scale=scale, backend=backend)
+    else:
+        attention = TreeAttention(store, plan, scale=scale, fused=fused, kernel=kernel)
+    if kernel not in ("auto", None) and backend is None:
         assert attention.kernel is kernel, "the span kernel was asked for and not used"
 
     for layer in range(NUM_LAYERS):
         step_k = torch.cat([truth_k[s][layer, o : o + n] for s, o, n in case.runs])
         step_v = torch.cat([truth_v[s][layer, o : o + n] for s, o, n in case.runs])
-        out = attention(layer, q[layer].to(device), step_k.to(device), step_v.to(device)).cpu()
+        out = attention(layer, *(x.to(device, dtype) for x in (q[layer], step_k, step_v))).cpu().float()
         for run in runs:
             rows = slice(run.first_row, run.first_row + run.num_tokens)
             k, v = _context(case, run, truth_k, layer), _context(case, run, truth_v, layer)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prefixbatch.executors.native.attention_plan import AttentionPlan
+from prefixbatch.executors.native.attention.plan import AttentionPlan
 from prefixbatch.executors.native.kv import KVStore
 
 __all__ = ["KEY_BLOCK", "ROW_MULTIPLE", "Blocks", "InvariantAttention", "attend_blocks", "query_groups", "silu"]
