@@ -13,7 +13,11 @@ an entry that sees no key gets 0 and -inf.
 
 Head sizes are padded to a power of two ≥ 16 with masks: the GPU compiler rejects smaller
 dots. CPU tensors run through Triton's interpreter (no GPU, no compiler needed: the tests),
-which computes bf16 `tl.dot` wrongly, so bf16 operands are upcast to fp32 there.
+which computes bf16 `tl.dot` wrongly, so bf16 operands are upcast to fp32 there. The kernel
+calls Triton builtins only (`tl.full`, `tl.reduce` with the standard combine functions, not
+`tl.zeros`/`tl.max`/`tl.sum`): those are `@triton.jit` functions, fixed as compiled or
+interpreted when triton is imported, so using them would make the interpreter work only if
+TRITON_INTERPRET=1 was set before the first `import triton` of the process.
 `compile_for_sm90` builds the kernel for an H100 without one and reports registers and
 spills from the binary.
 
@@ -39,7 +43,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from prefixbatch.executors.native.attention.spans import SpanBatch
 
-__all__ = ["CompiledVariant", "attend_spans", "block_sizes", "compile_for_sm90"]
+__all__ = ["CompiledVariant", "attend_spans", "compile_for_sm90"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TILE_ROWS = 64  # stacked rows (entries × heads of a group) per program
@@ -149,8 +153,7 @@ def attend_spans(
     kernel = _kernel_for(q.device)
     interpreted = isinstance(kernel, InterpretedFunction)
     group = num_heads // num_kv_heads
-    block_m, _ = block_sizes(group, head_dim)
-    tiles = _tile_table(batch, block_m)
+    tiles = _tile_table(batch, _block_m(group))
     kernel[(tiles.shape[0], num_kv_heads)](
         q, keys, values, part_out, part_lse,
         tiles, batch.entry_rows, batch.span_first, batch.key_start, batch.num_keys, batch.causal,
@@ -162,23 +165,21 @@ def attend_spans(
     return part_out, part_lse
 
 
-def block_sizes(group: int, head_dim: int) -> tuple[int, int]:
-    """(BLOCK_M entries, BLOCK_N keys) of a tile: BLOCK_M · G stacked rows make `TILE_ROWS`
-    (at least 16, tl.dot's least size on a GPU)."""
-    group_p = triton.next_power_of_2(group)
-    return max(1, TILE_ROWS // group_p), BLOCK_N
+def _block_m(group: int) -> int:
+    """Entries per tile: with G query heads each (padded to a power of two) they make
+    `TILE_ROWS` stacked rows, at least 16 (tl.dot's least size on a GPU)."""
+    return max(1, TILE_ROWS // triton.next_power_of_2(group))
 
 
 def _constexprs(num_heads: int, group: int, head_dim: int, *, upcast: bool) -> dict:
-    block_m, block_n = block_sizes(group, head_dim)
     return {
         "NUM_HEADS": num_heads,
         "GROUP": group,
         "GROUP_P": triton.next_power_of_2(group),
         "HEAD_DIM": head_dim,
         "HEAD_DIM_P": max(16, triton.next_power_of_2(head_dim)),
-        "BLOCK_M": block_m,
-        "BLOCK_N": block_n,
+        "BLOCK_M": _block_m(group),
+        "BLOCK_N": BLOCK_N,
         "UPCAST": upcast,
     }
 
@@ -250,11 +251,14 @@ def compile_for_sm90(
 ) -> list[CompiledVariant]:
     """Build the kernel for an H100 (sm_90) on any machine, with the ptxas inside the Triton
     wheel, and read its resource use from the cubin with the wheel's `cuobjdump`. Pointer and
-    stride arguments are marked 16-divisible as a launch on real tensors specialises them."""
+    stride arguments are marked 16-divisible as a launch on real tensors specialises them; the
+    variant is a model's with 4 kv heads (the head count only moves output offsets)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
 
-    kernel = _span_kernel if not isinstance(_span_kernel, InterpretedFunction) else triton.jit(_span_kernel.fn)
+    # Under TRITON_INTERPRET=1 `triton.jit` gave an interpreted function: compile the source.
+    kernel = _span_kernel if isinstance(_span_kernel, JITFunction) else JITFunction(_span_kernel.fn)
     target = GPUTarget("cuda", 90, 32)
     variants = []
     for dtype in dtypes:
