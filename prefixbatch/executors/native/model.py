@@ -88,12 +88,30 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm, optionally with the residual add before it (`forward(x, residual)`).
+
+    `fused`, set by `CausalLM.pack` on the CPU: our C library's residual add + norm in one
+    pass (`SpanKernel.add_rms_norm`, rounded as the two ops below round); else PyTorch's ops."""
+
     def __init__(self, dim: int, *, eps: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.eps = eps
         self.weight = _empty(dim, dtype=dtype, device=device)
+        self.fused: SpanKernel | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x); or, given the residual stream, (norm(residual + x), residual + x) — the
+        residual updated in place when fused."""
+        if residual is None:
+            return self._norm(x)
+        if self.fused is not None:
+            return self.fused.add_rms_norm(residual, x, self.weight, self.eps), residual
+        residual = residual + x
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # one fused kernel, bit for bit the lines below (measured)
             return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Statistics in fp32: a bf16 mean of squares over thousands of features is too coarse.
@@ -208,17 +226,27 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         attention: AttentionFn,
         batch_invariant: bool = False,
         rows: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x [T, E] → [T, E], or [len(rows), E]: the outputs of rows only (`SelfAttention`)."""
-        attended = self.self_attn(self.input_layernorm(x), cos, sin, attention, rows)
-        x = (x if rows is None else x[rows]) + attended
-        return x + self.mlp(self.post_attention_layernorm(x), batch_invariant)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, residual) [T, E] each → the layer's MLP output and the residual stream
+        before it is added (the next norm adds it: one pass, `RMSNorm`). residual None: the
+        first layer (hidden is the embedding). rows: [len(rows), E] each, those rows only
+        (`SelfAttention`)."""
+        if residual is None:
+            residual, normed = hidden, self.input_layernorm(hidden)
+        else:
+            normed, residual = self.input_layernorm(hidden, residual)
+        attended = self.self_attn(normed, cos, sin, attention, rows)
+        if rows is not None:
+            residual = residual[rows]
+        normed, residual = self.post_attention_layernorm(attended, residual)
+        return self.mlp(normed, batch_invariant), residual
 
 
 class CausalLM(nn.Module):
@@ -239,8 +267,6 @@ class CausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, **kind)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens
-        # Packed on the CPU: our C library, whose residual add + RMSNorm pass the layers use.
-        self.residual_norm: SpanKernel | None = None
         # fp32 whatever the weights' dtype: angles at large positions need the precision.
         self.register_buffer(
             "inv_freq", inverse_frequencies(config.rope, config.head_dim, device), persistent=False
@@ -255,15 +281,18 @@ class CausalLM(nn.Module):
         return self.lm_head.packed is not None
 
     def pack(self) -> None:
-        """Every linear layer's weight packed for the CPU (`dense`); call once, after loading.
-        Then not `batch_invariant` (its guarantees hold for the dense path)."""
+        """Every linear layer's weight packed for the CPU (`dense`), and the norms' residual
+        adds fused (our C library's pass; PyTorch's ops without a C compiler); call once,
+        after loading. Then not `batch_invariant` (its guarantees hold for the dense path)."""
         for module in list(self.modules()):
             if isinstance(module, MLP) and module.gate is None:
                 module.pack()
+        library = load_span_kernel()
         for module in self.modules():
             if isinstance(module, Linear) and module.packed is None:
                 module.pack()
-        self.residual_norm = load_span_kernel()  # None without a C compiler: PyTorch's ops
+            if isinstance(module, RMSNorm) and module.weight.dtype in (torch.float32, torch.bfloat16):
+                module.fused = library
 
     @property
     def device(self) -> torch.device:
@@ -295,53 +324,24 @@ class CausalLM(nn.Module):
             logits_rows = torch.arange(num_rows, device=token_ids.device)
         token_ids, positions = _pad_rows(token_ids, row_multiple), _pad_rows(positions, row_multiple)
         hidden = F.embedding(token_ids, self.embed_tokens)  # [T', E]
+        residual = None
         cos, sin = rope_angles(positions, self.inv_freq)  # [T, D/2] each
         # Past the last layer's k, v only the logits rows matter: that layer's attention, o_proj
         # and MLP run for them alone (a prefill chunk asks for one row's logits of thousands).
         wanted = None if batch_invariant else _distinct_rows(logits_rows, num_rows)
         rows = None if wanted is None else wanted[0]
-        if self.residual_norm is not None and self.layers:  # packed: CPU fp32 or bf16, not batch_invariant
-            normed = self._layers_adding_in_norms(hidden, cos, sin, attention, rows)  # [T or R, E]
-            if logits_rows is not None:
-                normed = normed[logits_rows if wanted is None else wanted[1]]  # [N, E]
-            return self.lm_head(normed).float()  # [N, V]
         for i, layer in enumerate(self.layers):
             last = i == len(self.layers) - 1
-            hidden = layer(hidden, cos, sin, attention, batch_invariant, rows if last else None)
+            hidden, residual = layer(hidden, residual, cos, sin, attention, batch_invariant, rows if last else None)
+        normed = self.norm(hidden) if residual is None else self.norm(hidden, residual)[0]  # [T' or R, E]
         if wanted is not None:
-            return self.lm_head(self.norm(hidden[wanted[1]])).float()  # [N, V]
-        if logits_rows is not None:
-            # Norm and lm_head are per token: only the rows that will be sampled pay for the
-            # vocabulary projection, the largest matmul of a decode step.
-            hidden = hidden[_pad_rows(logits_rows, row_multiple)]  # [N', E]
-        logits = self.lm_head(self.norm(hidden)).float()  # [N', V]
+            normed = normed[wanted[1]]  # [N, E]
+        elif logits_rows is not None:
+            # Only the rows that will be sampled pay for the vocabulary projection, the largest
+            # matmul of a decode step.
+            normed = normed[_pad_rows(logits_rows, row_multiple)]  # [N', E]
+        logits = self.lm_head(normed).float()  # [N', V]
         return logits[: num_rows if logits_rows is None else logits_rows.shape[0]]  # [N, V]
-
-    def _layers_adding_in_norms(
-        self,
-        hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        attention: AttentionFn,
-        rows: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """The decoder stack as `DecoderLayer.forward` computes it, each residual add done in
-        one pass with the norm after it (`SpanKernel.add_rms_norm`): the post-attention norm,
-        the next layer's input norm, the final norm. hidden [T, E] is the residual stream,
-        updated in place; returns the final norm's output [T, E] — [len(rows), E] of rows only
-        when given (the last layer's outputs computed for them alone)."""
-        add_norm = self.residual_norm.add_rms_norm
-        normed = self.layers[0].input_layernorm(hidden)
-        norms_after = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
-        for i, (layer, next_norm) in enumerate(zip(self.layers, norms_after, strict=True)):
-            post = layer.post_attention_layernorm
-            last_rows = rows if i == len(self.layers) - 1 else None
-            attended = layer.self_attn(normed, cos, sin, attention, last_rows)
-            if last_rows is not None:
-                hidden = hidden[last_rows]  # [R, E]
-            normed = add_norm(hidden, attended, post.weight, post.eps)
-            normed = add_norm(hidden, layer.mlp(normed), next_norm.weight, next_norm.eps)
-        return normed
 
 
 def _distinct_rows(
