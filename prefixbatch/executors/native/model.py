@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prefixbatch.executors.native import dense
+from prefixbatch.executors.native import dense, pointwise
 from prefixbatch.executors.native.attention import invariant
 from prefixbatch.executors.native.config import ModelConfig
 from prefixbatch.executors.native.rope import apply_rope, inverse_frequencies, rope_angles
-from prefixbatch.executors.native.span_kernel import SpanKernel, load_span_kernel
+from prefixbatch.executors.native.span_kernel import load_span_kernel
 
 __all__ = ["AttentionFn", "CausalLM"]
 
@@ -88,36 +88,22 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm, optionally with the residual add before it (`forward(x, residual)`).
-
-    `fused`, set by `CausalLM.pack` on the CPU: our C library's residual add + norm in one
-    pass (`SpanKernel.add_rms_norm`, rounded as the two ops below round); else PyTorch's ops."""
+    """RMSNorm, optionally with the residual add before it (`forward(x, residual)`), computed
+    by the model's `pointwise` passes (PyTorch's ops, our C library's one pass, or compiled)."""
 
     def __init__(self, dim: int, *, eps: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.eps = eps
         self.weight = _empty(dim, dtype=dtype, device=device)
-        self.fused: SpanKernel | None = None
+        self.pointwise = pointwise.EAGER
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """norm(x); or, given the residual stream, (norm(residual + x), residual + x) — the
-        residual updated in place when fused."""
+        """norm(x); or, given the residual stream, (norm(residual + x), residual + x)."""
         if residual is None:
-            return self._norm(x)
-        if self.fused is not None:
-            return self.fused.add_rms_norm(residual, x, self.weight, self.eps), residual
-        residual = residual + x
-        return self._norm(residual), residual
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused kernel, bit for bit the lines below (measured)
-            return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # Statistics in fp32: a bf16 mean of squares over thousands of features is too coarse.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+            return self.pointwise.norm(x, self.weight, self.eps)
+        return self.pointwise.add_norm(residual, x, self.weight, self.eps)
 
 
 class SelfAttention(nn.Module):
@@ -138,6 +124,7 @@ class SelfAttention(nn.Module):
             config.hidden_size, q_size + 2 * kv_size, bias=config.qkv_bias, **kind
         )
         self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias, **kind)
+        self.rope = apply_rope  # or a compiled form (`CausalLM.use_pointwise`)
         self.q_norm = self.k_norm = None
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, **kind)
@@ -165,11 +152,11 @@ class SelfAttention(nn.Module):
         out = None if unroped is None else unroped(self.layer, q, k, v, cos, sin, rows=rows)
         if out is None:
             if self.q_norm is not None:
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
             else:  # q and k side by side in qkv: rotate them in one go
                 heads = self.num_heads + self.num_kv_heads
                 qk = qkv[:, : heads * self.head_dim].view(num_tokens, heads, self.head_dim)
-                q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+                q, k = self.rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
             out = attention(self.layer, q, k, v)  # out: [T, H, D]
             if rows is not None:
                 out = out[rows]
@@ -287,12 +274,21 @@ class CausalLM(nn.Module):
         for module in list(self.modules()):
             if isinstance(module, MLP) and module.gate is None:
                 module.pack()
-        library = load_span_kernel()
         for module in self.modules():
             if isinstance(module, Linear) and module.packed is None:
                 module.pack()
-            if isinstance(module, RMSNorm) and module.weight.dtype in (torch.float32, torch.bfloat16):
-                module.fused = library
+        library = load_span_kernel()  # None without a C compiler: PyTorch's ops
+        if library is not None and self.dtype in (torch.float32, torch.bfloat16):
+            self.use_pointwise(pointwise.of_library(library))
+
+    def use_pointwise(self, passes: pointwise.Pointwise) -> None:
+        """Every norm and rope computed by `passes` (`pointwise`: the C library's on the CPU,
+        compiled ones on CUDA)."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.pointwise = passes
+            elif isinstance(module, SelfAttention):
+                module.rope = passes.rope
 
     @property
     def device(self) -> torch.device:

@@ -24,6 +24,7 @@ from transformers import (
 )
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from prefixbatch.executors.native import pointwise
 from prefixbatch.executors.native.attention.plan import QueryRun, SegmentKV, plan_attention
 from prefixbatch.executors.native.attention.tree import TreeAttention
 from prefixbatch.executors.native.config import model_config_from_hf
@@ -205,7 +206,7 @@ def test_packing_replaces_each_dense_weight_and_keeps_the_tied_embedding(tiny_qw
     # With a C compiler, the layers add their outputs in and norm in one pass (`add_rms_norm`):
     # the equality tests above run through it.
     norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
-    assert all(m.fused is not None for m in norms) or not any(shutil.which(cc) for cc in ("cc", "gcc"))
+    assert all(m.pointwise is not pointwise.EAGER for m in norms) or not any(shutil.which(cc) for cc in ("cc", "gcc"))
 
 
 def test_variant_configs_are_read_as_intended():
