@@ -1,17 +1,19 @@
-"""Per-row sampling inside one `generate` call, each row drawing from its own seeded generator.
+"""Per-row sampling inside one `generate` call, each row drawing from its own seeded stream.
 
 transformers samples a whole batch from the global RNG, so a row's draws would depend on its
 batch mates. Instead `generate` runs greedy (`do_sample=False`) and `SeededSampler`, a
 logits processor, draws the token of every sampled row itself: temperature, then top-k,
 then top-p (on the top-k survivors, as transformers and vLLM order them), then one
-uniform number from the row's generator, mapped through the row's cumulative distribution
+uniform number of the row's own stream, mapped through the row's cumulative distribution
 (inverse-CDF sampling: one random number per row and step, where `torch.multinomial` draws
 one per vocabulary entry and costs ~0.4 ms a row). It returns scores that are -inf
 everywhere but the drawn token, so greedy's argmax picks exactly that token. Greedy rows
 (temperature 0) pass through untouched, so they stay transformers' own greedy.
 
-Invariant: a request's generator is seeded with its `SamplingParams.seed` and advanced once
-per decoding step, whichever rows share its batch.
+Invariant: a request's k-th output token is drawn with `uniforms(seed, k)`: a counter-based
+stream (a hash of the request's `SamplingParams.seed` and k), whichever rows share its batch.
+A step's uniforms are one array for all its rows (no generator object per row, no launch per
+row on a GPU), and a resumed generation needs no replay to continue its stream.
 
 Before any token is picked, `penalize` applies a row's penalties and `min_tokens` mask to its
 logits, and `token_logprobs` reads the logprobs a row asked for from the raw logits: both
@@ -25,6 +27,7 @@ from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import LogitsProcessor
 
@@ -43,16 +46,35 @@ __all__ = [
     "prompt_results",
     "records_k",
     "token_logprobs",
+    "uniforms",
 ]
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX_1, _MIX_2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def uniforms(seeds: Sequence[int], counters: Sequence[int]) -> np.ndarray:
+    """[S] float64 in [0, 1): draw number counters[i] of the stream of seeds[i] — SplitMix64's
+    output for the state seed + (counter + 1) · golden, its top 53 bits. Every draw of every
+    stream is one hash, so a step's draws are one array whatever the rows, on the host."""
+    with np.errstate(over="ignore"):  # unsigned arithmetic wraps modulo 2⁶⁴, as the hash wants
+        state = np.array([s % 2**64 for s in seeds], dtype=np.uint64)
+        z = state + (np.asarray(counters, dtype=np.uint64) + np.uint64(1)) * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX_1
+        z = (z ^ (z >> np.uint64(27))) * _MIX_2
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
 class SeededSampler(LogitsProcessor):
-    """Draws the next token of each sampled row with that row's own seeded generator."""
+    """Draws the next token of each sampled row from that row's own seeded stream."""
 
     def __init__(self, params: Sequence[SamplingParams], device: torch.device) -> None:
         self.rows = [row for row, p in enumerate(params) if not p.is_greedy]
         sampled = [params[row] for row in self.rows]
-        self.generators = [torch.Generator(device=device).manual_seed(p.seed) for p in sampled]
+        self.seeds = [p.seed for p in sampled]
+        self.step = 0  # tokens drawn so far: every row's stream is at this draw
         # Per sampled row: [S]. top_k None means no cut, i.e. the whole vocabulary.
         self.temperature = torch.tensor([p.temperature for p in sampled], device=device)
         self.top_k = torch.tensor([p.top_k or 0 for p in sampled], device=device)
@@ -64,8 +86,9 @@ class SeededSampler(LogitsProcessor):
             return scores
         rows = torch.tensor(self.rows, device=scores.device)
         drawn = draw_tokens(
-            scores[rows], self.temperature, self.top_k, self.top_p, self.generators
+            scores[rows], self.temperature, self.top_k, self.top_p, uniforms(self.seeds, [self.step] * len(self.seeds))
         )  # [S]
+        self.step += 1
         out = scores.clone()
         out[rows] = float("-inf")
         out[rows, drawn] = 0.0
@@ -137,27 +160,28 @@ def draw_tokens(
     temperature: torch.Tensor,
     top_k: torch.Tensor,
     top_p: torch.Tensor,
-    generators: Sequence[torch.Generator],
+    uniform: np.ndarray,
 ) -> torch.Tensor:
-    """One token per row, each from its own generator. scores: [S, V]; the rest: [S] (top_k 0:
-    no cut) → [S] token ids. Shared by `hf` and `native`, so both draw the same way."""
+    """One token per row, each with its own uniform number (`uniforms`). scores: [S, V]; the
+    rest: [S] (top_k 0: no cut) → [S] token ids. Shared by `hf` and `native`, so both draw
+    the same way."""
     top_k = torch.where(top_k > 0, top_k, scores.shape[-1])
     logits = scores / temperature[:, None]  # [S, V]
     if bool((top_k < scores.shape[-1]).any() or (top_p < 1.0).any()):  # else nothing is cut
         logits = filter_logits(logits, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
-    return inverse_cdf(probs, [torch.rand((), generator=g, device=g.device) for g in generators])
+    return inverse_cdf(probs, torch.from_numpy(uniform).to(probs.device))
 
 
-def inverse_cdf(probs: torch.Tensor, uniforms: Sequence[torch.Tensor]) -> torch.Tensor:
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Per row the first token whose cumulative probability exceeds the row's uniform in [0, 1).
 
-    probs: [S, V] (rows need not sum exactly to 1); uniforms: S scalars → [S] token ids. A
+    probs: [S, V] (rows need not sum exactly to 1); uniform: [S] → [S] token ids. A
     token of probability 0 (cut by top-k/top-p) is never picked: its cumulative sum equals
     its predecessor's, so no uniform lands between them. fp64 sums keep tail tokens' odds.
     """
     cdf = probs.double().cumsum(dim=-1)  # [S, V]
-    targets = torch.stack(list(uniforms)).double() * cdf[:, -1]  # [S]
+    targets = uniform.double() * cdf[:, -1]  # [S]
     tokens = torch.searchsorted(cdf, targets[:, None], right=True)[:, 0]  # [S]
     # A product rounded up to the total would fall past the end: take the last possible token.
     last_possible = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from prefixbatch.executors.sampling import draw_tokens, inverse_cdf
+from prefixbatch.executors.sampling import draw_tokens, inverse_cdf, uniforms
 
 
 def test_inverse_cdf_follows_the_distribution():
     probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]])
     generator = torch.Generator().manual_seed(0)
-    draws = torch.cat([inverse_cdf(probs, [torch.rand((), generator=generator)]) for _ in range(20_000)])
+    draws = torch.cat([inverse_cdf(probs, torch.rand(1, generator=generator)) for _ in range(20_000)])
     frequencies = torch.bincount(draws, minlength=4).double() / len(draws)
     assert frequencies[1] == 0  # probability 0 is never drawn
     torch.testing.assert_close(frequencies, probs[0].double(), atol=0.015, rtol=0)
@@ -18,10 +19,10 @@ def test_inverse_cdf_follows_the_distribution():
 
 def test_inverse_cdf_edges_never_land_on_impossible_tokens():
     probs = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0]])
-    lowest = inverse_cdf(probs, [torch.tensor(0.0), torch.tensor(0.0)])
-    highest = inverse_cdf(probs, [torch.tensor(1.0 - 2**-24)] * 2)
+    lowest = inverse_cdf(probs, torch.tensor([0.0, 0.0]))
+    highest = inverse_cdf(probs, torch.tensor([1.0 - 2**-24] * 2))
     # The uniform is never 1, but a rounded product can reach the total: clamped, not past it.
-    beyond = inverse_cdf(probs, [torch.tensor(1.0)] * 2)
+    beyond = inverse_cdf(probs, torch.tensor([1.0] * 2))
     assert lowest.tolist() == [1, 2] and highest.tolist() == [2, 2] and beyond.tolist() == [2, 2]
 
 
@@ -29,9 +30,9 @@ def test_draw_tokens_is_reproducible_per_row_and_respects_top_k():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
 
     def draw(top_k: list[int], seeds: list[int]) -> list[int]:
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
         temperature, top_p = torch.ones(len(seeds)), torch.ones(len(seeds))
-        return draw_tokens(logits[: len(seeds)], temperature, torch.tensor(top_k), top_p, generators).tolist()
+        drawn = uniforms(seeds, [0] * len(seeds))
+        return draw_tokens(logits[: len(seeds)], temperature, torch.tensor(top_k), top_p, drawn).tolist()
 
     assert draw([0, 0, 0], [5, 6, 7]) == draw([0, 0, 0], [5, 6, 7])
     assert draw([0], [5]) == draw([0, 0, 0], [5, 6, 7])[:1]  # a row's draw ignores its batch mates
@@ -39,3 +40,19 @@ def test_draw_tokens_is_reproducible_per_row_and_respects_top_k():
     for seed in range(20):
         drawn = draw([2, 2, 2], [seed, seed + 100, seed + 200])
         assert all(token in top2[row].tolist() for row, token in enumerate(drawn))
+
+
+def test_uniform_streams_are_uniform_independent_and_addressable():
+    # 100,000 draws: 1,000 streams (consecutive seeds, as samples' seeds may be) × 100 draws each.
+    seeds = np.repeat(np.arange(1_000), 100)
+    counters = np.tile(np.arange(100), 1_000)
+    drawn = uniforms(seeds.tolist(), counters.tolist())
+    assert drawn.min() >= 0 and drawn.max() < 1
+    histogram = np.histogram(drawn, bins=20, range=(0, 1))[0]
+    assert np.abs(histogram - 5_000).max() < 5 * np.sqrt(5_000)  # five sigmas
+    by_stream = drawn.reshape(1_000, 100)
+    assert abs(np.corrcoef(by_stream[:-1].ravel(), by_stream[1:].ravel())[0, 1]) < 0.02  # neighbour seeds
+    assert abs(np.corrcoef(by_stream[:, :-1].ravel(), by_stream[:, 1:].ravel())[0, 1]) < 0.02  # neighbour draws
+    # Draw k of a stream is the same alone or among others, and for any seed a Python int holds.
+    assert uniforms([7], [42])[0] == drawn[7 * 100 + 42]
+    assert 0 <= uniforms([-3, 2**80], [0, 0]).min()

@@ -9,14 +9,14 @@ freed. This module runs its decisions, one unit each:
 - `_forward`: a `Step` → the attention plan over its live segments, `TreeAttention` over the
   KV store, one forward pass → logits of the step's logits rows;
 - `_next_tokens` + `_PlanRun._append`: one token per sequence from its logits row (greedy,
-  or its own seeded generator), then its stop rules → which sequences finished, reported
+  or its own seeded stream), then its stop rules → which sequences finished, reported
   back to the scheduler (it cannot know: sampling and stop rules decide);
 - `_PlanRun`: the loop, each sequence's tokens, and each node's last-token logits: a
   sequence starts as soon as its prompt's node is fully prefilled, drawing its first token
   from those logits (kept while the node lives, so members of later groups reuse them).
 
 Invariants: each node's KV is computed exactly once (prefill tokens == the plan's unique
-tokens); every request draws from its own seeded generator, so its draws depend neither on
+tokens); every request draws from its own seeded stream (`sampling.uniforms`), so its draws depend neither on
 its batch mates nor on the order the job runs in (its logits do, in fp32's last bits, unless
 `batch_invariant`: see `invariant`); attention is exact (tree attention merged by
 log-sum-exp), so greedy outputs match full attention.
@@ -53,6 +53,7 @@ from prefixbatch.executors.sampling import (
     penalize,
     prompt_results,
     token_logprobs,
+    uniforms,
 )
 from prefixbatch.executors.stopping import RowFinish, StopRule, cut_at_stop, row_finish
 from prefixbatch.faults import fault_point
@@ -69,7 +70,7 @@ class _Sequence:
     request: Request
     num_cached_tokens: int
     rule: StopRule
-    generator: torch.Generator | None  # None: greedy
+    seed: int | None  # its random stream's (`sampling.uniforms`); None: greedy
     generated: list[int] = field(default_factory=list)
     finish: RowFinish | None = None
     logprobs: list[RawLogprob] | None = None  # one per generated token, when asked for
@@ -202,18 +203,13 @@ class _PlanRun:
     def _sequence(self, request_id: int) -> _Sequence:
         request = self.requests[request_id]
         params = request.sampling
-        generator = None
-        if not params.is_greedy:
-            generator = torch.Generator(device=self.engine.model.device).manual_seed(params.seed)
-            for _ in range(request.num_generated):  # where an earlier run's draws left it
-                torch.rand((), generator=generator, device=generator.device)
         cached = int(self.plan.request_num_cached_tokens[self.position[request_id]])
         return _Sequence(
             request_id=request_id,
             request=request,
             num_cached_tokens=min(cached, request.num_prompt_tokens),
             rule=StopRule.of(params, self.engine.eos_token_ids),
-            generator=generator,
+            seed=None if params.is_greedy else params.seed,  # draw k is uniforms(seed, k): resumes need no replay
             generated=list(request.generated),  # stop rules and max_tokens count them too
             logprobs=None if params.logprobs is None else [],
             **self._constraint(request_id, params),
@@ -354,7 +350,7 @@ def _next_tokens(sequences: list[_Sequence], logits: torch.Tensor, constraints: 
             rows[dead] = again
         logits[constrained] = rows
     tokens = logits.argmax(dim=-1)  # [S] greedy; the first maximum, as transformers picks
-    sampled = [i for i, s in enumerate(sequences) if s.generator is not None]
+    sampled = [i for i, s in enumerate(sequences) if s.seed is not None]
     if sampled:
         params = [sequences[i].request.sampling for i in sampled]
         device = logits.device
@@ -363,7 +359,7 @@ def _next_tokens(sequences: list[_Sequence], logits: torch.Tensor, constraints: 
             torch.tensor([p.temperature for p in params], device=device),
             torch.tensor([p.top_k or 0 for p in params], device=device),
             torch.tensor([p.top_p for p in params], device=device),
-            [sequences[i].generator for i in sampled],
+            uniforms([sequences[i].seed for i in sampled], [len(sequences[i].generated) for i in sampled]),
         )
     picked = tokens.tolist()
     for i in constrained:
