@@ -73,21 +73,16 @@ class SeededSampler(LogitsProcessor):
     def __init__(self, params: Sequence[SamplingParams], device: torch.device) -> None:
         self.rows = [row for row, p in enumerate(params) if not p.is_greedy]
         sampled = [params[row] for row in self.rows]
+        self.params = sampled
         self.seeds = [p.seed for p in sampled]
         self.step = 0  # tokens drawn so far: every row's stream is at this draw
-        # Per sampled row: [S]. top_k None means no cut, i.e. the whole vocabulary.
-        self.temperature = torch.tensor([p.temperature for p in sampled], device=device)
-        self.top_k = torch.tensor([p.top_k or 0 for p in sampled], device=device)
-        self.top_p = torch.tensor([p.top_p for p in sampled], device=device)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         # scores: [B, V] float32
         if not self.rows:
             return scores
         rows = torch.tensor(self.rows, device=scores.device)
-        drawn = draw_tokens(
-            scores[rows], self.temperature, self.top_k, self.top_p, uniforms(self.seeds, [self.step] * len(self.seeds))
-        )  # [S]
+        drawn = draw_tokens(scores[rows], self.params, uniforms(self.seeds, [self.step] * len(self.seeds)))  # [S]
         self.step += 1
         out = scores.clone()
         out[rows] = float("-inf")
@@ -155,22 +150,19 @@ class LogprobRecorder(LogitsProcessor):
         self._pending = None
 
 
-def draw_tokens(
-    scores: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    uniform: np.ndarray,
-) -> torch.Tensor:
-    """One token per row, each with its own uniform number (`uniforms`). scores: [S, V]; the
-    rest: [S] (top_k 0: no cut) → [S] token ids. Shared by `hf` and `native`, so both draw
-    the same way."""
-    top_k = torch.where(top_k > 0, top_k, scores.shape[-1])
-    logits = scores / temperature[:, None]  # [S, V]
-    if bool((top_k < scores.shape[-1]).any() or (top_p < 1.0).any()):  # else nothing is cut
-        logits = filter_logits(logits, top_k, top_p)
+def draw_tokens(scores: torch.Tensor, params: Sequence[SamplingParams], uniform: np.ndarray) -> torch.Tensor:
+    """One token per row of scores [S, V], by that row's params (temperature, top-k, top-p)
+    and its uniform number (`uniforms`) → [S] token ids. Whether anything is cut is read from
+    the params, on the host (a device read would make the host wait on a GPU). Shared by `hf`
+    and `native`, so both draw the same way."""
+    vocab, device = scores.shape[-1], scores.device
+    top_k = [p.top_k if p.top_k and p.top_k < vocab else vocab for p in params]  # None or 0: no cut
+    top_p = [p.top_p for p in params]
+    logits = scores / torch.tensor([p.temperature for p in params], device=device)[:, None]  # [S, V]
+    if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):  # else nothing is cut
+        logits = filter_logits(logits, torch.tensor(top_k, device=device), torch.tensor(top_p, device=device))
     probs = torch.softmax(logits, dim=-1)
-    return inverse_cdf(probs, torch.from_numpy(uniform).to(probs.device))
+    return inverse_cdf(probs, torch.from_numpy(uniform).to(device))
 
 
 def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

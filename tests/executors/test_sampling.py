@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from prefixbatch.executors.sampling import draw_tokens, inverse_cdf, uniforms
+from prefixbatch.types import SamplingParams
 
 
 def test_inverse_cdf_follows_the_distribution():
@@ -30,9 +31,8 @@ def test_draw_tokens_is_reproducible_per_row_and_respects_top_k():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
 
     def draw(top_k: list[int], seeds: list[int]) -> list[int]:
-        temperature, top_p = torch.ones(len(seeds)), torch.ones(len(seeds))
-        drawn = uniforms(seeds, [0] * len(seeds))
-        return draw_tokens(logits[: len(seeds)], temperature, torch.tensor(top_k), top_p, drawn).tolist()
+        params = [SamplingParams(max_tokens=1, temperature=1.0, top_k=k or None) for k in top_k]
+        return draw_tokens(logits[: len(seeds)], params, uniforms(seeds, [0] * len(seeds))).tolist()
 
     assert draw([0, 0, 0], [5, 6, 7]) == draw([0, 0, 0], [5, 6, 7])
     assert draw([0], [5]) == draw([0, 0, 0], [5, 6, 7])[:1]  # a row's draw ignores its batch mates

@@ -353,13 +353,8 @@ def _next_tokens(sequences: list[_Sequence], logits: torch.Tensor, constraints: 
     sampled = [i for i, s in enumerate(sequences) if s.seed is not None]
     if sampled:
         params = [sequences[i].request.sampling for i in sampled]
-        device = logits.device
         tokens[sampled] = draw_tokens(
-            logits[sampled],
-            torch.tensor([p.temperature for p in params], device=device),
-            torch.tensor([p.top_k or 0 for p in params], device=device),
-            torch.tensor([p.top_p for p in params], device=device),
-            uniforms([sequences[i].seed for i in sampled], [len(sequences[i].generated) for i in sampled]),
+            logits[sampled], params, uniforms([sequences[i].seed for i in sampled], [len(sequences[i].generated) for i in sampled])
         )
     picked = tokens.tolist()
     for i in constrained:
@@ -392,6 +387,6 @@ def _forward(
             torch.tensor(token_ids, dtype=torch.long, device=device),  # [T]
             attention.positions,
             attention,
-            logits_rows=torch.tensor(step.logits_rows, dtype=torch.long, device=device),
+            logits_rows=torch.tensor(step.logits_rows, dtype=torch.long),  # the model finds distinct rows on the host
             batch_invariant=batch_invariant,
         )

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -324,7 +325,7 @@ class CausalLM(nn.Module):
         cos, sin = rope_angles(positions, self.inv_freq)  # [T, D/2] each
         # Past the last layer's k, v only the logits rows matter: that layer's attention, o_proj
         # and MLP run for them alone (a prefill chunk asks for one row's logits of thousands).
-        wanted = None if batch_invariant else _distinct_rows(logits_rows, num_rows)
+        wanted = None if batch_invariant else _distinct_rows(logits_rows, num_rows, token_ids.device)
         rows = None if wanted is None else wanted[0]
         for i, layer in enumerate(self.layers):
             last = i == len(self.layers) - 1
@@ -335,20 +336,24 @@ class CausalLM(nn.Module):
         elif logits_rows is not None:
             # Only the rows that will be sampled pay for the vocabulary projection, the largest
             # matmul of a decode step.
-            normed = normed[_pad_rows(logits_rows, row_multiple)]  # [N', E]
+            normed = normed[_pad_rows(logits_rows, row_multiple).to(normed.device)]  # [N', E]
         logits = self.lm_head(normed).float()  # [N', V]
         return logits[: num_rows if logits_rows is None else logits_rows.shape[0]]  # [N, V]
 
 
 def _distinct_rows(
-    logits_rows: torch.Tensor | None, num_rows: int
+    logits_rows: torch.Tensor | None, num_rows: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(rows, where): the distinct rows of logits_rows, ascending, and each logits row's place
-    among them (logits_rows == rows[where]); None when that is every row (or no logits_rows)."""
+    """(rows, where) on `device`: the distinct rows of logits_rows, ascending, and each logits
+    row's place among them (logits_rows == rows[where]); None when that is every row (or no
+    logits_rows). Found on the host (the engine hands logits_rows on the CPU): on a GPU,
+    `unique` would make the host wait for the device in the middle of the step."""
     if logits_rows is None:
         return None
-    rows, where = torch.unique(logits_rows, sorted=True, return_inverse=True)
-    return None if rows.shape[0] == num_rows else (rows, where)
+    rows, where = np.unique(logits_rows.cpu().numpy(), return_inverse=True)
+    if rows.shape[0] == num_rows:
+        return None
+    return torch.from_numpy(rows).to(device), torch.from_numpy(where.reshape(-1)).to(device)
 
 
 def _pad_rows(index: torch.Tensor, multiple: int) -> torch.Tensor:

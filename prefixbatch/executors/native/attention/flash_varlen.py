@@ -56,6 +56,7 @@ class VarlenCall:
     `entries[i]` is the contract's entry of packed query i."""
 
     causal: bool
+    num_keys: int  # the store's slots up to the last sequence's last key (the keys passed)
     q_rows: torch.Tensor  # [Q] int64: the step's rows, packed in sequence order
     entries: torch.Tensor  # [Q] int64: each packed query's entry in the SpanBatch
     cu_q: torch.Tensor  # [B + 1] int32
@@ -81,11 +82,19 @@ class VarlenCall:
                 call = len(calls) - 1
             calls[call].append(s)
             ends[call] = key_start + batch.spans[s].num_keys
-        first = batch.span_first.tolist()
-        return [cls._packed(batch, spans, first, causal) for spans in calls]
+        return [cls._packed(batch, spans, causal) for spans in calls]
 
     @classmethod
-    def _packed(cls, batch: SpanBatch, spans: list[int], first: list[int], causal: bool) -> VarlenCall:
+    def all_of(cls, batch: SpanBatch) -> list[VarlenCall]:
+        """Every call of the batch, non-causal first: made at a step's first layer, from host
+        data only (no device read), and kept for its other layers."""
+        if "flash" not in batch.prepared:
+            batch.prepared["flash"] = cls.of(batch, causal=False) + cls.of(batch, causal=True)
+        return batch.prepared["flash"]
+
+    @classmethod
+    def _packed(cls, batch: SpanBatch, spans: list[int], causal: bool) -> VarlenCall:
+        first = batch.span_first_host
         q_counts, k_bounds, entries = [], [0], []
         for s in spans:
             span = batch.spans[s]
@@ -97,13 +106,15 @@ class VarlenCall:
             entries.extend(range(first[s], first[s + 1]))
         device = batch.entry_rows.device
         entries_t = torch.tensor(entries, dtype=torch.int64, device=device)
-        cu_q = torch.zeros(len(q_counts) + 1, dtype=torch.int32)
-        cu_q[1:] = torch.tensor(q_counts, dtype=torch.int32).cumsum(0)
+        cu_q = [0]
+        for count in q_counts:
+            cu_q.append(cu_q[-1] + count)
         return cls(
             causal=causal,
+            num_keys=k_bounds[-1],
             q_rows=batch.entry_rows[entries_t],
             entries=entries_t,
-            cu_q=cu_q.to(device),
+            cu_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
             cu_k=torch.tensor(k_bounds, dtype=torch.int32, device=device),
             max_q=max(q_counts),
             max_k=max(b - a for a, b in zip(k_bounds, k_bounds[1:])),
@@ -130,8 +141,8 @@ def _run(q, keys, values, batch: SpanBatch, *, scale: float, kernel):
     num_heads, head_dim = q.shape[1:]
     part_out = torch.zeros((batch.num_entries, num_heads, head_dim), dtype=torch.float32, device=q.device)
     part_lse = torch.full((batch.num_entries, num_heads), float("-inf"), dtype=torch.float32, device=q.device)
-    for call in VarlenCall.of(batch, causal=False) + VarlenCall.of(batch, causal=True):
-        end = int(call.cu_k[-1])  # the store up to the last span's last key, in place
+    for call in VarlenCall.all_of(batch):
+        end = call.num_keys  # the store up to the last span's last key, in place
         out, lse = kernel(q[call.q_rows], keys[:end], values[:end], call, scale)  # [Q, H, D], [Q, H]
         part_out[call.entries] = out.float()
         part_lse[call.entries] = lse
@@ -152,7 +163,8 @@ def _packed_lse(lse: torch.Tensor, call: VarlenCall, num_queries: int) -> torch.
         assert lse.shape[1] == num_queries, (lse.shape, num_queries)
         return lse.t().float()
     sequence = torch.repeat_interleave(
-        torch.arange(call.cu_q.shape[0] - 1, device=lse.device), (call.cu_q[1:] - call.cu_q[:-1]).long()
+        torch.arange(call.cu_q.shape[0] - 1, device=lse.device), (call.cu_q[1:] - call.cu_q[:-1]).long(),
+        output_size=num_queries,  # known: no device read to size the result
     )
     within = torch.arange(num_queries, device=lse.device) - call.cu_q[sequence].long()
     return lse[sequence, :, within].float()

@@ -21,7 +21,7 @@ in → out: `AttentionPlan` → `SpanBatch`; (part_out, part_lse, batch) → (ou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -45,6 +45,10 @@ class SpanBatch:
     row_entries: torch.Tensor  # [T, P] each row's entries in the plan's order, -1 padding
     max_span_rows: int  # the most entries of one span
     max_span_keys: int  # the most keys of one span
+    span_first_host: tuple[int, ...] = ()  # span_first, on the host: no device read to loop over spans
+    # What a backend derives from the batch once for all the step's layers (its tile table,
+    # its varlen sequences), by the backend's key: built at the first layer, freed with the batch.
+    prepared: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_entries(self) -> int:
@@ -78,6 +82,7 @@ class SpanBatch:
             row_entries=parts[5].view(row_entries.shape),
             max_span_rows=int(sizes.max(initial=0)),
             max_span_keys=int(columns[:, 1].max(initial=0)),
+            span_first_host=tuple(span_first.tolist()),
         )
 
 

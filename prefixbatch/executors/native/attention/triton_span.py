@@ -31,7 +31,6 @@ import math
 import re
 import subprocess
 import tempfile
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,17 +212,10 @@ def _kernel_for(device: torch.device):
     return _interpreted_kernel
 
 
-# id(batch) → (block_m → tile table on the batch's device). A batch is shared by every layer
-# of a step: its table is copied to the device once, not once a layer. Dropped with the batch.
-_tile_tables: dict[int, dict[int, torch.Tensor]] = {}
-
-
 def _tile_table(batch: SpanBatch, block_m: int) -> torch.Tensor:
-    """[num_tiles, 2] int32: (span, first entry within the span) of each block of `block_m` entries."""
-    tables = _tile_tables.get(id(batch))
-    if tables is None:
-        tables = _tile_tables[id(batch)] = {}
-        weakref.finalize(batch, _tile_tables.pop, id(batch), None)
+    """[num_tiles, 2] int32: (span, first entry within the span) of each block of `block_m`
+    entries. Made once per step (`SpanBatch.prepared`): every layer's launch uses it."""
+    tables = batch.prepared.setdefault("triton", {})
     if block_m not in tables:
         sizes = np.array([len(span.rows) for span in batch.spans], dtype=np.int64)
         blocks = -(-sizes // block_m)  # ceil
