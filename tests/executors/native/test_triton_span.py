@@ -29,6 +29,7 @@ from prefixbatch.executors.native.attention.plan import (  # noqa: E402
     plan_attention,
 )
 from prefixbatch.executors.native.attention.spans import SpanBatch, merge_entries  # noqa: E402
+from tests.executors.native.test_tree_attention import _ancestors  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # fp16: the kernel rounds its probabilities to fp16 for the value product (as on a GPU);
@@ -68,14 +69,6 @@ def cases(draw, max_length: int = 9) -> Case:
     order = draw(st.permutations(runs))
     heads = draw(st.sampled_from(HEADS))
     return Case(tuple(parents), tuple(lengths), tuple(gaps), tuple(order), heads, draw(st.sampled_from([8, 64])))
-
-
-def _ancestors(segment: int, parents) -> list[int]:
-    chain = []
-    while parents[segment] is not None:
-        segment = parents[segment]
-        chain.append(segment)
-    return chain[::-1]
 
 
 def run_case(case: Case, dtype_name: str, *, seed: int = 0) -> None:
