@@ -16,10 +16,12 @@ from pydantic import BaseModel, ConfigDict
 @dataclass(frozen=True)
 class ShownAs:
     """`Annotated[..., ShownAs("...")]`: the type the spec reference names for a field whose
-    validator accepts more than its annotation says (a schema object kept as JSON text). Only
-    the reference reads it; validation ignores it."""
+    validator accepts more than its annotation says (a schema object kept as JSON text), and
+    the values it allows where its validator, not the annotation, sets them. Only the
+    reference reads it; validation ignores it."""
 
     type: str
+    allowed: str = ""  # "": what the annotation's choices and bounds say
 
 
 class StrictModel(BaseModel):

@@ -6,12 +6,13 @@ reports through: the cluster never sees the whole job spec nor the job layer's o
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from prefixbatch.config import ModelSpec, StrictModel
+from prefixbatch.config import ModelSpec, ShownAs, StrictModel
 from prefixbatch.executors.config import ExecutorSpec
 from prefixbatch.pipeline.config import InputSpec, OutputSpec, SamplingSpec
 
@@ -27,14 +28,17 @@ class ClusterSpec(StrictModel):
     address: str | None = None
     """Scheduler address of a running Dask cluster, e.g. `tcp://10.0.0.5:8786`."""
 
-    local_workers: int | None = Field(None, ge=1)
-    """Start a LocalCluster of this many worker processes for the run (when no `address`)."""
+    local_workers: Annotated[int | Literal["gpus"] | None, ShownAs("integer, `gpus` or null", "≥ 1, or `gpus`")] = None
+    """Start a LocalCluster of this many worker processes for the run (when no `address`).
+    `gpus`: one worker per visible CUDA device (`CUDA_VISIBLE_DEVICES` where it is set), each
+    pinned to its device and holding one `GPU` resource (`resources` defaults to `{GPU: 1}`)."""
 
     threads_per_worker: int = Field(1, ge=1)
     """Threads per LocalCluster worker (each worker runs one shard at a time)."""
 
     resources: dict[str, float] = Field(default_factory=dict)
-    """Resources each shard task needs, e.g. `{GPU: 1}`: workers must be started with them."""
+    """Resources each shard task needs, e.g. `{GPU: 1}`: workers must be started with them
+    (with `local_workers: gpus`, `{GPU: 1}` unless given)."""
 
     shards_per_worker: int = Field(4, ge=1)
     """Shards per worker: more, smaller shards make a slow or lost worker cost less."""
@@ -50,6 +54,40 @@ class ClusterSpec(StrictModel):
 
     max_attempts: int = Field(3, ge=1)
     """Worker deaths a shard may cause before it is split to find the row that kills workers."""
+
+    worker_wait_s: float = Field(120.0, gt=0)
+    """How long the run waits while no worker can take a shard (all dead, restarting or gone)
+    before it stops with an error; what was committed is kept for `--resume`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_gpu_per_shard(cls, data: Any) -> Any:
+        # One shard per GPU worker at a time, whatever its threads: said once, here.
+        if isinstance(data, dict) and data.get("local_workers") == "gpus" and "resources" not in data:
+            return {**data, "resources": {"GPU": 1}}
+        return data
+
+    @field_validator("local_workers", mode="before")
+    @classmethod
+    def _workers_or_gpus(cls, value: Any) -> Any:
+        is_count = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        if value is None or value == "gpus" or is_count:
+            return value
+        raise ValueError("must be a number of worker processes (≥ 1) or `gpus` (one worker per visible GPU)")
+
+    @field_validator("local_workers")
+    @classmethod
+    def _gpus_visible(cls, value: Any, info: ValidationInfo) -> Any:
+        # Checked with the spec (validate, plan and run alike), not when the workers start.
+        if value != "gpus" or info.data.get("kind") != "dask":
+            return value
+        from prefixbatch.cluster.local_cluster import visible_gpus
+
+        if not visible_gpus():
+            listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+            where = f" (CUDA_VISIBLE_DEVICES={listed!r})" if listed is not None else ""
+            raise ValueError(f"no CUDA device is visible{where}; give a number of workers")
+        return value
 
     @model_validator(mode="after")
     def _where(self) -> ClusterSpec:

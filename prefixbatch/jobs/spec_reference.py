@@ -79,12 +79,12 @@ def spec_sections() -> tuple[Section, ...]:
 
 
 def field_entry(name: str, info: FieldInfo) -> FieldEntry:
-    shown = [m.type for m in info.metadata if isinstance(m, ShownAs)]
+    shown = next((m for m in info.metadata if isinstance(m, ShownAs)), None)
     return FieldEntry(
         name=name,
-        type=shown[0] if shown else type_name(info.annotation),
+        type=shown.type if shown else type_name(info.annotation),
         default=None if info.is_required() else _yaml(info.get_default(call_default_factory=True)),
-        allowed=allowed_values(info),
+        allowed=shown.allowed if shown and shown.allowed else allowed_values(info),
         description=_text(info, name),
     )
 

@@ -1,10 +1,14 @@
 """Jobs on a real Dask LocalCluster of worker processes: the same output as one process,
-shared prefixes computed on one worker, workers lost mid-job, a row that kills every worker."""
+shared prefixes computed on one worker, workers lost mid-job, a row that kills every worker,
+a cluster left without workers, one worker per GPU."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,6 +21,9 @@ from tests.jobs.test_resume import run_cli
 from tests.jobs.test_run import SYSTEMS as RUN_SYSTEMS
 from tests.jobs.test_run import conversation as run_conversation
 from tests.output_helpers import finished_output, without_cached
+
+# A hang on a cluster is a failure with a traceback, not a test run that never ends.
+pytestmark = pytest.mark.timeout(600)
 
 # The three system prompts of the run tests and a fourth: 4 shards, one prompt each.
 SYSTEMS = (*RUN_SYSTEMS, "You are a patient chess teacher for beginners.")
@@ -173,6 +180,74 @@ def test_shards_run_only_on_workers_with_the_resources_and_none_is_a_user_error(
         with pytest.raises(UserError, match=r"cluster.resources GPU=1: no worker of inproc://.* has them \(workers have: none\)"):
             run(spec, folder)
     assert not (tmp_path / "out2" / "_SUCCESS").exists()
+
+
+def test_a_cluster_left_without_workers_stops_with_an_error_in_bounded_time_and_resumes(job, tmp_path, monkeypatch):
+    """The only worker of a running cluster leaves for good after the first shard, just as the
+    next shard is handed to it: that shard counts as its worker's death a few seconds later
+    (Dask itself would keep it waiting for a worker forever), and with no worker for
+    `worker_wait_s` the run stops with an error naming the scheduler; the committed rows are
+    kept and a resume on a cluster with workers gives the local output."""
+    from distributed import LocalCluster
+
+    from prefixbatch.cluster.placer import Placer
+    from prefixbatch.errors import UserError
+
+    folder, base, local = job
+    submit, handed = Placer._submit, []
+
+    def leave_then_submit(placer, task, where):
+        if handed:  # the second shard: its worker leaves first (gone from the scheduler's list)
+            cluster.scale(0)
+            deadline = time.monotonic() + 60
+            while placer.client.scheduler_info()["workers"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+        handed.append(task.shard_id)
+        submit(placer, task, where)
+
+    monkeypatch.setattr(Placer, "_submit", leave_then_submit)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        spec = dask_spec(base, tmp_path / "out")
+        address = cluster.scheduler_address
+        spec["cluster"] = {"kind": "dask", "address": address, "shards_per_worker": 4, "worker_wait_s": 2}
+        started = time.monotonic()
+        message = rf"^no worker of the Dask scheduler at {re.escape(address)} could take a task for \d+ s \(cluster.worker_wait_s 2\).* --resume"
+        with pytest.raises(UserError, match=message):
+            run(spec, folder)
+        assert time.monotonic() - started < 120
+    assert len(handed) == 2  # one shard committed, one lost with its worker
+    monkeypatch.undo()
+    resumed = dask_spec(base, tmp_path / "out")
+    run({**resumed, "output": {**resumed["output"], "mode": "resume"}}, folder)
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert 0 < summary["resumed_rows"] < NUM_ROWS
+    output = {r["id"]: r for r in finished_output(str(tmp_path / "out"))}
+    assert without_cached(output) == without_cached(local)
+
+
+def test_local_workers_gpus_starts_one_worker_per_visible_gpu_pinned_to_it(job, tmp_path, monkeypatch):
+    """`local_workers: gpus` on a machine whose visible GPUs are 3 and 5 (faked: this machine
+    has none): two workers, each seeing only its own device and holding one GPU, and shards
+    placed on them as on any workers (run here on the CPU)."""
+    from distributed import Client
+
+    from prefixbatch.cluster import local_cluster
+    from prefixbatch.cluster.dask_run import count_shards
+
+    folder, base, local = job
+    monkeypatch.setattr(local_cluster, "visible_gpus", lambda: ["3", "5"])
+    raw = dask_spec({**base, "executor": {**base["executor"], "device": "cpu"}}, tmp_path / "out", local_workers="gpus")
+    cluster_spec = spec_from_dict(raw, base_dir=folder, source="test").cluster
+    assert cluster_spec.resources == {"GPU": 1} and count_shards(cluster_spec) == 2 * 2
+    with local_cluster.start_local_cluster(cluster_spec) as cluster, Client(cluster, set_as_default=False) as client:
+        devices = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        workers = client.scheduler_info()["workers"]
+    assert sorted(devices.values()) == ["3", "5"]
+    assert [w["resources"] for w in workers.values()] == [{"GPU": 1}, {"GPU": 1}]
+    summary = run(raw, folder)
+    output = {r["id"]: r for r in finished_output(str(tmp_path / "out"))}
+    assert without_cached(output) == without_cached(local)
+    assert len(summary.shards) == 4 and len({s["pid"] for s in summary.shards}) == 2
 
 
 def test_a_model_a_worker_cannot_load_is_a_user_error_naming_the_worker(job, tmp_path):
