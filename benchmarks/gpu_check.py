@@ -192,11 +192,46 @@ def contract(settings: Settings, deadline: Deadline) -> dict:
                 key = f"{name}/{str(dtype).removeprefix('torch.')}"
                 worst[key] = max(worst.get(key, 0.0), error)
         done += 1
+    memory = long_chunk_memory(settings)
     tolerance = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 4e-3}
     passed = all(
         not isinstance(v, float) or v <= tolerance[k.split("/")[1]] for k, v in worst.items()
     ) and not any(k.endswith("/error") for k in worst)
-    return {"cases": done, "max_abs_error": worst, "tolerance": tolerance, "passed": passed}
+    passed = passed and all(m.get("within_bound", True) for m in memory.values() if isinstance(m, dict))
+    return {"cases": done, "max_abs_error": worst, "tolerance": tolerance, "long_chunk_memory": memory, "passed": passed}
+
+
+def long_chunk_memory(settings: Settings) -> dict:
+    """Peak device memory of one layer's attention over a 16,384-row prefill chunk after a
+    16,384-key prefix (Qwen2.5-0.5B's 14 heads, 2 KV heads, 64 dims), per backend, against
+    what the step must hold whatever the backend (q, the parts and the output: O(rows)) plus
+    64 MiB; one score matrix would be 15 GiB. On the CPU the tests check the reference's
+    (tests/executors/native/test_attention_backends.py)."""
+    if settings.device.type != "cuda":
+        return {"skipped": "CUDA only"}
+    heads, kv_heads, head_dim, rows, prefix = 14, 2, 64, 16_384, 16_384
+    segments = [SegmentKV(0, None, 0, prefix), SegmentKV(1, 0, prefix, rows)]
+    plan = plan_attention(segments, [QueryRun(1, 0, 0, rows)])
+    keys = torch.randn(prefix + rows, kv_heads, head_dim, device=settings.device, dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    q = torch.randn(rows, heads, head_dim, device=settings.device, dtype=torch.bfloat16)
+    batch = SpanBatch.of(plan, settings.device)
+    must_hold = (3 * batch.num_entries + rows) * heads * (head_dim + 1) * 4 + (64 << 20)
+    found = {}
+    for name in settings.contract_backends:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        try:
+            out = merge_entries(*backends.span_function(name)(q, keys, values, batch, scale=0.125), batch)
+            torch.cuda.synchronize()
+        except Exception as exc:
+            found[name] = {"failed": repr(exc)[:300]}
+            continue
+        peak = torch.cuda.max_memory_allocated() - before
+        found[name] = {"peak_bytes": peak, "bound_bytes": must_hold, "within_bound": peak <= must_hold}
+        del out
+    return found
 
 
 # 3 exactness --------------------------------------------------------------------------------
