@@ -36,7 +36,7 @@ from prefixbatch.cluster.placer import Placer, as_finished, usable_worker_addres
 from prefixbatch.cluster.worker import PLUGIN_NAME, EnginePlugin, ShardTask
 from prefixbatch.errors import UserError
 from prefixbatch.executors.base import Executed, StopFlag
-from prefixbatch.executors.registry import resolve_kind
+from prefixbatch.executors.registry import ResolvedExecutor
 from prefixbatch.pipeline.checkpoints import Partials
 from prefixbatch.pipeline.commits import OutputFolder
 from prefixbatch.pipeline.parts import PartWriter, RowColumns
@@ -54,8 +54,9 @@ class DaskSession:
     thread, so a LocalCluster's start-up overlaps the driver's reading too.
     """
 
-    def __init__(self, spec: ClusterJob) -> None:
+    def __init__(self, spec: ClusterJob, resolved: ResolvedExecutor) -> None:
         self.spec = spec
+        self.resolved = resolved  # the job's executor, as the driver resolved it; each worker loads it
         self._stack = ExitStack()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefixbatch-dask-connect")
         self._client: Future | None = None
@@ -94,7 +95,7 @@ class DaskSession:
             self._stack.callback(cluster.close)
             client = Client(cluster, set_as_default=False)
         self._stack.callback(client.close)
-        plugin = EnginePlugin(self.spec.model.model_dump(), self.spec.executor.model_dump())
+        plugin = EnginePlugin(self.spec.model.model_dump(), self.spec.executor.model_dump(), self.resolved)
         client.register_plugin(plugin, name=PLUGIN_NAME)
         return client
 
@@ -109,7 +110,8 @@ class DaskSession:
 
     def run(self, work: PlannedRequests, todo: PreparedInput, output: OutputFolder, writer: PartWriter,
             progress: Progress, *, log, stop: StopFlag | None = None) -> Executed:
-        return run_on_dask(self.spec, self.client, work, todo, output, writer, progress, log=log, stop=stop)
+        return run_on_dask(self.spec, self.client, work, todo, output, writer, progress, log=log, stop=stop,
+                           kind=self.resolved.name)
 
     def tokenize_on_workers(self, files: list, committed: np.ndarray, progress: Progress) -> tuple[list, list]:
         """One task per input file: read and tokenize it on a worker (kept there); the
@@ -138,7 +140,7 @@ class DaskSession:
         from prefixbatch.cluster.partition import PartitionTask, partition_rows
 
         spec, client = self.spec, self.client
-        result = Executed(resolve_kind(spec.model, spec.executor))
+        result = Executed(self.resolved.name)
         workers = usable_worker_addresses(spec.cluster, client.scheduler_info()["workers"])
         partitions = partition_rows(keys, max(len(workers), 1) * spec.cluster.shards_per_worker)
         log(f"dask: {len(workers)} workers, {len(partitions)} partitions planned on the workers")
@@ -181,9 +183,11 @@ def run_on_dask(
     *,
     log: Callable[[str], None],
     stop: StopFlag | None = None,
+    kind: str,
 ) -> Executed:
-    """Run each shard of the plan on the cluster; commit every shard's parts through `output`."""
-    result = Executed(resolve_kind(spec.model, spec.executor))
+    """Run each shard of the plan on the cluster; commit every shard's parts through `output`;
+    `kind`: the executor the workers run."""
+    result = Executed(kind)
     parts = list(work.shards())
     log(f"dask: {len(parts)} shards of the plan")
     columns = RowColumns(todo.ids, todo.carry)

@@ -3,9 +3,11 @@
 A `ShardTask` is plain data pickled to a worker: its part of the job's plan (a one-shard
 `PlannedRequests`, cut by the driver: the worker never plans it again), the columns of its
 rows, and where to write. `run_shard` runs it on the worker's executor (loaded once per
-worker by `EnginePlugin`, in the background from the moment the run connects), writes its
-part files straight to the output folder and returns their records, uncommitted: only the
-driver commits. `_Reporter` sends the driver the shard's progress while it runs.
+worker by `EnginePlugin`, in the background from the moment the run connects, as the driver
+resolved it: its kind and budget, the device this worker has) through the loop every run
+calls (`executors.loop`), writes its part files straight to the output folder and returns
+their records, uncommitted: only the driver commits. `_Reporter` sends the driver the
+shard's progress while it runs.
 
 in: a `ShardTask` → out: a `ShardResult` (records, work done, timings).
 """
@@ -25,9 +27,11 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from prefixbatch.cluster import LOAD_LOCK
 from prefixbatch.errors import UserError
 from prefixbatch.executors.base import ExecutorStats
+from prefixbatch.executors.loop import Generated, generate_into
+from prefixbatch.executors.registry import ResolvedExecutor
 from prefixbatch.faults import crash_if_row
 from prefixbatch.periodic import Periodic
-from prefixbatch.pipeline.checkpoints import Checkpointer, Checkpoints
+from prefixbatch.pipeline.checkpoints import Checkpoints
 from prefixbatch.pipeline.commits import OutputFolder
 from prefixbatch.pipeline.parts import PartWriter, RowColumns, samples_per_row
 from prefixbatch.prefix_tree import PlannedRequests
@@ -120,10 +124,11 @@ class EnginePlugin(WorkerPlugin):
 
     name = PLUGIN_NAME
 
-    def __init__(self, model: dict, executor: dict) -> None:
+    def __init__(self, model: dict, executor: dict, resolved: ResolvedExecutor) -> None:
         super().__init__()
         self.model = model
         self.executor = executor
+        self.resolved = resolved  # the driver's; this worker's device once loaded
         self._executor = None
         self.loaded_at = 0.0
         self._loading: threading.Thread | None = None
@@ -139,8 +144,10 @@ class EnginePlugin(WorkerPlugin):
         from prefixbatch.executors.registry import create_executor
 
         try:
+            model, executor = ModelSpec(**self.model), ExecutorSpec(**self.executor)
             with LOAD_LOCK:
-                self._executor = create_executor(ModelSpec(**self.model), ExecutorSpec(**self.executor))
+                self.resolved = self.resolved.on_worker(model, executor)
+                self._executor = create_executor(model, executor, self.resolved)
             self.loaded_at = time.time()
         except BaseException as exc:  # handed to the shard that needs the engine
             self._error = exc
@@ -169,6 +176,9 @@ class _Reporter(Periodic):
         self.key = worker.get_current_task()
         self.before = stats.copy()
         self.rows = 0
+
+    def completed(self, completion: Completion, unused_tokens: int) -> None:
+        self.rows += 1
 
     def _report(self) -> None:
         done = self.stats.since(self.before)
@@ -218,18 +228,14 @@ def run_shard(task: ShardTask) -> ShardResult:
     )
     for error in task.errors:
         writer.add(error)
-    output_tokens = unused = 0
-    every_s = task.checkpoint_seconds if hasattr(executor, "in_flight") else None
-    saver = Checkpointer(getattr(executor, "in_flight", dict), Checkpoints(output), every_s)
     stop = _DriverStop(task.stop_event)
-    with _Reporter(worker, task.progress_topic, executor.stats) as reporter, saver:
-        for completion in executor.generate(task.work, stop=stop) if task.work is not None else ():
-            writer.add(completion)
-            output_tokens += completion.num_output_tokens
-            unused += task.work.unused_tokens(completion)
-            reporter.rows += 1
-        if stop.is_set():  # what is in flight is saved; the whole rows below are committed
-            saver.save()
+    done = Generated()
+    with _Reporter(worker, task.progress_topic, executor.stats) as reporter:
+        if task.work is not None:  # once stopped: what is in flight saved, the whole rows handed back
+            done = generate_into(
+                executor, plugin.resolved, task.work, writer, Checkpoints(output),
+                checkpoint_seconds=task.checkpoint_seconds, stop=stop, on_completion=reporter.completed,
+            )
     generated = time.time()
     writer.flush()
     stats = executor.stats.since(before)
@@ -239,17 +245,17 @@ def run_shard(task: ShardTask) -> ShardResult:
         os.getpid(),
         writer.records,
         stats,
-        (reporter.rows + len(task.errors)) if stop.is_set() else (
+        (done.num_completions + len(task.errors)) if stop.is_set() else (
             task.counted_rows if task.counted_rows is not None else len(task.requests) + len(task.errors)
         ),
-        output_tokens,
+        done.num_output_tokens,
         task.rows,
         started=started,
         engine_load_s=loaded - started,
         engine_loaded_at=plugin.loaded_at,
         generate_s=generated - loaded,
         finished=time.time(),
-        unused_tokens=unused,
+        unused_tokens=done.num_unused_tokens,
     )
 
 

@@ -44,6 +44,11 @@ class StopFlag(Protocol):
 
 
 class Executor(Protocol):
+    """Built as `Class(model, executor, resolved)`. What an executor can do beyond this is
+    said by its registry entry, never found by `hasattr`: one that `resumes_generations` also
+    has `in_flight()` ((row, sample) → tokens so far), one that `sizes_own_cache` has
+    `kv_cache_tokens`."""
+
     kind: str  # the registry's name for it
     stats: ExecutorStats
 
@@ -51,8 +56,6 @@ class Executor(Protocol):
         """One completion per request of `work`, yielded as they finish. Once `stop` is set
         it returns within a step or a batch, yielding no completion it has not finished."""
         ...
-
-
 
 
 @dataclass

@@ -110,7 +110,8 @@ class ExecutorSpec(StrictModel):
     padded batches (the reference executor, any architecture; it never shares a prefix, so
     its plan is made without sharing). `vllm`: vLLM's engine fed the plan group by group, its
     prefix cache holding each group's shared prefix (needs vLLM installed). `auto`: `native`
-    when it supports the model, else `hf` (never `vllm`)."""
+    when it supports the model, else `hf`; on CUDA, `vllm` when it is installed (native's CUDA
+    path is not measured yet), else the same rule, with a warning."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` picks CUDA when a GPU is visible, else the CPU."""

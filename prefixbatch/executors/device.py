@@ -2,17 +2,24 @@
 
 `auto` means: CUDA when a GPU is visible, else the CPU; float32 on the CPU, bfloat16 on CUDA.
 Asking for CUDA on a machine without one is the user's mistake, reported as a `UserError`.
+A job resolves them once (`registry.resolve_executor`, as names); an executor turns the
+names into torch objects with `placement`.
 
 in → out: ("auto" | "cpu" | "cuda", "auto" | dtype name) → (torch.device, torch.dtype).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from prefixbatch.errors import UserError
 
-__all__ = ["free_device_bytes", "resolve_device", "resolve_dtype"]
+if TYPE_CHECKING:
+    from prefixbatch.executors.registry import ResolvedExecutor
+
+__all__ = ["dtype_name", "free_device_bytes", "placement", "resolve_device", "resolve_dtype", "torch_dtype"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,14 +34,28 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def dtype_name(dtype: str, device_type: str) -> str:
+    """`model.dtype` → the name of the dtype of weights and activations on a `device_type` device."""
+    if dtype == "auto":
+        return "bfloat16" if device_type == "cuda" else "float32"
+    return dtype
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """`model.dtype` → the dtype of weights and activations on `device`."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[dtype]
+    return torch_dtype(dtype_name(dtype, device.type))
 
 
-def free_device_bytes(device: torch.device) -> int:
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def placement(resolved: ResolvedExecutor) -> tuple[torch.device, torch.dtype]:
+    """A `ResolvedExecutor`'s device and dtype as torch objects."""
+    return torch.device(resolved.device), torch_dtype(resolved.dtype)
+
+
+def free_device_bytes(device: torch.device | str) -> int:
     """Free memory on a CUDA device right now, in bytes."""
     free, _ = torch.cuda.mem_get_info(device)
     return int(free)

@@ -41,8 +41,9 @@ from prefixbatch.config import ModelSpec
 from prefixbatch.errors import ModelError
 from prefixbatch.executors.base import ExecutorStats, StopFlag
 from prefixbatch.executors.config import ExecutorSpec
-from prefixbatch.executors.device import resolve_device, resolve_dtype
+from prefixbatch.executors.device import placement
 from prefixbatch.executors.grammar import GrammarMasker, LazyConstraints
+from prefixbatch.executors.registry import ResolvedExecutor, resolve_executor
 from prefixbatch.executors.sampling import (
     LogprobRecorder,
     Penalizer,
@@ -68,11 +69,10 @@ class HfExecutor:
 
     kind = "hf"
 
-    def __init__(self, model: ModelSpec, executor: ExecutorSpec) -> None:
+    def __init__(self, model: ModelSpec, executor: ExecutorSpec, resolved: ResolvedExecutor | None = None) -> None:
         self.spec = executor.hf
         self.stats = ExecutorStats()
-        self.device = resolve_device(executor.device)
-        self.dtype = resolve_dtype(model.dtype, self.device)
+        self.device, self.dtype = placement(resolved or resolve_executor(model, executor, kind=self.kind))
         check_model_folder(model.path)  # a missing folder, config or weights: a clear ModelError
         hf_logging.disable_progress_bar()  # our own progress bar is the one the user reads
         folder = Path(model.path)

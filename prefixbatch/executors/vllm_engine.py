@@ -37,8 +37,8 @@ from prefixbatch.config import ModelSpec
 from prefixbatch.errors import UserError
 from prefixbatch.executors.base import ExecutorStats, StopFlag
 from prefixbatch.executors.config import ExecutorSpec
-from prefixbatch.executors.device import resolve_device, resolve_dtype
 from prefixbatch.executors.grammar import LazyConstraints
+from prefixbatch.executors.registry import ResolvedExecutor, resolve_executor
 from prefixbatch.executors.sampling import RawLogprob, TokenTexts, prompt_results, records_k
 from prefixbatch.executors.stopping import cut_at_stop
 from prefixbatch.faults import fault_point
@@ -65,12 +65,13 @@ class VllmExecutor:
 
     kind = "vllm"
 
-    def __init__(self, model: ModelSpec, executor: ExecutorSpec) -> None:
+    def __init__(self, model: ModelSpec, executor: ExecutorSpec, resolved: ResolvedExecutor | None = None) -> None:
         settings = executor.vllm
-        device = resolve_device(executor.device)
+        resolved = resolved or resolve_executor(model, executor, kind=self.kind)
+        device = resolved.device
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its INFO and WARNING lines would drown our progress
-        if device.type == "cpu":
+        if device == "cpu":
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kv_cache_gib)
             if settings.cpu_threads_bind is not None:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
@@ -80,13 +81,12 @@ class VllmExecutor:
             raise UserError(INSTALL_HINT) from exc
         from transformers import AutoTokenizer
 
-        eager = settings.enforce_eager if settings.enforce_eager is not None else device.type == "cpu"
-        dtype = resolve_dtype(model.dtype, device)  # as the other executors resolve `auto`
-        block = block_size_for(settings.block_size, device.type)
+        eager = settings.enforce_eager if settings.enforce_eager is not None else device == "cpu"
+        block = block_size_for(settings.block_size, device)
         args = EngineArgs(
             model=model.path,
             tokenizer=model.path,
-            dtype=str(dtype).removeprefix("torch."),
+            dtype=resolved.dtype,  # `auto` as the other executors resolve it
             trust_remote_code=model.trust_remote_code,
             seed=0,
             enable_prefix_caching=True,

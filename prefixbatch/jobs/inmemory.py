@@ -28,9 +28,9 @@ from pydantic import ValidationError
 
 from prefixbatch.errors import InputError, SpecError
 from prefixbatch.executors.config import ExecutorSpec, ModelSpec
-from prefixbatch.executors.registry import check_available, create_executor
+from prefixbatch.executors.registry import create_executor
 from prefixbatch.jobs.inputs import read_job_input
-from prefixbatch.jobs.planning import plan_job
+from prefixbatch.jobs.planning import plan_job, resolve_job_executor, with_loaded_cache
 from prefixbatch.jobs.progress import JobProgress
 from prefixbatch.jobs.spec import JobSpec, format_validation_error, with_local_model
 from prefixbatch.model_folder import check_model_folder
@@ -55,8 +55,9 @@ class Engine:
         probe = with_local_model(_job(model_spec, executor_spec, InputSpec(path="memory://x", prompt_column="p")))
         self.model, self.executor_spec = probe.model, probe.executor
         check_model_folder(self.model.path)
-        check_available(self.model, self.executor_spec)
-        self.executor = create_executor(self.model, self.executor_spec)
+        resolved = resolve_job_executor(probe)  # once: every call's job runs on this executor
+        self.executor = create_executor(self.model, self.executor_spec, resolved)
+        self.resolved = with_loaded_cache(resolved, probe, self.executor)
         self._tokenizers: dict[bool, PromptTokenizer] = {}
 
     def generate(
@@ -106,7 +107,7 @@ class Engine:
             prepared = read_job_input(spec, tokenizer=self._tokenizer(spec.input.messages_column is not None))
         finally:
             fs.rm(input_spec.path)
-        work = plan_job(spec, prepared.requests, kv_budget_tokens=getattr(self.executor, "kv_cache_tokens", None))
+        work = plan_job(spec, self.resolved, prepared.requests)
         completions = list(prepared.errors)
         plan = work.plan
         stream = None if progress else io.StringIO()  # progress off: nothing printed

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from prefixbatch.executors.registry import ResolvedExecutor
 from prefixbatch.jobs.inputs import job_tokenizer, read_job_input
-from prefixbatch.jobs.planning import plan_job, plan_summary
+from prefixbatch.jobs.planning import plan_job, plan_summary, resolve_job_executor
 from prefixbatch.jobs.run import committed_before
 from prefixbatch.jobs.spec import JobSpec, with_local_model
 from prefixbatch.pipeline.prepare import PreparedInput
@@ -26,6 +27,7 @@ class JobPlan:
     prepared: PreparedInput  # every row of the input
     todo: PreparedInput  # the rows the run would generate (all but those a resume keeps)
     work: PlannedRequests  # the plan `run` executes over `todo.requests`
+    resolved: ResolvedExecutor  # the executor it is planned for, as `run` resolves it
 
     @property
     def plan(self) -> Plan:
@@ -40,6 +42,7 @@ def preview_job(spec: JobSpec, *, num_shards: int | None = None) -> JobPlan:
     how many workers it has).
     """
     spec = with_local_model(spec, weights=False)
+    resolved = resolve_job_executor(spec)
     prepared = read_job_input(spec)
     todo = prepared.without_rows(committed_before(spec, prepared))
     if num_shards is None:
@@ -49,8 +52,8 @@ def preview_job(spec: JobSpec, *, num_shards: int | None = None) -> JobPlan:
 
             num_shards = count_shards(spec.cluster)
     tokenizer = job_tokenizer(spec)
-    work = plan_job(spec, todo.requests, num_shards=num_shards, decode=lambda ids: tokenizer.decode(ids.tolist()))
-    return JobPlan(prepared, todo, work)
+    work = plan_job(spec, resolved, todo.requests, num_shards=num_shards, decode=lambda ids: tokenizer.decode(ids.tolist()))
+    return JobPlan(prepared, todo, work, resolved)
 
 
 def peak_kv_without_sharing(job: JobPlan) -> int:
@@ -181,7 +184,7 @@ def estimate_time(job: JobPlan, spec: JobSpec, *, sample_requests: int = 64, sam
     from prefixbatch.prefix_tree import PlanSettings, plan_requests
 
     started = time.perf_counter()
-    executor = create_executor(spec.model, spec.executor)
+    executor = create_executor(spec.model, spec.executor, job.resolved)
     load_s = time.perf_counter() - started
     plan = job.plan
     order = [int(i) for i in plan.request_order[:sample_requests]]

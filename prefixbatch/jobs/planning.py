@@ -1,14 +1,17 @@
-"""The one place a job's plan is made: settings resolved once, then `plan_requests`.
+"""The one place a job's plan is made: the executor and settings resolved once, then `plan_requests`.
 
 `prefixbatch plan` and `prefixbatch run` both call `plan_job`, so the plan a user previews
-is the plan the run executes: same settings, same digest. Every setting that shapes it is
-resolved here, with its one default:
+is the plan the run executes: same settings, same digest. `resolve_job_executor` decides,
+once where a job is loaded, what runs it (`ResolvedExecutor`: kind, device, dtype by the
+registry's rules) and the KV budget, and every setting that shapes the plan is read from it
+or the spec here, with its one default:
 
 - the KV budget: `executor.kv_budget_tokens`, else on CUDA what free device memory holds
   after the weights (bytes per KV token from the model's config.json; no weights loaded),
   else on the CPU `DEFAULT_CPU_KV_BUDGET` or what half the memory available after the weights
   holds, whichever is less (a model with a large KV per token); a group may take
-  `GROUP_SHARE` of it;
+  `GROUP_SHARE` of it. An engine that sizes its own cache (vLLM) reports what it holds once
+  loaded, and that is the budget (`with_loaded_cache`);
 - prefix sharing: `executor.prefix_sharing`, and off for an executor that cannot share
   (`hf`), so the plan predicts exactly what that executor computes;
 - shards: 1 in one process; on Dask, workers × `cluster.shards_per_worker`.
@@ -21,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from prefixbatch.executors.registry import EXECUTORS, resolve_kind
+from prefixbatch.executors.registry import ResolvedExecutor, resolve_executor
 from prefixbatch.jobs.spec import JobSpec
 from prefixbatch.model_folder import (
     kv_budget_for_memory,
@@ -36,37 +39,48 @@ DEFAULT_CPU_KV_BUDGET = 131_072  # tokens held at once on the CPU (2 GiB of fp32
 CPU_KV_MEMORY_SHARE = 0.5  # of the memory available after the weights, at most, for KV
 
 
-def plan_settings(spec: JobSpec, *, num_shards: int) -> PlanSettings:
-    """Every setting that shapes the job's plan, resolved from the spec and the machine."""
-    kind = resolve_kind(spec.model, spec.executor)
+def resolve_job_executor(spec: JobSpec) -> ResolvedExecutor:
+    """What runs the job and the KV budget its plans hold, decided once (before any weights
+    load); a `UserError` for an executor not installed or a device this machine lacks."""
+    resolved = resolve_executor(spec.model, spec.executor, on_workers=spec.cluster.kind == "dask")
+    return replace(resolved, kv_budget_tokens=kv_budget_tokens(spec, resolved))
+
+
+def with_loaded_cache(resolved: ResolvedExecutor, spec: JobSpec, executor) -> ResolvedExecutor:
+    """The budget an engine that sizes its own KV cache (vLLM) holds, read back once it is
+    loaded, over the estimate; unless `executor.kv_budget_tokens` set one."""
+    if not resolved.kind.sizes_own_cache or spec.executor.kv_budget_tokens is not None:
+        return resolved
+    return replace(resolved, kv_budget_tokens=executor.kv_cache_tokens)
+
+
+def plan_settings(spec: JobSpec, resolved: ResolvedExecutor, *, num_shards: int) -> PlanSettings:
+    """Every setting that shapes the job's plan, from the spec and its resolved executor."""
     return PlanSettings(
-        kv_budget_tokens=kv_budget_tokens(spec),
+        kv_budget_tokens=resolved.kv_budget_tokens,
         num_shards=num_shards,
-        prefix_sharing=spec.executor.prefix_sharing and EXECUTORS[kind].shares_prefixes,
+        prefix_sharing=spec.executor.prefix_sharing and resolved.kind.shares_prefixes,
     )
 
 
-def kv_budget_tokens(spec: JobSpec) -> int:
+def kv_budget_tokens(spec: JobSpec, resolved: ResolvedExecutor) -> int:
     """`executor.kv_budget_tokens`, else vLLM's CPU cache, else sized from free CUDA memory,
     else the CPU default."""
     if spec.executor.kv_budget_tokens is not None:
         return spec.executor.kv_budget_tokens
-    from prefixbatch.executors.device import free_device_bytes, resolve_device, resolve_dtype
-
-    on_cpu = spec.executor.device == "cpu" or (
-        spec.executor.device == "auto" and resolve_device("auto").type == "cpu"
-    )
-    if on_cpu and resolve_kind(spec.model, spec.executor) == "vllm":
-        return vllm_cpu_cache_tokens(spec)
+    on_cpu = resolved.device == "cpu"
+    if on_cpu and resolved.name == "vllm":
+        return vllm_cpu_cache_tokens(spec, resolved)
     if spec.cluster.kind == "dask":  # a cluster's workers' memories: not seen here
         return DEFAULT_CPU_KV_BUDGET
     if on_cpu:
-        return cpu_kv_budget(spec.model.path, spec.model.dtype)
-    device = resolve_device(spec.executor.device)
-    return _tokens_in_memory(spec.model.path, resolve_dtype(spec.model.dtype, device), free_device_bytes(device))
+        return cpu_kv_budget(spec.model.path, resolved.dtype)
+    from prefixbatch.executors.device import free_device_bytes, torch_dtype
+
+    return _tokens_in_memory(spec.model.path, torch_dtype(resolved.dtype), free_device_bytes(resolved.device))
 
 
-def cpu_kv_budget(model_path: str, dtype_name: str) -> int:
+def cpu_kv_budget(model_path: str, dtype: str) -> int:
     """KV tokens held at once on the CPU: `DEFAULT_CPU_KV_BUDGET`, or fewer where they would
     take over `CPU_KV_MEMORY_SHARE` of the memory available now once the weights are in (a
     model with a large KV per token: Llama-3.1-8B's 128 KiB a token in bf16 would make the
@@ -74,11 +88,11 @@ def cpu_kv_budget(model_path: str, dtype_name: str) -> int:
     free memory moved a little still make the same plan."""
     import psutil
 
-    from prefixbatch.executors.device import resolve_device, resolve_dtype
+    from prefixbatch.executors.device import dtype_name, torch_dtype
 
-    dtype = resolve_dtype(dtype_name, resolve_device("cpu"))
     fits = _tokens_in_memory(
-        model_path, dtype, psutil.virtual_memory().available, reserve=1.0 - CPU_KV_MEMORY_SHARE
+        model_path, torch_dtype(dtype_name(dtype, "cpu")), psutil.virtual_memory().available,
+        reserve=1.0 - CPU_KV_MEMORY_SHARE,
     )
     return DEFAULT_CPU_KV_BUDGET if fits >= DEFAULT_CPU_KV_BUDGET else 1 << (fits.bit_length() - 1)
 
@@ -95,15 +109,15 @@ def _tokens_in_memory(model_path: str, dtype, free_bytes: int, *, reserve: float
     )
 
 
-def vllm_cpu_cache_tokens(spec: JobSpec) -> int:
+def vllm_cpu_cache_tokens(spec: JobSpec, resolved: ResolvedExecutor) -> int:
     """The KV tokens vLLM's CPU engine holds: `executor.vllm.cpu_kv_cache_gib` in whole blocks
     of the model's KV bytes per token (what the engine allocates, and reads back as its size)."""
-    from prefixbatch.executors.device import resolve_device, resolve_dtype
+    from prefixbatch.executors.device import torch_dtype
     from prefixbatch.executors.vllm_engine import block_size_for
 
     settings = spec.executor.vllm
     block = block_size_for(settings.block_size, "cpu")
-    dtype = resolve_dtype(spec.model.dtype, resolve_device("cpu"))
+    dtype = torch_dtype(resolved.dtype)
     per_token = kv_bytes_per_token(read_config(spec.model.path), dtype.itemsize)
     blocks = settings.cpu_kv_cache_gib * 2**30 // (per_token * block)
     if settings.kv_cache_tokens is not None:
@@ -112,14 +126,10 @@ def vllm_cpu_cache_tokens(spec: JobSpec) -> int:
 
 
 def plan_job(
-    spec: JobSpec, requests: Sequence[Request], *, num_shards: int = 1, decode=None, kv_budget_tokens: int | None = None
+    spec: JobSpec, resolved: ResolvedExecutor, requests: Sequence[Request], *, num_shards: int = 1, decode=None
 ) -> PlannedRequests:
-    """The job's plan over `requests` (the rows not committed yet); `kv_budget_tokens`: an
-    executor's own cache size, read back once it started (vLLM), over the spec's."""
-    settings = plan_settings(spec, num_shards=num_shards)
-    if kv_budget_tokens is not None and spec.executor.kv_budget_tokens is None:
-        settings = replace(settings, kv_budget_tokens=kv_budget_tokens)
-    return plan_requests(requests, settings, decode=decode)
+    """The job's plan over `requests` (the rows not committed yet), for the executor `resolved`."""
+    return plan_requests(requests, plan_settings(spec, resolved, num_shards=num_shards), decode=decode)
 
 
 def plan_summary(work: PlannedRequests) -> dict:

@@ -19,23 +19,24 @@ import numpy as np
 
 import prefixbatch
 from prefixbatch.executors.base import Executed, ExecutorStats, StopFlag
-from prefixbatch.executors.registry import (
-    EXECUTORS,
-    check_available,
-    check_device,
-    create_executor,
-    resolve_kind,
-)
+from prefixbatch.executors.loop import generate_into
+from prefixbatch.executors.registry import ResolvedExecutor, create_executor
 from prefixbatch.faults import fault_point
 from prefixbatch.jobs.fingerprint import job_fingerprint
 from prefixbatch.jobs.inputs import read_job_input, scan_job_input
-from prefixbatch.jobs.planning import plan_job, plan_settings, plan_summary
+from prefixbatch.jobs.planning import (
+    plan_job,
+    plan_settings,
+    plan_summary,
+    resolve_job_executor,
+    with_loaded_cache,
+)
 from prefixbatch.jobs.progress import JobProgress
 from prefixbatch.jobs.signals import JobStopped
 from prefixbatch.jobs.spec import JobSpec, with_local_model
 from prefixbatch.model_folder import check_model_folder, gguf_source, model_name
 from prefixbatch.periodic import Periodic
-from prefixbatch.pipeline.checkpoints import Checkpointer, Checkpoints, continue_from
+from prefixbatch.pipeline.checkpoints import Checkpoints, continue_from
 from prefixbatch.pipeline.commits import (
     OPENAI_OUTPUT,
     SUMMARY,
@@ -118,8 +119,7 @@ def inspect_job(spec: JobSpec) -> tuple[str, PreparedInput]:
     """`check_job`'s report, and the input as `run` would read it."""
     spec = with_local_model(spec, weights=False)
     check_model_folder(spec.model.path)
-    check_available(spec.model, spec.executor)
-    device = _check_device(spec)
+    device = _where(spec, resolve_job_executor(spec))
     _refuse_input_in_output(spec)
     prepared = read_job_input(spec)
     output = _output_folder(spec, prepared)
@@ -166,13 +166,11 @@ def _row_notes(prepared: PreparedInput, num_ids: int = 3) -> list[str]:
     return notes
 
 
-def _check_device(spec: JobSpec) -> str:
-    """Where the job would run, said in words; a device this machine lacks is refused here
-    (before anything is written). A Dask job's device is the workers' business."""
+def _where(spec: JobSpec, resolved: ResolvedExecutor) -> str:
+    """Where the job would run, said in words. A Dask job's device is the workers' business."""
     if spec.cluster.kind == "dask":
         return f"device {spec.executor.device} on the Dask workers"
-    device = check_device(spec.executor)
-    return f"device {device}" + (" (auto)" if spec.executor.device == "auto" else "")
+    return f"device {resolved.device}" + (" (auto)" if spec.executor.device == "auto" else "")
 
 
 def committed_before(spec: JobSpec, prepared: PreparedInput) -> np.ndarray:
@@ -212,18 +210,19 @@ def run_job(
     start = time.monotonic()
     spec = with_local_model(spec)  # a Hub id: fetched, or found in the cache
     check_model_folder(spec.model.path)
-    check_available(spec.model, spec.executor)
-    _check_device(spec)
+    # What runs the job, on which device, holding how much KV: decided once, before anything
+    # is written (an executor not installed, a device this machine lacks: refused here).
+    resolved = resolve_job_executor(spec)
     _refuse_input_in_output(spec)
     show = _Show(live_progress, log, stop, log_every_s)
     if spec.cluster.kind != "dask":
-        return _run(spec, None, start, show)
+        return _run(spec, resolved, None, start, show)
     from prefixbatch.cluster.config import ClusterJob
     from prefixbatch.cluster.dask_run import DaskSession
 
-    with DaskSession(ClusterJob.of(spec)) as cluster:  # workers load the engine while the driver reads
+    with DaskSession(ClusterJob.of(spec), resolved) as cluster:  # workers load the engine while the driver reads
         run = _run_planned_on_workers if spec.cluster.plan_on == "workers" else _run
-        summary = run(spec, cluster, start, show)
+        summary = run(spec, resolved, cluster, start, show)
     # Once the run's own workers are gone: a part that a worker the scheduler had given up
     # for dead wrote late is not the result's (never committed, never read), but not left.
     _output_folder(spec).remove_stray_parts()
@@ -247,7 +246,7 @@ class _Show:
         return self.stop is not None and self.stop.is_set()
 
 
-def _run(spec: JobSpec, cluster, start: float, show: _Show) -> RunSummary:
+def _run(spec: JobSpec, resolved: ResolvedExecutor, cluster, start: float, show: _Show) -> RunSummary:
     prepared = read_job_input(spec, show_progress=True, live_progress=show.live)
     fault_point("tokenized")
     log = show.log
@@ -255,18 +254,14 @@ def _run(spec: JobSpec, cluster, start: float, show: _Show) -> RunSummary:
     output, writer, committed = _open_output(spec, prepared, log)
     todo = prepared.without_rows(committed)
     checkpoints = Checkpoints(output)
-    todo, partials = _continue_from_checkpoints(spec, todo, checkpoints, log)
+    todo, partials = _continue_from_checkpoints(resolved, todo, checkpoints, log)
     executor = None
     if cluster is None and todo.requests and not show.stopping:
         # Loaded before planning: an engine that sizes its own KV cache (vLLM) tells the plan
         # what it really holds.
-        executor = create_executor(spec.model, spec.executor)
-    work = plan_job(
-        spec,
-        todo.requests,
-        num_shards=cluster.num_shards() if cluster else 1,
-        kv_budget_tokens=getattr(executor, "kv_cache_tokens", None),
-    )
+        executor = create_executor(spec.model, spec.executor, resolved)
+        resolved = with_loaded_cache(resolved, spec, executor)
+    work = plan_job(spec, resolved, todo.requests, num_shards=cluster.num_shards() if cluster else 1)
     plan = work.plan
     log(
         f"plan {plan.digest()}: {_count(plan.num_groups, 'group')}, {_count(plan.num_shards, 'shard')},"
@@ -282,7 +277,7 @@ def _run(spec: JobSpec, cluster, start: float, show: _Show) -> RunSummary:
         else:
             executed = None
             if executor is not None:
-                executed = _generate_here(spec, executor, work, writer, progress, show, checkpoints, partials)
+                executed = _generate_here(spec, resolved, executor, work, writer, progress, show, checkpoints, partials)
         writer.flush()
     if show.stopping:
         raise _stopped(spec, prepared, output)
@@ -292,10 +287,10 @@ def _run(spec: JobSpec, cluster, start: float, show: _Show) -> RunSummary:
     )
 
 
-def _continue_from_checkpoints(spec: JobSpec, todo: PreparedInput, checkpoints: Checkpoints, log):
+def _continue_from_checkpoints(resolved: ResolvedExecutor, todo: PreparedInput, checkpoints: Checkpoints, log):
     """The requests with an earlier run's checkpointed tokens carried on (executors that can
     continue them); the partial generations used, by (row, sample)."""
-    if not EXECUTORS[resolve_kind(spec.model, spec.executor)].resumes_generations:
+    if not resolved.kind.resumes_generations:
         return todo, {}
     requests, used = continue_from(todo.requests, checkpoints.load())
     if used:
@@ -307,25 +302,22 @@ def _continue_from_checkpoints(spec: JobSpec, todo: PreparedInput, checkpoints: 
 
 
 def _generate_here(
-    spec: JobSpec, executor, work, writer: PartWriter, progress: JobProgress, show: _Show, checkpoints: Checkpoints,
-    partials,
+    spec: JobSpec, resolved: ResolvedExecutor, executor, work, writer: PartWriter, progress: JobProgress, show: _Show,
+    checkpoints: Checkpoints, partials,
 ) -> Executed | None:
-    """The plan on this process's executor; its work shown while steps run, rows as they
-    finish, its generations in flight checkpointed every `output.checkpoint_seconds`."""
+    """The plan on this process's executor (the loop every run calls); its work shown while
+    steps run, rows as they finish."""
     if show.stopping:
         return None
-    every_s = spec.output.checkpoint_seconds if hasattr(executor, "in_flight") else None
-    saver = Checkpointer(
-        getattr(executor, "in_flight", dict), checkpoints, every_s, known=partials, done_rows=writer.committed_rows
-    )
-    with _Watch(executor, progress), saver:
-        for completion in executor.generate(work, stop=show.stop):
-            writer.add(completion)
-            progress.advance(1, completion.num_output_tokens, unused_tokens=work.unused_tokens(completion))
-        if show.stopping:
-            writer.flush()  # commit the whole rows, then checkpoint the rest
-            saver.save()
-    return Executed(executor.kind, executor.stats)
+    with _Watch(executor, progress):
+        generate_into(
+            executor, resolved, work, writer, checkpoints,
+            checkpoint_seconds=spec.output.checkpoint_seconds, stop=show.stop, known=partials,
+            on_completion=lambda completion, unused: progress.advance(
+                1, completion.num_output_tokens, unused_tokens=unused
+            ),
+        )
+    return Executed(resolved.name, executor.stats)
 
 
 class _Watch(Periodic):
@@ -358,7 +350,7 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _run_planned_on_workers(spec: JobSpec, cluster, start: float, show: _Show) -> RunSummary:
+def _run_planned_on_workers(spec: JobSpec, resolved: ResolvedExecutor, cluster, start: float, show: _Show) -> RunSummary:
     """`cluster.plan_on: workers`: the driver reads only ids; the workers tokenize, the driver
     partitions by leading tokens, each partition is planned and run on a worker."""
     files, ids, skipped = scan_job_input(spec)
@@ -374,13 +366,13 @@ def _run_planned_on_workers(spec: JobSpec, cluster, start: float, show: _Show) -
     total = sum(len(k.request_rows) + len(k.error_rows) for k in keys)
     log(f"read {prepared.num_rows} rows on the workers: {total} output rows to write")
     found = {}
-    if EXECUTORS[resolve_kind(spec.model, spec.executor)].resumes_generations:
+    if resolved.kind.resumes_generations:
         done = set(np.asarray(committed).tolist())
         found = {key: tokens for key, tokens in Checkpoints(output).load().items() if key[0] not in done}
     if found:
         log(f"resuming mid-generation: {len(found)} samples have checkpointed tokens; their workers continue them")
     with show.progress(total) as progress:
-        settings = plan_settings(spec, num_shards=1)  # each partition is one shard, planned on its worker
+        settings = plan_settings(spec, resolved, num_shards=1)  # each partition is one shard, planned on its worker
         executed = None
         if total and not show.stopping:
             executed = cluster.run_partitions(

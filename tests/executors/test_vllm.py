@@ -169,7 +169,7 @@ def test_a_small_cache_admits_groups_one_after_another(tiny_llama, vllm_engines)
 
 
 def test_the_plan_budget_is_the_engine_cache(tiny_llama, vllm_engines, tmp_path):
-    from prefixbatch.jobs.planning import kv_budget_tokens
+    from prefixbatch.jobs.planning import resolve_job_executor
     from prefixbatch.jobs.spec import spec_from_dict
 
     spec = spec_from_dict(
@@ -177,7 +177,7 @@ def test_the_plan_budget_is_the_engine_cache(tiny_llama, vllm_engines, tmp_path)
          "model": {"path": str(tiny_llama)}, "executor": SPEC.model_dump()},
         base_dir=tmp_path, source="job.yaml",
     )
-    assert kv_budget_tokens(spec) == vllm_engines(tiny_llama).kv_cache_tokens == 2**30 // 2048
+    assert resolve_job_executor(spec).kv_budget_tokens == vllm_engines(tiny_llama).kv_cache_tokens == 2**30 // 2048
 
 
 

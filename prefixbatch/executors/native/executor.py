@@ -13,12 +13,13 @@ from prefixbatch.config import ModelSpec
 from prefixbatch.errors import UserError
 from prefixbatch.executors.base import ExecutorStats, StopFlag
 from prefixbatch.executors.config import INVARIANT_CPU_ONLY, ExecutorSpec
-from prefixbatch.executors.device import resolve_device, resolve_dtype
+from prefixbatch.executors.device import placement
 from prefixbatch.executors.grammar import LazyConstraints
 from prefixbatch.executors.native.dense import packing_available
 from prefixbatch.executors.native.engine import Engine
 from prefixbatch.executors.native.span_kernel import load_span_kernel
 from prefixbatch.executors.native.weights import load_model, read_model_config
+from prefixbatch.executors.registry import ResolvedExecutor, resolve_executor
 from prefixbatch.executors.sampling import TokenTexts
 from prefixbatch.faults import fault_point
 from prefixbatch.model_folder import eos_token_ids
@@ -31,13 +32,12 @@ class NativeExecutor:
 
     kind = "native"
 
-    def __init__(self, model: ModelSpec, executor: ExecutorSpec) -> None:
+    def __init__(self, model: ModelSpec, executor: ExecutorSpec, resolved: ResolvedExecutor | None = None) -> None:
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         read_model_config(model.path)  # an unsupported architecture: ModelError naming `hf`
-        self.device = resolve_device(executor.device)
-        self.dtype = resolve_dtype(model.dtype, self.device)
+        self.device, self.dtype = placement(resolved or resolve_executor(model, executor, kind=self.kind))
         if executor.native.batch_invariant and self.device.type != "cpu":
             raise UserError(INVARIANT_CPU_ONLY)  # `device: auto` found a GPU
         hf_logging.disable_progress_bar()
