@@ -111,7 +111,9 @@ def _choose_kind(model: ModelSpec, executor: ExecutorSpec, device: str) -> str:
     if executor.kind != "auto":
         return executor.kind
     unmeasured = device == "cuda" and not CUDA_PATH_MEASURED
-    if unmeasured and importlib.util.find_spec("vllm") is not None:
+    # A native-only setting asked for (batch-invariant numerics) keeps native, whose own check
+    # then says where it runs: vLLM would ignore it.
+    if unmeasured and not executor.native.batch_invariant and importlib.util.find_spec("vllm") is not None:
         return "vllm"
     kind = "native" if _native_implements(model) else "hf"
     if kind == "native" and unmeasured:

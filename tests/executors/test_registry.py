@@ -41,6 +41,14 @@ def test_auto_on_cuda_picks_vllm_when_it_is_installed(tiny_llama, monkeypatch, c
     assert not caplog.records
 
 
+def test_auto_on_cuda_keeps_native_when_a_native_only_setting_is_asked_for(tiny_llama, monkeypatch):
+    # vLLM would ignore batch-invariant numerics: native is chosen, and says itself where it runs.
+    fake_cuda(monkeypatch)
+    vllm_installed(monkeypatch, True)
+    resolved = resolve_executor(ModelSpec(path=str(tiny_llama)), ExecutorSpec(native={"batch_invariant": True}))
+    assert resolved.name == "native"
+
+
 def test_auto_on_cuda_without_vllm_picks_native_and_says_its_cuda_path_is_unmeasured(tiny_llama, monkeypatch, caplog):
     fake_cuda(monkeypatch)
     vllm_installed(monkeypatch, False)
