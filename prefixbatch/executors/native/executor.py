@@ -15,6 +15,7 @@ from prefixbatch.executors.base import ExecutorStats, StopFlag
 from prefixbatch.executors.config import INVARIANT_CPU_ONLY, ExecutorSpec
 from prefixbatch.executors.device import placement
 from prefixbatch.executors.grammar import LazyConstraints
+from prefixbatch.executors.native import pointwise
 from prefixbatch.executors.native.dense import packing_available
 from prefixbatch.executors.native.engine import Engine
 from prefixbatch.executors.native.span_kernel import load_span_kernel
@@ -46,6 +47,8 @@ class NativeExecutor:
         if packing_available(self.device, self.dtype) and not executor.native.batch_invariant:
             self.model.pack()  # oneDNN's GEMMs: 2-3x MKL's on some CPUs (`dense`)
             load_span_kernel()  # built (once per machine, ~1 s) at start-up, not in the first step
+        elif self.device.type == "cuda":
+            self.model.use_pointwise(pointwise.compiled())  # one kernel per norm and rope (`pointwise`)
         self.engine = Engine(
             self.model,
             eos_token_ids=eos_token_ids(model.path, self.tokenizer),
