@@ -27,6 +27,8 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: over output tokens
     frequency_penalty: float = 0.0  # OpenAI's: over output tokens
     min_tokens: int = 0  # no stop (eos, stop ids, stop strings) before this many output tokens
+    min_p: float = 0.0  # sampled rows: drop tokens less likely than min_p × the top token
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits first
     logprobs: int | None = None  # None: none; k: each output token's logprob and top k
     prompt_logprobs: int | None = None  # None: none; k: the same for each prompt token but the first
     json_schema: str | None = None  # structured output: JSON valid against this schema (JSON text)
@@ -50,7 +52,8 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         """Whether any penalty changes the logits before a token is picked."""
-        return (self.repetition_penalty, self.presence_penalty, self.frequency_penalty) != (1.0, 0.0, 0.0)
+        penalties = (self.repetition_penalty, self.presence_penalty, self.frequency_penalty) != (1.0, 0.0, 0.0)
+        return penalties or bool(self.logit_bias)
 
 
 @dataclass(frozen=True)

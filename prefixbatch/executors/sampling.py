@@ -151,7 +151,7 @@ class LogprobRecorder(LogitsProcessor):
 
 
 def draw_tokens(scores: torch.Tensor, params: Sequence[SamplingParams], uniform: np.ndarray) -> torch.Tensor:
-    """One token per row of scores [S, V], by that row's params (temperature, top-k, top-p)
+    """One token per row of scores [S, V], by that row's params (temperature, top-k, top-p, min-p)
     and its uniform number (`uniforms`) → [S] token ids. Whether anything is cut is read from
     the params, on the host (a device read would make the host wait on a GPU). Shared by `hf`
     and `native`, so both draw the same way."""
@@ -162,6 +162,9 @@ def draw_tokens(scores: torch.Tensor, params: Sequence[SamplingParams], uniform:
     if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):  # else nothing is cut
         logits = filter_logits(logits, torch.tensor(top_k, device=device), torch.tensor(top_p, device=device))
     probs = torch.softmax(logits, dim=-1)
+    if any(p.min_p > 0.0 for p in params):  # tokens under min_p × the top token's probability: 0
+        min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=device)
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
     return inverse_cdf(probs, torch.from_numpy(uniform).to(device))
 
 
@@ -206,18 +209,22 @@ def penalize(
     outputs: Sequence[Sequence[int]],
     stop_ids: Sequence[Sequence[int]],
 ) -> None:
-    """Each row's penalties and `min_tokens` mask, in place. logits: [S, V] fp32 (a tensor of
-    the caller's own, not a view of shared logits); per row its params, prompt token ids (a
-    set, made once per request: a long prompt is not gone over again every step), output
-    tokens so far and stop ids (eos + its `stop_token_ids`).
+    """Each row's logit bias, penalties and `min_tokens` mask, in place. logits: [S, V] fp32 (a
+    tensor of the caller's own, not a view of shared logits); per row its params, prompt token
+    ids (a set, made once per request: a long prompt is not gone over again every step),
+    output tokens so far and stop ids (eos + its `stop_token_ids`).
 
-    In vLLM's order: transformers' repetition penalty over prompt and output tokens (a logit
+    First the row's `logit_bias` (OpenAI's: added to the raw logits); then, in vLLM's order:
+    transformers' repetition penalty over prompt and output tokens (a logit
     above 0 divided by the penalty, one below multiplied), then OpenAI's frequency and
     presence penalties over the output's token counts, then -inf on the stop ids while the
     output is shorter than `min_tokens`.
     """
     device = logits.device
     for row, (p, prompt, output, stops) in enumerate(zip(params, prompts, outputs, stop_ids, strict=True)):
+        if p.logit_bias:
+            ids, biases = zip(*p.logit_bias, strict=True)
+            logits[row, torch.tensor(ids, device=device)] += torch.tensor(biases, dtype=logits.dtype, device=device)
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(list(prompt.union(output)), dtype=torch.long, device=device)
             values = logits[row, seen]

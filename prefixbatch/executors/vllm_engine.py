@@ -234,6 +234,8 @@ class VllmExecutor:
                     presence_penalty=params.presence_penalty,
                     frequency_penalty=params.frequency_penalty,
                     min_tokens=max(params.min_tokens - request.num_generated, 0),
+                    min_p=params.min_p,
+                    logit_bias=dict(params.logit_bias) or None,
                     logprobs=params.logprobs,
                     prompt_logprobs=prompt_k,
                     structured_outputs=_structured(params),

@@ -89,6 +89,8 @@ _BY_TYPE = {
     tuple[int, ...]: (*_INTEGERS, pa.list_(pa.int64())),
     str | None: ("a string", is_string, pa.string()),  # json_schema (JSON text), regex
     tuple[str, ...] | None: ("a list of strings", _is_list_of(is_string), pa.list_(pa.string())),  # choice
+    tuple[tuple[int, float], ...]: ('a JSON object of token ids to biases (text, e.g. {"15": -100})', is_string,
+                                    pa.string()),  # logit_bias
 }
 _OVERRIDES = {name: _BY_TYPE[field.annotation] for name, field in SamplingSpec.model_fields.items()}
 OVERRIDE_TYPES: dict[str, pa.DataType] = {name: t for name, (*_, t) in _OVERRIDES.items()}

@@ -194,6 +194,51 @@ class SamplingSpec(StrictModel):
     `stop_token_ids` tokens are masked (stop strings still apply). At most `max_tokens`;
     lowered with `max_tokens` when that is clamped to the context."""
 
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    """Keep only tokens at least this likely relative to the most likely one (after
+    temperature, top-k and top-p: a token of probability p stays when p ≥ min_p · the top
+    token's); 0: no cut. Sampled rows only (greedy picks the top token anyway)."""
+
+    logit_bias: Annotated[
+        tuple[tuple[int, float], ...], ShownAs("mapping of token id to a bias from -100 to 100")
+    ] = ()
+    """Added to the given tokens' logits before anything else (OpenAI's `logit_bias`): -100
+    bans a token, 100 all but forces it; greedy rows too. In a spec a mapping (`{15: -100}`),
+    in a column a JSON object (`{"15": -100}`). Ids must be in the model's vocabulary (a row
+    whose are not is an error row)."""
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias_pairs(cls, value: Any) -> Any:
+        # A mapping (YAML keys may come as strings, JSON's always do) → sorted (id, bias) pairs.
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from None
+        if value is None:
+            return ()
+        if isinstance(value, dict):
+            pairs = []
+            for key, bias in value.items():
+                try:
+                    token = int(key)
+                except (TypeError, ValueError):
+                    raise ValueError(f"keys are token ids (integers), got {key!r}") from None
+                pairs.append((token, bias))
+            return tuple(sorted(pairs))
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, value: tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
+        for token, bias in value:
+            if token < 0:
+                raise ValueError(f"token ids are ≥ 0, got {token}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"token {token}: a bias is from -100 to 100, got {bias}")
+        return value
+
     logprobs: int | None = Field(None, ge=0, le=20)
     """Log-probabilities in the output (`logprobs` column): for every output token its own and
     the k most likely tokens' (0–20; null: no column values). From the model's distribution

@@ -60,7 +60,7 @@ _FIELDS: dict[str, tuple[str, pa.DataType, Any]] = {
 _IGNORED = {"model", "user", "store", "metadata", "service_tier", "stream_options", "logprobs", "top_logprobs",
             "response_format", "stop", "messages", "parallel_tool_calls", "reasoning_effort"}
 COLUMNS = ["custom_id", "messages", "max_tokens", "temperature", "top_p", "seed", "n", "presence_penalty",
-           "frequency_penalty", "stop", "logprobs", "json_schema", UNSUPPORTED]
+           "frequency_penalty", "stop", "logprobs", "json_schema", "logit_bias", UNSUPPORTED]
 
 
 def requests_table(text: str, url: str) -> pa.Table:
@@ -89,7 +89,7 @@ def requests_table(text: str, url: str) -> pa.Table:
         shown = problems[:5] + ([f"... ({len(problems) - 5} more)"] if len(problems) > 5 else [])
         raise InputError("\n  - ".join([f"file {url} is not a valid OpenAI Batch request file:", *shown]))
     types = {"custom_id": pa.string(), "messages": pa.list_(MESSAGE), "stop": pa.list_(pa.string()),
-             "logprobs": pa.int64(), "json_schema": pa.string(), UNSUPPORTED: pa.string()}
+             "logprobs": pa.int64(), "json_schema": pa.string(), "logit_bias": pa.string(), UNSUPPORTED: pa.string()}
     types.update({column: kind for column, kind, _ in _FIELDS.values()})
     return pa.table({name: pa.array([row.get(name) for row in rows], types[name]) for name in COLUMNS})
 
@@ -111,9 +111,14 @@ def _row(request: dict[str, Any]) -> dict[str, Any]:
                 problem = f"body.{key} must be a {'whole number' if accepts is _INTEGER else 'number'}, got {value!r}"
             else:
                 row[column] = value
+        elif key == "logit_bias" and value is not None:  # checked as `sampling.logit_bias` (its JSON text)
+            if not isinstance(value, dict):
+                problem = f"body.logit_bias must be an object of token ids to biases, got {value!r}"
+            else:
+                row["logit_bias"] = json.dumps(value)
         elif key == "stream" and value:
             problem = "body.stream: streaming is not a batch request"
-        elif key not in _FIELDS and key not in _IGNORED and key != "stream":
+        elif key not in _FIELDS and key not in _IGNORED and key not in ("stream", "logit_bias"):
             problem = f"body.{key} is not supported"
     if problem is None:
         problem = _sampling(body, row)

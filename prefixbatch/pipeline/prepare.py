@@ -150,6 +150,7 @@ def _batch_requests(
             context_length=tokenizer.context_length,
             truncate=spec.truncate,
             overflow=spec.max_tokens_overflow,
+            vocab_size=tokenizer.vocab_size,
         )
         if isinstance(requests, RowError):
             yield _error_row(row_index, requests, token_ids)

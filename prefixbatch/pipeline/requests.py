@@ -76,10 +76,12 @@ def make_requests(
     context_length: int | None,
     truncate: Literal["none", "left", "right"] = "none",
     overflow: Literal["clamp", "error"] = "clamp",
+    vocab_size: int | None = None,
 ) -> list[Request] | RowError:
     """The row's `sampling.n` requests, fitted to the model's context: the prompt truncated
     (`truncate` left / right) until `max_tokens` fits, then `max_tokens` clamped to the room
-    left (`overflow` clamp) or the row refused (`overflow` error)."""
+    left (`overflow` clamp) or the row refused (`overflow` error). A `logit_bias` id past
+    `vocab_size` refuses the row too."""
     max_tokens = sampling.max_tokens
     if context_length is not None:
         if truncate != "none" and len(token_ids) + max_tokens > context_length:
@@ -96,6 +98,10 @@ def make_requests(
             )
             return RowError("max_tokens_over_context", msg)
         max_tokens = min(max_tokens, room)
+    outside = [token for token, _ in sampling.logit_bias if vocab_size is not None and token >= vocab_size]
+    if outside:
+        msg = f"logit_bias names token {outside[0]}, outside the model's vocabulary of {vocab_size} ids (0–{vocab_size - 1})"
+        return RowError("invalid_logit_bias", msg)
     seed = sampling.seed if has_row_seed else row_seed(job_seed, row_id)
     # A clamped max_tokens lowers min_tokens with it: the context holds no more.
     min_tokens = min(sampling.min_tokens, max_tokens)

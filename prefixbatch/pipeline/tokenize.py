@@ -38,7 +38,10 @@ class PromptTokenizer:
         trust_remote_code: bool = False,
     ) -> None:
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-        self.context_length = context_length(read_config(model_path))
+        config = read_config(model_path)
+        self.context_length = context_length(config)
+        # Token ids a row may name (`logit_bias`): the model's embedding rows, else the tokenizer's.
+        self.vocab_size = int(config.get("vocab_size") or len(self.tokenizer))
         self.use_template = text_kind == "messages" or chat_template == "always"
         self.text_kind = text_kind
         if self.use_template and not self.tokenizer.chat_template:

@@ -271,3 +271,47 @@ def test_scoring_equals_a_transformers_forward(calm_llama: Path, kind: str) -> N
         list(fresh.generate(work))
         assert fresh.stats.num_prefill_tokens == work.plan.num_prefill_tokens  # the scoring tree's unique tokens
         assert work.plan.num_prefill_tokens < sum(len(r.token_ids) for r in batch) / 3
+
+
+def reference_sampled(folder: Path, request: Request) -> list[int]:
+    """A row's tokens, written out one step at a time: the raw logits + its logit_bias, then
+    (sampled) temperature, min_p against the top probability, and the inverse CDF at its
+    uniform number k — what the executors must equal token for token."""
+    from prefixbatch.executors.sampling import uniforms
+
+    p = request.sampling
+    eos = set(model(folder).generation_config.eos_token_id)
+    output: list[int] = []
+    for step in range(p.max_tokens):
+        with torch.inference_mode():
+            logits = model(folder)(torch.tensor([[*request.token_ids, *output]])).logits[0, -1].float()
+        logits = logits.clone()  # a normal tensor again, to update in place
+        for token, bias in p.logit_bias:
+            logits[token] += bias
+        if p.is_greedy:
+            token = int(logits.argmax())
+        else:
+            probs = torch.softmax(logits / p.temperature, dim=-1)
+            probs[probs < p.min_p * probs.max()] = 0.0
+            target = float(uniforms([p.seed], [step])[0]) * probs.double().sum().item()
+            token = int((probs.double().cumsum(0) <= target).sum())
+        if token in eos:
+            break
+        output.append(token)
+    return output
+
+
+@pytest.mark.parametrize("kind", EXECUTORS)
+def test_logit_bias_and_min_p_equal_a_plain_implementation(tiny_llama: Path, kind: str) -> None:
+    free = run(kind, tiny_llama, requests(tiny_llama, max_tokens=8))
+    banned, favoured = free[0, 0].token_ids[0], 17
+    bias = ((favoured, 100.0), (banned, -100.0))
+    greedy = requests(tiny_llama, max_tokens=8, logit_bias=bias)
+    greedy[1] = replace(greedy[1], sampling=replace(greedy[1].sampling, logit_bias=((banned, -100.0), (favoured, 8.0))))
+    sampled = [replace(r, row_index=r.row_index + 100, sampling=replace(r.sampling, temperature=1.3, min_p=0.2))
+               for r in requests(tiny_llama, max_tokens=8, logit_bias=bias[1:])]  # fmt: skip
+    found = run(kind, tiny_llama, greedy + sampled)
+    for request in greedy + sampled:
+        assert list(found[request.row_index, 0].token_ids) == reference_sampled(tiny_llama, request), request.row_index
+    assert found[0, 0].token_ids == (favoured,) * 8  # +100 all but forces a token
+    assert all(banned not in found[r.row_index, 0].token_ids for r in greedy + sampled)

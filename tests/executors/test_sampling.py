@@ -56,3 +56,18 @@ def test_uniform_streams_are_uniform_independent_and_addressable():
     # Draw k of a stream is the same alone or among others, and for any seed a Python int holds.
     assert uniforms([7], [42])[0] == drawn[7 * 100 + 42]
     assert 0 <= uniforms([-3, 2**80], [0, 0]).min()
+
+
+def test_min_p_keeps_exactly_the_tokens_a_plain_loop_keeps():
+    logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(3)) * 2
+    params = [SamplingParams(max_tokens=1, temperature=t, min_p=m) for t, m in ((1.0, 0.0), (1.0, 0.3), (0.7, 0.05), (2.0, 0.9))]
+    for draw in range(50):
+        drawn = draw_tokens(logits, params, uniforms([11, 12, 13, 14], [draw] * 4)).tolist()
+        for row, (p, token) in enumerate(zip(params, drawn, strict=True)):
+            probs = torch.softmax(logits[row] / p.temperature, dim=-1)
+            kept = probs >= p.min_p * probs.max()
+            assert kept[token]  # never a token min_p removes
+            # and the same token as a plain inverse CDF over the kept ones
+            cdf = torch.where(kept, probs, 0.0).double().cumsum(0)
+            u = float(uniforms([11 + row], [draw])[0])
+            assert token == int((cdf <= u * cdf[-1]).sum())

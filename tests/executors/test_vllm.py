@@ -111,6 +111,23 @@ def test_vllm_penalties_min_tokens_and_logprobs_equal_native(tiny_llama, vllm_en
             assert [i for i, _, _ in a.top] == [i for i, _, _ in b.top]
 
 
+def test_vllm_logit_bias_equals_native(tiny_llama, vllm_engines):
+    # Greedy: the bias moves the argmax the same way in both (a ban and a nudge); min_p passes
+    # through (sampled rows draw from vLLM's own generator, so only its acceptance is checked).
+    model = ModelSpec(path=str(tiny_llama), dtype="float32")
+    native = NativeExecutor(model, ExecutorSpec(kind="native", device="cpu"))
+    plain = by_request(native.generate(planned(make_requests(tiny_llama))))
+    banned = next(iter(plain.values())).token_ids[0]
+    options = {"logit_bias": ((banned, -100.0), (17, 4.0)), "min_p": 0.1}
+    requests = [replace(r, sampling=replace(r.sampling, **options)) for r in make_requests(tiny_llama)]
+    requests = [r for r in requests if r.sampling.is_greedy]
+    got = by_request(fresh_stats(vllm_engines(tiny_llama)).generate(planned(requests, SPEC, kind="vllm")))
+    expected = by_request(native.generate(planned(requests)))
+    assert got.keys() == expected.keys()
+    assert all(got[key].token_ids == completion.token_ids for key, completion in expected.items())
+    assert all(banned not in completion.token_ids for completion in expected.values())
+
+
 def test_vllm_scoring_prompt_logprobs_and_structured_output_equal_native(tiny_llama, vllm_engines):
     import json
 

@@ -41,11 +41,18 @@ ROWS = [  # (id, prompt bytes or None, per-row overrides, expected error code or
     ("big-presence", b"hello", {"presence_penalty": 2.5}, "invalid_sampling"),
     ("min-over-max", b"hello", {"min_tokens": 9}, "invalid_sampling"),
     ("good-options", b"Name three rivers.", {"logprobs": 2, "repetition_penalty": 1.3, "presence_penalty": 0.5,
-                                             "frequency_penalty": -0.5, "min_tokens": 2}, None),
+                                             "frequency_penalty": -0.5, "min_tokens": 2, "min_p": 0.1,
+                                             "logit_bias": '{"15": -100, "16": 2.5}'}, None),
+    ("big-min-p", b"hello", {"min_p": 1.5}, "invalid_sampling"),
+    ("bias-not-json", b"hello", {"logit_bias": "{15: -100"}, "invalid_sampling"),
+    ("bias-key", b"hello", {"logit_bias": '{"the": 5}'}, "invalid_sampling"),
+    ("bias-range", b"hello", {"logit_bias": '{"15": 101}'}, "invalid_sampling"),
+    ("bias-vocab", b"hello", {"logit_bias": '{"99999": 1}'}, "invalid_logit_bias"),
 ]
 OVERRIDE_TYPES = {"temperature": pa.float64(), "top_p": pa.float64(), "max_tokens": pa.int64(), "n": pa.int64(),
                   "logprobs": pa.int64(), "repetition_penalty": pa.float64(), "presence_penalty": pa.float64(),
-                  "frequency_penalty": pa.float64(), "min_tokens": pa.int64()}
+                  "frequency_penalty": pa.float64(), "min_tokens": pa.int64(), "min_p": pa.float64(),
+                  "logit_bias": pa.string()}
 
 
 @pytest.fixture
@@ -221,6 +228,9 @@ def test_invalid_spec_value(tmp_path, job, capsys):
         ("frequency_penalty", 2.5, "less than or equal to 2"),
         ("min_tokens", -1, "greater than or equal to 0"),
         ("min_tokens", 5, "min_tokens (5) must not exceed max_tokens (2)"),
+        ("min_p", -0.1, "greater than or equal to 0"),
+        ("logit_bias", {"x": 1}, "keys are token ids (integers), got 'x'"),
+        ("logit_bias", {5: -200}, "token 5: a bias is from -100 to 100, got -200"),
     ],
 )
 def test_invalid_sampling_option_in_the_spec(tmp_path, job, capsys, field, value, message):

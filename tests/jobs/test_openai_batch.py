@@ -31,6 +31,9 @@ REQUESTS = [
     chat("image", "x") | {"body": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}},
     chat("bad-temperature", "x", temperature="hot"),
     chat("negative-temperature", "x", temperature=-1),
+    chat("biased", "Tell me about trains.", max_tokens=4, logit_bias={"17": 100}),
+    chat("bias-list", "x", logit_bias=[17, 100]),
+    chat("bias-vocab", "x", logit_bias={"99999": 1}),
 ]
 
 
@@ -68,6 +71,11 @@ def test_every_request_answered_once_in_order(tmp_path: Path, tiny_llama: Path) 
         assert by_id[custom_id]["response"] is None, custom_id
         assert by_id[custom_id]["error"]["code"] == "unsupported_request" and words in by_id[custom_id]["error"]["message"]
     assert by_id["negative-temperature"]["error"]["code"] == "invalid_sampling"
+    biased = by_id["biased"]["response"]["body"]["choices"][0]["message"]["content"]
+    assert by_id["biased"]["response"]["body"]["usage"]["completion_tokens"] == 4  # token 17, four times
+    assert biased != by_id["plain"]["response"]["body"]["choices"][0]["message"]["content"]
+    assert "body.logit_bias must be an object" in by_id["bias-list"]["error"]["message"]
+    assert by_id["bias-vocab"]["error"]["code"] == "invalid_logit_bias"
     parquet = finished_output(str(tmp_path / "out"))
     assert sorted({r["custom_id"] for r in parquet}) == sorted(r["custom_id"] for r in REQUESTS)
 
