@@ -341,6 +341,8 @@ def test_override_columns_are_read_where_present_and_null_elsewhere(tmp_path):
             ("presence_penalty", pa.float64()),
             ("frequency_penalty", pa.float64()),
             ("min_tokens", pa.int64()),
+            ("min_p", pa.float64()),
+            ("logit_bias", pa.string()),
             ("logprobs", pa.int64()),
             ("prompt_logprobs", pa.int64()),
             ("json_schema", pa.string()),
@@ -360,7 +362,8 @@ def test_override_columns_are_read_where_present_and_null_elsewhere(tmp_path):
         "stop_token_ids": [[1, 2], [], None],
         "n": [None, None, 3],
         **{name: [None, None, None] for name in ("repetition_penalty", "presence_penalty", "frequency_penalty",
-                                                  "min_tokens", "logprobs", "prompt_logprobs", "json_schema", "regex", "choice")},
+                                                  "min_tokens", "min_p", "logit_bias", "logprobs", "prompt_logprobs", "json_schema",
+                                                  "regex", "choice")},
     }
     assert batch_schema(files, OVERRIDES) == table.schema
 

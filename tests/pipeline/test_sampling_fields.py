@@ -20,7 +20,7 @@ def test_every_list_follows_the_spec():
     spec = SamplingSpec(max_tokens=7, temperature=0.5, stop="x", stop_token_ids=[3])
     assert request_params(spec) == {
         "max_tokens": 7, "temperature": 0.5, "top_p": 1.0, "top_k": None, "seed": 0, "stop": ("x",), "stop_token_ids": (3,),
-        "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_tokens": 0, "logprobs": None, "prompt_logprobs": None,
+        "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_tokens": 0, "min_p": 0.0, "logit_bias": (), "logprobs": None, "prompt_logprobs": None,
         "json_schema": None, "regex": None, "choice": None,
     }
 
