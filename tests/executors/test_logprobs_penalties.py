@@ -120,15 +120,20 @@ def test_repetition_penalty_equals_transformers_generate(tiny_llama: Path, kind:
     assert any(found[key].token_ids != plain[key].token_ids for key in found)  # the penalty mattered
 
 
+def next_logits(folder: Path, tokens: list[int]) -> torch.Tensor:
+    """[V] fp32 logits after `tokens`, one unpadded forward pass; a normal tensor, to update in place."""
+    with torch.inference_mode():
+        logits = model(folder)(torch.tensor([tokens])).logits[0, -1].float()
+    return logits.clone()
+
+
 def reference_presence_frequency(folder: Path, prompt: tuple[int, ...], presence: float, frequency: float,
                                  max_tokens: int) -> list[int]:
     """Greedy with OpenAI's penalties, written out: logit −= frequency·count + presence·[count > 0]."""
     eos = set(model(folder).generation_config.eos_token_id)
     output: list[int] = []
     for _ in range(max_tokens):
-        with torch.inference_mode():
-            logits = model(folder)(torch.tensor([[*prompt, *output]])).logits[0, -1].float()
-        logits = logits.clone()  # a normal tensor again, to update in place
+        logits = next_logits(folder, [*prompt, *output])
         for token in set(output):
             logits[token] -= frequency * output.count(token) + presence
         token = int(logits.argmax())
@@ -283,9 +288,7 @@ def reference_sampled(folder: Path, request: Request) -> list[int]:
     eos = set(model(folder).generation_config.eos_token_id)
     output: list[int] = []
     for step in range(p.max_tokens):
-        with torch.inference_mode():
-            logits = model(folder)(torch.tensor([[*request.token_ids, *output]])).logits[0, -1].float()
-        logits = logits.clone()  # a normal tensor again, to update in place
+        logits = next_logits(folder, [*request.token_ids, *output])
         for token, bias in p.logit_bias:
             logits[token] += bias
         if p.is_greedy:
