@@ -95,8 +95,6 @@ class TreeAttention:
         if self.spans is not None:
             parts = self.attend_spans(q, keys, values, self.spans, scale=self.scale)
             return merge_entries(*parts, self.spans)[0].to(q.dtype)
-        if self.plan.spans == () and self.plan.gathered is None and self.attention_plan.spans:
-            self.plan = DevicePlan.of(self.attention_plan, keys.device)  # the kernel gave up: PyTorch's from now on
         out = tree_attention(q, keys, values, self.plan, scale=self.scale, fused=self.fused)
         return out.to(q.dtype)
 
@@ -132,13 +130,14 @@ class TreeAttention:
             out = self._in_kernel(layer, q.float(), k.float(), v.float(), angles, rows)
             return None if out is None else out.to(torch.bfloat16)
         keys, values = self.store.keys[layer], self.store.values[layer]
-        if not self.kernel.supports(q, keys.shape[1]):  # shapes it does not take: PyTorch's from now on
+        fits = self.kernel.supports(q, keys.shape[1]) and all(
+            x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] for x in (k, v)
+        )  # shapes it takes, heads laid out as it reads them
+        if not fits:  # PyTorch's kernels from now on, with the device spans they need
             self.kernel = None
             self.backend = "torch"
             self.plan = DevicePlan.of(self.attention_plan, keys.device)
             return None
-        if not all(x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] for x in (k, v)):
-            return None  # heads not laid out as the kernel reads them: stored by `write` instead
         query_angles = None
         if rows is not None:  # one layer a step (the last): its own plan, of these rows
             p = self._kernel_plan(q, keys, rows.numpy())
